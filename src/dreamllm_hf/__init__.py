@@ -1,0 +1,29 @@
+"""DreamLLM (arXiv 2309.11499) for transformers and diffusers."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+)
+
+from .modeling import (
+    DreamLLMConfig,
+    DreamLLMForConditionalGeneration,
+    DreamLLMModel,
+    DreamLLMPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(DreamLLMConfig.model_type, DreamLLMConfig, exist_ok=True)
+AutoModel.register(DreamLLMConfig, DreamLLMModel, exist_ok=True)
+AutoModelForCausalLM.register(DreamLLMConfig, DreamLLMForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(DreamLLMConfig, DreamLLMForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "DreamLLMConfig",
+    "DreamLLMForConditionalGeneration",
+    "DreamLLMModel",
+    "DreamLLMPreTrainedModel",
+]
