@@ -5,6 +5,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .modeling import (
@@ -12,6 +13,7 @@ from .modeling import (
     DreamLLMForConditionalGeneration,
     DreamLLMModel,
     DreamLLMPreTrainedModel,
+    DreamLLMProcessor,
 )
 
 __version__ = "0.1.0"
@@ -20,10 +22,12 @@ AutoConfig.register(DreamLLMConfig.model_type, DreamLLMConfig, exist_ok=True)
 AutoModel.register(DreamLLMConfig, DreamLLMModel, exist_ok=True)
 AutoModelForCausalLM.register(DreamLLMConfig, DreamLLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(DreamLLMConfig, DreamLLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(DreamLLMConfig, DreamLLMProcessor, exist_ok=True)
 
 __all__ = [
     "DreamLLMConfig",
     "DreamLLMForConditionalGeneration",
     "DreamLLMModel",
     "DreamLLMPreTrainedModel",
+    "DreamLLMProcessor",
 ]

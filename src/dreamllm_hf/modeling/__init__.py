@@ -6,6 +6,7 @@ from .modeling_dreamllm import (
     DreamLLMModelOutputWithPast,
     DreamLLMPreTrainedModel,
 )
+from .processing_dreamllm import DreamLLMProcessor
 
 __all__ = [
     "DreamLLMCausalLMOutputWithPast",
@@ -14,4 +15,5 @@ __all__ = [
     "DreamLLMModel",
     "DreamLLMModelOutputWithPast",
     "DreamLLMPreTrainedModel",
+    "DreamLLMProcessor",
 ]

@@ -252,6 +252,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         cache: Cache | None = None,
+        project: bool = True,
         **kwargs,
     ) -> torch.FloatTensor:
         """
@@ -262,6 +263,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         tokens not yet in the cache (it may be empty) and `attention_mask` covers cache + new tokens; the cache is
         extended in place by the context and the whole dream block (`<dream_start>`, queries, `<dream_end>`), so a
         document can go on from there without recomputing its prefix. Padding may be on the left.
+        `project=False` returns the final-norm hidden states at the query slots instead (before the condition projector).
         """
         batch_size = input_ids.shape[0]
         continuing = cache is not None and cache.get_seq_length() > 0
@@ -283,7 +285,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             **kwargs,
         )
         query_hidden = outputs.last_hidden_state[:, -block.shape[1] + 1 : -1]
-        return self.condition_projector(query_hidden)
+        return self.condition_projector(query_hidden) if project else query_hidden
 
 
 class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin):

@@ -1,0 +1,228 @@
+"""DreamLLM processor: the legacy LLaMA tokenizer plus CLIP image preprocessing, with the original's block expansion."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+from transformers.image_utils import load_image
+from transformers.processing_utils import ProcessorMixin
+
+from .. import constants as C
+from .configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
+
+DEFAULT_NUM_IMAGE_TOKENS = (CLIP_VIT_L_14_VISION_CONFIG["image_size"] // CLIP_VIT_L_14_VISION_CONFIG["patch_size"]) ** 2
+_SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor, str)
+
+
+class DreamLLMProcessor(ProcessorMixin):
+    r"""
+    Turns prompts and pictures into DreamLLM inputs.
+
+    The text is tokenized as the original does (BOS + text, legacy SentencePiece), then every placeholder id is
+    expanded at the id level, as the original's `truncate_and_replace`:
+
+    * `<image>` -> `<im_start>` + `<im_patch>` x `num_image_tokens` + `<im_end>`;
+    * `<dream>` -> `<dream_start>` + `<im_patch>` x `num_dream_queries` + `<dream_end>`, followed by an image block
+      (a created picture is always re-read by CLIP).
+
+    Every `<image>` and every `<dream>` takes one picture, in reading order over the batch; for `<dream>` it is the
+    picture that was created there.
+
+    Args:
+        image_processor (`CLIPImageProcessor`): the CLIP preprocessing.
+        tokenizer (`PreTrainedTokenizerFast`): the legacy-exact tokenizer (see `dreamllm_hf.conversion.tokenizer`).
+        num_image_tokens (`int`, defaults to 256): `<im_patch>` slots per picture, one per CLIP patch.
+        num_dream_queries (`int`, defaults to 64): `<im_patch>` slots per dream block, one per dream query.
+        chat_template (`str`, *optional*): defaults to the Vicuna v1.1 template of training.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
+        num_dream_queries: int = C.NUM_DREAM_QUERIES,
+        chat_template: str | None = None,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.num_dream_queries = num_dream_queries
+        if chat_template is None:
+            chat_template = C.VICUNA_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.special_token_ids = self._lookup_special_token_ids(tokenizer)
+
+    @staticmethod
+    def _lookup_special_token_ids(tokenizer) -> dict[str, int]:
+        tokens = (
+            C.IMAGE_START_TOKEN,
+            C.IMAGE_PATCH_TOKEN,
+            C.IMAGE_END_TOKEN,
+            C.DREAM_START_TOKEN,
+            C.DREAM_END_TOKEN,
+            C.IMAGE_PLACEHOLDER,
+            C.DREAM_PLACEHOLDER,
+        )
+        vocab = tokenizer.get_vocab()
+        missing = [token for token in tokens if token not in vocab]
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks the DreamLLM special tokens {missing}; build it with the release's added tokens."
+            )
+        return {token: vocab[token] for token in tokens}
+
+    @property
+    def image_block_ids(self) -> list[int]:
+        """`<im_start>` + `<im_patch>` x num_image_tokens + `<im_end>`."""
+        ids = self.special_token_ids
+        return [ids[C.IMAGE_START_TOKEN], *[ids[C.IMAGE_PATCH_TOKEN]] * self.num_image_tokens, ids[C.IMAGE_END_TOKEN]]
+
+    @property
+    def dream_block_ids(self) -> list[int]:
+        """`<dream_start>` + `<im_patch>` x num_dream_queries + `<dream_end>` (without the image block that follows)."""
+        ids = self.special_token_ids
+        return [ids[C.DREAM_START_TOKEN], *[ids[C.IMAGE_PATCH_TOKEN]] * self.num_dream_queries, ids[C.DREAM_END_TOKEN]]
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        return_tensors: str | None = None,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            text: one prompt or a batch of prompts; `<image>` and `<dream>` mark the pictures.
+            images: PIL images, numpy arrays or tensors (HWC or CHW), or paths/URLs: one, a flat list in reading order
+                over the batch, or one list per prompt. One picture per `<image>` and per `<dream>`.
+            return_tensors: `"pt"`, `"np"` or `None` (lists).
+            padding, padding_side, pad_to_multiple_of, max_length: padding of the expanded ids (`max_length` only
+                pads; nothing is truncated, since a cut would split an image block). Left padding by default, for
+                generation.
+            **kwargs: passed to the tokenizer (for example `add_special_tokens=False`).
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` (when there is text) and `pixel_values` (when there
+            are images).
+        """
+        for unsupported in ("videos", "audio"):  # apply_chat_template passes them as None
+            if kwargs.pop(unsupported, None) is not None:
+                raise ValueError(f"DreamLLM takes no {unsupported}.")
+        if kwargs.get("truncation"):
+            raise ValueError("Truncation is not supported: it could cut an image or dream block in half.")
+        kwargs.pop("truncation", None)
+        if text is None and images is None:
+            raise ValueError("Pass `text`, `images` or both.")
+
+        data = {}
+        images_per_prompt = None
+        if text is not None:
+            prompts = self._as_prompt_list(text)
+            token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False, **kwargs)["input_ids"]
+            placeholder_ids = (self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER])
+            images_per_prompt = [sum(ids.count(p) for p in placeholder_ids) for ids in token_ids]
+            expanded = [self.expand_placeholders(ids) for ids in token_ids]
+            padded = self.tokenizer.pad(
+                {"input_ids": expanded, "attention_mask": [[1] * len(ids) for ids in expanded]},
+                padding=padding,
+                max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+            )
+            data.update(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+
+        flat_images = self._flatten_images(images, images_per_prompt)
+        if flat_images:
+            data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors)["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def expand_placeholders(self, ids: list[int]) -> list[int]:
+        """Replaces every `<image>` id by an image block and every `<dream>` id by a dream block + an image block."""
+        image_id, dream_id = self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER]
+        image_block, dream_block = self.image_block_ids, self.dream_block_ids
+        expanded = []
+        for token_id in ids:
+            if token_id == image_id:
+                expanded.extend(image_block)
+            elif token_id == dream_id:
+                expanded.extend(dream_block + image_block)
+            else:
+                expanded.append(token_id)
+        return expanded
+
+    @staticmethod
+    def _as_prompt_list(text) -> list[str]:
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text):
+            return list(text)
+        raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+
+    def _flatten_images(self, images, images_per_prompt: list[int] | None) -> list:
+        """The pictures as one flat list in reading order, checked against the placeholders of each prompt."""
+        if images is None:
+            images = []
+        if isinstance(images, _SINGLE_IMAGE_TYPES):
+            images = [images]
+        if isinstance(images, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in images):
+            if not all(isinstance(item, (list, tuple)) for item in images):
+                raise ValueError("`images` mixes pictures and lists: give one flat list, or one list per prompt.")
+            if images_per_prompt is not None:
+                if len(images) != len(images_per_prompt):
+                    raise ValueError(
+                        f"`images` has {len(images)} per-prompt lists but there are {len(images_per_prompt)} prompts; "
+                        "give one list per prompt (an empty list for a prompt without pictures)."
+                    )
+                for index, (given, needed) in enumerate(zip(images, images_per_prompt)):
+                    if len(given) != needed:
+                        raise ValueError(
+                            f"Prompt {index} has {needed} `<image>`/`<dream>` placeholders but {len(given)} pictures "
+                            "were given for it; give one picture per placeholder, or change the placeholders."
+                        )
+            images = [image for per_prompt in images for image in per_prompt]
+        elif not isinstance(images, (list, tuple)):
+            raise ValueError(
+                f"Unsupported image type {type(images).__name__}: pass PIL images, numpy arrays, torch tensors or "
+                "paths/URLs, one, a list, or one list per prompt."
+            )
+
+        flat = []
+        for image in images:
+            flat.extend(_split_image_batch(image))
+        if images_per_prompt is not None and len(flat) != sum(images_per_prompt):
+            raise ValueError(
+                f"The prompts have {sum(images_per_prompt)} `<image>`/`<dream>` placeholders but {len(flat)} pictures "
+                "were given; give one picture per placeholder (a `<dream>` takes the picture created there), or "
+                "change the placeholders."
+            )
+        return flat
+
+
+
+def _is_array(image) -> bool:
+    return isinstance(image, (np.ndarray, torch.Tensor))
+
+
+def _split_image_batch(image) -> list:
+    """One picture as a list of one; a 4-D array/tensor as its pictures; a path/URL loaded; anything else refused."""
+    if isinstance(image, str):
+        return [load_image(image)]
+    if isinstance(image, Image.Image):
+        return [image]
+    if _is_array(image) and image.ndim in (2, 3):
+        return [image]
+    if _is_array(image) and image.ndim == 4:
+        return list(image)
+    shape = f" of shape {tuple(image.shape)}" if _is_array(image) else ""
+    raise ValueError(
+        f"Unsupported image type {type(image).__name__}{shape}: pass PIL images, numpy arrays or torch tensors "
+        "(HW, HWC or CHW; NHWC/NCHW for several) or paths/URLs."
+    )
+
+
+__all__ = ["DreamLLMProcessor"]

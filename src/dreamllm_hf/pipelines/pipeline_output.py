@@ -1,0 +1,122 @@
+"""What [`DreamLLMPipeline`] returns: ordered documents of text and images, and their HTML / Markdown renderings."""
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+
+class StopReason:
+    """Why a document ended (the values of `DreamLLMPipelineOutput.stop_reasons`)."""
+
+    EOS = "eos"  # the model emitted `</s>`
+    MAX_NEW_TOKENS = "max_new_tokens"  # the text-token budget was spent
+    MAX_IMAGES = "max_images"  # the model asked for one picture more than `max_images`
+    CONTEXT_LIMIT = "context_limit"  # the next token or picture would not fit in `max_position_embeddings`
+    IMAGE = "image"  # "image" mode: the picture was drawn
+
+
+def segment_to_pil(segment: Any) -> PIL.Image.Image:
+    """One image segment (PIL, `[H, W, 3]` array in [0, 1] or uint8, `[3, H, W]` tensor in [0, 1]) as a PIL image."""
+    if isinstance(segment, PIL.Image.Image):
+        return segment
+    if isinstance(segment, torch.Tensor):
+        if segment.ndim != 3 or segment.shape[0] not in (1, 3):
+            raise ValueError(
+                f"Cannot render a tensor of shape {tuple(segment.shape)}: expected a decoded `[3, H, W]` image "
+                "(latents cannot be rendered; use output_type='pil', 'np' or 'pt')."
+            )
+        segment = segment.detach().float().cpu().permute(1, 2, 0).numpy()
+    if isinstance(segment, np.ndarray):
+        if segment.ndim != 3 or segment.shape[-1] not in (1, 3):
+            raise ValueError(f"Cannot render an array of shape {segment.shape}: expected an `[H, W, 3]` image.")
+        if segment.dtype != np.uint8:
+            segment = (segment.clip(0, 1) * 255).round().astype(np.uint8)
+        return PIL.Image.fromarray(segment.squeeze(-1) if segment.shape[-1] == 1 else segment)
+    raise TypeError(f"Not an image segment: {type(segment).__name__}.")
+
+
+def _png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class DreamLLMPipelineOutput(BaseOutput):
+    """
+    Output of [`DreamLLMPipeline`]: one document per prompt (times `num_images_per_prompt`), in prompt order.
+
+    Args:
+        images:
+            "image" mode: exactly what `StableDiffusionPipeline` returns for the same `output_type` (a list of PIL
+            images, an `np.ndarray` `[B, H, W, 3]`, a `torch.Tensor` `[B, 3, H, W]`, or the latents).
+            "interleaved" and "text" modes: one list per document holding its images in order (PIL, `[H, W, 3]` arrays
+            or `[3, H, W]` tensors, after `output_type`); empty lists in "text" mode.
+        text (`list[str]`, *optional*): per document, its text segments joined by newlines (the images left out).
+            `None` in "image" mode.
+        documents (`list[list[str | image]]`): per document, its segments in reading order: `str` for text, anything
+            else is an image of the `output_type` format. Empty text segments are left out.
+        stop_reasons (`list[str]`): per document, why it ended; one of the [`StopReason`] values.
+    """
+
+    images: Any
+    text: list[str] | None
+    documents: list[list[Any]]
+    stop_reasons: list[str]
+
+    def to_html(self, index: int = 0, title: str = "DreamLLM") -> str:
+        """Document `index` as a self-contained HTML page; images are embedded as base64 PNG."""
+        parts = [
+            "<!DOCTYPE html>",
+            '<html><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            "<style>body{max-width:48em;margin:2em auto;font-family:sans-serif;line-height:1.5}"
+            "p{white-space:pre-wrap}img{max-width:100%;display:block;margin:1em 0}</style>",
+            "</head><body>",
+        ]
+        for number, segment in enumerate(self.documents[index]):
+            if isinstance(segment, str):
+                parts.append(f"<p>{html.escape(segment)}</p>")
+            else:
+                data = base64.b64encode(_png_bytes(segment_to_pil(segment))).decode("ascii")
+                parts.append(f'<img alt="image {number}" src="data:image/png;base64,{data}">')
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+    def save_html(self, path: str | os.PathLike, index: int = 0, title: str = "DreamLLM") -> str:
+        """Write `to_html(index)` to `path`; returns the path."""
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_html(index, title=title))
+        return str(path)
+
+    def save_markdown(self, path: str | os.PathLike, index: int = 0) -> str:
+        """
+        Write document `index` as Markdown to `path`, each image as `<stem>_image_<k>.png` beside it (linked by a
+        relative path). Returns the Markdown text.
+        """
+        folder, name = os.path.split(os.fspath(path))
+        stem = os.path.splitext(name)[0]
+        lines, image_count = [], 0
+        for segment in self.documents[index]:
+            if isinstance(segment, str):
+                lines.append(segment)
+            else:
+                file_name = f"{stem}_image_{image_count}.png"
+                segment_to_pil(segment).save(os.path.join(folder, file_name))
+                lines.append(f"![image {image_count}]({file_name})")
+                image_count += 1
+        text = "\n\n".join(lines) + "\n"
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return text
+
+
+__all__ = ["DreamLLMPipelineOutput", "StopReason", "segment_to_pil"]
