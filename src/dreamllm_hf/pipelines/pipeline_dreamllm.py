@@ -25,6 +25,8 @@ from .pipeline_output import DreamLLMPipelineOutput, StopReason
 
 GENERATION_MODES = ("interleaved", "text", "image")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_RESERVED_GENERATE_KWARGS = {"eos_token_id", "max_new_tokens", "max_length", "streamer", "cache", "past_key_values",
+                             "num_return_sequences", "input_ids", "attention_mask", "pixel_values"}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -428,6 +430,10 @@ class DreamLLMPipeline(DiffusionPipeline):
     def _generation_kwargs(self, generation_mode: str, sampling: dict, generation_kwargs: dict | None) -> dict:
         """Arguments for `mllm.generate`: the given sampling options, and the format tokens the model must not emit."""
         config = self.mllm.config
+        reserved = sorted(set(generation_kwargs or {}) & _RESERVED_GENERATE_KWARGS)
+        if reserved:
+            raise ValueError(f"`generation_kwargs` may not set {reserved}: the pipeline sets them (use the "
+                             "`max_new_tokens`, `num_images_per_prompt` and `streamer` arguments).")
         kwargs = {k: v for k, v in sampling.items() if v is not None}
         kwargs.update(generation_kwargs or {})
         # Block tokens are never training targets (only `<dream_start>` is, and only where pictures are drawn); a
