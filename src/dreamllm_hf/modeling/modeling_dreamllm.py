@@ -83,6 +83,9 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
     output_modalities = ("text",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The small parts DreamLLM learned on top of its backbones stay precise: upcast when loading in fp16, and never
+    # quantized by bitsandbytes (the lm_head is left out of quantization by transformers' default rule).
+    _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -130,7 +133,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         dtype = self.vision_tower.dtype
         vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
-        return self.multi_modal_projector(selected)
+        return self.multi_modal_projector(selected.to(self.multi_modal_projector.weight.dtype))
 
     def _position_ids(self, attention_mask, cache, batch_size, seq_len, device):
         """Positions that skip padding, so a left-padded row gets the same positions as the row alone."""
@@ -227,7 +230,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         dream_hidden = dream_embeddings = None
         if dream_rows is not None and dream_rows.numel():
             dream_hidden = hidden[dream_rows[:, None], dream_slots]
-            dream_embeddings = self.condition_projector(dream_hidden)
+            dream_embeddings = self._project_condition(dream_hidden)
         return DreamLLMModelOutputWithPast(
             last_hidden_state=hidden,
             cache=getattr(outputs, "cache", None),
@@ -236,6 +239,9 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             dream_hidden_states=dream_hidden,
             dream_embeddings=dream_embeddings,
         )
+
+    def _project_condition(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.condition_projector(hidden.to(self.condition_projector.weight.dtype))
 
     def dream_block_embeddings(self, batch_size: int) -> torch.Tensor:
         """`[embed(<dream_start>), queries..., embed(<dream_end>)]` for each row: `(batch, num_dream_queries + 2, hidden)`."""
@@ -285,7 +291,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             **kwargs,
         )
         query_hidden = outputs.last_hidden_state[:, -block.shape[1] + 1 : -1]
-        return self.condition_projector(query_hidden) if project else query_hidden
+        return self._project_condition(query_hidden) if project else query_hidden
 
 
 class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin):
