@@ -1,0 +1,61 @@
+"""The synthetic shapes world and its judge."""
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from dreamllm_hf.shapes_world import COLOURS, SHAPES, caption, classify_shape_image, draw_shape, sample_spec, sample_story
+from dreamllm_hf.shapes_world.data import pairs_dataset, stories_dataset, write_pairs_folder, write_stories_folder
+
+
+def test_judge_names_every_colour_and_shape_of_the_generator():
+    rng = random.Random(0)
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for _ in range(40):
+                spec = sample_spec(rng, colour=colour, shape=shape)
+                assert classify_shape_image(draw_shape(spec)) == (colour, shape), spec
+
+
+def test_judge_survives_blur_and_noise():
+    """Generated pictures are soft and noisy; the judge must still read clean intent."""
+    rng, noise_rng = random.Random(1), np.random.default_rng(1)
+    correct = 0
+    for _ in range(300):
+        spec = sample_spec(rng)
+        image = draw_shape(spec).filter(ImageFilter.GaussianBlur(0.6))
+        pixels = np.asarray(image, dtype=np.float32) + noise_rng.normal(0, 12, (32, 32, 3))
+        correct += classify_shape_image(Image.fromarray(pixels.clip(0, 255).astype(np.uint8))) == (spec.colour, spec.shape)
+    assert correct / 300 >= 0.95
+
+
+def test_judge_sees_nothing_in_a_blank_picture():
+    assert classify_shape_image(Image.new("RGB", (32, 32), (255, 255, 255))) == (None, None)
+    assert classify_shape_image(np.full((32, 32, 3), 0.5, dtype=np.float32)) == (None, None)
+
+
+def test_stories_and_captions_name_their_pictures():
+    rng = random.Random(2)
+    story = sample_story(rng, 3)
+    assert len(story) == 3
+    for sentence, spec in story:
+        assert spec.name in sentence
+    assert caption(story[0][1]) == f"a {story[0][1].name}"
+    with pytest.raises(ValueError):
+        sample_story(rng, 0)
+
+
+def test_datasets_and_folders(tmp_path):
+    pairs = pairs_dataset(6, seed=3)
+    assert len(pairs) == 6 and pairs[0]["text"] == f"a {pairs[0]['colour']} {pairs[0]['shape']}"
+    assert classify_shape_image(pairs[0]["image"]) == (pairs[0]["colour"], pairs[0]["shape"])
+    stories = stories_dataset(4, seed=3)
+    assert all(len(row["images"]) == len(row["text_list"]) == len(row["image_info"]) for row in stories)
+
+    pairs_dir = write_pairs_folder(tmp_path / "pairs", 5, seed=3)
+    lines = (pairs_dir / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all((pairs_dir / __import__("json").loads(line)["file_name"]).is_file() for line in lines)
+    stories_dir = write_stories_folder(tmp_path / "stories", 3, seed=3)
+    assert len((stories_dir / "stories.jsonl").read_text().splitlines()) == 3
