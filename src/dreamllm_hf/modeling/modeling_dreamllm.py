@@ -214,7 +214,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, pixel_values, continuing)
             dream_rows, dream_slots = self._dream_blocks(input_ids, continuing)
             if dream_rows.numel():
-                queries = self.dream_queries(dream_rows.numel()).to(inputs_embeds.dtype)
+                queries = self.dream_queries(dream_rows.numel()).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.clone()
                 inputs_embeds[dream_rows[:, None], dream_slots] = queries
         elif pixel_values is not None:
@@ -243,13 +243,12 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
     def _project_condition(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.condition_projector(hidden.to(self.condition_projector.weight.dtype))
 
-    def dream_block_embeddings(self, batch_size: int) -> torch.Tensor:
+    def dream_block_embeddings(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """`[embed(<dream_start>), queries..., embed(<dream_end>)]` for each row: `(batch, num_dream_queries + 2, hidden)`."""
-        embed = self.get_input_embeddings()
-        device = embed.weight.device
-        start = embed(torch.tensor([self.config.dream_start_token_id], device=device))
-        end = embed(torch.tensor([self.config.dream_end_token_id], device=device))
-        queries = self.dream_queries(1)[0].to(start.dtype)
+        # The device comes from the caller's ids: with `device_map` offloading, weights may sit on "meta".
+        ids = torch.tensor([[self.config.dream_start_token_id, self.config.dream_end_token_id]], device=device)
+        start, end = self.get_input_embeddings()(ids)[0].split(1)
+        queries = self.dream_queries(1)[0].to(start.device, start.dtype)
         return torch.cat([start, queries, end], dim=0).unsqueeze(0).expand(batch_size, -1, -1)
 
     def get_dream_embeddings(
@@ -277,7 +276,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         text_embeds = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
         if (input_ids == self.config.dream_start_token_id).any():
             raise ValueError("`get_dream_embeddings` appends the dream block itself: end the context before `<dream_start>`.")
-        block = self.dream_block_embeddings(batch_size).to(text_embeds.dtype)
+        block = self.dream_block_embeddings(batch_size, input_ids.device).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, block], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, block.shape[1])], dim=1)
