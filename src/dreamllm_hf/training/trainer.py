@@ -1,0 +1,484 @@
+"""The LoRA fine-tuning loop: `accelerate` runs it unchanged on one device, under DDP, FSDP or DeepSpeed.
+
+`train(DreamLLMTrainingArguments(...))` loads a converted DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`,
+`scheduler/`), puts a PEFT LoRA adapter on the language model (`lora.py`), builds the data (`data.py`) and optimizes
+the DreamLLM loss (`losses.py`). Nothing here is distributed by hand: `accelerate launch` (or a plain `python`) decides
+the processes, and `Accelerator` wraps the model, optimizer, data loader and scheduler.
+
+Output folder:
+
+* `adapter_config.json`, `adapter_model.safetensors`: the final adapter (`PeftModel.from_pretrained(mllm, OUTPUT_DIR)`);
+* `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`), the losses
+  averaged over the step's micro-batches and over the processes;
+* `checkpoint-STEP/`: every `checkpointing_steps` steps, the adapter plus the optimizer, scheduler, data-sampler and
+  RNG states (`--resume` continues from the latest one, bit for bit on the same setup);
+* `training_args.json`, `trainer_state.json`.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
+
+logger = logging.getLogger(__name__)
+
+TRAIN_LOG_NAME = "train_log.jsonl"
+TRAINER_STATE_NAME = "trainer_state.json"
+TRAINING_ARGS_NAME = "training_args.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DreamLLMTrainingArguments:
+    """
+    Everything `train` needs. The command line (`dreamllm-hf train`) and config files (YAML or JSON) use the same names.
+
+    Args:
+        model: converted DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`, `scheduler/`).
+        data: data sources (image folders, MMC4 JSON Lines, Parquet shards, webdataset tars; see `data.py`).
+        output_dir: where the adapter, the log and the checkpoints go.
+        max_steps: optimizer steps to run (a step is `gradient_accumulation_steps` micro-batches on every process).
+        seed: seeds the adapter init, the data order and per-sample choices, and the diffusion noise.
+        lora_rank, lora_alpha, lora_dropout, lora_lm_head, train_format_tokens: the adapter (see `lora.py`).
+        loss_weight_lm, loss_weight_vm: the two loss weights (1 and 10, as the original stages II and III).
+        learning_rate, lr_scheduler, warmup_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm:
+            AdamW and its schedule (any `transformers.get_scheduler` name).
+        per_device_batch_size, gradient_accumulation_steps: batch per process and micro-batches per step.
+        mixed_precision: "no", "bf16" or "fp16" (autocast by accelerate; trained parameters stay fp32); None takes
+            it from `accelerate launch`'s config (or "no").
+        dtype: dtype of the frozen weights: "auto" (follows the mixed precision), "float32", "bfloat16", "float16".
+        load_in_4bit: QLoRA - the LLM decoder layers in 4-bit NF4 (bitsandbytes).
+        activation_checkpointing: recompute activations in the backward pass (LLM and CLIP layers, and the UNet).
+        max_length: longest sample in tokens (default: the tokenizer's `model_max_length`).
+        i2t_probability: chance that a pair is used for image-to-text rather than text-to-image.
+        random_flip: random horizontal flip of the diffusion pictures.
+        num_workers: data-loader worker processes.
+        checkpointing_steps: save a resumable checkpoint every N steps (0: never).
+        checkpoints_total_limit: keep at most this many checkpoints (None: all).
+        resume: "latest" (the newest `checkpoint-*` in `output_dir`), a checkpoint folder, or None.
+        logging_steps: append to `train_log.jsonl` every N steps (and at the last step).
+        report_to: also log to these accelerate trackers ("tensorboard", "wandb", ...).
+        cache_dir: `datasets` cache folder.
+    """
+
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    output_dir: str = "outputs/dreamllm-lora"
+    max_steps: int = 1000
+    seed: int = 0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_lm_head: bool = False
+    train_format_tokens: bool = True
+    loss_weight_lm: float = DEFAULT_LOSS_WEIGHT_LM
+    loss_weight_vm: float = DEFAULT_LOSS_WEIGHT_VM
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | None = None
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    activation_checkpointing: bool = False
+    max_length: int | None = None
+    i2t_probability: float = 0.5
+    random_flip: bool = True
+    num_workers: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+    logging_steps: int = 1
+    report_to: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [self.data]
+        self.data = [str(path) for path in self.data]
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to] if self.report_to not in ("", "none") else []
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_DTYPES:
+            raise ValueError(f"`mixed_precision` must be one of {sorted(MIXED_PRECISION_DTYPES)}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be 'auto' or one of {sorted(DTYPES)}.")
+        if self.max_steps < 1:
+            raise ValueError("`max_steps` must be at least 1.")
+
+    def weight_dtype(self, mixed_precision: str | None = None) -> torch.dtype:
+        """The frozen weights' dtype; "auto" follows `mixed_precision` (the one the accelerator runs with)."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return MIXED_PRECISION_DTYPES[mixed_precision or self.mixed_precision or "no"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DreamLLMTrainingArguments":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown training option(s) {unknown}; known: {sorted(names)}.")
+        return cls(**values)
+
+
+@dataclass
+class TrainOutput:
+    """What `train` did: the last step, where things are, and the last logged record."""
+
+    global_step: int
+    output_dir: Path
+    log_path: Path
+    last_record: dict | None
+    is_main_process: bool = True
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A YAML (`.yaml`/`.yml`) or JSON config file of `DreamLLMTrainingArguments` fields."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values.")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The `checkpoint-STEP` folder with the largest STEP in `output_dir` (None when there is none)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(path.name[len(CHECKPOINT_PREFIX) :]), path)
+        for path in folder.iterdir()
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def _trim_log(log_path: Path, last_step: int) -> None:
+    """Drops log lines past `last_step` (written after the checkpoint a run resumes from)."""
+    if not log_path.exists():
+        return
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
+
+
+def _diffusion_resolution(unet, vae) -> int:
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_training_components(
+    args: DreamLLMTrainingArguments, device: torch.device | None = None, dtype: torch.dtype | None = None
+):
+    """`(mllm, processor, unet, vae, noise_scheduler)` of `args.model`, the frozen weights in `dtype`
+    (default `args.weight_dtype()`)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from ..modeling import DreamLLMProcessor
+    from .lora import load_mllm
+
+    root = Path(args.model)
+    for part in ("mllm", "processor", "unet", "vae", "scheduler"):
+        if not (root / part).is_dir():
+            raise FileNotFoundError(
+                f"{root} is not a converted DreamLLM folder: {part}/ is missing (expected mllm/, processor/, unet/, "
+                "vae/, scheduler/, as `dreamllm-hf convert` writes)."
+            )
+    dtype = dtype or args.weight_dtype()
+    device_map = None
+    if args.load_in_4bit:  # bitsandbytes quantizes on the device the weights are loaded to: load them where they run
+        device_map = {"": "cpu" if device is None or device.type == "cpu" else str(device)}
+    mllm = load_mllm(root, dtype=dtype, load_in_4bit=args.load_in_4bit, device_map=device_map)
+    processor = DreamLLMProcessor.from_pretrained(root / "processor")
+    config = mllm.config
+    if (processor.num_image_tokens, processor.num_dream_queries) != (config.num_image_tokens, config.num_dream_queries):
+        raise ValueError(
+            f"processor/ expands pictures into {processor.num_image_tokens} image slots and "
+            f"{processor.num_dream_queries} dream slots, but mllm/ expects {config.num_image_tokens} and "
+            f"{config.num_dream_queries}."
+        )
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
+    if unet.config.cross_attention_dim != config.cross_attention_dim:
+        raise ValueError(
+            f"unet/ takes {unet.config.cross_attention_dim}-dim conditioning, mllm/ gives {config.cross_attention_dim}."
+        )
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
+    # The original trains with DDPM whatever the scheduler folder says (it loads SD's config into DDPMScheduler).
+    noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(root / "scheduler"))
+    return mllm, processor, unet, vae, noise_scheduler
+
+
+def train(args: DreamLLMTrainingArguments) -> TrainOutput:
+    """Fine-tunes a converted DreamLLM with a LoRA adapter on both losses; see the module docstring."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from .data import DreamLLMDataCollator, build_training_dataset
+    from .lora import apply_lora
+    from .losses import DreamLLMTrainingModel
+
+    if not args.model:
+        raise ValueError("Give the converted model folder (`model`).")
+    if not args.data:
+        raise ValueError("Give at least one data source (`data`).")
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
+        cpu=not _has_accelerator(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    log_path = output_dir / TRAIN_LOG_NAME
+
+    # The same seed on every process for everything that must agree (adapter init); per process for the noise below.
+    set_seed(args.seed)
+    weight_dtype = args.weight_dtype(accelerator.mixed_precision)
+    mllm, processor, unet, vae, noise_scheduler = load_training_components(args, accelerator.device, weight_dtype)
+    mllm = apply_lora(
+        mllm,
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        lora_lm_head=args.lora_lm_head,
+        train_format_tokens=args.train_format_tokens,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    if args.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler, args.loss_weight_lm, args.loss_weight_vm)
+    model.unet.to(accelerator.device)
+    model.vae.to(accelerator.device)
+
+    dataset = build_training_dataset(
+        args.data,
+        processor,
+        diffusion_resolution=_diffusion_resolution(unet, vae),
+        max_length=args.max_length,
+        i2t_probability=args.i2t_probability,
+        random_flip=args.random_flip,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    collator = DreamLLMDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.per_device_batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        num_workers=args.num_workers,
+        # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, which the
+        # diffusion noise uses, so a resumed run (a new iterator mid-epoch) draws the same noise as an unbroken one.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+    # A prepared scheduler steps once per process per optimizer step (accelerate's convention).
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    engine_saves_model = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def save_adapter_hook(models, weights, checkpoint_dir):
+        # Checkpoints hold the adapter, not the frozen multi-GB base (FSDP and DeepSpeed save through their engines).
+        if engine_saves_model:
+            return
+        if accelerator.is_main_process:
+            for wrapped in models:
+                accelerator.unwrap_model(wrapped).mllm.save_pretrained(checkpoint_dir)
+        while weights:
+            weights.pop()
+
+    def load_adapter_hook(models, checkpoint_dir):
+        if engine_saves_model:
+            return
+        adapter_weights = load_file(os.path.join(checkpoint_dir, "adapter_model.safetensors"))
+        while models:
+            inner = accelerator.unwrap_model(models.pop()).mllm
+            result = set_peft_model_state_dict(inner, adapter_weights)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"Checkpoint {checkpoint_dir} does not fit the adapter: {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_adapter_hook)
+    accelerator.register_load_state_pre_hook(load_adapter_hook)
+
+    global_step = 0
+    if args.resume:
+        checkpoint = find_latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
+        if checkpoint is None:
+            logger.warning("No checkpoint in %s to resume from; starting from scratch.", output_dir)
+        else:
+            # DeepSpeed checkpoints are written without the frozen weights (see save_checkpoint): load non-strictly.
+            load_kwargs = {"load_module_strict": False} if is_deepspeed else {}
+            accelerator.load_state(str(checkpoint), **load_kwargs)
+            global_step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["global_step"]
+            accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+            if accelerator.is_main_process:
+                _trim_log(log_path, global_step)
+    if not args.resume or global_step == 0:
+        set_seed(args.seed, device_specific=True)
+        if accelerator.is_main_process and log_path.exists():
+            log_path.unlink()
+    if args.report_to:
+        accelerator.init_trackers("dreamllm-lora", config={k: str(v) for k, v in args.to_dict().items()})
+
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+    epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    def save_checkpoint(step: int) -> None:
+        checkpoint_dir = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        save_kwargs = {"exclude_frozen_parameters": True} if is_deepspeed else {}
+        accelerator.save_state(str(checkpoint_dir), **save_kwargs)
+        if accelerator.is_main_process:
+            state = {"global_step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
+            (checkpoint_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+            if args.checkpoints_total_limit:
+                checkpoints = sorted(
+                    (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+                    for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                    if p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+                )
+                for _, old in checkpoints[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    model.train()
+    progress = tqdm(
+        total=args.max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    sums = torch.zeros(3, device=accelerator.device)
+    micro_batches = 0
+    last_record = None
+    started = time.perf_counter()
+    while global_step < args.max_steps:
+        dataset.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.vm_loss.detach()]).float()
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == args.max_steps:
+                means = accelerator.reduce(sums / micro_batches, reduction="mean").tolist()
+                last_record = {
+                    "step": global_step,
+                    "loss": means[0],
+                    "lm_loss": means[1],
+                    "vm_loss": means[2],
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    "elapsed_s": round(time.perf_counter() - started, 3),
+                }
+                sums.zero_()
+                micro_batches = 0
+                if accelerator.is_main_process:
+                    with log_path.open("a") as log:
+                        log.write(json.dumps(last_record) + "\n")
+                progress.set_postfix(
+                    loss=f"{means[0]:.4f}", lm=f"{means[1]:.4f}", vm=f"{means[2]:.4f}", lr=f"{last_record['lr']:.2e}"
+                )
+                if args.report_to:
+                    accelerator.log({k: v for k, v in last_record.items() if k != "step"}, step=global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if global_step >= args.max_steps:
+                break
+        else:
+            epoch += 1
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model).mllm
+        prefix = "mllm."
+        inner.save_pretrained(
+            str(output_dir), state_dict={k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        )
+        state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        (output_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainOutput(
+        global_step=global_step,
+        output_dir=output_dir,
+        log_path=log_path,
+        last_record=last_record,
+        is_main_process=accelerator.is_main_process,
+    )
+
+
+__all__ = [
+    "DreamLLMTrainingArguments",
+    "TrainOutput",
+    "find_latest_checkpoint",
+    "load_training_components",
+    "read_config_file",
+    "train",
+]
