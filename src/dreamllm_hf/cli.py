@@ -1,30 +1,7 @@
-"""`dreamllm-hf`: convert the original release, generate documents, run the tiny demo."""
+"""`dreamllm-hf`: generate documents, convert the original release and publish it, fine-tune, run the demo."""
 
 import argparse
 import sys
-
-
-def _add_convert_parser(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="Convert an original DreamLLM release folder to the Hugging Face layout.")
-    parser.add_argument("--original", required=True, help="Folder in the original release layout (config.json, *.bin, tokenizer.model).")
-    parser.add_argument("--output", required=True, help="Output folder (mllm/, processor/, unet/, vae/, scheduler/, model_index.json).")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="Cast weights (default: keep the stored dtype).")
-    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard (default 5GB).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
-    parser.set_defaults(func=_run_convert)
-
-
-def _run_convert(args) -> int:
-    from .conversion import convert_original_checkpoint
-
-    summary = convert_original_checkpoint(
-        args.original, args.output, dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size
-    )
-    print(
-        f"Converted {args.original} -> {summary.output_dir}: {summary.num_tensors} tensors, "
-        f"{summary.num_bytes / 2**20:.1f} MiB in {summary.seconds:.1f} s"
-    )
-    return 0
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -41,16 +18,17 @@ def _run_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .conversion.cli import add_convert_parser, add_push_parser
+    from .pipelines.cli import add_generate_parser
+    from .training.cli import add_train_parser
+
     parser = argparse.ArgumentParser(prog="dreamllm-hf", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_convert_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_convert_parser(subparsers)
+    add_push_parser(subparsers)
+    add_train_parser(subparsers)
     _add_demo_parser(subparsers)
-    try:
-        from .pipelines.cli import add_generate_parser
-    except ImportError:  # the pipeline package is optional while it is being built
-        pass
-    else:
-        add_generate_parser(subparsers)
     return parser
 
 

@@ -1,6 +1,32 @@
-"""Original DreamLLM release -> Hugging Face layout."""
+"""Original DreamLLM release -> Hugging Face layout, its verification, model card and upload.
 
-from .convert_dreamllm_original_to_hf import ConversionSummary, convert_original_checkpoint
-from .original_layout import OriginalCheckpointError
+The names are imported on first use, so `dreamllm-hf --help` does not pay for torch, transformers and diffusers.
+"""
 
-__all__ = ["ConversionSummary", "OriginalCheckpointError", "convert_original_checkpoint"]
+import importlib
+
+_EXPORTS = {
+    "ConversionSummary": ".convert_dreamllm_original_to_hf",
+    "convert_original_checkpoint": ".convert_dreamllm_original_to_hf",
+    "HubPushError": ".hub",
+    "push_to_hub": ".hub",
+    "build_model_card": ".model_card",
+    "OriginalCheckpointError": ".original_layout",
+    "VerificationError": ".verify",
+    "VerificationReport": ".verify",
+    "verify_conversion": ".verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -71,7 +71,8 @@ def read_original_config(original_dir: Path) -> dict:
     missing = [name for name in REQUIRED_FILES if not (original_dir / name).is_file()]
     if missing:
         raise OriginalCheckpointError(
-            f"{original_dir} is not a DreamLLM checkpoint in the original release layout: missing {', '.join(missing)}. "
+            f"{original_dir} is not a DreamLLM checkpoint in the original release layout: "
+            f"missing {', '.join(missing)}. "
             "Point --original at the folder of RunpeiDong/dreamllm-7b-chat-v1.0 (or a copy in the same layout)."
         )
     config = json.loads((original_dir / CONFIG_FILE).read_text())
@@ -134,11 +135,15 @@ def _vision_config(clip_dir: Path) -> dict | None:
     return vision
 
 
-def special_token_ids(config: dict) -> dict[str, int]:
-    """Token ids from `special_tokens2ids_dict` (what the original reads), not the generic ids, which are wrong."""
+def special_token_ids(config: dict, added_tokens: dict[str, int] | None = None) -> dict[str, int]:
+    """Token ids from `special_tokens2ids_dict` (what the original reads), not the generic ids, which are wrong.
+
+    Without that table, the ids come from the release's `added_tokens.json` (`added_tokens`), else from the release's
+    known ids; BOS and EOS are SentencePiece LLaMA's 1 and 2 either way.
+    """
     table = config.get("special_tokens2ids_dict")
     if not table:
-        ids = dict(C.RELEASE_ADDED_TOKEN_IDS)
+        ids = dict(added_tokens) if added_tokens else dict(C.RELEASE_ADDED_TOKEN_IDS)
         ids.update({C.BOS_TOKEN: C.RELEASE_BOS_TOKEN_ID, C.EOS_TOKEN: C.RELEASE_EOS_TOKEN_ID})
         return ids
     ids = {key: value for key, value in table.items() if key != "additional_special_tokens"}
@@ -146,13 +151,27 @@ def special_token_ids(config: dict) -> dict[str, int]:
     return ids
 
 
-def build_config(config: dict, components: OriginalComponents, cross_attention_dim: int) -> DreamLLMConfig:
+def read_added_tokens(original_dir: Path) -> dict[str, int] | None:
+    path = Path(original_dir) / ADDED_TOKENS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_config(
+    config: dict, components: OriginalComponents, cross_attention_dim: int, added_tokens: dict[str, int] | None = None
+) -> DreamLLMConfig:
     text_config = {key: config[key] for key in LLAMA_FIELDS if key in config}
     text_config["model_type"] = "llama"
-    ids = special_token_ids(config)
-    missing = [token for token in (C.BOS_TOKEN, C.EOS_TOKEN, C.PAD_TOKEN, *C.RELEASE_ADDED_TOKEN_IDS) if token not in ids]
+    ids = special_token_ids(config, added_tokens)
+    required = (C.BOS_TOKEN, C.EOS_TOKEN, C.PAD_TOKEN, *C.RELEASE_ADDED_TOKEN_IDS)
+    missing = [token for token in required if token not in ids]
     if missing:
         raise OriginalCheckpointError(f"special_tokens2ids_dict in config.json lacks {', '.join(missing)}.")
+    vocab_size = config.get("vocab_size", C.RELEASE_VOCAB_SIZE)
+    out_of_range = {token: ids[token] for token in required if not 0 <= ids[token] < vocab_size}
+    if out_of_range:
+        raise OriginalCheckpointError(
+            f"Special token ids {out_of_range} lie outside the vocabulary (vocab_size {vocab_size})."
+        )
     text_config.update(bos_token_id=ids[C.BOS_TOKEN], eos_token_id=ids[C.EOS_TOKEN], pad_token_id=ids[C.PAD_TOKEN])
     plugins = config.get("plugins_init_kwargs", {})
     kwargs = {
@@ -211,3 +230,52 @@ def split_diffusion_key(key: str) -> tuple[str, str]:
     if component in ("vae", "unet"):
         return component, rest
     return "unknown", key
+
+
+COMPONENTS = ("mllm", "unet", "vae")
+WEIGHT_FILES = (LLM_FILE, CLIP_FILE, DREAM_FILE, DIFFUSION_FILE)
+
+
+@dataclass
+class ReleaseTensors:
+    """The release's tensors under their new names, per output component ('mllm', 'unet', 'vae').
+
+    The tensors are the loaded ones (memory-mapped), not copies; `ignored` lists the `(file, key)` pairs the original
+    loader ignores too (RoPE buffers, plugin weights inside `pytorch_model.bin`, CLIP `position_ids`).
+    """
+
+    components: dict[str, dict]
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(tensors) for tensors in self.components.values())
+
+
+def split_release_tensors(state_dicts: dict[str, dict]) -> ReleaseTensors:
+    """Maps the four release state dicts (keyed by file name) onto the output components, in file order."""
+    components: dict[str, dict] = {name: {} for name in COMPONENTS}
+    ignored: list[tuple[str, str]] = []
+    for file, mapper in ((LLM_FILE, map_llm_key), (CLIP_FILE, map_clip_key), (DREAM_FILE, map_dream_key)):
+        for key, tensor in state_dicts[file].items():
+            new_key = mapper(key)
+            if new_key is None:
+                ignored.append((file, key))
+                continue
+            if new_key == "model.dream_queries.weight" and tensor.dim() == 3:  # stored as [1, Q, hidden]
+                if tensor.shape[0] != 1:
+                    raise OriginalCheckpointError(
+                        f"{file}: {key} has shape {tuple(tensor.shape)}, expected [1, Q, hidden]."
+                    )
+                tensor = tensor[0]
+            components["mllm"][new_key] = tensor
+    unknown = []
+    for key, tensor in state_dicts[DIFFUSION_FILE].items():
+        component, new_key = split_diffusion_key(key)
+        if component == "unknown":
+            unknown.append(key)
+        else:
+            components[component][new_key] = tensor
+    if unknown:
+        raise OriginalCheckpointError(f"Unexpected keys in {DIFFUSION_FILE}: {sorted(unknown)}")
+    return ReleaseTensors(components=components, ignored=ignored)
