@@ -31,3 +31,15 @@ __all__ = [
     "DreamLLMPreTrainedModel",
     "DreamLLMProcessor",
 ]
+
+_PIPELINE_EXPORTS = ("DreamLLMPipeline", "DreamLLMPipelineOutput")
+__all__ += list(_PIPELINE_EXPORTS)
+
+
+def __getattr__(name: str):
+    # The pipeline needs diffusers; import it only when asked, so transformers-only use stays light.
+    if name in _PIPELINE_EXPORTS:
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
