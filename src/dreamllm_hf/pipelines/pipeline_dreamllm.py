@@ -7,15 +7,18 @@ draw it; the picture is read back through CLIP into the same key/value cache, an
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
 import torch
+from accelerate.hooks import CpuOffload
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache
 
@@ -25,8 +28,18 @@ from .pipeline_output import DreamLLMPipelineOutput, StopReason
 
 GENERATION_MODES = ("interleaved", "text", "image")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_RESERVED_GENERATE_KWARGS = {"eos_token_id", "max_new_tokens", "max_length", "streamer", "cache", "past_key_values",
-                             "num_return_sequences", "input_ids", "attention_mask", "pixel_values"}
+_RESERVED_GENERATE_KWARGS = {
+    "eos_token_id",
+    "max_new_tokens",
+    "max_length",
+    "streamer",
+    "cache",
+    "past_key_values",
+    "num_return_sequences",
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -43,13 +56,28 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """How each picture of an interleaved document is drawn (the `__call__` arguments of the same names)."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    timesteps: list[int] | None
+    sigmas: list[float] | None
+    eta: float
+    callback_on_step_end: Callable | None
+    callback_on_step_end_tensor_inputs: list[str]
+
+
 def _onload(module: torch.nn.Module) -> None:
     """Moves a CPU-offloaded model to the execution device before calling a method that is not `forward`.
 
     `enable_model_cpu_offload` hooks `forward` only; diffusers' `apply_forward_hook` does the same for `vae.decode`.
+    Only that offload hook is triggered: `device_map` hooks place their own inputs and need no help.
     """
     hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
+    if isinstance(hook, CpuOffload):
         hook.pre_forward(module)
 
 
@@ -148,7 +176,7 @@ class DreamLLMPipeline(DiffusionPipeline):
         )
 
     def _per_prompt_images(self, images, batch_size: int) -> list[list] | None:
-        """`images` as one list per prompt: a single prompt may take a picture or a flat list; a batch, one list each."""
+        """`images` as one list per prompt: one prompt takes a picture or a flat list; a batch, one list per prompt."""
         if images is None:
             return None
         if batch_size == 1 and not (
@@ -257,6 +285,7 @@ class DreamLLMPipeline(DiffusionPipeline):
         self,
         generation_mode,
         prompt,
+        images,
         height,
         width,
         num_inference_steps,
@@ -277,16 +306,23 @@ class DreamLLMPipeline(DiffusionPipeline):
                 f"Unknown generation_mode {generation_mode!r}; choose one of {', '.join(map(repr, GENERATION_MODES))}."
             )
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}.")
+            raise ValueError(
+                f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}."
+            )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
 
         if generation_mode != "image":
-            for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds),
-                                ("latents", latents)):
+            for name, value in (
+                ("prompt_embeds", prompt_embeds),
+                ("negative_prompt_embeds", negative_prompt_embeds),
+                ("latents", latents),
+            ):
                 if value is not None:
-                    raise ValueError(f"`{name}` applies to generation_mode='image' only; the {generation_mode} mode "
-                                     "computes the conditioning from the document as it is written.")
+                    raise ValueError(
+                        f"`{name}` applies to generation_mode='image' only; the {generation_mode} mode "
+                        "computes the conditioning from the document as it is written."
+                    )
             if prompt is None:
                 raise ValueError(f"generation_mode={generation_mode!r} needs a `prompt`.")
             if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -294,32 +330,47 @@ class DreamLLMPipeline(DiffusionPipeline):
         else:
             if prompt is None and prompt_embeds is None:
                 raise ValueError("Pass `prompt` or `prompt_embeds`.")
+            if prompt is None and images is not None:
+                raise ValueError(
+                    "`images` go with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
+                    "pictures are already in the conditioning."
+                )
             if prompt is not None and prompt_embeds is not None:
                 raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
             if negative_prompt is not None and negative_prompt_embeds is not None:
                 raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            if prompt is not None and not (isinstance(prompt, str) or
-                                           (isinstance(prompt, (list, tuple)) and prompt and
-                                            all(isinstance(p, str) for p in prompt))):
-                raise ValueError("In generation_mode='image', `prompt` must be a string or a list of strings (a "
-                                 "caption: the original's text-to-image path uses no chat template).")
-            if prompt_embeds is not None and negative_prompt_embeds is not None and \
-                    prompt_embeds.shape != negative_prompt_embeds.shape:
+            if prompt is not None and not (
+                isinstance(prompt, str)
+                or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
+            ):
+                raise ValueError(
+                    "In generation_mode='image', `prompt` must be a string or a list of strings (a "
+                    "caption: the original's text-to-image path uses no chat template)."
+                )
+            if (
+                prompt_embeds is not None
+                and negative_prompt_embeds is not None
+                and prompt_embeds.shape != negative_prompt_embeds.shape
+            ):
                 raise ValueError(
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
                 )
         if generation_mode == "interleaved" and output_type == "latent":
-            raise ValueError("generation_mode='interleaved' decodes every picture to read it back; choose "
-                             "output_type 'pil', 'np' or 'pt'.")
+            raise ValueError(
+                "generation_mode='interleaved' decodes every picture to read it back; choose "
+                "output_type 'pil', 'np' or 'pt'."
+            )
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
             raise ValueError(f"`max_images` must be a non-negative integer or None, got {max_images!r}.")
 
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
             if len(negative_prompt) != count:
-                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {count} prompts; give one "
-                                 "per prompt, or a single string.")
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries for {count} prompts; give one "
+                    "per prompt, or a single string."
+                )
         if negative_prompt is not None:
             for text in [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt:
                 if "<image>" in text or "<dream>" in text:
@@ -328,30 +379,44 @@ class DreamLLMPipeline(DiffusionPipeline):
         if generation_mode in ("image", "interleaved"):
             missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
             if missing:
-                raise ValueError(f"generation_mode={generation_mode!r} draws pictures, but this pipeline has no "
-                                 f"{', '.join(missing)}; load them, or use generation_mode='text'.")
+                raise ValueError(
+                    f"generation_mode={generation_mode!r} draws pictures, but this pipeline has no "
+                    f"{', '.join(missing)}; load them, or use generation_mode='text'."
+                )
             if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
-                raise ValueError(f"`height` and `width` must be divisible by the VAE factor {self.vae_scale_factor}, "
-                                 f"got {height}x{width}; round them to a multiple of {self.vae_scale_factor}.")
-            if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or
-                                                         num_inference_steps < 1):
+                raise ValueError(
+                    f"`height` and `width` must be divisible by the VAE factor {self.vae_scale_factor}, "
+                    f"got {height}x{width}; round them to a multiple of {self.vae_scale_factor}."
+                )
+            if (
+                timesteps is None
+                and sigmas is None
+                and (not isinstance(num_inference_steps, int) or num_inference_steps < 1)
+            ):
                 raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
-                             f"{self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Diffusion
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
-        shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
-                 int(width) // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            num_channels_latents,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got a list of {len(generator)} generators for {batch_size} pictures; give one per "
-                             "picture (batch size x num_images_per_prompt), or a single generator.")
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {batch_size} pictures; give one per "
+                "picture (batch size x num_images_per_prompt), or a single generator."
+            )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -383,8 +448,9 @@ class DreamLLMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
     ) -> torch.Tensor:
         """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original)."""
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
-                                                            sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         if self.do_classifier_free_guidance:
@@ -400,12 +466,17 @@ class DreamLLMPipeline(DiffusionPipeline):
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
                     if self.guidance_rescale > 0.0:
-                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+                        noise_pred = rescale_noise_cfg(
+                            noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
+                        )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                               "negative_prompt_embeds": negative_prompt_embeds}
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
@@ -432,14 +503,23 @@ class DreamLLMPipeline(DiffusionPipeline):
         config = self.mllm.config
         reserved = sorted(set(generation_kwargs or {}) & _RESERVED_GENERATE_KWARGS)
         if reserved:
-            raise ValueError(f"`generation_kwargs` may not set {reserved}: the pipeline sets them (use the "
-                             "`max_new_tokens`, `num_images_per_prompt` and `streamer` arguments).")
+            raise ValueError(
+                f"`generation_kwargs` may not set {reserved}: the pipeline sets them (use the "
+                "`max_new_tokens`, `num_images_per_prompt` and `streamer` arguments)."
+            )
         kwargs = {k: v for k, v in sampling.items() if v is not None}
         kwargs.update(generation_kwargs or {})
         # Block tokens are never training targets (only `<dream_start>` is, and only where pictures are drawn); a
         # sampled one would break the token-stream format, so they are suppressed.
-        never = [config.image_start_token_id, config.image_patch_token_id, config.image_end_token_id,
-                 config.dream_end_token_id, config.image_token_id, config.dream_token_id, config.pad_token_id]
+        never = [
+            config.image_start_token_id,
+            config.image_patch_token_id,
+            config.image_end_token_id,
+            config.dream_end_token_id,
+            config.image_token_id,
+            config.dream_token_id,
+            config.pad_token_id,
+        ]
         if generation_mode == "text":
             never.append(config.dream_start_token_id)
         kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + never))
@@ -466,10 +546,16 @@ class DreamLLMPipeline(DiffusionPipeline):
         input_ids, attention_mask, pixel_values = self._tokenize(texts, images, device)
         self._check_prompt_length(attention_mask, 1, "the answer")
         budget = min(max_new_tokens, self.max_context_length - input_ids.shape[1])
-        output = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                    max_new_tokens=budget, streamer=streamer, **generate_kwargs)
+        output = self.mllm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            max_new_tokens=budget,
+            streamer=streamer,
+            **generate_kwargs,
+        )
         texts_out, reasons = [], []
-        for row in output[:, input_ids.shape[1]:]:
+        for row in output[:, input_ids.shape[1] :]:
             tokens, reason = self._text_stop_reason(row, budget, max_new_tokens)
             texts_out.append(self._decode_text(tokens))
             reasons.append(reason)
@@ -500,7 +586,7 @@ class DreamLLMPipeline(DiffusionPipeline):
         output_type: str,
         generate_kwargs: dict,
         streamer,
-        diffusion: dict,
+        diffusion: DiffusionSettings,
     ) -> tuple[list, str]:
         """
         One document: decode with a KV cache until `<dream_start>`, draw, read the picture back into the same cache,
@@ -509,11 +595,18 @@ class DreamLLMPipeline(DiffusionPipeline):
         config = self.mllm.config
         device = input_ids.device
         eos, dream_start = config.eos_token_id, config.dream_start_token_id
-        # After a picture the stream ends in `<im_end>`, which the next `generate` call feeds (it needs one new token).
+        # A drawn picture in the stream: its dream block and its CLIP block. The stream then ends in `<im_end>`, which
+        # the next `generate` call feeds (it needs one uncached token to sample from).
         picture_ids = torch.tensor(
-            [[dream_start] + [config.image_patch_token_id] * config.num_dream_queries + [config.dream_end_token_id,
-              config.image_start_token_id] + [config.image_patch_token_id] * config.num_image_tokens +
-             [config.image_end_token_id]], device=device)
+            [
+                [dream_start]
+                + [config.image_patch_token_id] * config.num_dream_queries
+                + [config.dream_end_token_id, config.image_start_token_id]
+                + [config.image_patch_token_id] * config.num_image_tokens
+                + [config.image_end_token_id]
+            ],
+            device=device,
+        )
         cache = DynamicCache(config=config.text_config)
         stream = input_ids  # the document's token stream in the training format; the cache holds all but its tail
         segments, tokens_left, pictures = [], max_new_tokens, 0
@@ -524,11 +617,17 @@ class DreamLLMPipeline(DiffusionPipeline):
                 return segments, StopReason.MAX_NEW_TOKENS if tokens_left <= 0 else StopReason.CONTEXT_LIMIT
             _onload(self.mllm)
             output = self.mllm.generate(
-                input_ids=stream, attention_mask=torch.ones_like(stream), pixel_values=pixel_values, cache=cache,
-                max_new_tokens=budget, eos_token_id=[eos, dream_start], streamer=streamer, **generate_kwargs
+                input_ids=stream,
+                attention_mask=torch.ones_like(stream),
+                pixel_values=pixel_values,
+                cache=cache,
+                max_new_tokens=budget,
+                eos_token_id=[eos, dream_start],
+                streamer=streamer,
+                **generate_kwargs,
             )
             pixel_values = None  # the prompt's pictures are in the cache now
-            new_tokens = output[0, stream.shape[1]:]
+            new_tokens = output[0, stream.shape[1] :]
             tokens_left -= new_tokens.numel()
             last = int(new_tokens[-1])
             text = self._decode_text(new_tokens[:-1] if last in (eos, dream_start) else new_tokens)
@@ -541,7 +640,7 @@ class DreamLLMPipeline(DiffusionPipeline):
             if max_images is not None and pictures >= max_images:
                 return segments, StopReason.MAX_IMAGES
             stream = output[:, :-1]  # `<dream_start>` is fed by get_dream_embeddings, with the queries
-            if stream.shape[1] + picture_ids.shape[1] > self.max_context_length:
+            if stream.shape[1] + self.image_block_length > self.max_context_length:
                 return segments, StopReason.CONTEXT_LIMIT
 
             _onload(self.mllm)
@@ -549,25 +648,42 @@ class DreamLLMPipeline(DiffusionPipeline):
             prompt_embeds = self.mllm.get_dream_embeddings(stream[:, :0], attention_mask=past, cache=cache)
             prompt_embeds = prompt_embeds.to(self.unet.dtype)
             picture = self._draw(prompt_embeds, negative_prompt_embeds, generator, diffusion)
-            segments.append(self._postprocess(picture, output_type)[0])
+            as_pil = self._postprocess(picture, "pil")[0]  # CLIP reads the picture as it is saved (8-bit)
+            segments.append(as_pil if output_type == "pil" else self._postprocess(picture, output_type)[0])
             _onload(self.mllm)
-            self._read_back_picture(self._postprocess(picture, "pil")[0], cache, cache.get_seq_length())
+            self._read_back_picture(as_pil, cache, cache.get_seq_length())
             stream = torch.cat([stream, picture_ids], dim=1)
             pictures += 1
 
-    def _draw(self, prompt_embeds, negative_prompt_embeds, generator, diffusion: dict) -> torch.Tensor:
+    def _draw(self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings) -> torch.Tensor:
         """One picture of an interleaved document, decoded to [-1, 1]."""
-        latents = self.prepare_latents(1, self.unet.config.in_channels, diffusion["height"], diffusion["width"],
-                                       prompt_embeds.dtype, prompt_embeds.device, generator)
-        latents = self._denoise(prompt_embeds, negative_prompt_embeds, latents, prompt_embeds.device,
-                                diffusion["num_inference_steps"], diffusion["timesteps"], diffusion["sigmas"],
-                                self.prepare_extra_step_kwargs(generator, diffusion["eta"]),
-                                diffusion["callback_on_step_end"], diffusion["callback_on_step_end_tensor_inputs"])
+        latents = self.prepare_latents(
+            1,
+            self.unet.config.in_channels,
+            diffusion.height,
+            diffusion.width,
+            prompt_embeds.dtype,
+            prompt_embeds.device,
+            generator,
+        )
+        latents = self._denoise(
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            prompt_embeds.device,
+            diffusion.num_inference_steps,
+            diffusion.timesteps,
+            diffusion.sigmas,
+            self.prepare_extra_step_kwargs(generator, diffusion.eta),
+            diffusion.callback_on_step_end,
+            diffusion.callback_on_step_end_tensor_inputs,
+        )
         return self._decode(latents, generator)
 
     # ----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | list[dict] | None = None,
@@ -658,9 +774,25 @@ class DreamLLMPipeline(DiffusionPipeline):
             width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
-        self.check_inputs(generation_mode, prompt, height, width, num_inference_steps, timesteps, sigmas,
-                          negative_prompt, prompt_embeds, negative_prompt_embeds, latents, num_images_per_prompt,
-                          max_new_tokens, max_images, output_type, callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            generation_mode,
+            prompt,
+            images,
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            num_images_per_prompt,
+            max_new_tokens,
+            max_images,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._interrupt = False
@@ -670,31 +802,75 @@ class DreamLLMPipeline(DiffusionPipeline):
         device = self._execution_device
         prompts = self._as_prompt_list(prompt) if prompt is not None else None
         per_prompt_images = self._per_prompt_images(images, len(prompts)) if prompts is not None else None
-        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                        repetition_penalty=repetition_penalty)
+        sampling = dict(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+        )
 
         if generation_mode == "image":
-            output = self._text_to_image(prompts, per_prompt_images, negative_prompt, height, width,
-                                         num_inference_steps, timesteps, sigmas, num_images_per_prompt, eta,
-                                         generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
-                                         callback_on_step_end, callback_on_step_end_tensor_inputs, device)
+            output = self._text_to_image(
+                prompts,
+                per_prompt_images,
+                negative_prompt,
+                height,
+                width,
+                num_inference_steps,
+                timesteps,
+                sigmas,
+                num_images_per_prompt,
+                eta,
+                generator,
+                latents,
+                prompt_embeds,
+                negative_prompt_embeds,
+                output_type,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                device,
+            )
         else:
-            texts = [p if (isinstance(p, str) and not use_chat_template) else self.format_chat_prompt(p)
-                     for p in prompts]
+            texts = [
+                p if (isinstance(p, str) and not use_chat_template) else self.format_chat_prompt(p) for p in prompts
+            ]
             generate_kwargs = self._generation_kwargs(generation_mode, sampling, generation_kwargs)
             if generation_mode == "text":
-                answers, reasons = self._generate_text(texts, per_prompt_images, device, num_images_per_prompt,
-                                                       max_new_tokens, generate_kwargs, streamer)
-                output = DreamLLMPipelineOutput(images=[[] for _ in answers], text=answers,
-                                                documents=[[a] if a else [] for a in answers], stop_reasons=reasons)
+                answers, reasons = self._generate_text(
+                    texts, per_prompt_images, device, num_images_per_prompt, max_new_tokens, generate_kwargs, streamer
+                )
+                output = DreamLLMPipelineOutput(
+                    images=[[] for _ in answers],
+                    text=answers,
+                    documents=[[a] if a else [] for a in answers],
+                    stop_reasons=reasons,
+                )
             else:
-                diffusion = dict(height=height, width=width, num_inference_steps=num_inference_steps,
-                                 timesteps=timesteps, sigmas=sigmas, eta=eta,
-                                 callback_on_step_end=callback_on_step_end,
-                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-                output = self._interleaved(texts, per_prompt_images, negative_prompt, num_images_per_prompt,
-                                           generator, max_new_tokens, max_images, output_type, generate_kwargs,
-                                           streamer, diffusion, device)
+                diffusion = DiffusionSettings(
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    eta=eta,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                )
+                output = self._interleaved(
+                    texts,
+                    per_prompt_images,
+                    negative_prompt,
+                    num_images_per_prompt,
+                    generator,
+                    max_new_tokens,
+                    max_images,
+                    output_type,
+                    generate_kwargs,
+                    streamer,
+                    diffusion,
+                    device,
+                )
 
         # Offload all models
         self.maybe_free_model_hooks()
@@ -702,43 +878,101 @@ class DreamLLMPipeline(DiffusionPipeline):
             return output.to_tuple()
         return output
 
-    def _text_to_image(self, prompts, per_prompt_images, negative_prompt, height, width, num_inference_steps,
-                       timesteps, sigmas, num_images_per_prompt, eta, generator, latents, prompt_embeds,
-                       negative_prompt_embeds, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                       device) -> DreamLLMPipelineOutput:
+    def _text_to_image(
+        self,
+        prompts,
+        per_prompt_images,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        device,
+    ) -> DreamLLMPipelineOutput:
         # 3. Encode the prompt (one batched language-model pass for the conditional and unconditional rows)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompts, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            per_prompt_images, prompt_embeds, negative_prompt_embeds
+            prompts,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            per_prompt_images,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
         # 4. Prepare latent variables (the first draw from `generator`, as the original)
-        latents = self.prepare_latents(prompt_embeds.shape[0], self.unet.config.in_channels, height, width,
-                                       prompt_embeds.dtype, device, generator, latents)
+        latents = self.prepare_latents(
+            prompt_embeds.shape[0],
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
         # 5. Prepare extra step kwargs
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         # 6. Denoising loop (the timesteps are set inside, as the interleaved mode needs them per picture)
-        latents = self._denoise(prompt_embeds, negative_prompt_embeds, latents, device, num_inference_steps,
-                                timesteps, sigmas, extra_step_kwargs, callback_on_step_end,
-                                callback_on_step_end_tensor_inputs)
+        latents = self._denoise(
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            device,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            extra_step_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
         # 7. Decode and postprocess
         if output_type == "latent":
             images = latents
         else:
             images = self._postprocess(self._decode(latents, generator), output_type)
         documents = [[images[i]] for i in range(len(images))]
-        return DreamLLMPipelineOutput(images=images, text=None, documents=documents,
-                                      stop_reasons=[StopReason.IMAGE] * len(documents))
+        return DreamLLMPipelineOutput(
+            images=images, text=None, documents=documents, stop_reasons=[StopReason.IMAGE] * len(documents)
+        )
 
-    def _interleaved(self, texts, per_prompt_images, negative_prompt, num_documents_per_prompt, generator,
-                     max_new_tokens, max_images, output_type, generate_kwargs, streamer, diffusion, device):
+    def _interleaved(
+        self,
+        texts,
+        per_prompt_images,
+        negative_prompt,
+        num_documents_per_prompt,
+        generator,
+        max_new_tokens,
+        max_images,
+        output_type,
+        generate_kwargs,
+        streamer,
+        diffusion,
+        device,
+    ):
         """One document at a time (each has its own cache and pictures); batched prompts are looped over."""
         if generate_kwargs.get("num_beams", 1) > 1:
-            raise ValueError("generation_mode='interleaved' samples one sequence per document; `num_beams` > 1 is not "
-                             "supported (its cache would not follow the chosen beam).")
+            raise ValueError(
+                "generation_mode='interleaved' samples one sequence per document; `num_beams` > 1 is not "
+                "supported (its cache would not follow the chosen beam)."
+            )
         total = len(texts) * num_documents_per_prompt
         if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(f"Got {len(generator)} generators for {total} documents; give one per document "
-                             "(prompts x num_images_per_prompt), or a single generator.")
+            raise ValueError(
+                f"Got {len(generator)} generators for {total} documents; give one per document "
+                "(prompts x num_images_per_prompt), or a single generator."
+            )
         documents, reasons, shared_uncond = [], [], None
         for index, text in enumerate(texts):
             images = [per_prompt_images[index]] if per_prompt_images is not None else None
@@ -756,9 +990,18 @@ class DreamLLMPipeline(DiffusionPipeline):
             for copy in range(num_documents_per_prompt):
                 document_index = index * num_documents_per_prompt + copy
                 doc_generator = generator[document_index] if isinstance(generator, list) else generator
-                segments, reason = self._write_document(input_ids, pixel_values, negative, doc_generator,
-                                                        max_new_tokens, max_images, output_type, generate_kwargs,
-                                                        streamer, diffusion)
+                segments, reason = self._write_document(
+                    input_ids,
+                    pixel_values,
+                    negative,
+                    doc_generator,
+                    max_new_tokens,
+                    max_images,
+                    output_type,
+                    generate_kwargs,
+                    streamer,
+                    diffusion,
+                )
                 documents.append(segments)
                 reasons.append(reason)
         return DreamLLMPipelineOutput(
