@@ -145,11 +145,11 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         return position_ids[:, -seq_len:]
 
     def _merge_image_features(self, input_ids, inputs_embeds, pixel_values, continuing: bool):
+        if continuing and pixel_values is None:
+            # A decode step may emit `<im_start>`; its image is fed later by the caller. No scan: this is the hot path.
+            return inputs_embeds
         num_tokens = self.config.num_image_tokens
         rows, cols = _block_starts(input_ids, self.config.image_start_token_id)
-        if continuing and pixel_values is None:
-            # A decode step may emit `<im_start>`; its image is fed later by the caller.
-            return inputs_embeds
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if rows.numel() != num_images:
             raise ValueError(
@@ -172,6 +172,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
     def _dream_blocks(self, input_ids, continuing: bool):
         """(rows, slot positions) of every complete dream block in `input_ids`."""
         num_queries = self.config.num_dream_queries
+        if continuing and input_ids.shape[1] <= num_queries:
+            # Too short to hold a whole block (e.g. a decode step): skip the scan, which syncs on GPUs.
+            empty = input_ids.new_zeros(0, dtype=torch.long)
+            return empty, empty.view(0, num_queries)
         rows, cols = _block_starts(input_ids, self.config.dream_start_token_id)
         cut = cols + num_queries >= input_ids.shape[1]
         if cut.any():

@@ -1,0 +1,94 @@
+"""The pipeline in bf16, per-component dtypes, with a 4-bit/8-bit mllm, and with sequential CPU offload."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PipelineQuantizationConfig
+from transformers import BitsAndBytesConfig
+
+from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMPipeline
+
+pytest.importorskip("bitsandbytes")
+
+FAST = dict(num_inference_steps=2, guidance_scale=3.5, height=16, width=16)
+# The fixture's CLIP tower is 32 wide: bitsandbytes' CPU 4-bit kernels need in_features % 64 == 0, so it stays out.
+SKIP = ["model.vision_tower", "model.multi_modal_projector", "model.condition_projector", "lm_head"]
+
+
+def nf4():
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=SKIP)
+
+
+def seeded(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def run_all_modes(pipe, goldens):
+    image = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    picture = (goldens["raw_image_0"].numpy()).astype(np.uint8)
+    text = pipe("<image>\nWhat is it?", images=[picture], generation_mode="text", max_new_tokens=4, do_sample=False)
+    assert isinstance(text.text[0], str)
+    doc = pipe("Tell a story.", max_new_tokens=4, generator=seeded(), **FAST)
+    assert doc.stop_reasons[0] in ("eos", "max_new_tokens", "max_images", "context_limit")
+    return image
+
+
+def linear_kinds(mllm):
+    return {type(m).__name__ for n, m in mllm.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_prequantized_mllm_runs_all_three_modes(converted_tiny, goldens):
+    mllm = DreamLLMForConditionalGeneration.from_pretrained(
+        converted_tiny / "mllm", quantization_config=nf4(), dtype=torch.float32
+    )
+    assert linear_kinds(mllm) == {"Linear4bit"}
+    pipe = DreamLLMPipeline.from_pretrained(converted_tiny, mllm=mllm, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    quantized = run_all_modes(pipe, goldens)
+    reference = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    full = reference("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    assert 0 < np.abs(quantized - full).max() < 0.25  # observed ~1e-2 on this random tiny model
+
+
+def test_pipeline_quantization_config_quantizes_the_mllm(converted_tiny, goldens):
+    config = PipelineQuantizationConfig(quant_mapping={"mllm": BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_skip_modules=SKIP)})
+    pipe = DreamLLMPipeline.from_pretrained(converted_tiny, quantization_config=config, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert linear_kinds(pipe.mllm) == {"Linear8bitLt"}
+    assert type(pipe.mllm.lm_head) is torch.nn.Linear
+    run_all_modes(pipe, goldens)
+
+
+def test_moving_a_4bit_mllm_to_another_dtype_is_a_clear_error(converted_tiny):
+    mllm = DreamLLMForConditionalGeneration.from_pretrained(
+        converted_tiny / "mllm", quantization_config=nf4(), dtype=torch.float32
+    )
+    with pytest.raises(ValueError, match="(?i)4-bit|quantiz"):
+        mllm.to(torch.float16)
+
+
+def test_bf16_pipeline_and_per_component_dtypes(converted_tiny, goldens):
+    pipe = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.mllm.dtype == pipe.unet.dtype == torch.bfloat16
+    run_all_modes(pipe, goldens)
+    mixed = DreamLLMPipeline.from_pretrained(converted_tiny, dtype={"mllm": torch.float32, "default": torch.bfloat16})
+    assert mixed.mllm.dtype == torch.float32 and mixed.unet.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
+    mixed.set_progress_bar_config(disable=True)
+    image = mixed("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    assert np.isfinite(image).all()
+
+
+def test_sequential_cpu_offload_matches_plain_run(converted_tiny):
+    reference = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    pipe = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    image = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    np.testing.assert_allclose(image, expected, atol=1e-5)
