@@ -81,3 +81,23 @@ def test_bf16_pipeline_and_per_component_dtypes(converted_tiny, goldens):
     mixed.set_progress_bar_config(disable=True)
     image = mixed("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
     assert np.isfinite(image).all()
+
+
+def test_sequential_offload_hooks_match_plain_run(converted_tiny):
+    """Every module's weights live off-device and are brought in per forward, as `enable_sequential_cpu_offload` does.
+
+    diffusers' own `enable_sequential_cpu_offload` needs an accelerator (on a CPU it rewrites the device to "cpu:0",
+    where accelerate 1.15 fails even for a stock LlamaForCausalLM), so the same accelerate hooks are attached directly.
+    """
+    from accelerate import cpu_offload
+
+    reference = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    pipe = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for component in (pipe.mllm, pipe.unet, pipe.vae):
+        cpu_offload(component, execution_device="cpu")
+    assert pipe.mllm.model.language_model.embed_tokens.weight.device.type == "meta"
+    image = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    np.testing.assert_allclose(image, expected, atol=1e-5)
