@@ -183,6 +183,25 @@ def test_batched_left_padding_generates_as_one_by_one(model):
         assert torch.equal(row, single)
 
 
+def test_static_cache_decode_compiles_as_one_graph(model):
+    # What `generate(cache_implementation="static")` does on a GPU: compile the decode step. A graph break (e.g. from
+    # reading the static cache's on-device length) would cost a sync per token and the CUDA graph.
+    from transformers import CompileConfig
+
+    ids = torch.tensor([[BOS, 5] + image_block() + [6, 7]])
+    expected = model.generate(input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(
+        input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False, cache_implementation="static",
+        compile_config=compile_config,
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, expected)
+
+
 def test_dream_queries_live_in_a_module(model):
     assert isinstance(model.model.dream_queries, torch.nn.Module)
     names = dict(model.named_parameters())

@@ -109,6 +109,16 @@ def _slot_index(cols: torch.Tensor, num_slots: int) -> torch.Tensor:
     return cols[:, None] + 1 + torch.arange(num_slots, device=cols.device)
 
 
+def _has_cached_tokens(cache) -> bool:
+    if cache is None:
+        return False
+    if torch.compiler.is_compiling():
+        # `generate` compiles only the decode step, never the prefill. A static cache keeps its length in a device
+        # tensor: reading it here would break the graph.
+        return True
+    return bool(cache.get_seq_length() > 0)
+
+
 class DreamLLMModel(DreamLLMPreTrainedModel):
     """The DreamLLM backbone: vision tower, image projector, language model, dream queries and condition projector."""
 
@@ -211,7 +221,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        continuing = cache is not None and cache.get_seq_length() > 0
+        continuing = _has_cached_tokens(cache)
         dream_rows = dream_slots = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
