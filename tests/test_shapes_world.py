@@ -59,3 +59,41 @@ def test_datasets_and_folders(tmp_path):
     assert len(lines) == 5 and all((pairs_dir / __import__("json").loads(line)["file_name"]).is_file() for line in lines)
     stories_dir = write_stories_folder(tmp_path / "stories", 3, seed=3)
     assert len((stories_dir / "stories.jsonl").read_text().splitlines()) == 3
+
+
+def test_demo_tokenizer_is_deterministic_and_llama_like(tmp_path):
+    from dreamllm_hf import constants as C
+    from dreamllm_hf.shapes_world.tokenizer import build_demo_tokenizer, train_sentencepiece
+
+    assert train_sentencepiece() == train_sentencepiece()
+    tokenizer = build_demo_tokenizer(tmp_path)
+    vocab = tokenizer.get_vocab()
+    first = vocab[C.PAD_TOKEN]
+    assert [vocab[token] - first for token in C.RELEASE_ADDED_TOKEN_IDS] == [
+        token_id - C.RELEASE_ADDED_TOKEN_IDS[C.PAD_TOKEN] for token_id in C.RELEASE_ADDED_TOKEN_IDS.values()
+    ]
+    ids = tokenizer("Then a  green square appeared.")["input_ids"]  # whitespace is kept, not folded
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Then a  green square appeared."
+    assert tokenizer.decode(tokenizer("zebra 42")["input_ids"], skip_special_tokens=True) == "zebra 42"  # bytes
+
+
+def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
+    """Every stage of `train-demo` for a few steps on a few pictures: the code path, not the quality."""
+    import json
+
+    from dreamllm_hf.pipelines import DreamLLMPipeline
+    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
+
+    recipe = DemoRecipe(
+        num_pictures=64, num_stories=16, vae_steps=2, vae_batch_size=8, unet_steps=2, unet_batch_size=8,
+        comprehension_steps=2, comprehension_batch_size=4, creation_steps=2, creation_batch_size=4, joint_steps=2,
+        joint_batch_size=4,
+    )
+    report = train_demo(tmp_path / "demo", recipe, log=lambda line: None)
+    assert set(report["timings_s"]) >= {"stage 0a autoencoder", "stage 0b diffusion decoder", "stage II joint"}
+    assert json.loads((tmp_path / "demo" / "training_report.json").read_text())["recipe"]["joint_steps"] == 2
+    assert not (tmp_path / "demo" / ".work").exists()
+    pipe = DreamLLMPipeline.from_pretrained(tmp_path / "demo")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", generation_mode="image", num_inference_steps=2).images[0]
+    assert image.size == (32, 32)

@@ -1,25 +1,37 @@
-"""`dreamllm-hf`: generate documents, convert the original release and publish it, fine-tune, run the demo."""
+"""`dreamllm-hf`: generate documents, convert the original release and publish it, fine-tune, run, train and
+evaluate the demo model."""
 
 import argparse
 import sys
 
 
 def _add_demo_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="Convert the tiny fixture checkpoint and run comprehension and text-to-image on it.")
-    parser.add_argument("--output-dir", default="outputs/demo", help="Where the converted checkpoint and the picture go.")
+    parser = subparsers.add_parser(
+        "demo",
+        help="The shipped demo model (a tiny DreamLLM trained on the shapes world) writes an illustrated story.",
+        description="Runs interleaved generation offline and writes an HTML document with the text and the pictures.",
+    )
+    parser.add_argument("--output-dir", default="outputs/demo", help="Where story.html and the drawing go.")
+    parser.add_argument("--prompt", default="Tell me a story.", help="The instruction (the demo model knows stories).")
+    parser.add_argument(
+        "--seed", type=int, default=1,
+        help="Seeds the sampled text and the pictures; each seed tells another story (1: three pictures, 0: one).",
+    )
+    parser.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
     parser.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .demo import run_tiny_demo
+    from .demo import run_demo
 
-    run_tiny_demo(args.output_dir)
+    run_demo(args.output_dir, prompt=args.prompt, seed=args.seed, model_dir=args.model)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .conversion.cli import add_convert_parser, add_push_parser
     from .pipelines.cli import add_generate_parser
+    from .shapes_world.cli import add_demo_parsers
     from .training.cli import add_train_parser
 
     parser = argparse.ArgumentParser(prog="dreamllm-hf", description=__doc__)
@@ -29,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_push_parser(subparsers)
     add_train_parser(subparsers)
     _add_demo_parser(subparsers)
+    add_demo_parsers(subparsers)
     return parser
 
 

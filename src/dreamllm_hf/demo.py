@@ -1,8 +1,9 @@
-"""The README's main job on a fresh clone, offline.
+"""The README's main job on a fresh clone, offline: the shipped demo model writes an illustrated story.
 
-Until a trained demo model ships with the package, this converts the tiny fixture checkpoint (original release
-layout, random weights) and runs comprehension, text-to-image and an interleaved document on it. The outputs are noise;
-what it shows is every path working end to end.
+The demo model (`dreamllm_hf/demo_model/`) is a tiny DreamLLM trained on the shapes world by `dreamllm-hf train-demo`.
+The story is written in "interleaved" mode: the model writes, emits `<dream_start>` where it wants a picture, draws it
+from its dream queries and reads it back through its vision tower before going on. A caption and a drawing show the
+other two modes.
 """
 
 import random
@@ -10,48 +11,54 @@ from pathlib import Path
 
 import torch
 
-FIXTURE_CHECKPOINT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "original_tiny"
-
-
-def run_tiny_demo(output_dir: str | Path, seed: int = 42) -> Path:
-    from .conversion import convert_original_checkpoint
+def run_demo(
+    output_dir: str | Path,
+    prompt: str = "Tell me a story.",
+    seed: int = 1,
+    model_dir: str | Path | None = None,
+    max_images: int = 4,
+) -> Path:
+    """Writes `output_dir/story.html` (and the drawing of the image mode) and returns the story's path."""
     from .pipelines import DreamLLMPipeline
     from .shapes_world import draw_shape, sample_spec
+    from .shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH, DEMO_NUM_INFERENCE_STEPS
 
-    if not FIXTURE_CHECKPOINT.is_dir():
+    model_dir = Path(model_dir or DEMO_MODEL_PATH)
+    if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"The demo needs the fixture checkpoint at {FIXTURE_CHECKPOINT}; run it from a clone of the repository."
+            f"No DreamLLM pipeline at {model_dir} (no model_index.json). Reinstall the package, or train one with "
+            "`dreamllm-hf train-demo --output DIR` and pass `--model DIR`."
         )
+    sampling = dict(num_inference_steps=DEMO_NUM_INFERENCE_STEPS, guidance_scale=DEMO_GUIDANCE_SCALE)
     output_dir = Path(output_dir)
-    checkpoint = output_dir / "dreamllm-tiny"
-    summary = convert_original_checkpoint(FIXTURE_CHECKPOINT, checkpoint, overwrite=True)
-    print(f"[convert] {FIXTURE_CHECKPOINT} -> {checkpoint} ({summary.num_tensors} tensors, {summary.seconds:.1f} s)")
-
-    pipe = DreamLLMPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipe = DreamLLMPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    print(f"[model] {model_dir}")
 
-    picture = draw_shape(sample_spec(random.Random(seed), colour="red", shape="circle"))
-    question = "<image>\nWhat is in the picture?"
-    answer = pipe(question, images=[picture], generation_mode="text", max_new_tokens=12, do_sample=False)
-    print(f"[comprehension] {question!r} + a {picture.size[0]}x{picture.size[1]} picture -> {answer.text[0]!r}")
-
-    caption = "a photo of a red bird sitting on a tree branch"
-    image = pipe(
-        caption, generation_mode="image", num_inference_steps=2, guidance_scale=3.5,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-    image_path = output_dir / "text_to_image.png"
-    image.save(image_path)
-    print(f"[text-to-image] {caption!r} -> {image.size[0]}x{image.size[1]} picture at {image_path}")
-
-    document = pipe(
-        "Tell a short illustrated story.", generation_mode="interleaved", max_new_tokens=24, max_images=2,
-        num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(seed),
+    torch.manual_seed(seed)  # the story's text is sampled
+    story = pipe(
+        prompt, generation_mode="interleaved", do_sample=True, max_new_tokens=64, max_images=max_images,
+        generator=torch.Generator("cpu").manual_seed(seed), **sampling,
     )
-    html_path = output_dir / "document.html"
-    document.save_html(html_path)
-    print(
-        f"[interleaved] {len(document.documents[0])} segment(s), {len(document.images[0])} picture(s), "
-        f"stopped: {document.stop_reasons[0]} -> {html_path}"
+    story_path = output_dir / "story.html"
+    story.save_html(story_path, title=f"DreamLLM demo: {prompt}")
+    rendered = " ".join(
+        segment.strip() if isinstance(segment, str) else "[picture]" for segment in story.documents[0]
     )
-    return html_path
+    print(f"[interleaved] {prompt!r} -> {rendered}")
+    print(f"[interleaved] {len(story.images[0])} picture(s), stopped: {story.stop_reasons[0]}")
+
+    picture = draw_shape(sample_spec(random.Random(seed), colour="blue", shape="triangle"))
+    caption = pipe("<image>", images=[picture], generation_mode="text", use_chat_template=False, do_sample=False,
+                   max_new_tokens=8).text[0]
+    print(f"[comprehension] a blue triangle -> {caption.strip()!r}")
+
+    drawing = pipe("a yellow circle", generation_mode="image", generator=torch.Generator("cpu").manual_seed(seed),
+                   **sampling).images[0]
+    drawing_path = output_dir / "a_yellow_circle.png"
+    drawing.save(drawing_path)
+    print(f"[text-to-image] 'a yellow circle' -> {drawing_path}")
+
+    print(f"Story written to {story_path.resolve()}")
+    return story_path

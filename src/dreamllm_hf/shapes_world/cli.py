@@ -1,0 +1,159 @@
+"""`dreamllm-hf train-demo` and `dreamllm-hf evaluate-demo`: the shipped demo model, rebuilt and measured.
+
+`add_demo_parsers(subparsers)` adds both subcommands to an `argparse` sub-parser set (the main `dreamllm-hf` parser
+does so). They can also run on their own: `python -m dreamllm_hf.shapes_world.cli train-demo --seed 0 --output DIR`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_demo_parsers(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train-demo",
+        help="Train the tiny shapes-world DreamLLM from scratch on the CPU (the shipped demo model's recipe).",
+        description=(
+            "Trains the demo model end to end (tokenizer, autoencoder, diffusion decoder, then DreamLLM stages I and "
+            "II) and writes a DreamLLMPipeline folder. About 15 minutes on two CPU cores (930 s for the shipped model)."
+        ),
+    )
+    train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
+    train.add_argument("--seed", type=int, default=0, help="Seeds the data, the initialisation and the noise.")
+    train.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)."
+    )
+    train.add_argument(
+        "--recipe", default=None, help="A JSON file of DemoRecipe fields to override (for experiments)."
+    )
+    train.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Run evaluate-demo (default settings) on the result afterwards and put its figures in the model card.",
+    )
+    train.set_defaults(func=_run_train_demo)
+
+    evaluate = subparsers.add_parser(
+        "evaluate-demo",
+        help="Caption, text-to-image and interleaved-story accuracy of the demo model, judged deterministically.",
+        description=(
+            "Prints the figures; the last line is one JSON object with caption_accuracy, t2i_accuracy and "
+            "interleaved_match. Settings left out take the defaults of DemoEvaluationSettings (192 held-out "
+            "pictures, 8 pictures per caption, 32 stories, the demo model's sampling, seed 0)."
+        ),
+    )
+    evaluate.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
+    evaluate.add_argument("--seed", type=int, default=None, help="Seeds the held-out pictures and the sampling.")
+    evaluate.add_argument("--num-caption-pictures", type=int, default=None)
+    evaluate.add_argument("--t2i-per-caption", type=int, default=None, help="Pictures per caption (12 captions).")
+    evaluate.add_argument("--num-stories", type=int, default=None)
+    evaluate.add_argument("--num-inference-steps", type=int, default=None)
+    evaluate.add_argument("--guidance-scale", type=float, default=None)
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    evaluate.add_argument(
+        "--save-dir", default=None, help="Also write the text-to-image grid and the example stories there."
+    )
+    evaluate.add_argument(
+        "--update-card",
+        action="store_true",
+        help="Rewrite the model card (README.md) of --model with these figures (needs its training_report.json).",
+    )
+    evaluate.set_defaults(func=_run_evaluate_demo)
+
+
+SETTING_OPTIONS = (
+    "num_caption_pictures", "t2i_per_caption", "num_stories", "num_inference_steps", "guidance_scale", "seed"
+)
+
+
+def _set_threads(threads) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_train_demo(args) -> int:
+    from .demo_training import DemoRecipe, train_demo
+
+    overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
+    recipe = DemoRecipe(**{**overrides, "seed": args.seed, "num_threads": args.threads})
+    report = train_demo(args.output, recipe)
+    for stage, seconds in report["timings_s"].items():
+        print(f"{stage:>28}: {seconds:7.1f} s")
+    print(f"{'total':>28}: {report['total_s']:7.1f} s ({report['torch_threads']} threads)")
+    if args.evaluate:
+        evaluate_args = _evaluate_defaults()
+        evaluate_args.model, evaluate_args.threads, evaluate_args.update_card = args.output, args.threads, True
+        return _run_evaluate_demo(evaluate_args)
+    return 0
+
+
+def _evaluate_defaults() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command")
+    add_demo_parsers(subparsers)
+    return parser.parse_args(["evaluate-demo"])
+
+
+def _run_evaluate_demo(args) -> int:
+    from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
+
+    _set_threads(args.threads)
+    # Options left out keep the DemoEvaluationSettings defaults (one source of truth; they are listed in its card).
+    chosen = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name) is not None}
+    settings = DemoEvaluationSettings(**chosen)
+    pipe = load_demo_pipeline(args.model)
+    results = evaluate_pipeline(pipe, settings)
+    print("captions (truth -> caption):")
+    for example in results["caption_examples"]:
+        print(f"  {example['truth']:>16} -> {example['caption']!r}")
+    print("text-to-image, judged right per caption:")
+    for caption, fraction in results["t2i_per_caption"].items():
+        print(f"  {caption:>18}: {fraction:.2f}")
+    print(f"stories: {results['stories_with_pictures']}/{settings.num_stories} drew pictures, "
+          f"{results['interleaved_pictures']} pictures in all")
+    for story in results["story_examples"]:
+        print(f"  {story['instruction']!r} -> {story['document']} <{story['stop']}>")
+    if args.save_dir:
+        _save_outputs(results, Path(args.save_dir))
+    if args.update_card:
+        from .demo_model_path import DEMO_MODEL_PATH
+        from .model_card import write_demo_model_card
+
+        write_demo_model_card(args.model or DEMO_MODEL_PATH, evaluation=results)
+    summary = {
+        "caption_accuracy": round(results["caption_accuracy"], 4),
+        "t2i_accuracy": round(results["t2i_accuracy"], 4),
+        "interleaved_match": round(results["interleaved_match"], 4),
+        "interleaved_pictures": results["interleaved_pictures"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _save_outputs(results: dict, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = results["t2i_images"]
+    per_row = len(images) // 12
+    size = images[0].size[0]
+    grid = Image.new("RGB", (size * per_row, size * 12), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % per_row) * size, (index // per_row) * size))
+    grid.save(folder / "t2i_grid.png")
+    (folder / "stories.json").write_text(json.dumps(results["story_examples"], indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dreamllm-hf", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_demo_parsers(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

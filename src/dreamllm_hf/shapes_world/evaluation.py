@@ -1,0 +1,175 @@
+"""How well a DreamLLM knows the shapes world: captioning, drawing, and illustrated stories, judged deterministically.
+
+* `caption_accuracy`: held-out pictures (drawn with a seed no training set uses) are captioned in "text" mode with
+  the pretraining prompt (`<image>` alone, no chat template, greedy); a caption is right when the first colour word
+  and the first shape word in it are the picture's.
+* `t2i_accuracy`: "image" mode on every caption of the world ("a red circle", ...), several seeds each; a picture is
+  right when `classify_shape_image` reads the asked colour and shape.
+* `interleaved_match`: "interleaved" mode on a story instruction, sampled text; every picture the model draws is
+  judged and compared with the colour and shape named by the sentence just before it. Pictures after a sentence that
+  names no shape count as misses.
+"""
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .classifier import classify_shape_image
+from .data import pairs_dataset
+from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
+from .tokenizer import STORY_INSTRUCTIONS
+from .world import COLOURS, SHAPES
+
+HELD_OUT_SEED = 1_000_003  # no training set of the recipe uses it
+_WORDS = re.compile(r"[a-z]+")
+
+
+@dataclass
+class DemoEvaluationSettings:
+    num_caption_pictures: int = 192
+    t2i_per_caption: int = 8
+    num_stories: int = 32
+    num_inference_steps: int = DEMO_NUM_INFERENCE_STEPS
+    guidance_scale: float = DEMO_GUIDANCE_SCALE
+    max_story_tokens: int = 64
+    max_story_images: int = 4
+    seed: int = 0
+
+
+def named_colour_and_shape(text: str) -> tuple[str | None, str | None]:
+    """The first colour word and the first shape word of `text` (None where there is none)."""
+    words = _WORDS.findall(text.lower())
+    colour = next((word for word in words if word in COLOURS), None)
+    shape = next((word for word in words if word in SHAPES), None)
+    return colour, shape
+
+
+def _last_sentence(text: str) -> str:
+    sentences = [part for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part]
+    return sentences[-1] if sentences else ""
+
+
+def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 32) -> dict:
+    pictures = pairs_dataset(settings.num_caption_pictures, seed=HELD_OUT_SEED + settings.seed)
+    right, examples = 0, []
+    for start in range(0, len(pictures), batch_size):
+        rows = pictures[start : start + batch_size]
+        out = pipe(
+            ["<image>"] * len(rows["image"]),
+            images=[[image] for image in rows["image"]],
+            generation_mode="text",
+            use_chat_template=False,
+            do_sample=False,
+            max_new_tokens=8,
+        )
+        for answer, colour, shape in zip(out.text, rows["colour"], rows["shape"]):
+            ok = named_colour_and_shape(answer) == (colour, shape)
+            right += ok
+            if len(examples) < 6:
+                examples.append({"truth": f"{colour} {shape}", "caption": answer.strip(), "ok": ok})
+    return {"caption_accuracy": right / len(pictures), "caption_examples": examples}
+
+
+def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
+    captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    prompts = [caption for caption in captions for _ in range(settings.t2i_per_caption)]
+    generators = [torch.Generator("cpu").manual_seed(settings.seed * 10_000 + i) for i in range(len(prompts))]
+    images = pipe(
+        prompts,
+        generation_mode="image",
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=generators,
+    ).images
+    per_caption = {caption: 0 for caption in captions}
+    for prompt, image in zip(prompts, images):
+        if classify_shape_image(image) == named_colour_and_shape(prompt):
+            per_caption[prompt] += 1
+    right = sum(per_caption.values())
+    return {
+        "t2i_accuracy": right / len(prompts),
+        "t2i_per_caption": {k: v / settings.t2i_per_caption for k, v in per_caption.items()},
+        "t2i_images": images,
+        "t2i_prompts": prompts,
+    }
+
+
+def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
+    matched = pictures = stories_with_pictures = 0
+    documents = []
+    for index in range(settings.num_stories):
+        instruction = STORY_INSTRUCTIONS[index % len(STORY_INSTRUCTIONS)]
+        torch.manual_seed(settings.seed * 10_000 + index)  # the text sampling uses the global RNG
+        out = pipe(
+            instruction,
+            generation_mode="interleaved",
+            do_sample=True,
+            max_new_tokens=settings.max_story_tokens,
+            max_images=settings.max_story_images,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(settings.seed * 10_000 + index),
+        )
+        document, last_text, drawn = out.documents[0], "", 0
+        record = []
+        for segment in document:
+            if isinstance(segment, str):
+                last_text = segment
+                record.append(segment.strip())
+                continue
+            drawn += 1
+            asked = named_colour_and_shape(_last_sentence(last_text))
+            seen = classify_shape_image(segment)
+            ok = None not in asked and seen == asked
+            matched += ok
+            record.append(f"[picture: {seen[0]} {seen[1]}{'' if ok else ' (mismatch)'}]")
+            last_text = ""  # a second picture right after the first has no sentence of its own
+        pictures += drawn
+        stories_with_pictures += drawn > 0
+        documents.append({"instruction": instruction, "document": " ".join(record), "stop": out.stop_reasons[0]})
+    return {
+        "interleaved_match": matched / pictures if pictures else 0.0,
+        "interleaved_pictures": pictures,
+        "stories_with_pictures": stories_with_pictures,
+        "story_examples": documents[:4],
+    }
+
+
+def evaluate_pipeline(pipe, settings: DemoEvaluationSettings | None = None, log=print) -> dict:
+    """All three figures (and their details) of `pipe` on the shapes world."""
+    settings = settings or DemoEvaluationSettings()
+    pipe.set_progress_bar_config(disable=True)
+    results, timings = {}, {}
+    for name, fn in (("caption", caption_accuracy), ("t2i", t2i_accuracy), ("interleaved", interleaved_match)):
+        started = time.perf_counter()
+        results.update(fn(pipe, settings))
+        timings[name] = round(time.perf_counter() - started, 1)
+        log(f"[evaluate] {name}: {timings[name]} s")
+    results["settings"] = asdict(settings)
+    results["eval_timings_s"] = timings
+    return results
+
+
+def load_demo_pipeline(model_dir: str | Path | None = None):
+    """The shipped demo model (or the pipeline folder `model_dir`), fp32 on the CPU."""
+    from ..pipelines import DreamLLMPipeline
+    from .demo_model_path import DEMO_MODEL_PATH
+
+    pipe = DreamLLMPipeline.from_pretrained(str(model_dir or DEMO_MODEL_PATH), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = [
+    "HELD_OUT_SEED",
+    "DemoEvaluationSettings",
+    "caption_accuracy",
+    "evaluate_pipeline",
+    "interleaved_match",
+    "load_demo_pipeline",
+    "named_colour_and_shape",
+    "t2i_accuracy",
+]
