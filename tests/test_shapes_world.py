@@ -97,3 +97,14 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", generation_mode="image", num_inference_steps=2).images[0]
     assert image.size == (32, 32)
+
+
+def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
+    import pytest
+
+    from dreamllm_hf.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty.*--overwrite"):
+        main(["train-demo", "--output", str(tmp_path)])
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1

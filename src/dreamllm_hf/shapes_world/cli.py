@@ -21,6 +21,7 @@ def add_demo_parsers(subparsers) -> None:
     )
     train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
     train.add_argument("--seed", type=int, default=0, help="Seeds the data, the initialisation and the noise.")
+    train.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
     train.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)."
     )
@@ -77,6 +78,12 @@ def _set_threads(threads) -> None:
 def _run_train_demo(args) -> int:
     from .demo_training import DemoRecipe, train_demo
 
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise SystemExit(
+            f"train-demo: the output folder {output} is not empty. Choose a new folder, or pass --overwrite to replace "
+            "the pipeline files in it (other files are left alone)."
+        )
     overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
     recipe = DemoRecipe(**{**overrides, "seed": args.seed, "num_threads": args.threads})
     report = train_demo(args.output, recipe)
