@@ -120,17 +120,19 @@ def test_explicit_latents_step_by_step(pipe, goldens, diffusion, goldens_json, m
 
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", record_noise)
     handle = pipe.unet.register_forward_hook(record_unet, with_kwargs=True)
-    try:
-        out = pipe(
+    def call(**kwargs):
+        return pipe(
             goldens_json["creation"]["prompt"],
             generation_mode="image",
             num_inference_steps=len(explicit["unet_timesteps"]),
             guidance_scale=diffusion["guidance_scale"],
             latents=goldens["explicit_initial_latents"].clone(),
             generator=torch.Generator("cpu").manual_seed(explicit["step_generator_seed"]),
-            output_type="latent",
-            callback_on_step_end=record_latents,
+            **kwargs,
         )
+
+    try:
+        out = call(output_type="latent", callback_on_step_end=record_latents)
     finally:
         handle.remove()
 
@@ -145,15 +147,7 @@ def test_explicit_latents_step_by_step(pipe, goldens, diffusion, goldens_json, m
         assert_close(latents_after[step], goldens[f"sd_explicit_step{step}_latents_after"])
     assert_close(out.images, goldens["sd_explicit_latents_steps2_latent"])
 
-    decoded = pipe(
-        goldens_json["creation"]["prompt"],
-        generation_mode="image",
-        num_inference_steps=len(explicit["unet_timesteps"]),
-        guidance_scale=diffusion["guidance_scale"],
-        latents=goldens["explicit_initial_latents"].clone(),
-        generator=torch.Generator("cpu").manual_seed(explicit["step_generator_seed"]),
-        output_type="np",
-    )
+    decoded = call(output_type="np")
     assert_close(decoded.images, goldens["sd_explicit_latents_steps2_np"])
 
 

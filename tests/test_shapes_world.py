@@ -108,3 +108,53 @@ def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     with pytest.raises(SystemExit, match="not empty.*--overwrite"):
         main(["train-demo", "--output", str(tmp_path)])
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+class _StubPipe:
+    """Answers like a DreamLLMPipeline; `answer(prompt, images)` decides the text, `draw(text)` the picture."""
+
+    def __init__(self, answer=None, draw=None, story=None):
+        self.answer, self.draw, self.story = answer, draw, story
+
+    def __call__(self, prompt, images=None, generation_mode="text", **kwargs):
+        from types import SimpleNamespace
+
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if generation_mode == "text":
+            return SimpleNamespace(text=[self.answer(p, i) for p, i in zip(prompts, images)])
+        if generation_mode == "image":
+            return SimpleNamespace(images=[self.draw(p) for p in prompts])
+        return SimpleNamespace(documents=[self.story(prompt)], stop_reasons=["eos"])
+
+
+def _picture(colour, shape):
+    return draw_shape(sample_spec(random.Random(1), colour=colour, shape=shape))
+
+
+def test_evaluation_figures_follow_what_the_model_says_and_draws():
+    from dreamllm_hf.shapes_world.evaluation import (
+        DemoEvaluationSettings,
+        caption_accuracy,
+        interleaved_match,
+        t2i_accuracy,
+    )
+
+    settings = DemoEvaluationSettings(num_caption_pictures=24, t2i_per_caption=1, num_stories=2)
+    seeing = _StubPipe(answer=lambda prompt, images: "a {} {}".format(*classify_shape_image(images[0])))
+    assert caption_accuracy(seeing, settings)["caption_accuracy"] == 1.0
+    always_red_circle = _StubPipe(answer=lambda prompt, images: "a red circle.")
+    assert caption_accuracy(always_red_circle, settings)["caption_accuracy"] < 0.5
+
+    drawing = _StubPipe(draw=lambda text: _picture(*text.split()[1:]))
+    assert t2i_accuracy(drawing, settings)["t2i_accuracy"] == 1.0
+    drawing_circles = _StubPipe(draw=lambda text: _picture(text.split()[1], "circle"))
+    assert t2i_accuracy(drawing_circles, settings)["t2i_accuracy"] == pytest.approx(1 / 3)
+
+    # A picture counts when it matches the sentence just before it; after a sentence naming no shape it is a miss.
+    story = _StubPipe(story=lambda prompt: [
+        "First there was a red circle.", _picture("red", "circle"),
+        "Then a blue square appeared.", _picture("green", "square"),
+        "The end.", _picture("blue", "triangle"),
+    ])
+    figures = interleaved_match(story, settings)
+    assert figures["interleaved_pictures"] == 6 and figures["interleaved_match"] == pytest.approx(1 / 3)

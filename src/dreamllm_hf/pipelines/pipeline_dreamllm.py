@@ -58,7 +58,7 @@ EXAMPLE_DOC_STRING = """
 
 @dataclass(frozen=True)
 class DiffusionSettings:
-    """How each picture of an interleaved document is drawn (the `__call__` arguments of the same names)."""
+    """How a picture is drawn, in both modes that draw (the `__call__` arguments of the same names)."""
 
     height: int
     width: int
@@ -439,17 +439,12 @@ class DreamLLMPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
         latents: torch.Tensor,
-        device: torch.device,
-        num_inference_steps: int,
-        timesteps,
-        sigmas,
+        diffusion: DiffusionSettings,
         extra_step_kwargs: dict,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs: list[str],
     ) -> torch.Tensor:
         """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original)."""
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+            self.scheduler, diffusion.num_inference_steps, latents.device, diffusion.timesteps, diffusion.sigmas
         )
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
@@ -471,14 +466,14 @@ class DreamLLMPipeline(DiffusionPipeline):
                         )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
-                if callback_on_step_end is not None:
+                if diffusion.callback_on_step_end is not None:
                     tensors = {
                         "latents": latents,
                         "prompt_embeds": prompt_embeds,
                         "negative_prompt_embeds": negative_prompt_embeds,
                     }
-                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_kwargs = {k: tensors[k] for k in diffusion.callback_on_step_end_tensor_inputs}
+                    callback_outputs = diffusion.callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -647,7 +642,8 @@ class DreamLLMPipeline(DiffusionPipeline):
             past = torch.ones(1, stream.shape[1], dtype=torch.long, device=device)
             prompt_embeds = self.mllm.get_dream_embeddings(stream[:, :0], attention_mask=past, cache=cache)
             prompt_embeds = prompt_embeds.to(self.unet.dtype)
-            picture = self._draw(prompt_embeds, negative_prompt_embeds, generator, diffusion)
+            latents = self._draw_latents(prompt_embeds, negative_prompt_embeds, generator, diffusion)
+            picture = self._decode(latents, generator)
             as_pil = self._postprocess(picture, "pil")[0]  # CLIP reads the picture as it is saved (8-bit)
             segments.append(as_pil if output_type == "pil" else self._postprocess(picture, output_type)[0])
             _onload(self.mllm)
@@ -655,30 +651,23 @@ class DreamLLMPipeline(DiffusionPipeline):
             stream = torch.cat([stream, picture_ids], dim=1)
             pictures += 1
 
-    def _draw(self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings) -> torch.Tensor:
-        """One picture of an interleaved document, decoded to [-1, 1]."""
+    def _draw_latents(
+        self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings, latents=None
+    ) -> torch.Tensor:
+        """Denoised latents for every row of `prompt_embeds`; the initial noise is the first draw from `generator`,
+        as in the original."""
         latents = self.prepare_latents(
-            1,
+            prompt_embeds.shape[0],
             self.unet.config.in_channels,
             diffusion.height,
             diffusion.width,
             prompt_embeds.dtype,
             prompt_embeds.device,
             generator,
-        )
-        latents = self._denoise(
-            prompt_embeds,
-            negative_prompt_embeds,
             latents,
-            prompt_embeds.device,
-            diffusion.num_inference_steps,
-            diffusion.timesteps,
-            diffusion.sigmas,
-            self.prepare_extra_step_kwargs(generator, diffusion.eta),
-            diffusion.callback_on_step_end,
-            diffusion.callback_on_step_end_tensor_inputs,
         )
-        return self._decode(latents, generator)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, diffusion.eta)
+        return self._denoise(prompt_embeds, negative_prompt_embeds, latents, diffusion, extra_step_kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -810,25 +799,29 @@ class DreamLLMPipeline(DiffusionPipeline):
             repetition_penalty=repetition_penalty,
         )
 
+        diffusion = DiffusionSettings(
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
         if generation_mode == "image":
             output = self._text_to_image(
                 prompts,
                 per_prompt_images,
                 negative_prompt,
-                height,
-                width,
-                num_inference_steps,
-                timesteps,
-                sigmas,
                 num_images_per_prompt,
-                eta,
                 generator,
                 latents,
                 prompt_embeds,
                 negative_prompt_embeds,
                 output_type,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+                diffusion,
                 device,
             )
         else:
@@ -847,16 +840,6 @@ class DreamLLMPipeline(DiffusionPipeline):
                     stop_reasons=reasons,
                 )
             else:
-                diffusion = DiffusionSettings(
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    timesteps=timesteps,
-                    sigmas=sigmas,
-                    eta=eta,
-                    callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                )
                 output = self._interleaved(
                     texts,
                     per_prompt_images,
@@ -883,20 +866,13 @@ class DreamLLMPipeline(DiffusionPipeline):
         prompts,
         per_prompt_images,
         negative_prompt,
-        height,
-        width,
-        num_inference_steps,
-        timesteps,
-        sigmas,
         num_images_per_prompt,
-        eta,
         generator,
         latents,
         prompt_embeds,
         negative_prompt_embeds,
         output_type,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
+        diffusion: DiffusionSettings,
         device,
     ) -> DreamLLMPipelineOutput:
         # 3. Encode the prompt (one batched language-model pass for the conditional and unconditional rows)
@@ -910,32 +886,8 @@ class DreamLLMPipeline(DiffusionPipeline):
             prompt_embeds,
             negative_prompt_embeds,
         )
-        # 4. Prepare latent variables (the first draw from `generator`, as the original)
-        latents = self.prepare_latents(
-            prompt_embeds.shape[0],
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        # 5. Prepare extra step kwargs
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        # 6. Denoising loop (the timesteps are set inside, as the interleaved mode needs them per picture)
-        latents = self._denoise(
-            prompt_embeds,
-            negative_prompt_embeds,
-            latents,
-            device,
-            num_inference_steps,
-            timesteps,
-            sigmas,
-            extra_step_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        # 4-6. Latents, step kwargs and the denoising loop (shared with the interleaved mode's pictures)
+        latents = self._draw_latents(prompt_embeds, negative_prompt_embeds, generator, diffusion, latents)
         # 7. Decode and postprocess
         if output_type == "latent":
             images = latents

@@ -91,17 +91,11 @@ def _run_train_demo(args) -> int:
         print(f"{stage:>28}: {seconds:7.1f} s")
     print(f"{'total':>28}: {report['total_s']:7.1f} s ({report['torch_threads']} threads)")
     if args.evaluate:
-        evaluate_args = _evaluate_defaults()
-        evaluate_args.model, evaluate_args.threads, evaluate_args.update_card = args.output, args.threads, True
+        evaluate_args = argparse.Namespace(
+            model=args.output, threads=args.threads, update_card=True, save_dir=None, **dict.fromkeys(SETTING_OPTIONS)
+        )
         return _run_evaluate_demo(evaluate_args)
     return 0
-
-
-def _evaluate_defaults() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    subparsers = parser.add_subparsers(dest="command")
-    add_demo_parsers(subparsers)
-    return parser.parse_args(["evaluate-demo"])
 
 
 def _run_evaluate_demo(args) -> int:
