@@ -32,7 +32,7 @@ __all__ = [
     "DreamLLMProcessor",
 ]
 
-_PIPELINE_EXPORTS = ("DreamLLMPipeline", "DreamLLMPipelineOutput")
+_PIPELINE_EXPORTS = ("DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline")
 __all__ += list(_PIPELINE_EXPORTS)
 
 

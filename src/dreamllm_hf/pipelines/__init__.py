@@ -1,6 +1,7 @@
-"""DreamLLM as a diffusers pipeline: text-to-image, comprehension and interleaved documents."""
+"""DreamLLM as diffusers pipelines: documents of text and pictures (many at once, streamed), and text-to-image."""
 
 from .pipeline_dreamllm import DreamLLMPipeline
-from .pipeline_output import DreamLLMPipelineOutput, StopReason
+from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
+from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
-__all__ = ["DreamLLMPipeline", "DreamLLMPipelineOutput", "StopReason"]
+__all__ = ["DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline", "StopReason"]

@@ -50,18 +50,43 @@ def _png_bytes(image: PIL.Image.Image) -> bytes:
 
 
 @dataclass
+class DocumentEvent:
+    """
+    One step of [`DreamLLMPipeline.stream`], in the order the documents are written.
+
+    Args:
+        type (`str`): `"text"` (new text of a document), `"picture_start"` (a document starts a picture),
+            `"picture"` (the picture is drawn), `"document_end"` (a document is finished) or `"end"` (the last event).
+        document (`int`, *optional*): the document it belongs to (prompt order, times `num_images_per_prompt`);
+            `None` for `"end"`.
+        text (`str`, *optional*): `"text"`: the text added. A document's `"text"` events, joined, are its `text`.
+        image (*optional*): `"picture"`: the picture, in the call's `output_type`.
+        index (`int`, *optional*): `"picture_start"` / `"picture"`: the picture's index in its document.
+        stop_reason (`str`, *optional*): `"document_end"`: why the document ended (a [`StopReason`] value).
+        output ([`DreamLLMPipelineOutput`], *optional*): `"end"`: what `__call__` returns; `"document_end"`: the
+            finished document alone (as document 0).
+    """
+
+    type: str
+    document: int | None = None
+    text: str | None = None
+    image: Any = None
+    index: int | None = None
+    stop_reason: str | None = None
+    output: "DreamLLMPipelineOutput | None" = None
+
+
+@dataclass
 class DreamLLMPipelineOutput(BaseOutput):
     """
     Output of [`DreamLLMPipeline`]: one document per prompt (times `num_images_per_prompt`), in prompt order.
 
     Args:
-        images:
-            "image" mode: exactly what `StableDiffusionPipeline` returns for the same `output_type` (a list of PIL
-            images, an `np.ndarray` `[B, H, W, 3]`, a `torch.Tensor` `[B, 3, H, W]`, or the latents).
-            "interleaved" and "text" modes: one list per document holding its images in order (PIL, `[H, W, 3]` arrays
-            or `[3, H, W]` tensors, after `output_type`); empty lists in "text" mode.
+        images: one list per document holding its images in order (PIL, `[H, W, 3]` arrays or `[3, H, W]` tensors,
+            after `output_type`); empty for a text answer. (Deprecated `generation_mode="image"`: what
+            `StableDiffusionPipeline` returns; use [`DreamLLMText2ImagePipeline`] instead.)
         text (`list[str]`, *optional*): per document, its text segments joined by newlines (the images left out).
-            `None` in "image" mode.
+            `None` for the deprecated `generation_mode="image"`.
         documents (`list[list[str | image]]`): per document, its segments in reading order: `str` for text, anything
             else is an image of the `output_type` format. Empty text segments are left out.
         stop_reasons (`list[str]`): per document, why it ended; one of the [`StopReason`] values.
@@ -119,4 +144,4 @@ class DreamLLMPipelineOutput(BaseOutput):
         return text
 
 
-__all__ = ["DreamLLMPipelineOutput", "StopReason", "segment_to_pil"]
+__all__ = ["DocumentEvent", "DreamLLMPipelineOutput", "StopReason", "segment_to_pil"]

@@ -1,0 +1,457 @@
+"""The document engine: many DreamLLM documents written at once, emitting events as they are written.
+
+All documents of a call share one key/value cache and advance together: one language-model forward per decode step
+for every document still writing. A document that emits `<dream_start>` waits for the end of the step; then the
+pictures of all waiting documents are conditioned in one language-model pass (each on its own rows of the cache), drawn
+in one UNet batch with their unconditional rows, decoded in one VAE batch and read back through CLIP in one pass.
+
+The cache's rows are right-aligned: every document's tokens end at the same column, shorter documents being padded on
+the left (masked, positions from the count of real tokens, as with left-padded prompts). A picture adds the same
+`Q + 2 + 1 + N` positions to each document that draws it; its row is rewritten `K` columns further left, into its own
+padding, and the cache grows on the left only when a row has no padding left. So the cache is never longer than the
+longest document (no padding blocks are left behind in the other rows), at the price of copying the drawing rows
+(and, when it grows, the whole cache) once per picture event. Documents that finish leave the batch with a dynamic
+cache (the cache is trimmed to the longest remaining one); with a static cache they stay, masked, so that every decode
+step keeps the shapes the compiled step was built for.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
+
+from .dream_diffusion import DiffusionSettings, onload
+from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
+
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+
+
+@dataclass
+class DocumentRequest:
+    """One document to write: its prompt (tokenized by the engine as one batch) and what seeds it."""
+
+    text: str
+    images: list | None
+    generator: torch.Generator | None
+    negative_prompt_embeds: torch.Tensor | None  # `[1, Q, C]`, the unconditional of its pictures (None: no guidance)
+
+
+@dataclass
+class _Document:
+    """A document being written (the engine's bookkeeping, one per request)."""
+
+    index: int
+    generator: torch.Generator | None
+    negative_prompt_embeds: torch.Tensor | None
+    tokens_left: int
+    length: int  # tokens in the cache for this document
+    stream_length: int  # tokens of its stream: those in the cache and the pending one
+    pending: int | None = None  # the token fed at the next decode step
+    pictures: int = 0
+    segments: list = field(default_factory=list)
+    text_tokens: list[int] = field(default_factory=list)  # the text segment being written
+    emitted: str = ""
+    stop_reason: str | None = None
+
+
+@dataclass
+class EngineSettings:
+    max_new_tokens: int
+    max_images: int | None
+    allow_images: bool
+    output_type: str
+    diffusion: DiffusionSettings | None
+    cache_implementation: str | None
+    per_document_generators: bool  # a list of generators was given: every document samples from its own
+
+
+class DocumentEngine:
+    """Writes the documents of one pipeline call; `run()` yields [`DocumentEvent`]s."""
+
+    def __init__(
+        self,
+        pipe,
+        requests: list[DocumentRequest],
+        settings: EngineSettings,
+        generation_config,
+        logits_processor: LogitsProcessorList | None,
+        shared_generator: torch.Generator | None,
+        streamer=None,
+    ):
+        self.pipe = pipe
+        self.mllm = pipe.mllm
+        self.config = pipe.mllm.config
+        self.requests = requests
+        self.settings = settings
+        self.generation_config = generation_config
+        self.logits_processor = logits_processor
+        self.shared_generator = shared_generator
+        self.streamer = streamer
+        self.device = pipe._execution_device
+        config = self.config
+        self.eos = config.eos_token_id
+        self.dream_start = config.dream_start_token_id
+        self.pad = config.pad_token_id
+        self.context = pipe.max_context_length
+        self.block_length = config.num_dream_queries + 2 + config.num_image_tokens + 2
+        # A drawn picture's tokens in the stream, but its final `<im_end>`, which is fed by the next decode step.
+        self.picture_ids = torch.tensor(
+            [config.dream_start_token_id]
+            + [config.image_patch_token_id] * config.num_dream_queries
+            + [config.dream_end_token_id, config.image_start_token_id]
+            + [config.image_patch_token_id] * config.num_image_tokens,
+            device=self.device,
+        )
+        self.static = settings.cache_implementation == "static"
+        self.step_call = self.mllm
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The loop
+
+    @torch.no_grad()
+    def run(self) -> Iterator[DocumentEvent]:
+        documents = self._prefill()
+        if self.streamer is not None:
+            self.streamer.put(self.ids[:, : self.end].cpu())
+        logits = self._last_logits
+        while True:
+            live = [d for d in self.rows if d.stop_reason is None]
+            tokens = self._sample(logits, live)
+            waiting = []
+            for document, token in zip(live, tokens):
+                yield from self._take_token(document, token, waiting)
+            if waiting:
+                yield from self._draw_pictures(waiting)
+            for document in live:
+                if document.stop_reason is not None:
+                    yield self._end_event(document)
+            if all(d.stop_reason is not None for d in self.rows):
+                break
+            self._release_finished()
+            logits = self._decode_step()
+        if self.streamer is not None:
+            self.streamer.end()
+        yield DocumentEvent(type="end", output=self._output(documents))
+
+    def _take_token(self, document: _Document, token: int, waiting: list) -> Iterator[DocumentEvent]:
+        """Applies one sampled token to its document (the same rules as `generate` with the same budget)."""
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor([token]))
+        document.tokens_left -= 1
+        if token == self.eos:
+            self._finish(document, StopReason.EOS)
+        elif token == self.dream_start:
+            self._close_segment(document)  # `<dream_start>` is fed with its queries, not as the next token
+            max_images = self.settings.max_images
+            if max_images is not None and document.pictures >= max_images:
+                self._finish(document, StopReason.MAX_IMAGES)
+            elif document.stream_length + self.block_length > self.context:
+                self._finish(document, StopReason.CONTEXT_LIMIT)
+            else:
+                waiting.append(document)
+                yield DocumentEvent(type="picture_start", document=document.index, index=document.pictures)
+                return
+        else:
+            document.text_tokens.append(token)
+            document.pending = token
+            document.stream_length += 1
+            self._check_budget(document)
+        yield from self._text_event(document)
+
+    def _check_budget(self, document: _Document) -> None:
+        if document.tokens_left <= 0:
+            self._finish(document, StopReason.MAX_NEW_TOKENS)
+        elif document.stream_length >= self.context:
+            self._finish(document, StopReason.CONTEXT_LIMIT)
+
+    def _finish(self, document: _Document, reason: str) -> None:
+        self._close_segment(document)
+        document.stop_reason = reason
+        document.pending = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Text
+
+    def _segment_text(self, tokens: list[int]) -> str:
+        return self.pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _close_segment(self, document: _Document) -> None:
+        if document.text_tokens:
+            text = self._segment_text(document.text_tokens)
+            if text.strip():
+                document.segments.append(text)
+            document.text_tokens = []
+
+    def _document_text(self, document: _Document) -> str:
+        """The document's text so far, as `DreamLLMPipelineOutput.text` will hold it."""
+        parts = [s for s in document.segments if isinstance(s, str)]
+        if document.text_tokens:
+            current = self._segment_text(document.text_tokens)
+            if current.strip():
+                parts.append(current)
+        return "\n".join(parts)
+
+    def _text_event(self, document: _Document) -> Iterator[DocumentEvent]:
+        """The text added since the last event. Held back while the tail is an incomplete character."""
+        text = self._document_text(document)
+        finished = document.stop_reason is not None
+        if text.startswith(document.emitted) and len(text) > len(document.emitted):
+            if finished or not text.endswith("\ufffd"):
+                new = text[len(document.emitted) :]
+                document.emitted = text
+                yield DocumentEvent(type="text", document=document.index, text=new)
+
+    def _end_event(self, document: _Document) -> DocumentEvent:
+        return DocumentEvent(
+            type="document_end",
+            document=document.index,
+            stop_reason=document.stop_reason,
+            output=self._output([document]),
+        )
+
+    def _output(self, documents: list[_Document]) -> DreamLLMPipelineOutput:
+        return DreamLLMPipelineOutput(
+            images=[[s for s in d.segments if not isinstance(s, str)] for d in documents],
+            text=["\n".join(s for s in d.segments if isinstance(s, str)) for d in documents],
+            documents=[list(d.segments) for d in documents],
+            stop_reasons=[d.stop_reason for d in documents],
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def _sample(self, logits: torch.Tensor, live: list[_Document]) -> list[int]:
+        """One token for each live row, drawn from that document's own generator when each has one."""
+        rows = [self.rows.index(d) for d in live] if len(live) != len(self.rows) else list(range(len(self.rows)))
+        scores = self.processors(self.ids[:, : self.end], logits.float())
+        scores = scores[rows]
+        if not self.generation_config.do_sample:
+            return scores.argmax(-1).tolist()
+        probs = torch.softmax(scores, dim=-1)
+        if not self.settings.per_document_generators:
+            return _multinomial(probs, self.shared_generator).tolist()
+        return [int(_multinomial(probs[i : i + 1], d.generator)) for i, d in enumerate(live)]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The cache
+
+    def _prefill(self) -> list[_Document]:
+        pipe = self.pipe
+        texts = [r.text for r in self.requests]
+        images = None
+        if any(r.images for r in self.requests):
+            images = [list(r.images or []) for r in self.requests]
+        input_ids, attention_mask, pixel_values = pipe._tokenize(texts, images, self.device)
+        pipe._check_prompt_length(attention_mask, 1, "the answer")
+        batch, length = input_ids.shape
+        lengths = attention_mask.sum(-1).tolist()
+        documents = [
+            _Document(
+                index=i,
+                generator=r.generator,
+                negative_prompt_embeds=r.negative_prompt_embeds,
+                tokens_left=self.settings.max_new_tokens,
+                length=lengths[i],
+                stream_length=lengths[i],
+            )
+            for i, r in enumerate(self.requests)
+        ]
+        self.rows = list(documents)
+        self.processors = self.mllm._get_logits_processor(
+            generation_config=self.generation_config,
+            input_ids_seq_length=length,
+            logits_processor=self.logits_processor or LogitsProcessorList(),
+            device=self.device,
+        )
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        if self.static:
+            width = self._static_width(length)
+            self.cache = StaticCache(config=self.config.text_config, max_cache_len=width)
+            self.mask = attention_mask.new_zeros(batch, width)
+            self.mask[:, :length] = attention_mask
+            self.ids = input_ids.new_full((batch, width), self.pad)
+            self.ids[:, :length] = input_ids
+            if self.device.type == "cuda":
+                self.step_call = self.mllm.get_compiled_call(self.generation_config.compile_config)
+        else:
+            self.cache = DynamicCache(config=self.config.text_config)
+            self.mask, self.ids = attention_mask, input_ids
+        onload(self.mllm)
+        output = self.mllm(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=self.mask,
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.end = length
+        self._check_cache_layers()
+        self._last_logits = output.logits[:, -1]
+        return documents
+
+    def _static_width(self, prompt_length: int) -> int:
+        """Columns a static cache needs: the longest document's length can reach, bounded by the context."""
+        settings = self.settings
+        pictures = 0
+        if settings.allow_images:
+            pictures = settings.max_new_tokens if settings.max_images is None else settings.max_images
+        longest = prompt_length + settings.max_new_tokens + pictures * (self.block_length - 1)
+        return min(self.context, longest)
+
+    def _check_cache_layers(self) -> None:
+        for layer in self.cache.layers:
+            if type(layer) not in (DynamicLayer, StaticLayer):
+                raise NotImplementedError(
+                    f"The document engine moves rows of full-attention caches; {type(layer).__name__} layers (sliding "
+                    "window or other) are not supported yet. Use a language model with full attention in every layer."
+                )
+
+    def _decode_step(self) -> torch.Tensor:
+        """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
+        live = torch.tensor([d.stop_reason is None for d in self.rows], device=self.device)
+        pending = torch.tensor([d.pending if d.pending is not None else self.pad for d in self.rows], device=self.device)
+        positions = torch.tensor([[d.length] for d in self.rows], device=self.device)
+        if self.static:
+            self.mask[:, self.end] = live.long()
+            self.ids[:, self.end] = pending
+            mask = self.mask
+        else:
+            self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
+            self.ids = torch.cat([self.ids, pending[:, None]], dim=1)
+            mask = self.mask
+        onload(self.mllm)
+        output = self.step_call(
+            input_ids=pending[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.end += 1
+        for document in self.rows:
+            if document.stop_reason is None:
+                document.length += 1
+        return output.logits[:, -1]
+
+    def _release_finished(self) -> None:
+        """Dynamic cache: finished documents leave the batch and the cache is trimmed to the longest one left."""
+        if self.static or all(d.stop_reason is None for d in self.rows):
+            return
+        keep = [i for i, d in enumerate(self.rows) if d.stop_reason is None]
+        self.rows = [self.rows[i] for i in keep]
+        trim = self.end - max(d.length for d in self.rows)
+        index = torch.tensor(keep, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index.to(layer.keys.device), :, trim:]
+            layer.values = layer.values[index.to(layer.values.device), :, trim:]
+        self.mask, self.ids = self.mask[index, trim:], self.ids[index, trim:]
+        self.end -= trim
+
+    def _grow_left(self, columns: int) -> None:
+        """Adds `columns` of padding on the left of every row (all content moves right)."""
+        end = self.end
+        if self.static:
+            for layer in self.cache.layers:
+                for tensor in (layer.keys, layer.values):
+                    tensor[:, :, columns : end + columns] = tensor[:, :, :end].clone()
+                    tensor[:, :, :columns] = 0
+                layer.cumulative_length.add_(columns)
+            for tensor, fill in ((self.mask, 0), (self.ids, self.pad)):
+                tensor[:, columns : end + columns] = tensor[:, :end].clone()
+                tensor[:, :columns] = fill
+        else:
+            for layer in self.cache.layers:
+                pad = layer.keys.new_zeros(*layer.keys.shape[:2], columns, layer.keys.shape[-1])
+                layer.keys = torch.cat([pad, layer.keys], dim=2)
+                pad = layer.values.new_zeros(*layer.values.shape[:2], columns, layer.values.shape[-1])
+                layer.values = torch.cat([pad, layer.values], dim=2)
+            self.mask = torch.cat([self.mask.new_zeros(len(self.rows), columns), self.mask], dim=1)
+            self.ids = torch.cat([self.ids.new_full((len(self.rows), columns), self.pad), self.ids], dim=1)
+        self.end += columns
+
+    def _rows_cache(self, rows: list[int]) -> DynamicCache:
+        """A copy of some rows of the cache (their columns up to `end`), as a cache of their own."""
+        cache = DynamicCache(config=self.config.text_config)
+        for index, layer in enumerate(self.cache.layers):
+            select = torch.tensor(rows, device=layer.keys.device)
+            cache.update(layer.keys[select, :, : self.end], layer.values[select, :, : self.end], index)
+        return cache
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Pictures
+
+    def _draw_pictures(self, waiting: list[_Document]) -> Iterator[DocumentEvent]:
+        """Conditions, draws, decodes and reads back the pictures of every waiting document, each step batched."""
+        pipe, mllm = self.pipe, self.mllm
+        rows = [self.rows.index(d) for d in waiting]
+        count = len(rows)
+        row_index = torch.tensor(rows, device=self.device)
+        cache = self._rows_cache(rows)
+        mask = self.mask[row_index, : self.end]
+
+        # The dream block after each document's context, in its own rows: the conditioning of its picture.
+        onload(mllm)
+        empty = self.ids.new_zeros(count, 0)
+        prompt_embeds = mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache).to(pipe.unet.dtype)
+        negative = None
+        if pipe.do_classifier_free_guidance:
+            negative = torch.cat([d.negative_prompt_embeds for d in waiting]).to(prompt_embeds.device, pipe.unet.dtype)
+        generator = [d.generator for d in waiting] if self.settings.per_document_generators else self.shared_generator
+        latents = pipe._draw_latents(prompt_embeds, negative, generator, self.settings.diffusion)
+        decoded = pipe._decode(latents, generator)
+        as_pil = pipe._postprocess(decoded, "pil")  # CLIP reads each picture as it is saved (8-bit)
+        shown = as_pil if self.settings.output_type == "pil" else pipe._postprocess(decoded, self.settings.output_type)
+
+        # `<im_start>` + the CLIP features of each picture, into the same rows (`<im_end>` is the next pending token).
+        onload(mllm)
+        pixel_values = pipe.processor.image_processor(as_pil, return_tensors="pt")["pixel_values"].to(self.device)
+        features = mllm.get_image_features(pixel_values)
+        start_ids = torch.full((count, 1), self.config.image_start_token_id, device=self.device)
+        start = mllm.get_input_embeddings()(start_ids)
+        inputs_embeds = torch.cat([start, features.to(start.dtype)], dim=1)
+        added = self.config.num_dream_queries + 2 + inputs_embeds.shape[1]
+        mask = torch.cat([mask, mask.new_ones(count, added)], dim=1)
+        mllm(inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+
+        self._write_rows(rows, waiting, cache, added)
+        for i, document in enumerate(waiting):
+            document.segments.append(shown[i])
+            document.pictures += 1
+            document.length += added
+            document.stream_length += added + 1
+            document.pending = self.config.image_end_token_id
+            yield DocumentEvent(type="picture", document=document.index, image=shown[i], index=document.pictures - 1)
+            self._check_budget(document)
+
+    def _write_rows(self, rows: list[int], documents: list[_Document], cache: DynamicCache, added: int) -> None:
+        """Writes the extended rows back, right-aligned, growing the cache on the left if a row has no room."""
+        lengths = [d.length + added for d in documents]
+        if max(lengths) > self.end:
+            self._grow_left(max(lengths) - self.end)
+        end, sub_end = self.end, cache.get_seq_length()
+        for i, (row, new_length) in enumerate(zip(rows, lengths)):
+            old_length = documents[i].length
+            for main, sub in zip(self.cache.layers, cache.layers):
+                main.keys[row, :, end - new_length : end] = sub.keys[i, :, sub_end - new_length :]
+                main.values[row, :, end - new_length : end] = sub.values[i, :, sub_end - new_length :]
+            context_ids = self.ids[row, end - old_length : end].clone()
+            self.ids[row, end - new_length : end] = torch.cat([context_ids, self.picture_ids])
+            self.ids[row, : end - new_length] = self.pad
+            self.mask[row, : end - new_length] = 0
+            self.mask[row, end - new_length : end] = 1
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of `probs`, from `generator` on its own device (a CPU generator samples CUDA rows on CPU)."""
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+__all__ = ["CACHE_IMPLEMENTATIONS", "DocumentEngine", "DocumentRequest", "EngineSettings"]

@@ -1,0 +1,347 @@
+"""What both DreamLLM pipelines share: the dream-query conditioning of a prompt and the Stable Diffusion sampling loop.
+
+[`DreamLLMPipeline`] (documents) and [`DreamLLMText2ImagePipeline`] (text-to-image) draw their pictures with the same
+code, so a picture of a document equals the text-to-image drawing from the same conditioning and seed.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.hooks import CpuOffload
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """How a picture is drawn (the `__call__` arguments of the same names)."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    timesteps: list[int] | None
+    sigmas: list[float] | None
+    eta: float
+    callback_on_step_end: Callable | None
+    callback_on_step_end_tensor_inputs: list[str]
+
+
+def onload(module: torch.nn.Module) -> None:
+    """Moves a CPU-offloaded model to the execution device before calling a method that is not `forward`.
+
+    `enable_model_cpu_offload` hooks `forward` only; diffusers' `apply_forward_hook` does the same for `vae.decode`.
+    Only that offload hook is triggered: `device_map` hooks place their own inputs and need no help.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if isinstance(hook, CpuOffload):
+        hook.pre_forward(module)
+
+
+def is_conversation(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) > 0 and all(isinstance(m, dict) for m in item)
+
+
+class DreamLLMDiffusionMixin:
+    """Conditioning and sampling for pipelines holding `mllm`, `processor`, `unet`, `vae` and `scheduler`."""
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Properties (as in StableDiffusionPipeline)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def max_context_length(self) -> int:
+        """Positions the language model can attend over (`text_config.max_position_embeddings`)."""
+        return self.mllm.config.text_config.max_position_embeddings
+
+    def _vae_scale_factor(self) -> int:
+        vae = getattr(self, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    def _default_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        if getattr(self, "unet", None) is None:
+            return height, width
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        return height or size, width or size
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Prompts
+
+    def _as_prompt_list(self, prompt) -> list:
+        if isinstance(prompt, str) or is_conversation(prompt):
+            return [prompt]
+        if isinstance(prompt, (list, tuple)) and len(prompt) > 0:
+            return list(prompt)
+        raise ValueError(
+            f"`prompt` must be a string, a conversation (list of message dicts) or a non-empty list of those; "
+            f"got {type(prompt).__name__}."
+        )
+
+    def _per_prompt_images(self, images, batch_size: int) -> list[list] | None:
+        """`images` as one list per prompt: one prompt takes a picture or a flat list; a batch, one list per prompt."""
+        if images is None:
+            return None
+        if batch_size == 1 and not (
+            isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], (list, tuple))
+        ):
+            return [list(images) if isinstance(images, (list, tuple)) else [images]]
+        if not isinstance(images, (list, tuple)) or len(images) != batch_size:
+            raise ValueError(
+                f"With {batch_size} prompts, give `images` as {batch_size} lists (one per prompt, empty for a prompt "
+                "without `<image>`)."
+            )
+        return [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+
+    def _tokenize(self, texts: list[str], images: list[list] | None, device: torch.device):
+        """Left-padded ids (BOS + text, placeholders expanded), attention mask and CLIP pixel values (or None)."""
+        encoded = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        pixel_values = encoded.get("pixel_values")
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device), pixel_values
+
+    def _check_prompt_length(self, attention_mask: torch.Tensor, reserve: int, what: str) -> None:
+        longest = int(attention_mask.sum(-1).max())
+        if longest + reserve > self.max_context_length:
+            raise ValueError(
+                f"The prompt takes {longest} positions and {what} needs {reserve} more, but the model's context is "
+                f"{self.max_context_length} positions (`text_config.max_position_embeddings`). Shorten the prompt or "
+                "pass fewer images (each `<image>` takes "
+                f"{self.mllm.config.num_image_tokens + 2} positions)."
+            )
+
+    def _dream_embeddings(self, texts: list[str], images: list[list] | None, device) -> torch.Tensor:
+        """Dream embeddings after BOS + each text, all rows in one left-padded language-model pass (no logits)."""
+        input_ids, attention_mask, pixel_values = self._tokenize(texts, images, device)
+        self._check_prompt_length(attention_mask, self.mllm.config.num_dream_queries + 2, "the dream block")
+        onload(self.mllm)
+        return self.mllm.get_dream_embeddings(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+
+    def _check_negative_prompt(self, negative_prompt, count: int) -> None:
+        if negative_prompt is None:
+            return
+        if not isinstance(negative_prompt, str):
+            if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+                raise ValueError("`negative_prompt` must be a string or a list of strings.")
+            if len(negative_prompt) != count:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries for {count} prompts; give one "
+                    "per prompt, or a single string."
+                )
+        for text in [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt:
+            if "<image>" in text or "<dream>" in text:
+                raise ValueError("`negative_prompt` cannot hold `<image>` or `<dream>`: it takes no pictures.")
+
+    def _check_diffusion_inputs(self, height, width, num_inference_steps, timesteps, sigmas, tensor_inputs) -> None:
+        missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"Drawing pictures needs a unet, a vae and a scheduler, but this pipeline has no {', '.join(missing)}; "
+                "load them, or ask for text only (`allow_images=False`)."
+            )
+        if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
+            raise ValueError(
+                f"`height` and `width` must be divisible by the VAE factor {self.vae_scale_factor}, "
+                f"got {height}x{width}; round them to a multiple of {self.vae_scale_factor}."
+            )
+        if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if tensor_inputs is not None and not all(k in self._callback_tensor_inputs for k in tensor_inputs):
+            unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        images: Any = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        The UNet conditioning of the prompts, as the original's text-to-image path: BOS + caption (no chat template),
+        then the dream block; the normed hidden states at the query slots through the condition projector.
+
+        The unconditional rows are the negative prompts (or `""`, i.e. `<s>` alone) through the same path. Conditional
+        and unconditional rows go through the language model in one left-padded batch.
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`, each `[batch * num_images_per_prompt, Q, cross_attention_dim]`;
+            `negative_prompt_embeds` is `None` without guidance.
+        """
+        cond_texts = self._as_prompt_list(prompt) if prompt_embeds is None else []
+        batch_size = len(cond_texts) if prompt_embeds is None else prompt_embeds.shape[0]
+        cond_images = self._per_prompt_images(images, len(cond_texts)) if cond_texts else None
+
+        uncond_texts = []
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                uncond_texts = [""]  # one `<s>` row, shared by the whole batch
+            elif isinstance(negative_prompt, str):
+                uncond_texts = [negative_prompt]
+            else:
+                uncond_texts = list(negative_prompt)
+
+        if cond_texts or uncond_texts:
+            per_row_images = None if cond_images is None else [[] for _ in uncond_texts] + cond_images
+            embeds = self._dream_embeddings(uncond_texts + cond_texts, per_row_images, device)
+            if prompt_embeds is None:
+                prompt_embeds = embeds[len(uncond_texts) :]
+            if uncond_texts:
+                negative_prompt_embeds = embeds[: len(uncond_texts)]
+
+        dtype = self.unet.dtype if self.unet is not None else prompt_embeds.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            if negative_prompt_embeds.shape[0] == 1 and batch_size > 1:
+                negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Diffusion
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+        shape = (
+            batch_size,
+            num_channels_latents,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {batch_size} pictures; give one per "
+                "picture (batch size x num_images_per_prompt), or a single generator."
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` have shape {tuple(latents.shape)}, expected {shape}.")
+            latents = latents.to(device)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta):
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _denoise(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        latents: torch.Tensor,
+        diffusion: DiffusionSettings,
+        extra_step_kwargs: dict,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original)."""
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, diffusion.num_inference_steps, latents.device, diffusion.timesteps, diffusion.sigmas
+        )
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(
+                            noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
+                        )
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if diffusion.callback_on_step_end is not None:
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {k: tensors[k] for k in diffusion.callback_on_step_end_tensor_inputs}
+                    callback_outputs = diffusion.callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
+        return latents
+
+    def _draw_latents(
+        self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings, latents=None, on_step=None
+    ) -> torch.Tensor:
+        """Denoised latents for every row of `prompt_embeds`; the initial noise is the first draw from `generator`,
+        as in the original."""
+        latents = self.prepare_latents(
+            prompt_embeds.shape[0],
+            self.unet.config.in_channels,
+            diffusion.height,
+            diffusion.width,
+            prompt_embeds.dtype,
+            prompt_embeds.device,
+            generator,
+            latents,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, diffusion.eta)
+        return self._denoise(prompt_embeds, negative_prompt_embeds, latents, diffusion, extra_step_kwargs, on_step)
+
+    def _decode(self, latents: torch.Tensor, generator) -> torch.Tensor:
+        """Latents -> pictures in [-1, 1] (before `VaeImageProcessor.postprocess`)."""
+        latents = latents.to(self.vae.dtype)
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+
+    def _postprocess(self, image: torch.Tensor, output_type: str):
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+
+
+__all__ = ["DiffusionSettings", "DreamLLMDiffusionMixin", "OUTPUT_TYPES", "is_conversation", "onload"]

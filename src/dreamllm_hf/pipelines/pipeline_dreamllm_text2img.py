@@ -1,0 +1,242 @@
+"""DreamLLM text-to-image, shaped like `StableDiffusionPipeline`: the caption's dream queries condition the UNet."""
+
+from collections.abc import Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+
+from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
+from ..modeling.processing_dreamllm import DreamLLMProcessor
+from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
+
+        >>> pipe = DreamLLMText2ImagePipeline.from_pretrained("path/to/dreamllm-7b", dtype=torch.float16).to("cuda")
+        >>> image = pipe("a photo of a red bird sitting on a tree branch", guidance_scale=3.5).images[0]
+        >>> # or from a document pipeline, sharing its components: DreamLLMText2ImagePipeline.from_pipe(document_pipe)
+        ```
+"""
+
+
+class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
+    r"""
+    Text-to-image with DreamLLM, as the original's `stable_diffusion_pipeline`: BOS + caption (no chat template), then
+    the dream block; the query states through the condition projector are the UNet's `encoder_hidden_states`.
+    Classifier-free guidance runs against `<s>` alone (or the negative prompt) through the same path.
+
+    Loads from the same folder as [`DreamLLMPipeline`], or shares its components with `from_pipe`.
+
+    Args:
+        mllm ([`DreamLLMForConditionalGeneration`]): the language model with its vision tower and dream queries.
+        processor ([`DreamLLMProcessor`]): tokenizer and CLIP image processor (for `<image>` in a caption).
+        unet ([`UNet2DConditionModel`]): the denoiser.
+        vae ([`AutoencoderKL`]): decodes latents to pictures.
+        scheduler ([`SchedulerMixin`]): the original samples with `DDPMScheduler`; any diffusers scheduler works.
+    """
+
+    model_cpu_offload_seq = "mllm->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        mllm: DreamLLMForConditionalGeneration,
+        processor: DreamLLMProcessor,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler)
+        self.vae_scale_factor = self._vae_scale_factor()
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def check_inputs(
+        self,
+        prompt,
+        images,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        num_images_per_prompt,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}."
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`.")
+        if prompt is None and images is not None:
+            raise ValueError(
+                "`images` go with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
+                "pictures are already in the conditioning."
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt is not None and not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise ValueError(
+                "`prompt` must be a string or a list of strings (a caption: the original's text-to-image path "
+                "uses no chat template)."
+            )
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+            )
+        count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        self._check_negative_prompt(negative_prompt, count)
+        self._check_diffusion_inputs(
+            height, width, num_inference_steps, timesteps, sigmas, callback_on_step_end_tensor_inputs
+        )
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        images=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Draws pictures of captions.
+
+        Args:
+            prompt (`str` or `list[str]`): the caption(s), tokenized as BOS + caption with no chat template (as the
+                original). `<image>` marks where a picture of `images` goes.
+            images: pictures for the `<image>` placeholders: for one prompt one picture or a list; for several prompts
+                one list per prompt.
+            height, width (`int`, *optional*): picture size; defaults to `unet.config.sample_size * vae_scale_factor`.
+            num_inference_steps (`int`, defaults to 50), timesteps, sigmas: the denoising schedule.
+            guidance_scale (`float`, defaults to 7.5): classifier-free guidance; `<= 1` turns it off. The original's
+                scripts use 2.0 to 7.5 (3.5 for the aesthetic model).
+            guidance_rescale (`float`, defaults to 0.0): as in `StableDiffusionPipeline`.
+            negative_prompt (`str` or `list[str]`, *optional*): what the unconditional rows read instead of `""`.
+            num_images_per_prompt (`int`, defaults to 1): pictures per prompt.
+            eta (`float`): for DDIM-like schedulers; ignored by DDPM (as the original).
+            generator (`torch.Generator` or a list, one per picture): seeds the noise.
+            latents (`torch.Tensor`, *optional*): initial latents instead of drawing them.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): UNet `encoder_hidden_states`
+                `[batch, Q, cross_attention_dim]` (after the condition projector), instead of `prompt`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: called after each denoising step, as in
+                `StableDiffusionPipeline` (with `latents`, `prompt_embeds`, `negative_prompt_embeds`).
+
+        Examples:
+
+        Returns:
+            [`~diffusers.ImagePipelineOutput`] or `(images,)`: what `StableDiffusionPipeline` returns for the same
+            `output_type` (a list of PIL images, an `np.ndarray` `[B, H, W, 3]`, a `torch.Tensor` `[B, 3, H, W]`, or
+            the latents).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default height and width to the UNet's
+        height, width = self._default_size(height, width)
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            images,
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._interrupt = False
+        self._num_timesteps = 0
+
+        # 2. Define call parameters
+        device = self._execution_device
+
+        # 3. Encode the prompt (one batched language-model pass for the conditional and unconditional rows)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            images,
+            prompt_embeds,
+            negative_prompt_embeds,
+        )
+
+        # 4-6. Timesteps, latents, step kwargs and the denoising loop (the same as a document's pictures)
+        diffusion = DiffusionSettings(
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        latents = self._draw_latents(prompt_embeds, negative_prompt_embeds, generator, diffusion, latents)
+
+        # 7. Decode and postprocess
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self._postprocess(self._decode(latents, generator), output_type)
+
+        # Offload all models
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+__all__ = ["DreamLLMText2ImagePipeline"]
