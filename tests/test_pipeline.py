@@ -6,13 +6,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from dreamllm_hf import DreamLLMForConditionalGeneration
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMPipelineOutput, StopReason
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, StopReason
 
 FAST = dict(num_inference_steps=2, guidance_scale=3.5)
 
@@ -83,146 +83,6 @@ class CountTokens:
         return sum(length for _, length in self.calls)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Text-to-image
-
-
-def test_image_mode_returns_what_stable_diffusion_returns(shared_pipe):
-    np_out = shared_pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
-    assert isinstance(np_out.images, np.ndarray) and np_out.images.shape == (1, 16, 16, 3)
-    assert np_out.text is None and np_out.stop_reasons == [StopReason.IMAGE]
-    pil_out = shared_pipe("a red bird", generation_mode="image", generator=seeded(), **FAST)
-    assert isinstance(pil_out.images, list) and isinstance(pil_out.images[0], PIL.Image.Image)
-    assert np.array_equal(np.asarray(pil_out.images[0]), (np_out.images[0] * 255).round().astype(np.uint8))
-    pt_out = shared_pipe("a red bird", generation_mode="image", generator=seeded(), output_type="pt", **FAST)
-    assert pt_out.images.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(pt_out.images.permute(0, 2, 3, 1).numpy(), np_out.images)
-    latent_out = shared_pipe("a red bird", generation_mode="image", generator=seeded(), output_type="latent", **FAST)
-    assert latent_out.images.shape == (1, 4, 8, 8)
-
-
-def test_same_seed_same_bytes(shared_pipe):
-    first = shared_pipe("a red bird", generation_mode="image", generator=seeded(3), **FAST).images[0]
-    second = shared_pipe("a red bird", generation_mode="image", generator=seeded(3), **FAST).images[0]
-    other = shared_pipe("a red bird", generation_mode="image", generator=seeded(4), **FAST).images[0]
-    assert first.tobytes() == second.tobytes()
-    assert first.tobytes() != other.tobytes()
-
-
-def test_dict_output_equals_tuple_output(shared_pipe):
-    as_dict = shared_pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
-    as_tuple = shared_pipe(
-        "a red bird", generation_mode="image", generator=seeded(), output_type="np", return_dict=False, **FAST
-    )
-    assert isinstance(as_dict, DreamLLMPipelineOutput) and isinstance(as_tuple, tuple)
-    assert len(as_tuple) == 3  # images, documents, stop_reasons (text is None in image mode)
-    np.testing.assert_array_equal(as_tuple[0], as_dict.images)
-    assert as_tuple[2] == as_dict.stop_reasons
-    text_dict = shared_pipe("Hello", generation_mode="text", max_new_tokens=4)
-    text_tuple = shared_pipe("Hello", generation_mode="text", max_new_tokens=4, return_dict=False)
-    assert text_tuple == text_dict.to_tuple() and text_tuple[1] == text_dict.text
-
-
-def test_batch_of_different_lengths_equals_one_by_one(shared_pipe):
-    prompts = ["a red bird", "a small blue house on a green hill next to the sea"]
-    batch = shared_pipe(
-        prompts, generation_mode="image", generator=[seeded(1), seeded(2)], output_type="np", **FAST
-    ).images
-    for index, prompt in enumerate(prompts):
-        single = shared_pipe(prompt, generation_mode="image", generator=seeded(index + 1), output_type="np", **FAST)
-        np.testing.assert_allclose(batch[index], single.images[0], atol=1e-5)
-    with_negative = shared_pipe(
-        prompts,
-        negative_prompt=["blurry", "dark and noisy"],
-        generation_mode="image",
-        generator=[seeded(1), seeded(2)],
-        output_type="latent",
-        **FAST,
-    ).images
-    for index, prompt in enumerate(prompts):
-        single = shared_pipe(
-            prompt,
-            negative_prompt=["blurry", "dark and noisy"][index],
-            generation_mode="image",
-            generator=seeded(index + 1),
-            output_type="latent",
-            **FAST,
-        )
-        torch.testing.assert_close(with_negative[index], single.images[0], atol=1e-5, rtol=0)
-
-
-def test_cond_and_uncond_go_through_the_language_model_in_one_pass(pipe):
-    counter = CountTokens(pipe.mllm)
-    pipe(["a red bird", "a cat"], generation_mode="image", output_type="latent", **FAST)
-    assert len(counter.calls) == 1 and counter.calls[0][0] == 3  # one `<s>` row + two prompts
-
-
-def test_guidance_at_most_one_disables_the_unconditional(pipe):
-    counter = CountTokens(pipe.mllm)
-    unet_batches = []
-    pipe.unet.register_forward_hook(lambda module, args, output: unet_batches.append(args[0].shape[0]))
-    pipe("a red bird", generation_mode="image", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
-    assert unet_batches == [1, 1] and counter.calls[0][0] == 1
-    unet_batches.clear()
-    pipe("a red bird", generation_mode="image", num_inference_steps=2, guidance_scale=2.0, output_type="latent")
-    assert unet_batches == [2, 2]
-
-
-def test_num_images_per_prompt(shared_pipe):
-    out = shared_pipe(
-        ["a red bird", "a cat"],
-        generation_mode="image",
-        num_images_per_prompt=3,
-        generator=seeded(),
-        output_type="np",
-        **FAST,
-    )
-    assert out.images.shape == (6, 16, 16, 3) and len(out.documents) == 6
-    assert not np.allclose(out.images[0], out.images[1])  # different noise for each picture
-    with pytest.raises(ValueError, match="generators"):
-        shared_pipe("a red bird", generation_mode="image", num_images_per_prompt=2, generator=[seeded()], **FAST)
-
-
-def test_callback_can_change_latents(shared_pipe):
-    seen = []
-
-    def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
-        seen.append((step, int(timestep), set(callback_kwargs)))
-        if step == pipeline.num_timesteps - 1:
-            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
-        return {}
-
-    out = shared_pipe(
-        "a red bird",
-        generation_mode="image",
-        output_type="latent",
-        callback_on_step_end=zero_at_last_step,
-        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-        **FAST,
-    )
-    assert torch.count_nonzero(out.images) == 0
-    assert [s for s, _, _ in seen] == [0, 1] and seen[0][2] == {"latents", "prompt_embeds"}
-
-
-def test_other_schedulers_are_accepted(pipe):
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    out = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
-    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
-
-
-def test_prompt_with_a_picture_conditions_the_drawing(shared_pipe):
-    plain = shared_pipe("a bird", generation_mode="image", output_type="latent", generator=seeded(), **FAST).images
-    with_picture = shared_pipe(
-        "a bird like <image>",
-        images=[picture()],
-        generation_mode="image",
-        output_type="latent",
-        generator=seeded(),
-        **FAST,
-    ).images
-    assert with_picture.shape == plain.shape and not torch.allclose(with_picture, plain)
-
-
 def test_save_load_round_trip(shared_pipe, tmp_path):
     shared_pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -231,11 +91,14 @@ def test_save_load_round_trip(shared_pipe, tmp_path):
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     loaded = DreamLLMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    for pipeline in (shared_pipe, loaded):
-        pipeline.result = pipeline("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
-    np.testing.assert_array_equal(loaded.result.images, shared_pipe.result.images)
+    documents = [
+        p("Tell a story", generation_kwargs=scripted([5, 1003, 2]), generator=seeded(), output_type="np", **FAST)
+        for p in (shared_pipe, loaded)
+    ]
+    assert documents[0].text == documents[1].text
+    np.testing.assert_array_equal(documents[0].images[0][0], documents[1].images[0][0])
     answers = [
-        p("Hello <image>", images=picture(), generation_mode="text", max_new_tokens=5).text
+        p("Hello <image>", images=picture(), allow_images=False, max_new_tokens=5).text
         for p in (shared_pipe, loaded)
     ]
     assert answers[0] == answers[1]
@@ -247,18 +110,18 @@ def test_text_only_pipeline_saves_and_loads_without_diffusion_parts(shared_pipe,
     loaded = DreamLLMPipeline.from_pretrained(tmp_path)
     assert loaded.unet is None and loaded.vae is None
     assert (
-        loaded("Hello", generation_mode="text", max_new_tokens=3).text
-        == shared_pipe("Hello", generation_mode="text", max_new_tokens=3).text
+        loaded("Hello", allow_images=False, max_new_tokens=3).text
+        == shared_pipe("Hello", allow_images=False, max_new_tokens=3).text
     )
-    with pytest.raises(ValueError, match="no unet, vae, scheduler"):
-        loaded("a red bird", generation_mode="image")
+    with pytest.raises(ValueError, match="no unet, vae, scheduler.*allow_images=False"):
+        loaded("Tell a story")
 
 
 def test_model_cpu_offload_runs_on_cpu(pipe):
-    reference = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
+    reference = t2i("a red bird", generator=seeded(), output_type="np", **FAST).images
     story = pipe(
         "Tell a story",
-        generation_mode="interleaved",
         generation_kwargs=scripted([5, 7, 1003, 9, 2]),
         generator=seeded(),
         output_type="np",
@@ -269,11 +132,11 @@ def test_model_cpu_offload_runs_on_cpu(pipe):
             pipe.enable_model_cpu_offload()
     pipe.enable_model_cpu_offload(device="cpu")
     assert pipe._execution_device.type == "cpu" and pipe._all_hooks  # offload hooks are in place
-    offloaded = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    t2i.enable_model_cpu_offload(device="cpu")
+    offloaded = t2i("a red bird", generator=seeded(), output_type="np", **FAST).images
     np.testing.assert_array_equal(offloaded, reference)
     again = pipe(
         "Tell a story",
-        generation_mode="interleaved",
         generation_kwargs=scripted([5, 7, 1003, 9, 2]),
         generator=seeded(),
         output_type="np",
@@ -290,7 +153,7 @@ def test_model_cpu_offload_runs_on_cpu(pipe):
 def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
     mllm, processor = shared_pipe.mllm, shared_pipe.processor
     image = picture()
-    out = shared_pipe("<image>What is in the picture?", images=image, generation_mode="text", max_new_tokens=6)
+    out = shared_pipe("<image>What is in the picture?", images=image, allow_images=False, max_new_tokens=6)
     chat = processor.apply_chat_template(
         [{"role": "user", "content": "<image>What is in the picture?"}], add_generation_prompt=True, tokenize=False
     )
@@ -301,11 +164,11 @@ def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
     assert out.text == [expected] and out.documents == [[expected]] and out.images == [[]]
     assert out.stop_reasons == [StopReason.MAX_NEW_TOKENS]
     # A formatted prompt is used as it is; a conversation goes through the template.
-    verbatim = shared_pipe(chat, images=image, generation_mode="text", max_new_tokens=6, use_chat_template=False)
+    verbatim = shared_pipe(chat, images=image, allow_images=False, max_new_tokens=6, use_chat_template=False)
     conversation = shared_pipe(
         [{"role": "user", "content": "<image>What is in the picture?"}],
         images=image,
-        generation_mode="text",
+        allow_images=False,
         max_new_tokens=6,
     )
     assert verbatim.text == conversation.text == out.text
@@ -314,11 +177,11 @@ def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
 def test_text_mode_batch_equals_one_by_one_and_stops_at_eos(shared_pipe):
     prompts = ["Hi", "Describe <image> and <image> in detail please"]
     images = [[], [picture(1), picture(2)]]
-    batch = shared_pipe(prompts, images=images, generation_mode="text", max_new_tokens=5)
+    batch = shared_pipe(prompts, images=images, allow_images=False, max_new_tokens=5)
     for index, prompt in enumerate(prompts):
-        single = shared_pipe(prompt, images=images[index], generation_mode="text", max_new_tokens=5)
+        single = shared_pipe(prompt, images=images[index], allow_images=False, max_new_tokens=5)
         assert single.text[0] == batch.text[index]
-    eos = shared_pipe("Hi", generation_mode="text", max_new_tokens=5, generation_kwargs=scripted([5, 2]))
+    eos = shared_pipe("Hi", allow_images=False, max_new_tokens=5, generation_kwargs=scripted([5, 2]))
     assert eos.stop_reasons == [StopReason.EOS]
     assert eos.text == [shared_pipe.tokenizer.decode([5])]
 
@@ -335,7 +198,7 @@ def test_text_streamer_receives_the_tokens(shared_pipe):
             self.ended += 1
 
     streamer = Collect()
-    shared_pipe("Hi", generation_mode="text", max_new_tokens=3, streamer=streamer)
+    shared_pipe("Hi", allow_images=False, max_new_tokens=3, streamer=streamer)
     assert len(streamer.tokens) == 1 + 3 and streamer.ended == 1  # the prompt, then each new token
 
 
@@ -401,10 +264,9 @@ def test_interleaved_picture_is_reproducible_and_matches_the_image_path(pipe):
     with torch.no_grad():
         cond = pipe.mllm.get_dream_embeddings(context)
         uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[config.bos_token_id]]))
-    direct = pipe(
+    direct = DreamLLMText2ImagePipeline.from_pipe(pipe)(
         prompt_embeds=cond,
         negative_prompt_embeds=uncond,
-        generation_mode="image",
         generator=seeded(5),
         output_type="np",
         **FAST,
@@ -498,32 +360,35 @@ def test_rendering_to_html_and_markdown(pipe, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="<image> and <image>", images=[picture()], generation_mode="text"), "2 `<image>`"),
-        (dict(prompt="Hi", images=[picture()], generation_mode="text"), "0 `<image>`"),
-        (dict(prompt="Hi <image>", images=[{"not": "an image"}], generation_mode="text"), "Unsupported image type"),
-        (dict(prompt="Hi <image>", images=[42], generation_mode="text"), "Unsupported image type"),
-        (dict(prompt="a bird", generation_mode="image", height=15), "divisible by the VAE factor 2"),
-        (dict(prompt="a bird", generation_mode="image", width=17), "divisible by the VAE factor 2"),
-        (dict(prompt="a bird", generation_mode="image", num_inference_steps=0), "positive integer"),
-        (dict(prompt="a bird", generation_mode="image", num_inference_steps=-3), "positive integer"),
+        (dict(prompt="<image> and <image>", images=[picture()], allow_images=False), "2 `<image>`"),
+        (dict(prompt="Hi", images=[picture()], allow_images=False), "0 `<image>`"),
+        (dict(prompt="Hi <image>", images=[{"not": "an image"}], allow_images=False), "Unsupported image type"),
+        (dict(prompt="Hi <image>", images=[42], allow_images=False), "Unsupported image type"),
+        (dict(prompt="a bird", height=15), "divisible by the VAE factor 2"),
+        (dict(prompt="a bird", num_inference_steps=0), "positive integer"),
         (dict(prompt="a bird", generation_mode="video"), "Unknown generation_mode 'video'"),
-        (dict(prompt="a bird", generation_mode="image", output_type="jpeg"), "Unknown output_type"),
-        (dict(prompt="a bird", output_type="latent"), "interleaved"),
-        (dict(prompt="a bird", generation_mode="text", max_new_tokens=0), "max_new_tokens"),
+        (dict(prompt="a bird", output_type="latent"), "decoded to be read back"),
+        (dict(prompt="a bird", output_type="jpeg"), "Unknown output_type"),
+        (dict(prompt="a bird", allow_images=False, max_new_tokens=0), "max_new_tokens"),
         (dict(prompt="a bird", max_images=-1), "max_images"),
-        (dict(prompt="a bird", latents=torch.zeros(1, 4, 8, 8)), "generation_mode='image' only"),
-        (dict(prompt=["a", "b"], negative_prompt=["x"], generation_mode="image"), "one per prompt"),
-        (dict(prompt="a", negative_prompt="<image>", generation_mode="image"), "takes no pictures"),
-        (dict(prompt="a bird", generation_mode="image", callback_on_step_end_tensor_inputs=["noise"]), "noise"),
+        (dict(prompt="a bird", latents=torch.zeros(1, 4, 8, 8)), "DreamLLMText2ImagePipeline"),
+        (dict(prompt="a bird", prompt_embeds=torch.zeros(1, 4, 16)), "DreamLLMText2ImagePipeline"),
+        (dict(prompt=["a", "b"], negative_prompt=["x"]), "one per prompt"),
+        (dict(prompt="a", negative_prompt="<image>"), "takes no pictures"),
+        (dict(prompt="a bird", callback_on_step_end_tensor_inputs=["noise"]), "noise"),
         (dict(prompt="a bird", generation_kwargs={"max_new_tokens": 3}), "may not set"),
-        (dict(prompt=42, generation_mode="text"), "`prompt` must be"),
-        (dict(prompt=None, generation_mode="image"), "Pass `prompt` or `prompt_embeds`"),
-        (
-            dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 16), images=[picture()], generation_mode="image"),
-            "`images` go with",
-        ),
-        (dict(prompt=["a <image>", "b"], images=[picture()], generation_mode="text"), "give `images` as 2 lists"),
-        (dict(prompt="a", generation_mode="image", latents=torch.zeros(1, 4, 4, 4)), "expected"),
+        (dict(prompt="a bird", generation_kwargs={"num_beams": 2}), "num_beams"),
+        (dict(prompt="a bird", generation_kwargs={"no_such_option": 2}), "no_such_option"),
+        (dict(prompt="a bird", cache_implementation="paged"), "cache_implementation"),
+        (dict(prompt=42, allow_images=False), "`prompt` must be"),
+        (dict(prompt=None), "Pass a `prompt`"),
+        (dict(prompt=["a", 42]), "Do not mix"),
+        (dict(prompt=["a", "b"], generator=[seeded()]), "1 generators for 2 documents"),
+        (dict(prompt="a", num_images_per_prompt=2, generator=[seeded()] * 3), "3 generators for 2 documents"),
+        (dict(prompt="a", generator=[0]), "list of them"),
+        (dict(prompt="a", generator=7), "torch.Generator"),
+        (dict(prompt=["a", "b"], streamer=object()), "A `streamer` follows one document"),
+        (dict(prompt=["a <image>", "b"], images=[picture()], allow_images=False), "give `images` as 2 lists"),
     ],
 )
 def test_bad_inputs_are_value_errors_that_say_what_to_change(shared_pipe, kwargs, message):
@@ -531,8 +396,8 @@ def test_bad_inputs_are_value_errors_that_say_what_to_change(shared_pipe, kwargs
         shared_pipe(**kwargs, **{k: v for k, v in FAST.items() if k not in kwargs})
 
 
-@pytest.mark.parametrize("mode", ["image", "text", "interleaved"])
-def test_prompt_longer_than_the_context(pipe, mode):
+@pytest.mark.parametrize("allow_images", [True, False])
+def test_prompt_longer_than_the_context(pipe, allow_images):
     pipe.mllm.config.text_config.max_position_embeddings = 40
     with pytest.raises(ValueError, match="context is 40 positions"):
-        pipe("word " * 60, generation_mode=mode, **FAST)
+        pipe("word " * 60, allow_images=allow_images, **FAST)

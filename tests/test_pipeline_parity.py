@@ -1,4 +1,4 @@
-"""DreamLLMPipeline on the converted fixture checkpoint against the ORIGINAL code's text-to-image goldens (fp32, CPU).
+"""DreamLLMText2ImagePipeline on the converted fixture checkpoint against the ORIGINAL code's text-to-image goldens (fp32, CPU).
 
 Prompt, sizes, seeds and guidance are read from goldens.json (README §3 conditioning, §4 diffusion).
 """
@@ -11,7 +11,7 @@ from diffusers.schedulers import scheduling_ddpm
 
 from dreamllm_hf import DreamLLMForConditionalGeneration
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
-from dreamllm_hf.pipelines import DreamLLMPipeline
+from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
 
 ATOL = 1e-4  # the fixtures README: fp32 reduction-order noise is ~1e-5 on latents; never loosen
 
@@ -25,7 +25,7 @@ def assert_close(actual, expected, atol=ATOL):
 
 @pytest.fixture(scope="module")
 def pipe(converted_tiny):
-    pipe = DreamLLMPipeline(
+    pipe = DreamLLMText2ImagePipeline(
         mllm=DreamLLMForConditionalGeneration.from_pretrained(converted_tiny / "mllm", dtype=torch.float32).eval(),
         processor=DreamLLMProcessor.from_pretrained(converted_tiny / "processor"),
         unet=UNet2DConditionModel.from_pretrained(converted_tiny / "unet", torch_dtype=torch.float32),
@@ -85,7 +85,6 @@ def test_conditioning(pipe, goldens, goldens_json):
 def test_text_to_image_goldens(pipe, goldens, goldens_json, diffusion, steps, output_type):
     out = pipe(
         goldens_json["creation"]["prompt"],
-        generation_mode="image",
         num_inference_steps=steps,
         guidance_scale=diffusion["guidance_scale"],
         height=diffusion["height"],
@@ -123,8 +122,7 @@ def test_explicit_latents_step_by_step(pipe, goldens, diffusion, goldens_json, m
     def call(**kwargs):
         return pipe(
             goldens_json["creation"]["prompt"],
-            generation_mode="image",
-            num_inference_steps=len(explicit["unet_timesteps"]),
+                num_inference_steps=len(explicit["unet_timesteps"]),
             guidance_scale=diffusion["guidance_scale"],
             latents=goldens["explicit_initial_latents"].clone(),
             generator=torch.Generator("cpu").manual_seed(explicit["step_generator_seed"]),
@@ -156,7 +154,6 @@ def test_prompt_embeds_reproduce_the_goldens(pipe, goldens, diffusion):
     out = pipe(
         prompt_embeds=goldens["cond_encoder_hidden_states"],
         negative_prompt_embeds=goldens["cond_negative_encoder_hidden_states"],
-        generation_mode="image",
         num_inference_steps=2,
         guidance_scale=diffusion["guidance_scale"],
         generator=torch.Generator("cpu").manual_seed(diffusion["generator_seed"]),

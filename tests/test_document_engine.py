@@ -1,0 +1,272 @@
+"""The document engine: many documents written together equal each written alone; events; static and dynamic caches.
+
+The tiny converted checkpoint has random weights, so what the documents say is steered by logits processors that decide
+from each row's own tokens only (never from the batch), as any per-row processor of `generate` does.
+"""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from dreamllm_hf.pipelines import DocumentEvent, DreamLLMPipeline, StopReason
+from test_pipeline import FAST, load_pipeline, picture, seeded
+
+EOS, DREAM_END, DREAM_START = 2, 1002, 1003
+
+PROMPTS = [
+    "Tell a story",
+    "Describe <image> in a few words please",
+    "Write about the sea and the wind and the long road home",
+    "Hi",
+]
+IMAGES = [[], [picture(7)], [], []]
+
+
+@pytest.fixture(scope="module")
+def pipe(converted_tiny) -> DreamLLMPipeline:
+    return load_pipeline(converted_tiny)
+
+
+def prompt_tokens(pipe, prompt, images):
+    chat = pipe.format_chat_prompt(prompt)
+    return set(pipe.processor(text=chat, images=images or None)["input_ids"][0])
+
+
+class Scripts(LogitsProcessor):
+    """Row by row: the script of the prompt whose tag token the row holds, at the step given by the script tokens and
+    pictures (`<dream_end>`) already in the row; the last entry repeats."""
+
+    def __init__(self, scripts: dict[int, list[int]]):
+        self.scripts = scripts
+        self.vocabulary = torch.tensor(sorted({t for s in scripts.values() for t in s if t not in (EOS, DREAM_START)}))
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -float("inf"))
+        for row, ids in enumerate(input_ids):
+            tag = next(t for t in self.scripts if (ids == t).any())
+            step = int(torch.isin(ids, self.vocabulary).sum() + (ids == DREAM_END).sum())
+            script = self.scripts[tag]
+            forced[row, script[min(step, len(script) - 1)]] = 0
+        return forced
+
+
+class SmallVocabulary(LogitsProcessor):
+    """Sampling among a few text tokens, `<dream_start>` and `</s>` (stateless), so that sampled documents draw."""
+
+    def __init__(self, tokens):
+        self.allowed = torch.tensor(list(tokens) + [DREAM_START, EOS])
+
+    def __call__(self, input_ids, scores):
+        kept = torch.full_like(scores, -float("inf"))
+        kept[:, self.allowed] = scores[:, self.allowed]
+        return kept
+
+
+@pytest.fixture(scope="module")
+def scripts(pipe):
+    """Per prompt a tag (a token only its prompt holds) and a script: text and pictures in different places."""
+    tokens = [prompt_tokens(pipe, p, i) for p, i in zip(PROMPTS, IMAGES)]
+    every = set().union(*tokens)
+    free = [t for t in range(10, 999) if t not in every]
+    tags = [next(iter(sorted(t - set().union(*(o for o in tokens if o is not t))))) for t in tokens]
+    a, b, c, d, e = free[:5]
+    plans = [
+        [a, b, DREAM_START, c, EOS],  # text, picture, text
+        [a, DREAM_START, DREAM_START, b, c, d, EOS],  # two pictures in a row
+        [b, c, d, e, a, b, c, d, e, EOS],  # text only, longer
+        [EOS],  # nothing at all
+    ]
+    return {tag: plan for tag, plan in zip(tags, plans)}, free[:5]
+
+
+def scripted(scripts):
+    return {"logits_processor": LogitsProcessorList([Scripts(scripts)])}
+
+
+def assert_same_document(batch, index, single):
+    """Identical text and stop reason; pictures within fp32 rounding (1e-5 on [0, 1] pixels).
+
+    A picture is read back as the 8-bit image it is saved as. When rounding puts an earlier picture's pixel on the other
+    side of an 8-bit step (a float difference of ~1e-6), CLIP reads one pixel differently, and the later pictures of
+    that document then differ a little more: that case is checked as such (one level, few pixels; 1e-4 after)."""
+    assert batch.text[index] == single.text[0]
+    assert batch.stop_reasons[index] == single.stop_reasons[0]
+    assert len(batch.documents[index]) == len(single.documents[0])
+    read_back_differs = False
+    for ours, alone in zip(batch.documents[index], single.documents[0]):
+        if isinstance(alone, str):
+            assert ours == alone
+            continue
+        np.testing.assert_allclose(ours, alone, atol=1e-4 if read_back_differs else 1e-5)
+        levels = np.abs((ours * 255).round() - (alone * 255).round())
+        assert levels.max() <= 1 and (levels > 0).mean() < 0.01
+        read_back_differs = read_back_differs or bool(levels.any())
+
+
+def test_batch_equals_single_greedy_with_mixed_documents(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), output_type="np", max_new_tokens=12, **FAST)
+    batch = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    assert [len(images) for images in batch.images] == [1, 2, 0, 0]
+    assert batch.stop_reasons == [StopReason.EOS] * 4
+    assert batch.documents[3] == []
+    for index, prompt in enumerate(PROMPTS):
+        single = pipe(prompt, images=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
+        assert_same_document(batch, index, single)
+    # The pictures follow their own generators: a different seed for one document changes only that document.
+    other = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in (0, 9, 2, 3)], **kwargs)
+    np.testing.assert_array_equal(other.images[0][0], batch.images[0][0])
+    assert not np.allclose(other.images[1][0], batch.images[1][0])
+
+
+def test_batch_equals_single_sampled_with_one_generator_per_document(pipe, scripts):
+    _, free = scripts
+    kwargs = dict(
+        generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])},
+        do_sample=True,
+        max_new_tokens=10,
+        max_images=2,
+        output_type="np",
+        **FAST,
+    )
+    prompts = PROMPTS * 2
+    generators = [seeded(100 + i) for i in range(8)]
+    batch = pipe(prompts, images=IMAGES * 2, generator=generators, **kwargs)
+    pictures = [len(images) for images in batch.images]
+    assert max(pictures) > 0 and min(pictures) == 0  # a mix: the sampling decides, per document
+    assert len({len(t) for t in batch.text}) > 1
+    for index, prompt in enumerate(prompts):
+        single = pipe(prompt, images=(IMAGES * 2)[index] or None, generator=[seeded(100 + index)], **kwargs)
+        assert_same_document(batch, index, single)
+    # Text sampling draws from the document's generator, not the global RNG.
+    torch.manual_seed(12345)
+    again = pipe(prompts[:2], images=IMAGES[:2], generator=[seeded(100), seeded(101)], **kwargs)
+    assert again.text == batch.text[:2]
+
+
+def test_num_images_per_prompt_gives_independent_documents(pipe, scripts):
+    _, free = scripts
+    out = pipe(
+        "Tell a story",
+        num_images_per_prompt=3,
+        generator=[seeded(i) for i in range(3)],
+        generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])},
+        do_sample=True,
+        max_new_tokens=8,
+        **FAST,
+    )
+    assert len(out.documents) == 3 and len(set(out.text)) > 1
+
+
+def test_stream_events_tell_the_output(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, **FAST)
+    events = list(pipe.stream(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs))
+    assert all(isinstance(e, DocumentEvent) for e in events)
+    assert events[-1].type == "end" and [e.type for e in events].count("end") == 1
+    output = events[-1].output
+    called = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    assert output.text == called.text and output.stop_reasons == called.stop_reasons
+    for document in range(len(PROMPTS)):
+        mine = [e for e in events if e.document == document]
+        assert "".join(e.text for e in mine if e.type == "text") == output.text[document]
+        starts = [e.index for e in mine if e.type == "picture_start"]
+        drawn = [e for e in mine if e.type == "picture"]
+        assert starts == [e.index for e in drawn] == list(range(len(output.images[document])))
+        for event in drawn:
+            assert event.image is output.images[document][event.index]
+            assert [e.type for e in mine].index("picture_start") < [e.type for e in mine].index("picture")
+        ends = [e for e in mine if e.type == "document_end"]
+        assert len(ends) == 1 and mine[-1] is ends[0]
+        assert ends[0].stop_reason == output.stop_reasons[document]
+        assert ends[0].output.text == [output.text[document]]
+    # Documents are streamed as they are written: the text-only document ends before the picture documents do.
+    order = [e.document for e in events if e.type == "document_end"]
+    assert order.index(3) < order.index(0) and order.index(3) < order.index(1)
+
+
+def test_stream_of_one_prompt_and_text_pieces(pipe, scripts):
+    plans, free = scripts
+    events = list(pipe.stream("Tell a story", generation_kwargs=scripted(plans), generator=seeded(), **FAST))
+    texts = [e for e in events if e.type == "text"]
+    assert len(texts) >= 2 and all(e.document == 0 for e in events[:-1])
+    assert isinstance([e for e in events if e.type == "picture"][0].image, PIL.Image.Image)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_static_cache_gives_the_dynamic_cache_tokens(pipe, scripts, sampled):
+    plans, free = scripts
+    if sampled:
+        options = dict(
+            do_sample=True, generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])}
+        )
+    else:
+        options = dict(generation_kwargs=scripted(plans))
+    kwargs = dict(max_new_tokens=10, max_images=2, output_type="np", **options, **FAST)
+    dynamic = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    static = pipe(
+        PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs
+    )
+    assert static.text == dynamic.text and static.stop_reasons == dynamic.stop_reasons
+    for ours, theirs in zip(static.images, dynamic.images):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class Widths:
+    """Batch size and key/value length of every decode step (one new position) of the language model."""
+
+    def __init__(self, mllm):
+        self.steps = []
+        self.handle = mllm.model.language_model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        if kwargs["inputs_embeds"].shape[1] == 1:
+            self.steps.append(tuple(kwargs["attention_mask"].shape))
+
+
+def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_static_one(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, **FAST)
+    widths = Widths(pipe.mllm)
+    out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    widths.handle.remove()
+    batches = [rows for rows, _ in widths.steps]
+    assert batches[0] == 3 and batches[-1] == 1 and batches == sorted(batches, reverse=True)  # "Hi" ends at once
+    # The cache is never longer than the longest document: pictures leave no padding blocks in the other rows.
+    config = pipe.mllm.config
+    block = config.num_dream_queries + 2 + config.num_image_tokens + 2
+    streams = []
+    for prompt, images, plan in zip(PROMPTS, IMAGES, plans.values()):
+        prompt_length = pipe._tokenize([pipe.format_chat_prompt(prompt)], [images] if images else None, "cpu")[0]
+        used = plan[: plan.index(EOS)]
+        streams.append(prompt_length.shape[1] + sum(block if t == DREAM_START else 1 for t in used))
+    assert max(width for _, width in widths.steps) == max(streams)
+    del out
+
+    widths = Widths(pipe.mllm)
+    pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs)
+    widths.handle.remove()
+    assert {shape for shape in widths.steps} == {widths.steps[0]} and widths.steps[0][0] == 4
+
+
+def test_legacy_streamer_follows_one_document(pipe, scripts):
+    plans, _ = scripts
+
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], 0
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended += 1
+
+    streamer = Collect()
+    out = pipe("Tell a story", generation_kwargs=scripted(plans), streamer=streamer, generator=seeded(), **FAST)
+    assert streamer.ended == 1 and len(streamer.puts) == 1 + 5  # the prompt, then a, b, <dream_start>, c, </s>
+    assert len(out.images[0]) == 1

@@ -1,0 +1,211 @@
+"""DreamLLMText2ImagePipeline on the tiny converted checkpoint (random weights, 16x16 pictures, 2 steps): shaped like
+StableDiffusionPipeline; the golden parity is in test_pipeline_parity.py."""
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, ImagePipelineOutput
+
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMPipelineOutput, DreamLLMText2ImagePipeline, StopReason
+from test_pipeline import FAST, CountTokens, load_pipeline, picture, seeded
+
+
+@pytest.fixture
+def t2i(converted_tiny):
+    """A fresh pipeline per test: several tests change its config or hooks."""
+    return DreamLLMText2ImagePipeline.from_pipe(load_pipeline(converted_tiny))
+
+
+@pytest.fixture(scope="module")
+def shared_t2i(converted_tiny):
+    return DreamLLMText2ImagePipeline.from_pipe(load_pipeline(converted_tiny))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text-to-image
+
+
+def test_image_mode_returns_what_stable_diffusion_returns(shared_t2i):
+    np_out = shared_t2i("a red bird", generator=seeded(), output_type="np", **FAST)
+    assert isinstance(np_out, ImagePipelineOutput) and set(np_out.keys()) == {"images"}
+    assert isinstance(np_out.images, np.ndarray) and np_out.images.shape == (1, 16, 16, 3)
+    pil_out = shared_t2i("a red bird", generator=seeded(), **FAST)
+    assert isinstance(pil_out.images, list) and isinstance(pil_out.images[0], PIL.Image.Image)
+    assert np.array_equal(np.asarray(pil_out.images[0]), (np_out.images[0] * 255).round().astype(np.uint8))
+    pt_out = shared_t2i("a red bird", generator=seeded(), output_type="pt", **FAST)
+    assert pt_out.images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(pt_out.images.permute(0, 2, 3, 1).numpy(), np_out.images)
+    latent_out = shared_t2i("a red bird", generator=seeded(), output_type="latent", **FAST)
+    assert latent_out.images.shape == (1, 4, 8, 8)
+
+
+def test_same_seed_same_bytes(shared_t2i):
+    first = shared_t2i("a red bird", generator=seeded(3), **FAST).images[0]
+    second = shared_t2i("a red bird", generator=seeded(3), **FAST).images[0]
+    other = shared_t2i("a red bird", generator=seeded(4), **FAST).images[0]
+    assert first.tobytes() == second.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_dict_output_equals_tuple_output(shared_t2i):
+    as_dict = shared_t2i("a red bird", generator=seeded(), output_type="np", **FAST)
+    as_tuple = shared_t2i("a red bird", generator=seeded(), output_type="np", return_dict=False, **FAST)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1  # (images,), as Stable Diffusion without a checker
+    np.testing.assert_array_equal(as_tuple[0], as_dict.images)
+
+
+def test_batch_of_different_lengths_equals_one_by_one(shared_t2i):
+    prompts = ["a red bird", "a small blue house on a green hill next to the sea"]
+    batch = shared_t2i(
+        prompts, generator=[seeded(1), seeded(2)], output_type="np", **FAST
+    ).images
+    for index, prompt in enumerate(prompts):
+        single = shared_t2i(prompt, generator=seeded(index + 1), output_type="np", **FAST)
+        np.testing.assert_allclose(batch[index], single.images[0], atol=1e-5)
+    with_negative = shared_t2i(
+        prompts,
+        negative_prompt=["blurry", "dark and noisy"],
+        generator=[seeded(1), seeded(2)],
+        output_type="latent",
+        **FAST,
+    ).images
+    for index, prompt in enumerate(prompts):
+        single = shared_t2i(
+            prompt,
+            negative_prompt=["blurry", "dark and noisy"][index],
+                generator=seeded(index + 1),
+            output_type="latent",
+            **FAST,
+        )
+        torch.testing.assert_close(with_negative[index], single.images[0], atol=1e-5, rtol=0)
+
+
+def test_cond_and_uncond_go_through_the_language_model_in_one_pass(t2i):
+    counter = CountTokens(t2i.mllm)
+    t2i(["a red bird", "a cat"], output_type="latent", **FAST)
+    assert len(counter.calls) == 1 and counter.calls[0][0] == 3  # one `<s>` row + two prompts
+
+
+def test_guidance_at_most_one_disables_the_unconditional(t2i):
+    counter = CountTokens(t2i.mllm)
+    unet_batches = []
+    t2i.unet.register_forward_hook(lambda module, args, output: unet_batches.append(args[0].shape[0]))
+    t2i("a red bird", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    assert unet_batches == [1, 1] and counter.calls[0][0] == 1
+    unet_batches.clear()
+    t2i("a red bird", num_inference_steps=2, guidance_scale=2.0, output_type="latent")
+    assert unet_batches == [2, 2]
+
+
+def test_num_images_per_prompt(shared_t2i):
+    out = shared_t2i(
+        ["a red bird", "a cat"],
+        num_images_per_prompt=3,
+        generator=seeded(),
+        output_type="np",
+        **FAST,
+    )
+    assert out.images.shape == (6, 16, 16, 3)
+    assert not np.allclose(out.images[0], out.images[1])  # different noise for each picture
+    with pytest.raises(ValueError, match="generators"):
+        shared_t2i("a red bird", num_images_per_prompt=2, generator=[seeded()], **FAST)
+
+
+def test_callback_can_change_latents(shared_t2i):
+    seen = []
+
+    def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
+        seen.append((step, int(timestep), set(callback_kwargs)))
+        if step == pipeline.num_timesteps - 1:
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+        return {}
+
+    out = shared_t2i(
+        "a red bird",
+        output_type="latent",
+        callback_on_step_end=zero_at_last_step,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **FAST,
+    )
+    assert torch.count_nonzero(out.images) == 0
+    assert [s for s, _, _ in seen] == [0, 1] and seen[0][2] == {"latents", "prompt_embeds"}
+
+
+def test_other_schedulers_are_accepted(t2i):
+    t2i.scheduler = EulerDiscreteScheduler.from_config(t2i.scheduler.config)
+    out = t2i("a red bird", generator=seeded(), output_type="np", **FAST)
+    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_prompt_with_a_picture_conditions_the_drawing(shared_t2i):
+    plain = shared_t2i("a bird", output_type="latent", generator=seeded(), **FAST).images
+    with_picture = shared_t2i(
+        "a bird like <image>",
+        images=[picture()],
+        output_type="latent",
+        generator=seeded(),
+        **FAST,
+    ).images
+    assert with_picture.shape == plain.shape and not torch.allclose(with_picture, plain)
+
+
+def test_from_pipe_shares_components_and_both_load_from_one_folder(shared_t2i, tmp_path):
+    documents = DreamLLMPipeline.from_pipe(shared_t2i)
+    assert documents.mllm is shared_t2i.mllm and documents.unet is shared_t2i.unet
+    documents.save_pretrained(tmp_path)
+    loaded = DreamLLMText2ImagePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, DreamLLMText2ImagePipeline)
+    np.testing.assert_array_equal(
+        loaded("a red bird", generator=seeded(), output_type="np", **FAST).images,
+        shared_t2i("a red bird", generator=seeded(), output_type="np", **FAST).images,
+    )
+
+
+def test_deprecated_generation_mode_warns_and_gives_the_same_results(converted_tiny):
+    pipe = load_pipeline(converted_tiny)
+    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
+    with pytest.warns(FutureWarning, match="DreamLLMText2ImagePipeline"):
+        old = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
+    assert isinstance(old, DreamLLMPipelineOutput) and old.text is None and old.stop_reasons == [StopReason.IMAGE]
+    np.testing.assert_array_equal(old.images, t2i("a red bird", generator=seeded(), output_type="np", **FAST).images)
+    with pytest.warns(FutureWarning, match="allow_images=False"):
+        old_text = pipe("Hello", generation_mode="text", max_new_tokens=4)
+    assert old_text.text == pipe("Hello", allow_images=False, max_new_tokens=4).text
+    with pytest.warns(FutureWarning, match="leave it out|pipe\\(prompt\\)"):
+        old_document = pipe("Hello", generation_mode="interleaved", max_new_tokens=4, **FAST)
+    assert old_document.text == pipe("Hello", max_new_tokens=4, **FAST).text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe("Hello", max_new_tokens=2, **FAST)  # the new API does not warn
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt="a bird", height=15), "divisible by the VAE factor 2"),
+        (dict(prompt="a bird", width=17), "divisible by the VAE factor 2"),
+        (dict(prompt="a bird", num_inference_steps=0), "positive integer"),
+        (dict(prompt="a bird", num_inference_steps=-3), "positive integer"),
+        (dict(prompt="a bird", output_type="jpeg"), "Unknown output_type"),
+        (dict(prompt=["a", "b"], negative_prompt=["x"]), "one per prompt"),
+        (dict(prompt="a", negative_prompt="<image>"), "takes no pictures"),
+        (dict(prompt="a bird", callback_on_step_end_tensor_inputs=["noise"]), "noise"),
+        (dict(prompt=None), "Pass `prompt` or `prompt_embeds`"),
+        (dict(prompt=[{"role": "user", "content": "a"}]), "no chat template"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 16), images=[picture()]), "`images` go with"),
+        (dict(prompt="a", latents=torch.zeros(1, 4, 4, 4)), "expected"),
+    ],
+)
+def test_bad_inputs_are_value_errors_that_say_what_to_change(shared_t2i, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        shared_t2i(**kwargs, **{k: v for k, v in FAST.items() if k not in kwargs})
+
+
+def test_prompt_longer_than_the_context(t2i):
+    t2i.mllm.config.text_config.max_position_embeddings = 40
+    with pytest.raises(ValueError, match="context is 40 positions"):
+        t2i("word " * 60, **FAST)
