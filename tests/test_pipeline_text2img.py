@@ -209,3 +209,14 @@ def test_prompt_longer_than_the_context(t2i):
     t2i.mllm.config.text_config.max_position_embeddings = 40
     with pytest.raises(ValueError, match="context is 40 positions"):
         t2i("word " * 60, **FAST)
+
+
+def test_from_pipe_keeps_dtypes_and_shares_modules(converted_tiny):
+    pipe = load_pipeline(converted_tiny)
+    pipe.unet.to(torch.float16)
+    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
+    assert t2i.unet is pipe.unet and t2i.unet.dtype == torch.float16  # diffusers' default would cast to float32
+    replaced = DreamLLMText2ImagePipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+    assert isinstance(replaced.scheduler, EulerDiscreteScheduler) and replaced.mllm is pipe.mllm
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        DreamLLMText2ImagePipeline.from_pipe(pipe, text_encoder=None)

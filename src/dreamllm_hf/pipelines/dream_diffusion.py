@@ -49,6 +49,30 @@ def is_conversation(item: Any) -> bool:
 class DreamLLMDiffusionMixin:
     """Conditioning and sampling for pipelines holding `mllm`, `processor`, `unet`, `vae` and `scheduler`."""
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        r"""
+        This pipeline on the components of another DreamLLM pipeline (shared, not copied); a component given as a
+        keyword replaces the other pipeline's.
+
+        Unlike diffusers' default, which casts every component to float32 (in place, so the other pipeline's too), the
+        components keep their dtypes: a half-precision or quantized language model stays as it is, and its
+        `_keep_in_fp32_modules` stay in float32. Pass `dtype=` to cast explicitly.
+        """
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pipe() got unexpected keyword arguments {unknown}; its components "
+                            f"are {names}.")
+        components = {name: kwargs[name] if name in kwargs else getattr(pipeline, name, None) for name in names}
+        new = cls(**components)
+        if dtype is not None:
+            new.to(dtype=dtype)
+        if hasattr(pipeline, "_progress_bar_config"):
+            new.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new
+
     # ----------------------------------------------------------------------------------------------------------------
     # Properties (as in StableDiffusionPipeline)
 

@@ -485,10 +485,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             raise ValueError(
                 f"generation_mode='image' draws pictures, but this pipeline has no {', '.join(missing)}; load them."
             )
-        text2image = DreamLLMText2ImagePipeline(
-            mllm=self.mllm, processor=self.processor, unet=self.unet, vae=self.vae, scheduler=self.scheduler
-        )
-        text2image._progress_bar_config = getattr(self, "_progress_bar_config", {})
+        text2image = DreamLLMText2ImagePipeline.from_pipe(self)
         images = text2image(**image_kwargs).images
         self._num_timesteps = text2image.num_timesteps
         documents = [[images[i]] for i in range(len(images))]
