@@ -1,6 +1,5 @@
 """DreamLLM processor: the legacy LLaMA tokenizer plus CLIP image preprocessing, with the original's block expansion."""
 
-from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from .pipeline_dreamllm import DreamLLMPipeline
+from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DreamLLMPipelineOutput, StopReason, segment_to_pil
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,12 +133,16 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_pipeline(model: str, device: str | torch.device, dtype: torch.dtype) -> DreamLLMPipeline:
+def _check_model_folder(model: str) -> None:
     if not (Path(model) / "model_index.json").is_file():
         raise SystemExit(
             f"error: {model} has no model_index.json; give a folder written by `dreamllm-hf convert` or "
             "`DreamLLMPipeline.save_pretrained`."
         )
+
+
+def _load_pipeline(model: str, device: str | torch.device, dtype: torch.dtype) -> DreamLLMPipeline:
+    _check_model_folder(model)
     pipe = DreamLLMPipeline.from_pretrained(model, dtype=dtype)
     return pipe.to(device)
 
@@ -168,9 +173,8 @@ def run_generate(args: argparse.Namespace) -> int:
         return run_generate_many(args)
     if args.prompt is None:
         raise SystemExit('error: give a prompt ("PROMPT" --out doc.html) or a file of prompts (--prompts FILE).')
-    for option, value in (("--output-dir", args.output_dir),):
-        if value is not None:
-            raise SystemExit(f"error: {option} goes with --prompts FILE; for one prompt use --out FILE.")
+    if args.output_dir is not None:
+        raise SystemExit("error: --output-dir goes with --prompts FILE; for one prompt use --out FILE.")
     if args.out is None:
         raise SystemExit("error: give --out FILE (.html or .md) for the document.")
     if args.out.suffix.lower() not in (".html", ".htm", ".md"):
@@ -187,8 +191,6 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = None
     try:
         if args.mode == "image":
-            from . import DreamLLMText2ImagePipeline
-
             text_to_image = DreamLLMText2ImagePipeline.from_pipe(pipe)
             text_to_image.set_progress_bar_config(desc="denoising", leave=False)
             picture = text_to_image(
@@ -320,7 +322,8 @@ def _check_entry(entry: Any, index: int, base_dir: Path, base_seed: int) -> Prom
     """One line or row as a `PromptRecord`, or an `_InputError` saying what is wrong and how to fix it."""
     if not isinstance(entry, dict):
         raise _InputError(
-            f'expected a JSON object such as {{"prompt": "Tell me a story."}}, got {type(entry).__name__} {entry!r:.60}.'
+            f'expected a JSON object such as {{"prompt": "Tell me a story."}}, '
+            f"got {type(entry).__name__} {entry!r:.60}."
         )
     prompt = entry.get("prompt")
     if prompt is None:
@@ -359,7 +362,7 @@ def _check_entry(entry: Any, index: int, base_dir: Path, base_seed: int) -> Prom
 def _read_json_lines(path: Path, base_seed: int) -> list[PromptRecord]:
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"error: cannot read --prompts {path}: {error}") from error
     for line_number, line in enumerate(lines, start=1):
@@ -588,20 +591,21 @@ def run_generate_many(args: argparse.Namespace) -> int:
     """`generate --prompts FILE --output-dir DIR`: see the module docstring."""
     _check_many_arguments(args)
     records = read_prompts(args.prompts, args.seed)  # everything is checked before anything is written
+    _check_model_folder(args.model)
+    output_dir: Path = args.output_dir
+    pending = _pending(records, output_dir)
 
     from accelerate import Accelerator
 
     # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
     accelerator = Accelerator(cpu=not _has_accelerator() or args.device == "cpu")
-    device = args.device or accelerator.device
-    pipe = _load_pipeline(args.model, device, _default_dtype(args.dtype, device))
-    pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not accelerator.is_local_main_process)
-
-    output_dir: Path = args.output_dir
-    pending = _pending(records, output_dir)
     (output_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     # Every process lists the pending documents before any of them writes one, so all split the same list.
     accelerator.wait_for_everyone()
+
+    device = args.device or accelerator.device
+    pipe = _load_pipeline(args.model, device, _default_dtype(args.dtype, device))
+    pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not accelerator.is_local_main_process)
 
     with accelerator.split_between_processes(pending) as share:
         progress = tqdm(

@@ -17,7 +17,6 @@ step keeps the shapes the compiled step was built for.
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StaticCache

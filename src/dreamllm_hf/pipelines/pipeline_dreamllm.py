@@ -6,6 +6,7 @@ draw it; the picture is read back through CLIP into the same key/value cache, an
 answer is a document in which pictures are disabled. Text-to-image is [`DreamLLMText2ImagePipeline`].
 """
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -312,85 +313,19 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         Returns:
             [`DreamLLMPipelineOutput`] or `tuple` `(images, text, documents, stop_reasons)`.
         """
-        if generation_mode is not None:
-            allow_images, image_output = self._deprecated_generation_mode(
-                generation_mode,
-                allow_images,
-                dict(
-                    prompt=prompt,
-                    images=images,
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    timesteps=timesteps,
-                    sigmas=sigmas,
-                    guidance_scale=guidance_scale,
-                    guidance_rescale=guidance_rescale,
-                    negative_prompt=negative_prompt,
-                    num_images_per_prompt=num_images_per_prompt,
-                    eta=eta,
-                    generator=generator,
-                    latents=latents,
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
-                    output_type=output_type,
-                    callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                ),
-            )
-            if image_output is not None:
-                return image_output if return_dict else image_output.to_tuple()
-        for name, value in (
-            ("latents", latents),
-            ("prompt_embeds", prompt_embeds),
-            ("negative_prompt_embeds", negative_prompt_embeds),
-        ):
-            if value is not None:
-                raise ValueError(
-                    f"`{name}` is for text-to-image (`DreamLLMText2ImagePipeline`); a document computes the "
-                    "conditioning of its pictures as it is written."
-                )
-
+        arguments = {name: value for name, value in locals().items() if name != "self"}
+        if generation_mode == "image":
+            output = self._deprecated_text_to_image(arguments)
+            return output if return_dict else output.to_tuple()
         output = None
-        for event in self._events(
-            prompt=prompt,
-            images=images,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            use_chat_template=use_chat_template,
-            max_new_tokens=max_new_tokens,
-            max_images=max_images,
-            allow_images=allow_images,
-            sampling=dict(
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-            ),
-            generation_kwargs=generation_kwargs,
-            cache_implementation=cache_implementation,
-            streamer=streamer,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        ):
+        for event in self._events(arguments):
             if event.type == "end":
                 output = event.output
         if not return_dict:
             return output.to_tuple()
         return output
 
-    def stream(self, prompt=None, images=None, **kwargs) -> Iterator[DocumentEvent]:
+    def stream(self, *args, **kwargs) -> Iterator[DocumentEvent]:
         r"""
         Writes the documents as `__call__` does (same arguments), yielding [`DocumentEvent`]s as they are written:
         `"text"` (`.text`), `"picture_start"`, `"picture"` (`.image`, `.index`), `"document_end"` (`.stop_reason`)
@@ -404,51 +339,34 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         ...         event.image.save(f"picture_{event.index}.png")
         ```
         """
-        if kwargs.get("generation_mode") is not None:
-            if kwargs["generation_mode"] == "image":
-                raise ValueError("`stream` writes documents; for text-to-image use `DreamLLMText2ImagePipeline`.")
-            kwargs["allow_images"], _ = self._deprecated_generation_mode(
-                kwargs.pop("generation_mode"), kwargs.get("allow_images", True), {}
-            )
-        kwargs.pop("generation_mode", None)
-        kwargs.pop("return_dict", None)
-        for name in ("latents", "prompt_embeds", "negative_prompt_embeds"):
-            if kwargs.pop(name, None) is not None:
-                raise ValueError(f"`{name}` is for text-to-image (`DreamLLMText2ImagePipeline`).")
-        sampling = {
-            name: kwargs.pop(name, None) for name in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-        }
-        defaults = dict(
-            height=None,
-            width=None,
-            num_inference_steps=50,
-            timesteps=None,
-            sigmas=None,
-            guidance_scale=7.5,
-            guidance_rescale=0.0,
-            negative_prompt=None,
-            num_images_per_prompt=1,
-            eta=0.0,
-            generator=None,
-            use_chat_template=True,
-            max_new_tokens=256,
-            max_images=None,
-            allow_images=True,
-            generation_kwargs=None,
-            cache_implementation=None,
-            streamer=None,
-            output_type="pil",
-            callback_on_step_end=None,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
-        unknown = sorted(set(kwargs) - set(defaults))
-        if unknown:
-            raise TypeError(f"DreamLLMPipeline.stream() got unexpected keyword arguments {unknown}.")
-        defaults.update(kwargs)
-        yield from self._events(prompt=prompt, images=images, sampling=sampling, **defaults)
+        bound = inspect.signature(DreamLLMPipeline.__call__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
+        if arguments["generation_mode"] == "image":
+            raise ValueError("`stream` writes documents; for text-to-image use `DreamLLMText2ImagePipeline`.")
+        yield from self._events(arguments)
 
-    def _deprecated_generation_mode(self, generation_mode: str, allow_images: bool, image_kwargs: dict):
-        """`generation_mode=` of earlier releases: (allow_images, the text-to-image output or None)."""
+    def _deprecated_text_to_image(self, arguments: dict) -> DreamLLMPipelineOutput:
+        """`generation_mode="image"` of earlier releases: [`DreamLLMText2ImagePipeline`] in the old output."""
+        self._warn_generation_mode("image")
+        from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
+
+        missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"generation_mode='image' draws pictures, but this pipeline has no {', '.join(missing)}; load them."
+            )
+        text2image = DreamLLMText2ImagePipeline.from_pipe(self)
+        names = set(inspect.signature(DreamLLMText2ImagePipeline.__call__).parameters) - {"self", "return_dict"}
+        images = text2image(**{name: arguments[name] for name in names}).images
+        self._num_timesteps = text2image.num_timesteps
+        documents = [[images[i]] for i in range(len(images))]
+        return DreamLLMPipelineOutput(
+            images=images, text=None, documents=documents, stop_reasons=[StopReason.IMAGE] * len(documents)
+        )
+
+    @staticmethod
+    def _warn_generation_mode(generation_mode: str) -> None:
         if generation_mode not in GENERATION_MODES:
             raise ValueError(
                 f"Unknown generation_mode {generation_mode!r}; choose one of {', '.join(map(repr, GENERATION_MODES))} "
@@ -465,63 +383,33 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             f"`generation_mode={generation_mode!r}` is deprecated and will be removed in the next release; use "
             f"{replacement}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        if generation_mode == "text":
-            return False, None
-        if generation_mode == "interleaved":
-            return allow_images, None
-        from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
-
-        if not isinstance(image_kwargs["prompt"], (str, type(None))) and not (
-            isinstance(image_kwargs["prompt"], (list, tuple)) and all(isinstance(p, str) for p in image_kwargs["prompt"])
-        ):
-            raise ValueError(
-                "In generation_mode='image', `prompt` must be a string or a list of strings (a caption: the "
-                "original's text-to-image path uses no chat template)."
-            )
-        missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
-        if missing:
-            raise ValueError(
-                f"generation_mode='image' draws pictures, but this pipeline has no {', '.join(missing)}; load them."
-            )
-        text2image = DreamLLMText2ImagePipeline.from_pipe(self)
-        images = text2image(**image_kwargs).images
-        self._num_timesteps = text2image.num_timesteps
-        documents = [[images[i]] for i in range(len(images))]
-        output = DreamLLMPipelineOutput(
-            images=images, text=None, documents=documents, stop_reasons=[StopReason.IMAGE] * len(documents)
-        )
-        return allow_images, output
 
     @torch.no_grad()
-    def _events(
-        self,
-        prompt,
-        images,
-        height,
-        width,
-        num_inference_steps,
-        timesteps,
-        sigmas,
-        guidance_scale,
-        guidance_rescale,
-        negative_prompt,
-        num_images_per_prompt,
-        eta,
-        generator,
-        use_chat_template,
-        max_new_tokens,
-        max_images,
-        allow_images,
-        sampling,
-        generation_kwargs,
-        cache_implementation,
-        streamer,
-        output_type,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-    ) -> Iterator[DocumentEvent]:
+    def _events(self, arguments: dict) -> Iterator[DocumentEvent]:
+        """The documents of one call, as events: `arguments` are `__call__`'s, by name."""
+        a = dict(arguments)
+        if a["generation_mode"] is not None:
+            self._warn_generation_mode(a["generation_mode"])
+            if a["generation_mode"] == "text":
+                a["allow_images"] = False
+        for name in ("latents", "prompt_embeds", "negative_prompt_embeds"):
+            if a[name] is not None:
+                raise ValueError(
+                    f"`{name}` is for text-to-image (`DreamLLMText2ImagePipeline`); a document computes the "
+                    "conditioning of its pictures as it is written."
+                )
+        prompt, images, generator = a["prompt"], a["images"], a["generator"]
+        height, width, negative_prompt = a["height"], a["width"], a["negative_prompt"]
+        num_images_per_prompt, allow_images, max_images = a["num_images_per_prompt"], a["allow_images"], a["max_images"]
+        max_new_tokens, output_type, streamer = a["max_new_tokens"], a["output_type"], a["streamer"]
+        cache_implementation, generation_kwargs = a["cache_implementation"], a["generation_kwargs"]
+        num_inference_steps, timesteps, sigmas = a["num_inference_steps"], a["timesteps"], a["sigmas"]
+        callback_on_step_end = a["callback_on_step_end"]
+        callback_on_step_end_tensor_inputs = a["callback_on_step_end_tensor_inputs"]
+        sampling = {name: a[name] for name in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
+
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -547,8 +435,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             cache_implementation,
             callback_on_step_end_tensor_inputs,
         )
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
+        self._guidance_scale = a["guidance_scale"]
+        self._guidance_rescale = a["guidance_rescale"]
         self._interrupt = False
         self._num_timesteps = 0
 
@@ -561,7 +449,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 cache_implementation = None  # other transformers caches: the engine's default
         prompts = self._as_prompt_list(prompt)
         per_prompt_images = self._per_prompt_images(images, len(prompts))
-        texts = [p if (isinstance(p, str) and not use_chat_template) else self.format_chat_prompt(p) for p in prompts]
+        verbatim = not a["use_chat_template"]
+        texts = [p if (isinstance(p, str) and verbatim) else self.format_chat_prompt(p) for p in prompts]
         per_document_generators = isinstance(generator, (list, tuple))
         if streamer is not None and len(texts) * num_images_per_prompt > 1:
             raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")
@@ -598,7 +487,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 num_inference_steps=num_inference_steps,
                 timesteps=timesteps,
                 sigmas=sigmas,
-                eta=eta,
+                eta=a["eta"],
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
