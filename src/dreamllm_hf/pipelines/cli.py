@@ -10,15 +10,8 @@
 """
 
 import argparse
-import io
-import json
-import os
 import sys
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import PIL.Image
 import torch
@@ -27,19 +20,21 @@ from transformers.generation.streamers import BaseStreamer
 
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
-from .pipeline_output import DreamLLMPipelineOutput, StopReason, segment_to_pil
+from .pipeline_output import DreamLLMPipelineOutput, StopReason
+from .prompt_files import (
+    DOCUMENTS_FILE,
+    RECORDS_DIR,
+    batches,
+    generate_batch,
+    has_accelerator,
+    pending_records,
+    read_prompts,
+    rebuild_documents_jsonl,
+    with_placeholders,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("interleaved", "text", "image")
-IMAGE_PLACEHOLDER = "<image>"
-
-# --prompts: the keys a line / row may set; every other key is copied into the document's record.
-INPUT_KEYS = ("prompt", "images", "seed")
-# The keys of a record (one JSON object per document in `records/` and `documents.jsonl`).
-RECORD_KEYS = ("id", "index", "prompt", "seed", "segments", "text", "images", "stop_reason", "html")
-RECORDS_DIR = "records"
-DOCUMENTS_FILE = "documents.jsonl"
-DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
 
 
 class TokenProgressBar(BaseStreamer):
@@ -161,13 +156,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _with_placeholders(prompt: str, image_count: int) -> str:
-    """Puts the pictures before the prompt when it does not say where they go."""
-    if image_count and IMAGE_PLACEHOLDER not in prompt:
-        return IMAGE_PLACEHOLDER * image_count + "\n" + prompt
-    return prompt
-
-
 def run_generate(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         return run_generate_many(args)
@@ -182,7 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _default_dtype(args.dtype, device)
     images = [PIL.Image.open(path).convert("RGB") for path in args.image]
-    prompt = _with_placeholders(args.prompt, len(images))
+    prompt = with_placeholders(args.prompt, len(images))
 
     pipe = _load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
@@ -239,298 +227,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Many prompts: reading and checking the input
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptRecord:
-    """One document to write: a prompt of the --prompts input, checked."""
-
-    index: int  # 0-based line (JSON Lines, blank lines not counted) or row (dataset)
-    prompt: str  # as given
-    images: list = field(default_factory=list)  # absolute `Path`s or PIL images, in order
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # the input's other keys, copied into the record
-
-    @property
-    def id(self) -> str:
-        return document_id(self.index)
-
-    @property
-    def model_prompt(self) -> str:
-        return _with_placeholders(self.prompt, len(self.images))
-
-    def load_images(self) -> list[PIL.Image.Image]:
-        return [
-            (PIL.Image.open(image) if isinstance(image, Path) else image).convert("RGB") for image in self.images
-        ]
-
-
-def document_id(index: int) -> str:
-    return f"doc-{index:05d}"
-
-
-class _InputError(ValueError):
-    """What is wrong with one line or row of the --prompts input (the caller says where)."""
-
-
-_SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` takes
-
-
-def _check_seed(value: Any, index: int, base_seed: int) -> int:
-    if value is None:
-        return base_seed + index
-    if isinstance(value, float) and value.is_integer():  # CSV columns with gaps are read as floats
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _InputError(f'"seed" must be an integer, got {value!r}; write for example "seed": 7, or leave it out.')
-    if not _SEED_RANGE[0] <= value < _SEED_RANGE[1]:
-        raise _InputError(f'"seed" {value} is out of range; use an integer between 0 and 2**64 - 1.')
-    return value
-
-
-def _check_picture(item: Any, number: int, base_dir: Path) -> Path | PIL.Image.Image:
-    if isinstance(item, PIL.Image.Image):
-        return item
-    if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a `datasets` Image feature not decoded
-        if item.get("bytes"):
-            return PIL.Image.open(io.BytesIO(item["bytes"]))
-        item = item.get("path")
-    if not isinstance(item, (str, os.PathLike)) or not str(item):
-        raise _InputError(
-            f'"images"[{number}] is {item!r}; each picture must be a file path (relative to the folder of the '
-            "prompts file, or absolute) or, in a dataset, a picture."
-        )
-    path = Path(item).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    if not path.is_file():
-        raise _InputError(
-            f'picture "images"[{number}] not found: {item} (looked for {path}); paths are relative to the folder of '
-            "the prompts file, or absolute."
-        )
-    try:
-        with PIL.Image.open(path):
-            pass
-    except (OSError, PIL.UnidentifiedImageError) as error:
-        raise _InputError(f'"images"[{number}] {path} is not a picture PIL can read ({error}).') from error
-    return path.resolve()
-
-
-def _check_entry(entry: Any, index: int, base_dir: Path, base_seed: int) -> PromptRecord:
-    """One line or row as a `PromptRecord`, or an `_InputError` saying what is wrong and how to fix it."""
-    if not isinstance(entry, dict):
-        raise _InputError(
-            f'expected a JSON object such as {{"prompt": "Tell me a story."}}, '
-            f"got {type(entry).__name__} {entry!r:.60}."
-        )
-    prompt = entry.get("prompt")
-    if prompt is None:
-        raise _InputError('no "prompt"; every line needs one, e.g. {"prompt": "Tell me a story."}.')
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _InputError(f'"prompt" must be a non-empty string, got {prompt!r:.60}.')
-    images = entry.get("images")
-    if images is None:
-        images = []
-    if not isinstance(images, (list, tuple)):
-        raise _InputError(
-            f'"images" must be a list of picture paths, got {type(images).__name__} {images!r:.60}; '
-            'write for example "images": ["cat.png"].'
-        )
-    pictures = [_check_picture(item, number, base_dir) for number, item in enumerate(images)]
-    placeholders = prompt.count(IMAGE_PLACEHOLDER)
-    if placeholders and placeholders != len(pictures):
-        raise _InputError(
-            f'the prompt has {placeholders} "{IMAGE_PLACEHOLDER}" but "images" lists {len(pictures)} picture(s); '
-            f'give one "{IMAGE_PLACEHOLDER}" per picture, or none to put the pictures before the prompt.'
-        )
-    seed = _check_seed(entry.get("seed"), index, base_seed)
-    extra = {key: value for key, value in entry.items() if key not in INPUT_KEYS}
-    for key, value in extra.items():
-        if key in RECORD_KEYS:
-            raise _InputError(f'the key "{key}" is taken by the output record; rename it (e.g. "source_{key}").')
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as error:
-            raise _InputError(
-                f'the value of "{key}" cannot be written to a JSON record ({error}); drop that key or make it plain.'
-            ) from error
-    return PromptRecord(index=index, prompt=prompt, images=pictures, seed=seed, extra=extra)
-
-
-def _read_json_lines(path: Path, base_seed: int) -> list[PromptRecord]:
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: JSON strings may hold U+2028
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"error: cannot read --prompts {path}: {error}") from error
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # blank lines do not count as prompts
-        try:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _InputError(
-                    f"not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON object such "
-                    'as {"prompt": "Tell me a story.", "images": ["cat.png"], "seed": 3}.'
-                ) from error
-            records.append(_check_entry(entry, len(records), path.parent, base_seed))
-        except _InputError as error:
-            raise SystemExit(f"error: {path} line {line_number}: {error}") from error
-    return records
-
-
-def _load_dataset(path: Path):
-    import datasets
-
-    try:
-        if path.is_dir():
-            dataset = datasets.load_from_disk(str(path))
-        else:
-            dataset = datasets.load_dataset(DATASET_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
-    except Exception as error:  # noqa: BLE001 (datasets raises many kinds; the user needs the message)
-        raise SystemExit(f"error: cannot load --prompts {path} as a dataset: {error}") from error
-    if isinstance(dataset, datasets.DatasetDict):
-        if len(dataset) != 1:
-            raise SystemExit(
-                f"error: --prompts {path} holds the splits {', '.join(dataset)}; save the one to run by itself "
-                "(`dataset_dict[split].save_to_disk(...)`)."
-            )
-        dataset = next(iter(dataset.values()))
-    if "prompt" not in dataset.column_names:
-        raise SystemExit(
-            f'error: --prompts {path} has no "prompt" column (columns: {", ".join(dataset.column_names)}).'
-        )
-    return dataset
-
-
-def _read_dataset(path: Path, base_seed: int) -> list[PromptRecord]:
-    records = []
-    for row_index, row in enumerate(_load_dataset(path)):
-        try:
-            records.append(_check_entry(row, row_index, path.parent, base_seed))
-        except _InputError as error:
-            raise SystemExit(f"error: {path} row {row_index} ({document_id(row_index)}): {error}") from error
-    return records
-
-
-def read_prompts(path: Path, base_seed: int = 0) -> list[PromptRecord]:
-    """
-    Reads and checks the whole --prompts input before anything is generated; exits (`SystemExit`) naming the first
-    broken line or row. Documents are numbered by 0-based line (blank lines skipped) or row.
-    """
-    if not path.exists():
-        raise SystemExit(f"error: --prompts {path} does not exist.")
-    if path.is_dir() or path.suffix.lower() in DATASET_SUFFIXES:
-        records = _read_dataset(path, base_seed)
-    else:
-        records = _read_json_lines(path, base_seed)
-    if not records:
-        raise SystemExit(f'error: --prompts {path} holds no prompts; write one {{"prompt": ...}} per line.')
-    return records
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Many prompts: writing
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(temporary_path)` in `path`'s folder, flushed to disk, then renamed over `path`: never half-written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _write_text(text: str) -> Callable[[Path], Any]:
-    return lambda path: path.write_text(text, encoding="utf-8")
-
-
-def _record_path(output_dir: Path, index: int) -> Path:
-    return output_dir / RECORDS_DIR / f"{document_id(index)}.json"
-
-
-def write_document(output_dir: Path, record: PromptRecord, output: DreamLLMPipelineOutput) -> dict:
-    """
-    Writes document 0 of `output` (the pictures, the HTML, then the record, which marks it done) and returns the
-    record. Every segment of the record has the keys type/text/path, so that `documents.jsonl` has one schema.
-    """
-    segments, picture_names = [], []
-    for segment in output.documents[0]:
-        if isinstance(segment, str):
-            segments.append({"type": "text", "text": segment, "path": None})
-            continue
-        name = f"{record.id}_image_{len(picture_names)}.png"
-        picture = segment_to_pil(segment)
-        write_atomically(output_dir / name, lambda path, picture=picture: picture.save(path, format="PNG"))
-        picture_names.append(name)
-        segments.append({"type": "image", "text": None, "path": name})
-    html_name = f"{record.id}.html"
-    write_atomically(output_dir / html_name, lambda path: output.save_html(path, 0, title=record.prompt[:80]))
-    text = output.text[0] if output.text else "\n".join(s["text"] for s in segments if s["type"] == "text")
-    entry = {
-        "id": record.id,
-        "index": record.index,
-        "prompt": record.prompt,
-        "seed": record.seed,
-        "segments": segments,
-        "text": text,
-        "images": picture_names,
-        "stop_reason": output.stop_reasons[0],
-        "html": html_name,
-        **record.extra,
-    }
-    write_atomically(_record_path(output_dir, record.index), _write_text(json.dumps(entry, ensure_ascii=False) + "\n"))
-    return entry
-
-
-def rebuild_documents_jsonl(output_dir: Path) -> int:
-    """Gathers every record of `output_dir/records` into `output_dir/documents.jsonl`, by index; returns the count.
-    Keys a record lacks (another line's extra keys) are written as nulls, so every row has the same keys."""
-    entries = [json.loads(path.read_text(encoding="utf-8")) for path in (output_dir / RECORDS_DIR).glob("doc-*.json")]
-    entries.sort(key=lambda entry: entry["index"])
-    keys = list(RECORD_KEYS)
-    for entry in entries:
-        keys.extend(key for key in entry if key not in keys)
-    lines = "".join(json.dumps({key: entry.get(key) for key in keys}, ensure_ascii=False) + "\n" for entry in entries)
-    write_atomically(output_dir / DOCUMENTS_FILE, _write_text(lines))
-    return len(entries)
-
-
-def _pending(records: list[PromptRecord], output_dir: Path) -> list[PromptRecord]:
-    """The records without a record file; exits if a record file was written for another prompt or seed."""
-    pending = []
-    for record in records:
-        path = _record_path(output_dir, record.index)
-        if not path.is_file():
-            pending.append(record)
-            continue
-        try:
-            done = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: cannot read {path} ({error}); delete it to write that document again.") from error
-        if done.get("prompt") != record.prompt or done.get("seed") != record.seed:
-            raise SystemExit(
-                f"error: {path} was written for another prompt or seed (prompt {done.get('prompt')!r:.60}, seed "
-                f"{done.get('seed')}; now {record.prompt!r:.60}, seed {record.seed}). Use a new --output-dir, or "
-                "delete that record to write the document again."
-            )
-    return pending
-
-
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _check_many_arguments(args: argparse.Namespace) -> None:
     problems = [
         (args.prompt is not None, "give either a PROMPT or --prompts FILE, not both."),
@@ -545,60 +241,18 @@ def _check_many_arguments(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: {message}")
 
 
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return bool(
-        torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
-    )
-
-
-def _generate_batch(
-    pipe: DreamLLMPipeline,
-    batch: Sequence[PromptRecord],
-    args: argparse.Namespace,
-    output_dir: Path,
-    on_document: Callable[[dict], None],
-) -> None:
-    """One pipeline call for `batch`; each document is written as soon as it ends."""
-    images = [record.load_images() for record in batch]
-    events = pipe.stream(
-        prompt=[record.model_prompt for record in batch],
-        images=images if any(images) else None,
-        # One generator per document, seeded by the document alone: its output does not depend on the batching.
-        generator=[torch.Generator(device="cpu").manual_seed(record.seed) for record in batch],
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images,
-        allow_images=args.mode == "interleaved",
-        output_type="pil",
-        **_sampling_kwargs(args),
-    )
-    written = set()
-    for event in events:
-        if event.type == "document_end":
-            on_document(write_document(output_dir, batch[event.document], event.output))
-            written.add(event.document)
-    if len(written) != len(batch):
-        missing = ", ".join(record.id for number, record in enumerate(batch) if number not in written)
-        raise RuntimeError(f"The pipeline's stream ended without finishing {missing}.")
-
-
 def run_generate_many(args: argparse.Namespace) -> int:
     """`generate --prompts FILE --output-dir DIR`: see the module docstring."""
     _check_many_arguments(args)
     records = read_prompts(args.prompts, args.seed)  # everything is checked before anything is written
     _check_model_folder(args.model)
     output_dir: Path = args.output_dir
-    pending = _pending(records, output_dir)
+    pending = pending_records(records, output_dir)
 
     from accelerate import Accelerator
 
     # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
-    accelerator = Accelerator(cpu=not _has_accelerator() or args.device == "cpu")
+    accelerator = Accelerator(cpu=not has_accelerator() or args.device == "cpu")
     (output_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     # Every process lists the pending documents before any of them writes one, so all split the same list.
     accelerator.wait_for_everyone()
@@ -612,9 +266,23 @@ def run_generate_many(args: argparse.Namespace) -> int:
             total=len(share), desc="documents", unit="doc", disable=not accelerator.is_local_main_process
         )
         try:
-            for batch in _batches(share, args.batch_size):
+            for batch in batches(share, args.batch_size):
                 try:
-                    _generate_batch(pipe, batch, args, output_dir, lambda entry: progress.update(1))
+                    generate_batch(
+                        pipe,
+                        batch,
+                        output_dir,
+                        lambda entry: progress.update(1),
+                        num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale,
+                        negative_prompt=args.negative_prompt,
+                        height=args.height,
+                        width=args.width,
+                        max_new_tokens=args.max_new_tokens,
+                        max_images=args.max_images,
+                        allow_images=args.mode == "interleaved",
+                        **_sampling_kwargs(args),
+                    )
                 except ValueError as error:
                     raise SystemExit(f"error: {', '.join(r.id for r in batch)}: {error}") from error
         finally:
@@ -636,12 +304,4 @@ def run_generate_many(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = [
-    "add_generate_parser",
-    "run_generate",
-    "run_generate_many",
-    "read_prompts",
-    "rebuild_documents_jsonl",
-    "write_document",
-    "TokenProgressBar",
-]
+__all__ = ["add_generate_parser", "run_generate", "run_generate_many", "TokenProgressBar"]
