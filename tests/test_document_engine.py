@@ -270,3 +270,24 @@ def test_legacy_streamer_follows_one_document(pipe, scripts):
     out = pipe("Tell a story", generation_kwargs=scripted(plans), streamer=streamer, generator=seeded(), **FAST)
     assert streamer.ended == 1 and len(streamer.puts) == 1 + 5  # the prompt, then a, b, <dream_start>, c, </s>
     assert len(out.images[0]) == 1
+
+
+def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(pipe, scripts):
+    plans, _ = scripts
+    unet, vae, clip = [], [], []
+    handles = [
+        pipe.unet.register_forward_hook(lambda module, args, output: unet.append(args[0].shape[0])),
+        pipe.vae.decoder.register_forward_hook(lambda module, args, output: vae.append(args[0].shape[0])),
+        pipe.mllm.model.vision_tower.register_forward_hook(lambda module, args, output: clip.append(args[0].shape[0])),
+    ]
+    try:
+        out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], generation_kwargs=scripted(plans),
+                   max_new_tokens=12, **FAST)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [len(images) for images in out.images] == [1, 2, 0, 0]
+    # Step 2: document 1's first picture alone; step 3: document 0's and document 1's second picture in one batch.
+    assert unet == [2, 2, 4, 4]  # [uncond, cond] rows, two denoising steps each
+    assert vae == [1, 2]
+    assert clip == [1, 1, 2]  # the prompt's picture at prefill, then the drawn ones, batched
