@@ -281,8 +281,14 @@ def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(p
         pipe.mllm.model.vision_tower.register_forward_hook(lambda module, args, output: clip.append(args[0].shape[0])),
     ]
     try:
-        out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], generation_kwargs=scripted(plans),
-                   max_new_tokens=12, **FAST)
+        out = pipe(
+            PROMPTS,
+            images=IMAGES,
+            generator=[seeded(i) for i in range(4)],
+            generation_kwargs=scripted(plans),
+            max_new_tokens=12,
+            **FAST,
+        )
     finally:
         for handle in handles:
             handle.remove()

@@ -59,9 +59,7 @@ def test_dict_output_equals_tuple_output(shared_t2i):
 
 def test_batch_of_different_lengths_equals_one_by_one(shared_t2i):
     prompts = ["a red bird", "a small blue house on a green hill next to the sea"]
-    batch = shared_t2i(
-        prompts, generator=[seeded(1), seeded(2)], output_type="np", **FAST
-    ).images
+    batch = shared_t2i(prompts, generator=[seeded(1), seeded(2)], output_type="np", **FAST).images
     for index, prompt in enumerate(prompts):
         single = shared_t2i(prompt, generator=seeded(index + 1), output_type="np", **FAST)
         np.testing.assert_allclose(batch[index], single.images[0], atol=1e-5)
@@ -76,7 +74,7 @@ def test_batch_of_different_lengths_equals_one_by_one(shared_t2i):
         single = shared_t2i(
             prompt,
             negative_prompt=["blurry", "dark and noisy"][index],
-                generator=seeded(index + 1),
+            generator=seeded(index + 1),
             output_type="latent",
             **FAST,
         )
@@ -216,7 +214,9 @@ def test_from_pipe_keeps_dtypes_and_shares_modules(converted_tiny):
     pipe.unet.to(torch.float16)
     t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
     assert t2i.unet is pipe.unet and t2i.unet.dtype == torch.float16  # diffusers' default would cast to float32
-    replaced = DreamLLMText2ImagePipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+    replaced = DreamLLMText2ImagePipeline.from_pipe(
+        pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    )
     assert isinstance(replaced.scheduler, EulerDiscreteScheduler) and replaced.mllm is pipe.mllm
     with pytest.raises(TypeError, match="unexpected keyword"):
         DreamLLMText2ImagePipeline.from_pipe(pipe, text_encoder=None)

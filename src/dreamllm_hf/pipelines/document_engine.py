@@ -313,7 +313,9 @@ class DocumentEngine:
     def _decode_step(self) -> torch.Tensor:
         """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
         live = torch.tensor([d.stop_reason is None for d in self.rows], device=self.device)
-        pending = torch.tensor([d.pending if d.pending is not None else self.pad for d in self.rows], device=self.device)
+        pending = torch.tensor(
+            [d.pending if d.pending is not None else self.pad for d in self.rows], device=self.device
+        )
         positions = torch.tensor([[d.length] for d in self.rows], device=self.device)
         if self.static:
             self.mask[:, self.end] = live.long()

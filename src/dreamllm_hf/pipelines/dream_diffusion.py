@@ -63,8 +63,9 @@ class DreamLLMDiffusionMixin:
         names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pipe() got unexpected keyword arguments {unknown}; its components "
-                            f"are {names}.")
+            raise TypeError(
+                f"{cls.__name__}.from_pipe() got unexpected keyword arguments {unknown}; its components are {names}."
+            )
         components = {name: kwargs[name] if name in kwargs else getattr(pipeline, name, None) for name in names}
         new = cls(**components)
         if dtype is not None:
@@ -195,7 +196,8 @@ class DreamLLMDiffusionMixin:
                 f"`height` and `width` must be divisible by the VAE factor {self.vae_scale_factor}, "
                 f"got {height}x{width}; round them to a multiple of {self.vae_scale_factor}."
             )
-        if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        steps_ok = isinstance(num_inference_steps, int) and num_inference_steps >= 1
+        if timesteps is None and sigmas is None and not steps_ok:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if tensor_inputs is not None and not all(k in self._callback_tensor_inputs for k in tensor_inputs):
             unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]

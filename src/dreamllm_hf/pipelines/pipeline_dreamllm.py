@@ -173,7 +173,9 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             if not all(isinstance(g, torch.Generator) for g in generator):
                 raise ValueError("`generator` must be a `torch.Generator` or a list of them (one per document).")
         elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}.")
+            raise ValueError(
+                f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}."
+            )
         self._check_negative_prompt(negative_prompt, len(prompts))
         if allow_images:
             self._check_diffusion_inputs(
@@ -402,7 +404,11 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 )
         prompt, images, generator = a["prompt"], a["images"], a["generator"]
         height, width, negative_prompt = a["height"], a["width"], a["negative_prompt"]
-        num_images_per_prompt, allow_images, max_images = a["num_images_per_prompt"], a["allow_images"], a["max_images"]
+        num_images_per_prompt, allow_images, max_images = (
+            a["num_images_per_prompt"],
+            a["allow_images"],
+            a["max_images"],
+        )
         max_new_tokens, output_type, streamer = a["max_new_tokens"], a["output_type"], a["streamer"]
         cache_implementation, generation_kwargs = a["cache_implementation"], a["generation_kwargs"]
         num_inference_steps, timesteps, sigmas = a["num_inference_steps"], a["timesteps"], a["sigmas"]

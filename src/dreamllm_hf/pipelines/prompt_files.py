@@ -61,9 +61,7 @@ class PromptRecord:
         return with_placeholders(self.prompt, len(self.images))
 
     def load_images(self) -> list[PIL.Image.Image]:
-        return [
-            (PIL.Image.open(image) if isinstance(image, Path) else image).convert("RGB") for image in self.images
-        ]
+        return [(PIL.Image.open(image) if isinstance(image, Path) else image).convert("RGB") for image in self.images]
 
 
 def document_id(index: int) -> str:
@@ -313,7 +311,9 @@ def pending_records(records: list[PromptRecord], output_dir: Path) -> list[Promp
         try:
             done = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise SystemExit(f"error: cannot read {path} ({error}); delete it to write that document again.") from error
+            raise SystemExit(
+                f"error: cannot read {path} ({error}); delete it to write that document again."
+            ) from error
         if done.get("prompt") != record.prompt or done.get("seed") != record.seed:
             raise SystemExit(
                 f"error: {path} was written for another prompt or seed (prompt {done.get('prompt')!r:.60}, seed "
