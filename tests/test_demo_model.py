@@ -86,7 +86,7 @@ def test_captions_of_held_out_pictures(pipe):
     out = pipe(
         ["<image>"] * len(specs),
         images=[[draw_shape(spec)] for spec in specs],
-        generation_mode="text",
+        allow_images=False,
         use_chat_template=False,
         do_sample=False,
         max_new_tokens=6,
@@ -96,9 +96,12 @@ def test_captions_of_held_out_pictures(pipe):
 
 
 def test_text_to_image_follows_the_caption(pipe):
+    from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
+
+    draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # the same components
     captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
     generators = [torch.Generator("cpu").manual_seed(index) for index in range(len(captions))]
-    images = pipe(captions, generation_mode="image", generator=generators, **FAST).images
+    images = draw(captions, generator=generators, **FAST).images
     judged = [classify_shape_image(image) for image in images]
     right = sum(seen == named_colour_and_shape(caption) for seen, caption in zip(judged, captions))
     assert right >= 7, list(zip(captions, judged))
@@ -106,10 +109,8 @@ def test_text_to_image_follows_the_caption(pipe):
 
 
 def test_an_interleaved_story_draws_pictures(pipe):
-    torch.manual_seed(0)
     out = pipe(
         "Tell me a story.",
-        generation_mode="interleaved",
         do_sample=True,
         max_new_tokens=48,
         max_images=3,

@@ -201,8 +201,8 @@ def test_model_card_metadata_parses_back():
     assert yaml.safe_load(front_matter) == data  # plain YAML, what the Hub parses
     text = again.text
     for needle in (
-        'generation_mode="image"',
-        'generation_mode="text"',
+        "DreamLLMText2ImagePipeline.from_pipe(pipe)",
+        "allow_images=False",
         "max_images=2",
         "BitsAndBytesConfig",
         "load_in_4bit=True",
@@ -216,6 +216,7 @@ def test_model_card_metadata_parses_back():
         "(bos 1, eos 2, pad 32000)",
     ):
         assert needle in text, needle
+    assert "generation_mode" not in text  # deprecated: the card shows the current API
     unverified = build_model_card(_info(), repo_id="someone/dreamllm-7b").text
     assert "was not verified" in unverified and "| check |" not in unverified
 

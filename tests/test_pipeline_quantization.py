@@ -6,7 +6,7 @@ import torch
 from diffusers import PipelineQuantizationConfig
 from transformers import BitsAndBytesConfig
 
-from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMPipeline
+from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMPipeline, DreamLLMText2ImagePipeline
 
 pytest.importorskip("bitsandbytes")
 
@@ -24,11 +24,16 @@ def seeded(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def draw(pipe, prompt="a red bird"):
+    """Text-to-image on `pipe`'s components, which `from_pipe` shares with their dtypes (bf16, mixed, quantized)."""
+    return DreamLLMText2ImagePipeline.from_pipe(pipe)(prompt, generator=seeded(), output_type="np", **FAST).images
+
+
 def run_all_modes(pipe, goldens):
-    image = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    image = draw(pipe)
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     picture = (goldens["raw_image_0"].numpy()).astype(np.uint8)
-    text = pipe("<image>\nWhat is it?", images=[picture], generation_mode="text", max_new_tokens=4, do_sample=False)
+    text = pipe("<image>\nWhat is it?", images=[picture], allow_images=False, max_new_tokens=4, do_sample=False)
     assert isinstance(text.text[0], str)
     doc = pipe("Tell a story.", max_new_tokens=4, generator=seeded(), **FAST)
     assert doc.stop_reasons[0] in ("eos", "max_new_tokens", "max_images", "context_limit")
@@ -49,7 +54,7 @@ def test_prequantized_mllm_runs_all_three_modes(converted_tiny, goldens):
     quantized = run_all_modes(pipe, goldens)
     reference = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
-    full = reference("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    full = draw(reference)
     assert 0 < np.abs(quantized - full).max() < 0.25  # observed ~1e-2 on this random tiny model
 
 
@@ -76,11 +81,13 @@ def test_bf16_pipeline_and_per_component_dtypes(converted_tiny, goldens):
     pipe.set_progress_bar_config(disable=True)
     assert pipe.mllm.dtype == pipe.unet.dtype == torch.bfloat16
     run_all_modes(pipe, goldens)
+    assert pipe.mllm.dtype == pipe.unet.dtype == torch.bfloat16  # drawing through from_pipe left them as they were
     mixed = DreamLLMPipeline.from_pretrained(converted_tiny, dtype={"mllm": torch.float32, "default": torch.bfloat16})
     assert mixed.mllm.dtype == torch.float32 and mixed.unet.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
     mixed.set_progress_bar_config(disable=True)
-    image = mixed("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    image = draw(mixed)
     assert np.isfinite(image).all()
+    assert mixed.mllm.dtype == torch.float32 and mixed.unet.dtype == torch.bfloat16
 
 
 def test_sequential_offload_hooks_match_plain_run(converted_tiny):
@@ -93,11 +100,11 @@ def test_sequential_offload_hooks_match_plain_run(converted_tiny):
 
     reference = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
-    expected = reference("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    expected = draw(reference)
     pipe = DreamLLMPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for component in (pipe.mllm, pipe.unet, pipe.vae):
         cpu_offload(component, execution_device="cpu")
     assert pipe.mllm.model.language_model.embed_tokens.weight.device.type == "meta"
-    image = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST).images
+    image = draw(pipe)
     np.testing.assert_allclose(image, expected, atol=1e-5)

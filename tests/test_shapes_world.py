@@ -81,7 +81,7 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
     """Every stage of `train-demo` for a few steps on a few pictures: the code path, not the quality."""
     import json
 
-    from dreamllm_hf.pipelines import DreamLLMPipeline
+    from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
     from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
 
     recipe = DemoRecipe(
@@ -93,9 +93,9 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
     assert set(report["timings_s"]) >= {"stage 0a autoencoder", "stage 0b diffusion decoder", "stage II joint"}
     assert json.loads((tmp_path / "demo" / "training_report.json").read_text())["recipe"]["joint_steps"] == 2
     assert not (tmp_path / "demo" / ".work").exists()
-    pipe = DreamLLMPipeline.from_pretrained(tmp_path / "demo")
+    pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(tmp_path / "demo"))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", generation_mode="image", num_inference_steps=2).images[0]
+    image = pipe("a red circle", num_inference_steps=2).images[0]
     assert image.size == (32, 32)
 
 
@@ -111,20 +111,26 @@ def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
 
 
 class _StubPipe:
-    """Answers like a DreamLLMPipeline; `answer(prompt, images)` decides the text, `draw(text)` the picture."""
+    """
+    Answers like the pipelines: `answer(prompt, images)` decides a text answer (`allow_images=False`), `draw(text)` a
+    text-to-image picture (a stub given `draw` stands for `DreamLLMText2ImagePipeline`), `story(prompt)` a document.
+    """
 
     def __init__(self, answer=None, draw=None, story=None):
         self.answer, self.draw, self.story = answer, draw, story
+        self.calls = []
 
-    def __call__(self, prompt, images=None, generation_mode="text", **kwargs):
+    def __call__(self, prompt, images=None, allow_images=True, **kwargs):
         from types import SimpleNamespace
 
+        assert "generation_mode" not in kwargs
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        if generation_mode == "text":
+        self.calls.append(dict(prompts=prompts, allow_images=allow_images, **kwargs))
+        if not allow_images:
             return SimpleNamespace(text=[self.answer(p, i) for p, i in zip(prompts, images)])
-        if generation_mode == "image":
+        if self.draw is not None:
             return SimpleNamespace(images=[self.draw(p) for p in prompts])
-        return SimpleNamespace(documents=[self.story(prompt)], stop_reasons=["eos"])
+        return SimpleNamespace(documents=[self.story(p) for p in prompts], stop_reasons=["eos"] * len(prompts))
 
 
 def _picture(colour, shape):
@@ -158,3 +164,8 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
     ])
     figures = interleaved_match(story, settings)
     assert figures["interleaved_pictures"] == 6 and figures["interleaved_match"] == pytest.approx(1 / 3)
+    # All stories in one call, each sampled and drawn from its own generator.
+    (call,) = story.calls
+    assert len(call["prompts"]) == settings.num_stories and call["do_sample"]
+    seeds = [generator.initial_seed() for generator in call["generator"]]
+    assert seeds == [settings.seed * 10_000 + i for i in range(settings.num_stories)]

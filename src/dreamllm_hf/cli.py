@@ -6,6 +6,8 @@ import sys
 
 
 def _add_demo_parser(subparsers) -> None:
+    from .shapes_world.demo_model_path import DEMO_SEED
+
     parser = subparsers.add_parser(
         "demo",
         help="The shipped demo model (a tiny DreamLLM trained on the shapes world) writes an illustrated story.",
@@ -14,8 +16,9 @@ def _add_demo_parser(subparsers) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="Where story.html and the drawing go.")
     parser.add_argument("--prompt", default="Tell me a story.", help="The instruction (the demo model knows stories).")
     parser.add_argument(
-        "--seed", type=int, default=1,
-        help="Seeds the sampled text and the pictures; each seed tells another story (1: three pictures, 0: one).",
+        "--seed", type=int, default=DEMO_SEED,
+        help=f"Seeds the sampled text and the pictures; each seed tells another story ({DEMO_SEED}: three pictures, "
+        "each of what its sentence names; 0: one).",
     )
     parser.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
     parser.set_defaults(func=_run_demo)

@@ -1,9 +1,9 @@
 """The README's main job on a fresh clone, offline: the shipped demo model writes an illustrated story.
 
 The demo model (`dreamllm_hf/demo_model/`) is a tiny DreamLLM trained on the shapes world by `dreamllm-hf train-demo`.
-The story is written in "interleaved" mode: the model writes, emits `<dream_start>` where it wants a picture, draws it
-from its dream queries and reads it back through its vision tower before going on. A caption and a drawing show the
-other two modes.
+The story is a document: the model writes, emits `<dream_start>` where it wants a picture, draws it from its dream
+queries and reads it back through its vision tower before going on. A caption (a text answer, `allow_images=False`)
+and a drawing (`DreamLLMText2ImagePipeline`) show the other two things it does.
 """
 
 import random
@@ -14,14 +14,19 @@ import torch
 def run_demo(
     output_dir: str | Path,
     prompt: str = "Tell me a story.",
-    seed: int = 1,
+    seed: int | None = None,
     model_dir: str | Path | None = None,
     max_images: int = 4,
 ) -> Path:
-    """Writes `output_dir/story.html` (and the drawing of the image mode) and returns the story's path."""
-    from .pipelines import DreamLLMPipeline
+    """
+    Writes `output_dir/story.html` (and the text-to-image drawing) and returns the story's path. `seed` (default
+    `DEMO_SEED`) seeds the story's sampled text and its pictures, and the drawing.
+    """
+    from .pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
     from .shapes_world import draw_shape, sample_spec
-    from .shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH, DEMO_NUM_INFERENCE_STEPS
+    from .shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH, DEMO_NUM_INFERENCE_STEPS, DEMO_SEED
+
+    seed = DEMO_SEED if seed is None else seed
 
     model_dir = Path(model_dir or DEMO_MODEL_PATH)
     if not (model_dir / "model_index.json").is_file():
@@ -36,9 +41,9 @@ def run_demo(
     pipe.set_progress_bar_config(disable=True)
     print(f"[model] {model_dir}")
 
-    torch.manual_seed(seed)  # the story's text is sampled
+    # The generator seeds both the sampled text and the pictures of the story.
     story = pipe(
-        prompt, generation_mode="interleaved", do_sample=True, max_new_tokens=64, max_images=max_images,
+        prompt, do_sample=True, max_new_tokens=64, max_images=max_images,
         generator=torch.Generator("cpu").manual_seed(seed), **sampling,
     )
     story_path = output_dir / "story.html"
@@ -50,12 +55,12 @@ def run_demo(
     print(f"[interleaved] {len(story.images[0])} picture(s), stopped: {story.stop_reasons[0]}")
 
     picture = draw_shape(sample_spec(random.Random(seed), colour="blue", shape="triangle"))
-    caption = pipe("<image>", images=[picture], generation_mode="text", use_chat_template=False, do_sample=False,
+    caption = pipe("<image>", images=[picture], allow_images=False, use_chat_template=False, do_sample=False,
                    max_new_tokens=8).text[0]
     print(f"[comprehension] a blue triangle -> {caption.strip()!r}")
 
-    drawing = pipe("a yellow circle", generation_mode="image", generator=torch.Generator("cpu").manual_seed(seed),
-                   **sampling).images[0]
+    draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
+    drawing = draw("a yellow circle", generator=torch.Generator("cpu").manual_seed(seed), **sampling).images[0]
     drawing_path = output_dir / "a_yellow_circle.png"
     drawing.save(drawing_path)
     print(f"[text-to-image] 'a yellow circle' -> {drawing_path}")

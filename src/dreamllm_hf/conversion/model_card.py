@@ -92,22 +92,23 @@ Install `dreamllm_hf` (it registers the classes with `transformers` and provides
 
 ```python
 import torch
-from dreamllm_hf.pipelines import DreamLLMPipeline
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 
 pipe = DreamLLMPipeline.from_pretrained("{{ repo_id }}", dtype=torch.float16).to("cuda")
 
-# Interleaved: the model writes a document and draws where it decides to.
+# A document: the model writes and draws where it decides to.
 out = pipe("Write a short illustrated story about a fox who learns to paint.", max_images=2)
 out.save_html("story.html")
 
-# Text (comprehension): `<image>` marks where each picture goes.
+# Text (comprehension): a document without pictures; `<image>` marks where each picture goes.
 from PIL import Image
 image = Image.open("photo.jpg")
-answer = pipe("<image>What is in the picture?", images=[image], generation_mode="text").text[0]
+answer = pipe("<image>What is in the picture?", images=[image], allow_images=False).text[0]
 
-# Image (text-to-image, as the original: the caption with no chat template).
-picture = pipe("a photo of a red bird sitting on a tree branch", generation_mode="image",
-               guidance_scale=3.5, num_inference_steps=50).images[0]
+# Image (text-to-image, as the original: the caption with no chat template), on the same components.
+text2image = DreamLLMText2ImagePipeline.from_pipe(pipe)
+picture = text2image("a photo of a red bird sitting on a tree branch", guidance_scale=3.5,
+                     num_inference_steps=50).images[0]
 ```
 
 ### 4-bit (about 6 GB of GPU memory for the language model)
@@ -116,7 +117,7 @@ picture = pipe("a photo of a red bird sitting on a tree branch", generation_mode
 import torch
 from transformers import BitsAndBytesConfig
 from dreamllm_hf import DreamLLMForConditionalGeneration
-from dreamllm_hf.pipelines import DreamLLMPipeline
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 
 quantization = BitsAndBytesConfig(
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
@@ -128,7 +129,7 @@ mllm = DreamLLMForConditionalGeneration.from_pretrained(
 pipe = DreamLLMPipeline.from_pretrained("{{ repo_id }}", mllm=mllm, dtype=torch.float16)
 pipe.unet.to("cuda")
 pipe.vae.to("cuda")
-picture = pipe("a watercolor painting of a lighthouse", generation_mode="image").images[0]
+picture = DreamLLMText2ImagePipeline.from_pipe(pipe)("a watercolor painting of a lighthouse").images[0]
 ```
 
 The language model alone also works with the plain `transformers` API:

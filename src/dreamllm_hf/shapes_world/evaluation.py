@@ -1,13 +1,13 @@
 """How well a DreamLLM knows the shapes world: captioning, drawing, and illustrated stories, judged deterministically.
 
-* `caption_accuracy`: held-out pictures (drawn with a seed no training set uses) are captioned in "text" mode with
-  the pretraining prompt (`<image>` alone, no chat template, greedy); a caption is right when the first colour word
-  and the first shape word in it are the picture's.
-* `t2i_accuracy`: "image" mode on every caption of the world ("a red circle", ...), several seeds each; a picture is
-  right when `classify_shape_image` reads the asked colour and shape.
-* `interleaved_match`: "interleaved" mode on a story instruction, sampled text; every picture the model draws is
-  judged and compared with the colour and shape named by the sentence just before it. Pictures after a sentence that
-  names no shape count as misses.
+* `caption_accuracy`: held-out pictures (drawn with a seed no training set uses) are captioned as text answers
+  (`allow_images=False`) with the pretraining prompt (`<image>` alone, no chat template, greedy); a caption is right
+  when the first colour word and the first shape word in it are the picture's.
+* `t2i_accuracy`: text-to-image (`DreamLLMText2ImagePipeline`) on every caption of the world ("a red circle", ...),
+  several seeds each; a picture is right when `classify_shape_image` reads the asked colour and shape.
+* `interleaved_match`: documents written for story instructions, sampled text, all stories in one call, each sampled
+  and drawn from its own generator; every picture the model draws is judged and compared with the colour and shape
+  named by the sentence just before it. Pictures after a sentence that names no shape count as misses.
 """
 
 import re
@@ -52,6 +52,16 @@ def _last_sentence(text: str) -> str:
     return sentences[-1] if sentences else ""
 
 
+def text_to_image_pipeline(pipe):
+    """
+    `DreamLLMText2ImagePipeline.from_pipe(pipe)` for a `DreamLLMPipeline` (the components are shared); anything else
+    (a text-to-image pipeline already, or a stand-in of the tests) is returned as it is.
+    """
+    from ..pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+
+    return DreamLLMText2ImagePipeline.from_pipe(pipe) if isinstance(pipe, DreamLLMPipeline) else pipe
+
+
 def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 32) -> dict:
     pictures = pairs_dataset(settings.num_caption_pictures, seed=HELD_OUT_SEED + settings.seed)
     right, examples = 0, []
@@ -60,7 +70,7 @@ def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 3
         out = pipe(
             ["<image>"] * len(rows["image"]),
             images=[[image] for image in rows["image"]],
-            generation_mode="text",
+            allow_images=False,
             use_chat_template=False,
             do_sample=False,
             max_new_tokens=8,
@@ -77,9 +87,8 @@ def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
     captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
     prompts = [caption for caption in captions for _ in range(settings.t2i_per_caption)]
     generators = [torch.Generator("cpu").manual_seed(settings.seed * 10_000 + i) for i in range(len(prompts))]
-    images = pipe(
+    images = text_to_image_pipeline(pipe)(
         prompts,
-        generation_mode="image",
         num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale,
         generator=generators,
@@ -98,22 +107,22 @@ def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
 
 
 def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
+    instructions = [STORY_INSTRUCTIONS[index % len(STORY_INSTRUCTIONS)] for index in range(settings.num_stories)]
+    # One call writes every story; story i samples its text and draws its pictures from its own generator.
+    generators = [torch.Generator("cpu").manual_seed(settings.seed * 10_000 + i) for i in range(len(instructions))]
+    out = pipe(
+        instructions,
+        do_sample=True,
+        max_new_tokens=settings.max_story_tokens,
+        max_images=settings.max_story_images,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=generators,
+    )
     matched = pictures = stories_with_pictures = 0
     documents = []
-    for index in range(settings.num_stories):
-        instruction = STORY_INSTRUCTIONS[index % len(STORY_INSTRUCTIONS)]
-        torch.manual_seed(settings.seed * 10_000 + index)  # the text sampling uses the global RNG
-        out = pipe(
-            instruction,
-            generation_mode="interleaved",
-            do_sample=True,
-            max_new_tokens=settings.max_story_tokens,
-            max_images=settings.max_story_images,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(settings.seed * 10_000 + index),
-        )
-        document, last_text, drawn = out.documents[0], "", 0
+    for instruction, document, stop in zip(instructions, out.documents, out.stop_reasons):
+        last_text, drawn = "", 0
         record = []
         for segment in document:
             if isinstance(segment, str):
@@ -129,7 +138,7 @@ def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
             last_text = ""  # a second picture right after the first has no sentence of its own
         pictures += drawn
         stories_with_pictures += drawn > 0
-        documents.append({"instruction": instruction, "document": " ".join(record), "stop": out.stop_reasons[0]})
+        documents.append({"instruction": instruction, "document": " ".join(record), "stop": stop})
     return {
         "interleaved_match": matched / pictures if pictures else 0.0,
         "interleaved_pictures": pictures,
@@ -172,4 +181,5 @@ __all__ = [
     "load_demo_pipeline",
     "named_colour_and_shape",
     "t2i_accuracy",
+    "text_to_image_pipeline",
 ]

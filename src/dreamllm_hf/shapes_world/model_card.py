@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
+from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS, DEMO_SEED
 
 CARD_TEMPLATE = """---
 library_name: diffusers
@@ -30,14 +30,17 @@ sentences and nothing else.
 ## Use
 
 ```python
-from dreamllm_hf.pipelines import DreamLLMPipeline
+import torch
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
 pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)           # offline, a few MB
-image = pipe("a red circle", generation_mode="image", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]
-caption = pipe("<image>", images=[image], generation_mode="text", use_chat_template=False).text[0]
-story = pipe("Tell me a story.", generation_mode="interleaved", do_sample=True, max_new_tokens=64,
-             num_inference_steps={steps}, guidance_scale={guidance:g})
+draw = DreamLLMText2ImagePipeline.from_pipe(pipe)                  # text-to-image on the same components
+image = draw("a red circle", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]
+caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
+# The generator seeds the story's sampled text and its pictures (seed {demo_seed}: the story of `dreamllm-hf demo`).
+story = pipe("Tell me a story.", do_sample=True, max_new_tokens=64, max_images=4, num_inference_steps={steps},
+             guidance_scale={guidance:g}, generator=torch.Generator().manual_seed({demo_seed}))
 story.save_html("story.html")
 ```
 
@@ -172,6 +175,7 @@ def write_demo_model_card(model_dir: str | Path, report: dict | None = None, eva
         checks=_checks(report),
         steps=DEMO_NUM_INFERENCE_STEPS,
         guidance=DEMO_GUIDANCE_SCALE,
+        demo_seed=DEMO_SEED,
         creation_llm=(
             " (in its creation half as well: captioning collapses there and comes back in stage II, see the checks)"
             if report["recipe"].get("creation_train_llm") else ""
