@@ -312,19 +312,19 @@ class DocumentEngine:
 
     def _decode_step(self) -> torch.Tensor:
         """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
-        live = torch.tensor([d.stop_reason is None for d in self.rows], device=self.device)
-        pending = torch.tensor(
-            [d.pending if d.pending is not None else self.pad for d in self.rows], device=self.device
-        )
-        positions = torch.tensor([[d.length] for d in self.rows], device=self.device)
+        # One host-to-device copy per step: the token, whether the row still writes, and the token's position.
+        rows = [
+            (self.pad, 0, d.length) if d.stop_reason is not None else (d.pending, 1, d.length) for d in self.rows
+        ]
+        pending, live, positions = torch.tensor(rows, device=self.device).unbind(-1)
+        positions = positions[:, None]
         if self.static:
-            self.mask[:, self.end] = live.long()
+            self.mask[:, self.end] = live
             self.ids[:, self.end] = pending
-            mask = self.mask
         else:
-            self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
+            self.mask = torch.cat([self.mask, live[:, None]], dim=1)
             self.ids = torch.cat([self.ids, pending[:, None]], dim=1)
-            mask = self.mask
+        mask = self.mask
         onload(self.mllm)
         output = self.step_call(
             input_ids=pending[:, None],
