@@ -297,3 +297,14 @@ def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(p
     assert unet == [2, 2, 4, 4]  # [uncond, cond] rows, two denoising steps each
     assert vae == [1, 2]
     assert clip == [1, 1, 2]  # the prompt's picture at prefill, then the drawn ones, batched
+
+
+def test_a_stream_closed_early_leaves_the_pipeline_usable(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
+    stream = pipe.stream(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    first = next(event for event in stream if event.type == "picture")
+    stream.close()  # a user pressing "stop"
+    assert first.document == 1
+    out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    np.testing.assert_allclose(out.images[1][0], first.image, atol=1e-5)

@@ -515,10 +515,11 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             shared_generator=None if per_document_generators else generator,
             streamer=streamer,
         )
-        yield from engine.run()
-
-        # Offload all models
-        self.maybe_free_model_hooks()
+        try:
+            yield from engine.run()
+        finally:
+            # Offload all models (also when a stream is closed before its end)
+            self.maybe_free_model_hooks()
 
 
 __all__ = ["DreamLLMPipeline"]
