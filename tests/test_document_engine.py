@@ -308,3 +308,31 @@ def test_a_stream_closed_early_leaves_the_pipeline_usable(pipe, scripts):
     assert first.document == 1
     out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     np.testing.assert_allclose(out.images[1][0], first.image, atol=1e-5)
+
+
+def test_prompts_of_very_different_lengths_are_read_in_groups_and_still_equal_each_alone(pipe, scripts):
+    from dreamllm_hf.pipelines.document_engine import _prefill_groups
+
+    assert _prefill_groups([40, 38, 39]) == [[0, 1, 2]]  # little padding: one forward
+    assert _prefill_groups([10, 100, 12, 95]) == [[1, 3], [0, 2]]  # each group in batch order
+    _, free = scripts
+    prompts = ["Hi", "Describe <image> please", "Tell a long story " + "about the sea and the wind " * 12]
+    images = [[], [picture(3)], []]
+    lengths = [
+        pipe._tokenize([pipe.format_chat_prompt(p)], [i] if i else None, "cpu")[0].shape[1]
+        for p, i in zip(prompts, images)
+    ]
+    assert len(_prefill_groups(lengths)) > 1
+    kwargs = dict(
+        generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])},
+        do_sample=True,
+        max_new_tokens=10,
+        max_images=2,
+        output_type="np",
+        **FAST,
+    )
+    batch = pipe(prompts, images=images, generator=[seeded(50 + i) for i in range(3)], **kwargs)
+    assert sum(len(i) for i in batch.images) > 0
+    for index, prompt in enumerate(prompts):
+        single = pipe(prompt, images=images[index] or None, generator=[seeded(50 + index)], **kwargs)
+        assert_same_document(batch, index, single)

@@ -238,6 +238,10 @@ class DocumentEngine:
     # The cache
 
     def _prefill(self) -> list[_Document]:
+        """Reads every prompt into one right-aligned cache and returns the documents with their first logits.
+
+        Prompts of very different lengths are not padded to the longest: they are read in groups of similar length
+        (see `PREFILL_PADDING_LIMIT`), each group's rows then copied, right-aligned, into the batch's cache."""
         pipe = self.pipe
         texts = [r.text for r in self.requests]
         images = None
@@ -265,33 +269,67 @@ class DocumentEngine:
             logits_processor=self.logits_processor or LogitsProcessorList(),
             device=self.device,
         )
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        image_counts = [len(r.images or []) for r in self.requests]
+        image_starts = [sum(image_counts[:i]) for i in range(batch)]
+        caches, logits = [], [None] * batch
+        onload(self.mllm)
+        for rows in _prefill_groups(lengths):
+            width = max(lengths[row] for row in rows)
+            mask = attention_mask[rows, length - width :]
+            group_pixels = None
+            if pixel_values is not None and any(image_counts[row] for row in rows):
+                picks = [image_starts[row] + k for row in rows for k in range(image_counts[row])]
+                group_pixels = pixel_values[picks]
+            cache = DynamicCache(config=self.config.text_config)
+            output = self.mllm(
+                input_ids=input_ids[rows, length - width :],
+                pixel_values=group_pixels,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            caches.append((rows, width, cache))
+            for i, row in enumerate(rows):
+                logits[row] = output.logits[i, -1]
+        self._last_logits = torch.stack(logits)
+
         if self.static:
-            width = self._static_width(length)
-            self.cache = StaticCache(config=self.config.text_config, max_cache_len=width)
-            self.mask = attention_mask.new_zeros(batch, width)
+            cache_width = self._static_width(length)
+            self.cache = StaticCache(config=self.config.text_config, max_cache_len=cache_width)
+            self.mask = attention_mask.new_zeros(batch, cache_width)
             self.mask[:, :length] = attention_mask
-            self.ids = input_ids.new_full((batch, width), self.pad)
+            self.ids = input_ids.new_full((batch, cache_width), self.pad)
             self.ids[:, :length] = input_ids
             if self.device.type == "cuda":
                 self.step_call = self.mllm.get_compiled_call(self.generation_config.compile_config)
         else:
             self.cache = DynamicCache(config=self.config.text_config)
             self.mask, self.ids = attention_mask, input_ids
-        onload(self.mllm)
-        output = self.mllm(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=self.mask,
-            position_ids=position_ids,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        if len(caches) == 1 and not self.static:
+            self.cache = caches[0][2]
+        else:
+            for index in range(len(caches[0][2].layers)):
+                keys, values = (
+                    self._merged_rows(
+                        [(rows, width, getattr(c.layers[index], name)) for rows, width, c in caches], length
+                    )
+                    for name in ("keys", "values")
+                )
+                self.cache.update(keys, values, index)
         self.end = length
         self._check_cache_layers()
-        self._last_logits = output.logits[:, -1]
         return documents
+
+    def _merged_rows(self, parts: list[tuple[list[int], int, torch.Tensor]], length: int) -> torch.Tensor:
+        """The rows of every group's `[rows, heads, width, dim]` tensor in one `[batch, heads, length, dim]` tensor,
+        right-aligned (zeros on the left)."""
+        first = parts[0][2]
+        merged = first.new_zeros(len(self.rows), first.shape[1], length, first.shape[3])
+        for rows, width, tensor in parts:
+            merged[torch.tensor(rows, device=merged.device), :, length - width :] = tensor
+        return merged
 
     def _static_width(self, prompt_length: int) -> int:
         """Columns a static cache needs: the longest document's length can reach, bounded by the context."""
@@ -313,9 +351,7 @@ class DocumentEngine:
     def _decode_step(self) -> torch.Tensor:
         """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
         # One host-to-device copy per step: the token, whether the row still writes, and the token's position.
-        rows = [
-            (self.pad, 0, d.length) if d.stop_reason is not None else (d.pending, 1, d.length) for d in self.rows
-        ]
+        rows = [(self.pad, 0, d.length) if d.stop_reason is not None else (d.pending, 1, d.length) for d in self.rows]
         pending, live, positions = torch.tensor(rows, device=self.device).unbind(-1)
         positions = positions[:, None]
         if self.static:
@@ -446,6 +482,26 @@ class DocumentEngine:
             self.ids[row, : end - new_length] = self.pad
             self.mask[row, : end - new_length] = 0
             self.mask[row, end - new_length : end] = 1
+
+
+# A group of prompts is read in one padded forward while its padded size stays within this factor of its real tokens;
+# beyond, the padding would cost more than a separate forward (prefill compute grows with the padded length).
+PREFILL_PADDING_LIMIT = 1.25
+
+
+def _prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped for reading the prompts: longest first, each group as large as the padding limit allows."""
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    groups, group = [], []
+    for row in order:
+        if group and (len(group) + 1) * lengths[group[0]] > PREFILL_PADDING_LIMIT * (
+            sum(lengths[r] for r in group) + lengths[row]
+        ):
+            groups.append(group)
+            group = []
+        group.append(row)
+    groups.append(group)
+    return [sorted(group) for group in groups]  # rows in batch order: one group is the batch as it is
 
 
 def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
