@@ -2,22 +2,33 @@
 
     python benchmarks/bench_pipeline.py [--hidden 1024 --layers 12 --intermediate 2816] [--steps 10] [--repeats 3]
 
-Four ratios (each timing is the best of `--repeats` runs, the compared runs taking turns so that other load on the
+Five ratios (each timing is the best of `--repeats` runs, the compared runs taking turns so that other load on the
 machine hits both sides):
 
 * `decode_ratio`: tokens/s of `DreamLLMForConditionalGeneration.generate` / tokens/s of a stock `LlamaForCausalLM`
   with the same weights (goal >= 0.98);
-* `image_ratio`: pipeline text-to-image time on given embeddings / a bare diffusers loop (UNet + CFG + DDPM + VAE
-  decode + postprocess) on the same embeddings (goal <= 1.02);
+* `image_ratio`: `DreamLLMText2ImagePipeline` time on given embeddings / a bare diffusers loop (UNet + CFG + DDPM +
+  VAE decode + postprocess) on the same embeddings (goal <= 1.02);
 * `interleaved_ratio`: an interleaved document with 3 pictures / the sum of its parts, each timed alone on the same
-  growing cache (`generate` per text segment, the unconditional, and per picture its dream block, the bare diffusion
-  loop and the CLIP read-back): what the pipeline's own orchestration costs (goal <= 1.10);
+  growing cache (per text segment a bare decode loop making the very forward call the pipeline's document engine makes
+  per step, the unconditional, and per picture its dream block, the bare diffusion loop and the CLIP read-back): what
+  the pipeline's own orchestration costs (goal <= 1.10);
 * `naive_ratio`: the same document / a naive loop that re-runs the whole prefix (and CLIP on every earlier picture)
-  after each picture (below 1 means the cached loop is faster).
+  after each picture, with `generate` per text segment (below 1 means the cached loop is faster);
+* `batched_documents_ratio`: documents/s of 8 documents written in ONE pipeline call / the same 8 documents written one
+  call each (goal >= 2.0). The 8 prompts differ in length; each document is seeded by its own generator (seeds 0..7,
+  `do_sample=True`) and its tokens are forced by a logits processor that decides every row from that row's tokens
+  alone, so it is the same document alone or in the batch, and the two runs are asserted to give the same text and
+  pictures within 1e-4. Each document writes `segment + 2 (i % 4)` text tokens, then (even i) `<dream_start>`, then
+  `segment / 2 + 3 i` more, then `</s>`: 4 documents draw one picture (two pairs of them at the same step, drawn in one
+  UNet batch each), 4 draw none, and they finish at 8 different steps. `segment` is `--batched-segment-tokens`
+  (default 48: documents of 87 text tokens on average, the length of a short illustrated paragraph). On 2 CPU cores the
+  UNet, VAE and CLIP are compute-bound and gain little from batching (about 1.1x for a pair), so this ratio falls with
+  the share of pictures: with 12-token segments (pictures about half of the batched time) it is about 1.7-1.8.
 
-The document's tokens are forced (a logits processor), so every variant writes the same text and pictures. The
-tokenizer is the test fixture's (special ids 1000..1007); the vocabulary is 32008 as in the release.
-The last line of the output is one JSON object with the four ratios and the timings they come from.
+Every document's tokens are forced (`RowScripts`), so every variant writes the same text and pictures. The tokenizer
+is the test fixture's (special ids 1000..1007); the vocabulary is 32008 as in the release.
+The last line of the output is one JSON object with the five ratios and the timings they come from.
 """
 
 import argparse
@@ -41,7 +52,7 @@ from transformers import (
 from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration
 from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
-from dreamllm_hf.pipelines import DreamLLMPipeline
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny"
 BOS, EOS, PAD = 1, 2, 1000
@@ -49,22 +60,52 @@ IM_START, DREAM_END, DREAM_START, IM_PATCH, IM_END, IMAGE, DREAM = 1001, 1002, 1
 TEXT_TOKEN = 500  # any ordinary piece of the fixture tokenizer
 
 
-class Forced(LogitsProcessor):
-    """Emits `tokens` in order, one per sampled token, across `generate` calls."""
+class RowScripts(LogitsProcessor):
+    """Forces every row's next token from that row's tokens alone, so that it serves `generate`, the pipeline's
+    batched document engine and a bare loop alike, whatever rows they hold and however they pad them.
 
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
+    A row's prompt names its script: the key is the sum of the row's ordinary token ids (3 .. `vocab_end` - 1, the
+    fixture tokenizer's pieces, but `text_token`), a checksum of its prompt that padding and picture blocks leave
+    alone. How far along its script the row is: the `text_token`s and `<dream_start>`s in it (the engine keeps each
+    drawn picture's `<dream_start>` in its rows, as `generate` keeps the tokens it sampled). All on the rows' device,
+    without a host sync. A row with an unknown prompt gets some script: the callers check every document's text."""
+
+    def __init__(self, scripts: dict, text_token=TEXT_TOKEN, dream_start=DREAM_START, vocab_end=PAD):
+        self.text_token, self.dream_start, self.vocab_end = text_token, dream_start, vocab_end
+        keys = sorted(scripts)
+        self.width = max(len(script) for script in scripts.values())
+        # Scripts padded with their last token (`</s>`): a finished row that is still fed gets it again.
+        self.table = torch.tensor([scripts[k] + [scripts[k][-1]] * (self.width - len(scripts[k])) for k in keys])
+        self.keys = torch.tensor(keys)
+
+    @staticmethod
+    def key(ids, text_token=TEXT_TOKEN, vocab_end=PAD) -> torch.Tensor:
+        ordinary = (ids >= 3) & (ids < vocab_end) & (ids != text_token)
+        return (ids * ordinary).sum(-1)
 
     def __call__(self, input_ids, scores):
-        token = self.tokens[min(self.step, len(self.tokens) - 1)]
-        self.step += 1
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, token] = 0
-        return forced
+        if self.table.device != input_ids.device:
+            self.table, self.keys = self.table.to(input_ids.device), self.keys.to(input_ids.device)
+        key = self.key(input_ids, self.text_token, self.vocab_end)
+        script = torch.searchsorted(self.keys, key).clamp(max=self.keys.numel() - 1)
+        done = ((input_ids == self.text_token) | (input_ids == self.dream_start)).sum(-1).clamp(max=self.width - 1)
+        token = self.table[script, done]
+        return torch.full_like(scores, -float("inf")).scatter_(1, token[:, None], 0.0)
 
 
-def forced(tokens):
-    return LogitsProcessorList([Forced(tokens)])
+def scripted(prompt_ids: dict, scripts: dict, text_token=TEXT_TOKEN, dream_start=DREAM_START, vocab_end=PAD):
+    """A `LogitsProcessorList` of one `RowScripts` for `{name: prompt ids}` (as the model reads them: BOS, chat
+    template and all) and `{name: script}`."""
+    keys = {}
+    for name, ids in prompt_ids.items():
+        ids = torch.as_tensor(ids)
+        if (ids == text_token).any():
+            raise ValueError(f"Prompt {name!r} holds the forced text token {text_token}; pick another.")
+        keys[name] = int(RowScripts.key(ids, text_token, vocab_end))
+    if len(set(keys.values())) != len(keys):
+        raise ValueError(f"Two prompts have the same checksum, pick others: {keys}")
+    processor = RowScripts({keys[name]: scripts[name] for name in scripts}, text_token, dream_start, vocab_end)
+    return LogitsProcessorList([processor])
 
 
 # The clock every measurement reads: wall time by default; `--clock cpu` reads this process's CPU time instead, which
@@ -224,15 +265,16 @@ def bare_loop(pipe, cond, uncond, steps, height, guidance_scale, seed):
 
 
 def bench_image(pipe, args):
+    text2image = DreamLLMText2ImagePipeline.from_pipe(pipe)  # the same components, not copies
+    text2image.set_progress_bar_config(disable=True)
     with torch.no_grad():
         cond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS, 400, 401, 402]]))
         uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS]]))
 
         def run_pipe():
-            return pipe(
+            return text2image(
                 prompt_embeds=cond,
                 negative_prompt_embeds=uncond,
-                generation_mode="image",
                 num_inference_steps=args.steps,
                 guidance_scale=3.5,
                 height=args.height,
@@ -254,16 +296,52 @@ def document_script(args):
     return text + ([DREAM_START] + text) * 3 + [EOS]
 
 
+def chat_ids(pipe, prompt: str) -> torch.Tensor:
+    """The ids the pipeline feeds for `prompt` (chat template, BOS): `[1, length]`."""
+    ids, _, _ = pipe._tokenize([pipe.format_chat_prompt(prompt)], None, torch.device("cpu"))
+    return ids
+
+
+def engine_step(mllm, ids, cache, feed: int):
+    """The forward the pipeline's document engine makes: the last `feed` tokens of `ids` into `cache`, with its
+    attention mask over cache + new tokens, explicit positions and `logits_to_keep=1`. Returns next-token logits."""
+    length = ids.shape[1]
+    out = mllm(
+        input_ids=ids[:, length - feed :],
+        attention_mask=torch.ones(1, length, dtype=torch.long),
+        position_ids=torch.arange(length - feed, length)[None],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def bare_decode(mllm, ids, cache, processors, feed: int):
+    """Greedy decode on `cache` with the engine's per-step forward and nothing else: feeds the last `feed` tokens of
+    `ids`, then one token per step until `</s>` or `<dream_start>`. Returns `ids` with the sampled text tokens (not the
+    stop token, which is never fed) and the stop token."""
+    logits = engine_step(mllm, ids, cache, feed)
+    while True:
+        token = int(processors(ids, logits).argmax(-1))
+        if token in (EOS, DREAM_START):
+            return ids, token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        logits = engine_step(mllm, ids, cache, 1)
+
+
 def bench_interleaved(pipe, args):
     mllm, config = pipe.mllm, pipe.mllm.config
     prompt = "Write an illustrated story about a fox."
     diffusion = dict(num_inference_steps=args.steps, guidance_scale=3.5, height=args.height, width=args.height)
     script = document_script(args)
+    ids = chat_ids(pipe, prompt)
+    processors = scripted({"story": ids[0]}, {"story": script})
 
     def cached_document():
         out = pipe(
             prompt,
-            generation_kwargs={"logits_processor": forced(script)},
+            generation_kwargs={"logits_processor": processors},
             max_new_tokens=len(script),
             generator=torch.Generator().manual_seed(0),
             **diffusion,
@@ -271,15 +349,13 @@ def bench_interleaved(pipe, args):
         assert len(out.images[0]) == 3 and out.stop_reasons == ["eos"], (out.stop_reasons, len(out.images[0]))
         return out
 
-    chat = pipe.format_chat_prompt(prompt)
-    ids, _, _ = pipe._tokenize([chat], None, torch.device("cpu"))
+    # A drawn picture in the stream, but its `<im_end>`, which the next decode step feeds (as in the engine).
     block = torch.tensor(
         [
             [DREAM_START]
             + [IM_PATCH] * config.num_dream_queries
             + [DREAM_END, IM_START]
             + [IM_PATCH] * config.num_image_tokens
-            + [IM_END]
         ]
     )
 
@@ -293,8 +369,9 @@ def bench_interleaved(pipe, args):
         mllm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
 
     def parts() -> dict:
-        """The same document from its parts, each timed alone: `generate` on the shared cache for each text segment,
-        the unconditional, and per picture its dream block, the bare diffusion loop and the CLIP read-back."""
+        """The same document from its parts, each timed alone: per text segment a bare decode loop on the shared
+        cache (the engine's per-step forward, `processors`, argmax), the unconditional, and per picture its dream
+        block, the bare diffusion loop and the CLIP read-back."""
         spent = Parts()
 
         @contextlib.contextmanager
@@ -305,20 +382,12 @@ def bench_interleaved(pipe, args):
 
         with clock("uncond"):
             uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]]))
-        cache, stream, segment = DynamicCache(config=config.text_config), ids, args.segment_tokens + 1
+        cache, stream, feed = DynamicCache(config=config.text_config), ids, ids.shape[1]
         for index in range(4):
             with clock("text"):
-                out = mllm.generate(
-                    stream,
-                    attention_mask=torch.ones_like(stream),
-                    cache=cache,
-                    max_new_tokens=segment,
-                    logits_processor=forced(script[index * segment :]),
-                    eos_token_id=[EOS, DREAM_START],
-                )
-            if int(out[0, -1]) == EOS:
+                stream, stop = bare_decode(mllm, stream, cache, processors, feed)
+            if stop == EOS:
                 return spent
-            stream = out[:, :-1]
             past = torch.ones(1, stream.shape[1], dtype=torch.long)
             with clock("dream_block"):
                 cond = mllm.get_dream_embeddings(stream[:, :0], attention_mask=past, cache=cache)
@@ -326,11 +395,11 @@ def bench_interleaved(pipe, args):
                 image = bare_loop(pipe, cond, uncond, args.steps, args.height, 3.5, index)[0]
             with clock("read_back"):
                 read_back(image, cache)
-            stream = torch.cat([stream, block], dim=1)
+            stream, feed = torch.cat([stream, block, torch.tensor([[IM_END]])], dim=1), 1
         raise AssertionError("the forced script ends in </s>")
 
     def naive_document():
-        """Re-runs the whole prefix (and CLIP on every earlier picture) after each picture."""
+        """Re-runs the whole prefix (and CLIP on every earlier picture) after each picture, `generate` per segment."""
         stream, pictures, processor = ids, [], pipe.processor
         uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]]))
         segment = args.segment_tokens + 1
@@ -341,7 +410,7 @@ def bench_interleaved(pipe, args):
                 attention_mask=torch.ones_like(stream),
                 pixel_values=pixel_values,
                 max_new_tokens=segment,
-                logits_processor=forced(script[index * segment :]),
+                logits_processor=processors,
                 eos_token_id=[EOS, DREAM_START],
             )
             if int(out[0, -1]) == EOS:
@@ -352,7 +421,8 @@ def bench_interleaved(pipe, args):
             cond = mllm(with_block, pixel_values=pixel_values, logits_to_keep=1).dream_embeddings[-1:]
             image = bare_loop(pipe, cond, uncond, args.steps, args.height, 3.5, index)[0]
             pictures.append(processor.image_processor([image], return_tensors="pt")["pixel_values"])
-            stream = torch.cat([stream, block], dim=1)
+            stream = torch.cat([stream, block, torch.tensor([[IM_END]])], dim=1)
+        raise AssertionError("the forced script ends in </s>")
 
     with torch.no_grad():
         times = best_of({"cached": cached_document, "parts": parts, "naive": naive_document}, args.repeats)
@@ -361,6 +431,123 @@ def bench_interleaved(pipe, args):
         "naive_s": times["naive"],
         "parts_s": times["parts"],
         "parts": times["parts_parts"],
+    }
+
+
+PROMPTS = [
+    "Draw a cat.",
+    "Describe the sea at night.",
+    "Write a short poem about autumn leaves.",
+    "Tell a story about a fox who finds a lantern in the woods.",
+    "Explain how a lighthouse works, with a picture of one on a rocky coast.",
+    "Write a travel diary entry about a small mountain village, its bakery and the old stone bridge over the river.",
+    "Describe a busy harbour at dawn: the fishing boats coming in, the gulls, the market stalls being set up and the "
+    "smell of salt and diesel in the cold air.",
+    "Write an illustrated guide for children about the water cycle: the sun warming the ocean, vapour rising, clouds "
+    "forming over the hills, rain falling on the fields and rivers carrying the water back to the sea.",
+]
+
+
+def batched_scripts(segment: int, count: int = 8, text_token=TEXT_TOKEN, dream_start=DREAM_START, eos=EOS):
+    """Document i: `segment + 2 (i % 4)` text tokens, then (even i) `<dream_start>`, then `segment // 2 + 3 i` text
+    tokens, then `</s>`. Documents 0 and 4 ask for their picture at the same step, as do 2 and 6."""
+    scripts = []
+    for i in range(count):
+        head = [text_token] * (segment + 2 * (i % 4))
+        tail = [text_token] * (segment // 2 + 3 * i)
+        scripts.append(head + ([dream_start] if i % 2 == 0 else []) + tail + [eos])
+    return scripts
+
+
+def compare_documents(together, alone, tolerance: float | None = 1e-4) -> dict:
+    """Asserts that a call of several documents wrote each one's text, stop reason and number of pictures as its own
+    call did, and (unless `tolerance` is None) its pictures within `tolerance`; returns the largest picture
+    difference (pictures as `output_type="np"`, 0..1)."""
+    largest = 0.0
+    for index, single in enumerate(alone):
+        assert together.text[index] == single.text[0], (index, together.text[index], single.text[0])
+        assert together.stop_reasons[index] == single.stop_reasons[0], (index, together.stop_reasons[index])
+        pictures, expected = together.images[index], single.images[0]
+        assert len(pictures) == len(expected), (index, len(pictures), len(expected))
+        for a, b in zip(pictures, expected):
+            difference = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max()
+            largest = max(largest, float(difference))
+    if tolerance is not None:
+        assert largest <= tolerance, f"pictures differ by {largest} between the batched call and the single calls"
+    return {"largest_picture_difference": largest}
+
+
+def split_seconds(pipe, prompts, **kwargs) -> dict:
+    """Seconds of one call (through `pipe.stream`, the same engine) spent drawing pictures and the rest: a step's
+    pictures are timed from its first `picture_start` event to its first `picture` event (the engine conditions, draws,
+    decodes and reads back all of them in between); the rest is prefill, decode steps and bookkeeping."""
+    start, drawing, since = clock_now(), 0.0, None
+    for event in pipe.stream(prompts, **kwargs):
+        if event.type == "picture_start" and since is None:
+            since = clock_now()
+        elif event.type == "picture" and since is not None:
+            drawing, since = drawing + clock_now() - since, None
+    total = clock_now() - start
+    return {"pictures": drawing, "rest": total - drawing}
+
+
+def bench_batched(pipe, args):
+    """8 documents in one call against the same 8 documents one call each."""
+    scripts = batched_scripts(args.batched_segment_tokens)
+    prompt_ids = {prompt: chat_ids(pipe, prompt)[0] for prompt in PROMPTS}
+    processors = scripted(prompt_ids, dict(zip(PROMPTS, scripts)))
+    settings = dict(
+        max_new_tokens=max(len(s) for s in scripts),
+        max_images=1,
+        num_inference_steps=args.steps,
+        guidance_scale=3.5,
+        height=args.height,
+        width=args.height,
+        do_sample=True,
+        generation_kwargs={"logits_processor": processors},
+        output_type="np",
+    )
+
+    def call(indices):
+        generators = [torch.Generator().manual_seed(i) for i in indices]
+        return pipe([PROMPTS[i] for i in indices], generator=generators, **settings)
+
+    def together():
+        return call(range(len(PROMPTS)))
+
+    def one_by_one():
+        return [call([i]) for i in range(len(PROMPTS))]
+
+    with torch.no_grad():
+        batched, alone = together(), one_by_one()
+        check = compare_documents(batched, alone)
+        for index, script in enumerate(scripts):
+            assert batched.stop_reasons[index] == "eos", batched.stop_reasons
+            assert len(batched.images[index]) == script.count(DREAM_START), (index, len(batched.images[index]))
+            # Every text token is the same piece: the document's text is that piece as many times as forced.
+            piece = pipe.tokenizer.decode([TEXT_TOKEN])
+            assert batched.text[index].replace("\n", "") == piece * script.count(TEXT_TOKEN), batched.text[index]
+        times = best_of({"together": together, "one_by_one": one_by_one}, args.repeats)
+        # Where the time goes (one more untimed round, through the events).
+        split_together = split_seconds(
+            pipe, PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))], **settings
+        )
+        split_alone = {"pictures": 0.0, "rest": 0.0}
+        for i, prompt in enumerate(PROMPTS):
+            part = split_seconds(pipe, [prompt], generator=[torch.Generator().manual_seed(i)], **settings)
+            split_alone = {k: split_alone[k] + part[k] for k in split_alone}
+    count = len(PROMPTS)
+    return {
+        "documents": count,
+        "pictures": sum(s.count(DREAM_START) for s in scripts),
+        "tokens": sum(len(s) for s in scripts),
+        "together_s": times["together"],
+        "one_by_one_s": times["one_by_one"],
+        "together_docs_s": count / times["together"],
+        "one_by_one_docs_s": count / times["one_by_one"],
+        "split_together_s": split_together,
+        "split_one_by_one_s": split_alone,
+        **check,
     }
 
 
@@ -380,6 +567,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--segment-tokens", type=int, default=12, help="text tokens before/after each picture")
+    parser.add_argument(
+        "--batched-segment-tokens", type=int, default=48, help="batched_documents_ratio: text tokens per segment"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what the timings measure")
@@ -404,11 +594,14 @@ def main():
     image = bench_image(pipe, args)
     print(f"text-to-image done ({time.perf_counter() - start:.0f} s)", flush=True)
     interleaved = bench_interleaved(pipe, args)
+    print(f"interleaved document done ({time.perf_counter() - start:.0f} s)", flush=True)
+    batched = bench_batched(pipe, args)
     result = {
         "decode_ratio": decode["dreamllm_tok_s"] / decode["llama_tok_s"],
         "image_ratio": image["pipeline_s"] / image["bare_s"],
         "interleaved_ratio": interleaved["document_s"] / interleaved["parts_s"],
         "naive_ratio": interleaved["document_s"] / interleaved["naive_s"],
+        "batched_documents_ratio": batched["together_docs_s"] / batched["one_by_one_docs_s"],
     }
 
     rows = [
@@ -436,11 +629,28 @@ def main():
             result["naive_ratio"],
             "< 1",
         ),
+        (
+            f"{batched['documents']} documents docs/s: 1 call vs {batched['documents']}",
+            f"{batched['together_docs_s']:.3f} vs {batched['one_by_one_docs_s']:.3f}",
+            result["batched_documents_ratio"],
+            ">= 2.0",
+        ),
     ]
     print(f"{'measure':<42} {'figures':>22} {'ratio':>7}  goal")
     for name, figures, ratio, goal in rows:
         print(f"{name:<42} {figures:>22} {ratio:>7.3f}  {goal}")
     print("parts (s): " + ", ".join(f"{k} {v:.3f}" for k, v in interleaved["parts"].items()))
+    print(
+        f"{batched['documents']} documents ({batched['tokens']} tokens, {batched['pictures']} pictures): "
+        f"{batched['together_s']:.2f} s in one call, {batched['one_by_one_s']:.2f} s one call each; same text, "
+        f"pictures within {batched['largest_picture_difference']:.1e}"
+    )
+    together, alone = batched["split_together_s"], batched["split_one_by_one_s"]
+    print(
+        f"  split (s, one more run): one call: text and the rest {together['rest']:.2f}, pictures "
+        f"{together['pictures']:.2f}; one call each: text and the rest {alone['rest']:.2f}, pictures "
+        f"{alone['pictures']:.2f}"
+    )
     print(
         f"same tokens as stock Llama: {decode['same_tokens']}; same picture as the bare loop: {image['same_image']}; "
         f"total {time.perf_counter() - start:.0f} s"
@@ -451,6 +661,7 @@ def main():
         image=image,
         interleaved={k: v for k, v in interleaved.items() if k != "parts"},
         parts=interleaved["parts"],
+        batched=batched,
     )
     print(json.dumps(result))
 
