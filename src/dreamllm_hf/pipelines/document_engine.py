@@ -26,6 +26,7 @@ from .dream_diffusion import DiffusionSettings, onload
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+STATIC_CACHE_BUCKET = 256  # static cache widths are multiples of this (one compiled decode step for many calls)
 
 
 @dataclass
@@ -332,13 +333,14 @@ class DocumentEngine:
         return merged
 
     def _static_width(self, prompt_length: int) -> int:
-        """Columns a static cache needs: the longest document's length can reach, bounded by the context."""
+        """Columns a static cache needs: the longest a document can grow, bounded by the context. Rounded up to a
+        multiple of `STATIC_CACHE_BUCKET`, so that calls with other prompt lengths reuse the compiled decode step."""
         settings = self.settings
         pictures = 0
         if settings.allow_images:
             pictures = settings.max_new_tokens if settings.max_images is None else settings.max_images
         longest = prompt_length + settings.max_new_tokens + pictures * (self.block_length - 1)
-        return min(self.context, longest)
+        return min(self.context, -(-longest // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
 
     def _check_cache_layers(self) -> None:
         for layer in self.cache.layers:
