@@ -47,3 +47,23 @@ def tiny_mllm(converted_tiny):
     from dreamllm_hf import DreamLLMForConditionalGeneration
 
     return DreamLLMForConditionalGeneration.from_pretrained(converted_tiny / "mllm", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def saved_pipeline(converted_tiny, tmp_path_factory):
+    """The converted components saved as one fp32 pipeline folder (model_index.json), as the CLI loads it."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMProcessor
+    from dreamllm_hf.pipelines import DreamLLMPipeline
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    DreamLLMPipeline(
+        mllm=DreamLLMForConditionalGeneration.from_pretrained(converted_tiny / "mllm", dtype=torch.float32),
+        processor=DreamLLMProcessor.from_pretrained(converted_tiny / "processor"),
+        unet=UNet2DConditionModel.from_pretrained(converted_tiny / "unet", torch_dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(converted_tiny / "vae", torch_dtype=torch.float32),
+        scheduler=DDPMScheduler.from_pretrained(converted_tiny / "scheduler"),
+    ).save_pretrained(folder)
+    return folder

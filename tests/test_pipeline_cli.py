@@ -5,27 +5,8 @@ import argparse
 import numpy as np
 import PIL.Image
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from dreamllm_hf import DreamLLMForConditionalGeneration
-from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
-from dreamllm_hf.pipelines import DreamLLMPipeline
 from dreamllm_hf.pipelines.cli import add_generate_parser
-
-
-@pytest.fixture(scope="module")
-def saved_pipeline(converted_tiny, tmp_path_factory):
-    """The converted components saved as one pipeline folder (model_index.json), as the CLI expects."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    DreamLLMPipeline(
-        mllm=DreamLLMForConditionalGeneration.from_pretrained(converted_tiny / "mllm", dtype=torch.float32),
-        processor=DreamLLMProcessor.from_pretrained(converted_tiny / "processor"),
-        unet=UNet2DConditionModel.from_pretrained(converted_tiny / "unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(converted_tiny / "vae", torch_dtype=torch.float32),
-        scheduler=DDPMScheduler.from_pretrained(converted_tiny / "scheduler"),
-    ).save_pretrained(folder)
-    return folder
 
 
 def run(model, prompt, options, out):
