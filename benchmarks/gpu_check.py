@@ -173,6 +173,30 @@ def decode_tokens_per_s(mllm, device, new_tokens: int, static_cache: bool = Fals
     return (new_tokens - short) / (timed(new_tokens) - timed(short))
 
 
+def load_mllm(checkpoint, device, load_kwargs: dict):
+    """(mllm, its bytes on the device, the memory allocated before it: `None` off CUDA), peak statistics reset."""
+    before = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    mllm = DreamLLMForConditionalGeneration.from_pretrained(checkpoint, device_map={"": device}, **load_kwargs).eval()
+    mllm_bytes = torch.cuda.memory_allocated() - before if device.type == "cuda" else weight_bytes(mllm)
+    return mllm, mllm_bytes, before
+
+
+def decode_row(mllm_bytes: int, tokens_per_s: float, roofline: float) -> dict:
+    """A result row's memory and decode figures (picture figures NaN until measured)."""
+    return {
+        "mllm_gb": mllm_bytes / 1e9,
+        "decode_tokens_per_s": tokens_per_s,
+        "roofline_tokens_per_s": roofline,
+        "roofline_fraction": tokens_per_s / roofline,
+        "pipeline_peak_gb": float("nan"),
+        "image_seconds": float("nan"),
+    }
+
+
 def run_variant(name, checkpoint, config, device, args, bandwidth):
     """`name`: fp16, int8, nf4, or fp16-static (fp16 decoding with a static cache, compiled; no picture)."""
     load_kwargs = {"dtype": torch.float16 if device.type == "cuda" else torch.float32}
@@ -182,23 +206,11 @@ def run_variant(name, checkpoint, config, device, args, bandwidth):
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=load_kwargs["dtype"]
         )
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    mllm = DreamLLMForConditionalGeneration.from_pretrained(checkpoint, device_map={"": device}, **load_kwargs).eval()
-    mllm_bytes = torch.cuda.memory_allocated() - before if device.type == "cuda" else weight_bytes(mllm)
+    mllm, mllm_bytes, before = load_mllm(checkpoint, device, load_kwargs)
     static_cache = name == "fp16-static"
     tokens_per_s = decode_tokens_per_s(mllm, device, args.new_tokens, static_cache)
     roofline = bandwidth / decode_weight_bytes(mllm)  # every weight of the decoder is read once per token
-    row = {
-        "mllm_gb": mllm_bytes / 1e9,
-        "decode_tokens_per_s": tokens_per_s,
-        "roofline_tokens_per_s": roofline,
-        "roofline_fraction": tokens_per_s / roofline,
-        "pipeline_peak_gb": float("nan"),
-        "image_seconds": float("nan"),
-    }
+    row = decode_row(mllm_bytes, tokens_per_s, roofline)
     if static_cache:
         step_tokens_per_s = decode_step_tokens_per_s(mllm, device, args.new_tokens, args.tiny)
         row.update(step_tokens_per_s=step_tokens_per_s, step_roofline_fraction=step_tokens_per_s / roofline)
@@ -242,12 +254,7 @@ def timed(device, fn):
 def run_documents(checkpoint, config, device, args, bandwidth):
     """`fp16-documents`: `DreamLLMPipeline` documents with `cache_implementation="static"` (see the module doc)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    mllm = DreamLLMForConditionalGeneration.from_pretrained(checkpoint, device_map={"": device}, dtype=dtype).eval()
-    mllm_bytes = torch.cuda.memory_allocated() - before if device.type == "cuda" else weight_bytes(mllm)
+    mllm, mllm_bytes, before = load_mllm(checkpoint, device, {"dtype": dtype})
     unet, vae, scheduler = diffusion_components(args.tiny, dtype, device)
     pipe = DreamLLMPipeline(mllm=mllm, processor=processor_for(config), unet=unet, vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -293,15 +300,8 @@ def run_documents(checkpoint, config, device, args, bandwidth):
         n: min(timed(device, lambda: one_document(n))[0] for _ in range(args.doc_repeats)) for n in (short, long)
     }
     tokens_per_s = (long - short) / (seconds[long] - seconds[short])
-    row = {
-        "mllm_gb": mllm_bytes / 1e9,
-        "decode_tokens_per_s": tokens_per_s,
-        "roofline_tokens_per_s": roofline,
-        "roofline_fraction": tokens_per_s / roofline,
-        "pipeline_peak_gb": float("nan"),
-        "image_seconds": float("nan"),
-        "document_seconds": {str(short): seconds[short], str(long): seconds[long]},
-    }
+    row = decode_row(mllm_bytes, tokens_per_s, roofline)
+    row["document_seconds"] = {str(short): seconds[short], str(long): seconds[long]}
 
     # 2. 8 documents in one call against one call each, with pictures and without.
     all_ids = {p: chat_ids(pipe, p)[0] for p in PROMPTS}

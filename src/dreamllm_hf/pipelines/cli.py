@@ -26,7 +26,6 @@ from .prompt_files import (
     RECORDS_DIR,
     batches,
     generate_batch,
-    has_accelerator,
     pending_records,
     read_prompts,
     rebuild_documents_jsonl,
@@ -252,7 +251,7 @@ def run_generate_many(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
-    accelerator = Accelerator(cpu=not has_accelerator() or args.device == "cpu")
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available() or args.device == "cpu")
     (output_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     # Every process lists the pending documents before any of them writes one, so all split the same list.
     accelerator.wait_for_everyone()

@@ -113,10 +113,9 @@ class DocumentEngine:
 
     @torch.no_grad()
     def run(self) -> Iterator[DocumentEvent]:
-        documents = self._prefill()
+        documents, logits = self._prefill()
         if self.streamer is not None:
             self.streamer.put(self.ids[:, : self.end].cpu())
-        logits = self._last_logits
         while True:
             live = [d for d in self.rows if d.stop_reason is None]
             tokens = self._sample(logits, live)
@@ -238,8 +237,8 @@ class DocumentEngine:
     # ----------------------------------------------------------------------------------------------------------------
     # The cache
 
-    def _prefill(self) -> list[_Document]:
-        """Reads every prompt into one right-aligned cache and returns the documents with their first logits.
+    def _prefill(self) -> tuple[list[_Document], torch.Tensor]:
+        """Reads every prompt into one right-aligned cache; returns the documents and their first logits.
 
         Prompts of very different lengths are not padded to the longest: they are read in groups of similar length
         (see `PREFILL_PADDING_LIMIT`), each group's rows then copied, right-aligned, into the batch's cache."""
@@ -294,7 +293,6 @@ class DocumentEngine:
             caches.append((rows, width, cache))
             for i, row in enumerate(rows):
                 logits[row] = output.logits[i, -1]
-        self._last_logits = torch.stack(logits)
 
         if self.static:
             cache_width = self._static_width(length)
@@ -321,7 +319,7 @@ class DocumentEngine:
                 self.cache.update(keys, values, index)
         self.end = length
         self._check_cache_layers()
-        return documents
+        return documents, torch.stack(logits)
 
     def _merged_rows(self, parts: list[tuple[list[int], int, torch.Tensor]], length: int) -> torch.Tensor:
         """The rows of every group's `[rows, heads, width, dim]` tensor in one `[batch, heads, length, dim]` tensor,

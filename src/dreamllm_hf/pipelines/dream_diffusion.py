@@ -299,7 +299,6 @@ class DreamLLMDiffusionMixin:
         latents: torch.Tensor,
         diffusion: DiffusionSettings,
         extra_step_kwargs: dict,
-        on_step: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original)."""
         timesteps, num_inference_steps = retrieve_timesteps(
@@ -339,12 +338,10 @@ class DreamLLMDiffusionMixin:
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
-                if on_step is not None:
-                    on_step(i + 1, len(timesteps))
         return latents
 
     def _draw_latents(
-        self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings, latents=None, on_step=None
+        self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings, latents=None
     ) -> torch.Tensor:
         """Denoised latents for every row of `prompt_embeds`; the initial noise is the first draw from `generator`,
         as in the original."""
@@ -359,7 +356,7 @@ class DreamLLMDiffusionMixin:
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, diffusion.eta)
-        return self._denoise(prompt_embeds, negative_prompt_embeds, latents, diffusion, extra_step_kwargs, on_step)
+        return self._denoise(prompt_embeds, negative_prompt_embeds, latents, diffusion, extra_step_kwargs)
 
     def _decode(self, latents: torch.Tensor, generator) -> torch.Tensor:
         """Latents -> pictures in [-1, 1] (before `VaeImageProcessor.postprocess`)."""

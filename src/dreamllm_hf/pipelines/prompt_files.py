@@ -328,13 +328,6 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return bool(
-        torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
-    )
-
-
 def generate_batch(
     pipe: DreamLLMPipeline,
     batch: Sequence[PromptRecord],
@@ -369,7 +362,6 @@ __all__ = [
     "PromptRecord",
     "batches",
     "generate_batch",
-    "has_accelerator",
     "pending_records",
     "read_prompts",
     "rebuild_documents_jsonl",

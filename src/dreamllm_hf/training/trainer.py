@@ -187,15 +187,6 @@ def _trim_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return bool(
-        torch.cuda.is_available()
-        or (xpu is not None and xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
-
-
 def _diffusion_resolution(unet, vae) -> int:
     return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -261,7 +252,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
-        cpu=not _has_accelerator(),
+        cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to or None,
