@@ -353,6 +353,16 @@ def test_rendering_to_html_and_markdown(pipe, tmp_path):
     assert "data:image/png;base64," in np_out.to_html()
 
 
+@pytest.mark.parametrize("size, shown", [(32, 256), (48, 288), (256, 256), (512, 512)])
+def test_small_pictures_are_shown_scaled_up_crisply(size, shown):
+    from dreamllm_hf.pipelines.pipeline_output import DreamLLMPipelineOutput
+
+    picture = PIL.Image.new("RGB", (size, size), (200, 40, 40))
+    page = DreamLLMPipelineOutput(images=[[picture]], text=[""], documents=[[picture]], stop_reasons=["eos"]).to_html()
+    assert f'width="{shown}"' in page  # a whole multiple of the picture's width, at least 256 px
+    assert "image-rendering:pixelated" in page
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad inputs
 

@@ -300,6 +300,35 @@ def test_document_builder_stops_at_max_length(processor):
     assert dream_blocks == len(out["diffusion_pixel_values"]) == 1
 
 
+def test_conversation_samples_learn_the_assistant_turns_and_draw_their_pictures(builder, processor, training_model):
+    """A question about a picture (read), then a story whose picture the assistant draws: the sample holds the ids
+    the pipeline reads for that conversation, learns only the assistant turns, and trains both losses."""
+    from dreamllm_hf.training import DreamLLMDataCollator
+
+    read, drawn = draw_shape("red", "circle"), draw_shape("blue", "square")
+    messages = [
+        {"role": "user", "content": [read, "What is in the picture?"]},
+        {"role": "assistant", "content": "a red circle"},
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": ["First there was a blue square.", drawn]},
+    ]
+    sample = builder.conversation(messages, np.random.default_rng(0))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>What is in the picture?"}, {"role": "assistant", "content": "a red circle"},
+         {"role": "user", "content": "Tell me a story."},
+         {"role": "assistant", "content": "First there was a blue square.<dream>"}],
+        tokenize=False,
+    )
+    assert sample["input_ids"] == processor(text=text, images=[[read, drawn]])["input_ids"][0]
+    learned = [token for token in sample["labels"] if token != -100]
+    assert processor.tokenizer.decode(learned) == "a red circle</s> First there was a blue square.<dream_start></s>"
+    assert sample["pixel_values"].shape[0] == 2 and sample["diffusion_pixel_values"].shape[0] == 1
+
+    batch = DreamLLMDataCollator(pad_token_id=processor.tokenizer.pad_token_id)([sample])
+    out = training_model(**batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.lm_loss) and torch.isfinite(out.vm_loss) and out.vm_loss > 0
+
+
 def test_diffusion_transform_follows_torchvision_resize_and_center_crop():
     """Resize(shorter edge, bilinear; long edge truncated) -> CenterCrop (offset rounded) -> flip -> [-1, 1]."""
     from dreamllm_hf.training import DiffusionImageTransform

@@ -35,7 +35,9 @@ RELEASE_VOCAB_SIZE = 32008
 
 NUM_DREAM_QUERIES = 64
 
-# Vicuna v1.1 as in training: "{system} USER: {u} ASSISTANT: {a}</s>USER: ... ASSISTANT:".
+# Vicuna v1.1 as in training: "{system} USER: {u} ASSISTANT: {a}</s>USER: ... ASSISTANT:". A picture part is `<image>` in
+# a user turn and `<dream>` (a drawn picture) in an assistant turn; an answer that begins with a picture follows
+# "ASSISTANT:" without the space, as the model wrote it (it emits `<dream_start>` right after the colon).
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -49,11 +51,13 @@ VICUNA_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{% set text = message['content'] %}"
     "{% else %}{% set text = namespace(v='') %}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{% set text.v = text.v + '<image>' %}"
+    "{% if part['type'] == 'image' %}"
+    "{% set text.v = text.v + ('<dream>' if message['role'] == 'assistant' else '<image>') %}"
     "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
     "{% endfor %}{% set text = text.v %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ 'USER: ' + text + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + text + '</s>' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'ASSISTANT:' + ('' if text.startswith('<dream>') else ' ') + text + '</s>' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )

@@ -19,6 +19,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from transformers import LogitsProcessorList
 
+from ..modeling.conversation import render_conversation
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .document_engine import CACHE_IMPLEMENTATIONS, DocumentEngine, DocumentRequest, EngineSettings
@@ -109,13 +110,24 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         config = self.mllm.config
         return config.num_dream_queries + 2 + config.num_image_tokens + 2
 
-    def format_chat_prompt(self, prompt: str | list[dict]) -> str:
+    def format_chat_prompt(self, prompt: str | list[dict], images: list | None = None) -> str:
         """
-        The Vicuna v1.1 prompt of a user message (a string) or a conversation (a list of `{"role", "content"}` dicts),
-        ending in `"ASSISTANT:"` so that the model answers.
+        The chat-template prompt (Vicuna v1.1 for the release) of a user message (a string) or a conversation (a list
+        of `{"role", "content"}` dicts, see `__call__`), ending in `"ASSISTANT:"` so that the model answers. Pictures
+        are `<image>` (read) in user turns and `<dream>` (drawn) in assistant turns; `chat_prompt_and_images` also
+        returns the pictures.
+        """
+        return self.chat_prompt_and_images(prompt, images)[0]
+
+    def chat_prompt_and_images(self, prompt: str | list[dict], images: list | None = None) -> tuple[str, list]:
+        """
+        `format_chat_prompt(prompt)` and its pictures in reading order: those inside the messages, and those of
+        `images` for placeholders without a picture of their own (`<image>` in a string, `{"type": "image"}`).
         """
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        messages, pictures = render_conversation(conversation, images)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, pictures
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
@@ -273,12 +285,18 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         Writes documents: text, and a picture wherever the model emits `<dream_start>`.
 
         Args:
-            prompt (`str`, a conversation `list[dict]`, or a list of those): a user message (wrapped in the Vicuna v1.1
-                chat template ending in `"ASSISTANT:"`), or a conversation of `{"role", "content"}` dicts given to the
-                chat template. Pass `use_chat_template=False` to give an already formatted prompt string as it is.
-                `<image>` marks where a picture of `images` goes.
-            images: the pictures for the `<image>` placeholders (PIL images, arrays or tensors): for one prompt one
-                picture or a list; for several prompts one list per prompt (empty for a prompt without any).
+            prompt (`str`, a conversation `list[dict]`, or a list of those): a user message (wrapped in the chat
+                template, Vicuna v1.1 ending in `"ASSISTANT:"`), or a conversation of `{"role", "content"}` dicts. A
+                message's content is a string or a list of strings, pictures and `{"type": "text" | "image", ...}`
+                parts (`{"type": "image", "image": picture}` inline); an assistant turn may be a previous output's
+                document as it is (`output.documents[i]`). Pictures in user turns are read; pictures in assistant
+                turns were drawn, and the turn is rebuilt into the token stream the model wrote (dream block, the
+                picture read back, `</s>`), so a conversation continued in a new call reads as one long call. Pass
+                `use_chat_template=False` to give an already formatted prompt string as it is. `<image>` marks where a
+                picture of `images` goes.
+            images: the pictures for the `<image>` placeholders and the `{"type": "image"}` parts without a picture
+                (PIL images, arrays or tensors): for one prompt one picture or a list; for several prompts one list per
+                prompt (empty for a prompt without any).
             height, width (`int`, *optional*): picture size; defaults to `unet.config.sample_size * vae_scale_factor`.
                 Must be divisible by the VAE factor.
             num_inference_steps (`int`, defaults to 50), timesteps, sigmas: the denoising schedule of each picture.
@@ -456,7 +474,17 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         prompts = self._as_prompt_list(prompt)
         per_prompt_images = self._per_prompt_images(images, len(prompts))
         verbatim = not a["use_chat_template"]
-        texts = [p if (isinstance(p, str) and verbatim) else self.format_chat_prompt(p) for p in prompts]
+        texts = []
+        for index, item in enumerate(prompts):
+            given = per_prompt_images[index] if per_prompt_images is not None else None
+            if isinstance(item, str) and verbatim:
+                texts.append(item)
+                continue
+            text, pictures = self.chat_prompt_and_images(item, given)
+            texts.append(text)
+            if pictures:
+                per_prompt_images = per_prompt_images or [[] for _ in prompts]
+                per_prompt_images[index] = pictures
         per_document_generators = isinstance(generator, (list, tuple))
         if streamer is not None and len(texts) * num_images_per_prompt > 1:
             raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")

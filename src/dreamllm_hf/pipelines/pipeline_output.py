@@ -3,14 +3,15 @@
 import base64
 import html
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import PIL.Image
-import torch
 from diffusers.utils import BaseOutput
+
+from ..modeling.conversation import segment_to_pil
 
 
 class StopReason:
@@ -23,30 +24,31 @@ class StopReason:
     IMAGE = "image"  # "image" mode: the picture was drawn
 
 
-def segment_to_pil(segment: Any) -> PIL.Image.Image:
-    """One image segment (PIL, `[H, W, 3]` array in [0, 1] or uint8, `[3, H, W]` tensor in [0, 1]) as a PIL image."""
-    if isinstance(segment, PIL.Image.Image):
-        return segment
-    if isinstance(segment, torch.Tensor):
-        if segment.ndim != 3 or segment.shape[0] not in (1, 3):
-            raise ValueError(
-                f"Cannot render a tensor of shape {tuple(segment.shape)}: expected a decoded `[3, H, W]` image "
-                "(latents cannot be rendered; use output_type='pil', 'np' or 'pt')."
-            )
-        segment = segment.detach().float().cpu().permute(1, 2, 0).numpy()
-    if isinstance(segment, np.ndarray):
-        if segment.ndim != 3 or segment.shape[-1] not in (1, 3):
-            raise ValueError(f"Cannot render an array of shape {segment.shape}: expected an `[H, W, 3]` image.")
-        if segment.dtype != np.uint8:
-            segment = (segment.clip(0, 1) * 255).round().astype(np.uint8)
-        return PIL.Image.fromarray(segment.squeeze(-1) if segment.shape[-1] == 1 else segment)
-    raise TypeError(f"Not an image segment: {type(segment).__name__}.")
-
-
 def _png_bytes(image: PIL.Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# Small pictures (the demo model's are 32x32) are shown scaled up by a whole factor, pixels kept sharp, so that people
+# see them; large ones keep their size. The web page (`dreamllm-hf serve`) shows them the same way.
+MIN_PICTURE_DISPLAY_WIDTH = 256
+PICTURE_CSS = "image-rendering:pixelated;max-width:100%;height:auto;display:block;margin:1em 0"
+
+
+def picture_display_width(width: int) -> int:
+    """The width a picture of `width` pixels is shown at: a whole multiple of it, at least
+    `MIN_PICTURE_DISPLAY_WIDTH`."""
+    return width * max(1, math.ceil(MIN_PICTURE_DISPLAY_WIDTH / width))
+
+
+def picture_html(image: PIL.Image.Image, alt: str) -> str:
+    """An `<img>` with the picture embedded as a base64 PNG, at its display width."""
+    data = base64.b64encode(_png_bytes(image)).decode("ascii")
+    return (
+        f'<img alt="{html.escape(alt)}" width="{picture_display_width(image.width)}" '
+        f'src="data:image/png;base64,{data}">'
+    )
 
 
 @dataclass
@@ -104,15 +106,14 @@ class DreamLLMPipelineOutput(BaseOutput):
             '<html><head><meta charset="utf-8">',
             f"<title>{html.escape(title)}</title>",
             "<style>body{max-width:48em;margin:2em auto;font-family:sans-serif;line-height:1.5}"
-            "p{white-space:pre-wrap}img{max-width:100%;display:block;margin:1em 0}</style>",
+            f"p{{white-space:pre-wrap}}img{{{PICTURE_CSS}}}</style>",
             "</head><body>",
         ]
         for number, segment in enumerate(self.documents[index]):
             if isinstance(segment, str):
                 parts.append(f"<p>{html.escape(segment)}</p>")
             else:
-                data = base64.b64encode(_png_bytes(segment_to_pil(segment))).decode("ascii")
-                parts.append(f'<img alt="image {number}" src="data:image/png;base64,{data}">')
+                parts.append(picture_html(segment_to_pil(segment), alt=f"image {number}"))
         parts.append("</body></html>")
         return "\n".join(parts) + "\n"
 
@@ -144,4 +145,13 @@ class DreamLLMPipelineOutput(BaseOutput):
         return text
 
 
-__all__ = ["DocumentEvent", "DreamLLMPipelineOutput", "StopReason", "segment_to_pil"]
+__all__ = [
+    "MIN_PICTURE_DISPLAY_WIDTH",
+    "PICTURE_CSS",
+    "DocumentEvent",
+    "DreamLLMPipelineOutput",
+    "StopReason",
+    "picture_display_width",
+    "picture_html",
+    "segment_to_pil",
+]

@@ -1,7 +1,9 @@
 """The shapes world as training data, in the layouts `dreamllm-hf train` reads.
 
 * pairs: an image folder with `metadata.jsonl` (`file_name`, `text`), as `datasets`' imagefolder;
-* stories: JSON Lines in the MMC4 schema (`text_list`, `image_info: [{image_name, matched_text_index}]`), images beside.
+* stories: JSON Lines in the MMC4 schema (`text_list`, `image_info: [{image_name, matched_text_index}]`), images
+  beside;
+* conversations (`sample_conversation`): chat turns with pictures in (a question about a picture) and out (a story).
 
 `pairs_dataset` / `stories_dataset` give the same samples as in-memory `datasets.Dataset`s.
 """
@@ -12,7 +14,30 @@ from pathlib import Path
 
 import datasets
 
+from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from .world import IMAGE_SIZE, caption, draw_shape, sample_spec, sample_story
+
+# What a conversation holds, in turn order: a question about a picture (picture in) and/or a story (pictures out).
+CONVERSATION_KINDS = (("question",), ("story",), ("story", "question"), ("question", "story"))
+
+
+def sample_conversation(
+    rng: random.Random, image_size: int = IMAGE_SIZE, pictures: tuple[int, int] = (1, 3)
+) -> list[dict]:
+    """A conversation of one or two exchanges: "What is in the picture?" about a picture the user gives (answered by
+    its caption), and/or a story instruction answered by a story whose pictures the assistant draws."""
+    messages = []
+    for exchange in rng.choice(CONVERSATION_KINDS):
+        if exchange == "question":
+            spec = sample_spec(rng, image_size=image_size)
+            messages.append({"role": "user", "content": [draw_shape(spec, image_size), rng.choice(CAPTION_QUESTIONS)]})
+            messages.append({"role": "assistant", "content": caption(spec)})
+        else:
+            story = sample_story(rng, rng.randint(*pictures))
+            answer = [part for sentence, spec in story for part in (sentence, draw_shape(spec, image_size))]
+            messages.append({"role": "user", "content": rng.choice(STORY_INSTRUCTIONS)})
+            messages.append({"role": "assistant", "content": answer})
+    return messages
 
 
 def _pair_rows(num_samples: int, seed: int, image_size: int):

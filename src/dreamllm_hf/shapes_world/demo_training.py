@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .. import constants as C
-from .data import pairs_dataset, stories_dataset
+from .data import pairs_dataset, sample_conversation, stories_dataset
 from .model_card import write_demo_model_card
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
 from .world import COLOURS, IMAGE_SIZE, SHAPES
@@ -93,6 +93,12 @@ class DemoRecipe:
     joint_lr: float = 1e-3
     joint_story_fraction: float = 0.75
     loss_weight_vm: float = 10.0
+    # stage III: instruction tuning on conversations (a picture in and its caption, a story out, or both in a row),
+    # with pairs kept in the mix so that the plain caption and drawing prompts stay as they were
+    instruction_steps: int = 300
+    instruction_batch_size: int = 16
+    instruction_lr: float = 5e-4
+    instruction_conversation_fraction: float = 0.75
     warmup_fraction: float = 0.05
 
     def to_dict(self) -> dict:
@@ -298,6 +304,23 @@ def _shapes_builder_class():
             return sample
 
     return ShapesSampleBuilder
+
+
+class ConversationSamples(torch.utils.data.Dataset):
+    """Shapes-world conversations (`sample_conversation`) as training samples, drawn from (seed, epoch, index)."""
+
+    def __init__(self, builder, num_samples: int, seed: int):
+        self.builder, self.num_samples, self.seed, self.epoch = builder, num_samples, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        messages = sample_conversation(random.Random(f"{self.seed}/{self.epoch}/{index}"))
+        return self.builder.conversation(messages, self.builder.rng(index, self.epoch))
 
 
 def _batches(dataset, batch_size: int, collator, seed: int) -> Iterator[dict]:
@@ -559,6 +582,85 @@ def _dreamllm_loss_fn(training_model, batches: Iterator[dict], seed: int):
     return loss_fn
 
 
+def instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, recipe: DemoRecipe, log) -> list[dict]:
+    """Stage III, the paper's instruction tuning: conversations whose turns hold pictures in and out
+    (`sample_conversation`), mixed with pairs; the LLM, projectors and queries learn `lm + 10 x diffusion`."""
+    from ..training.data import DreamLLMDataCollator
+    from ..training.losses import DreamLLMTrainingModel
+
+    seed = recipe.seed + 8
+    builder = _shapes_builder_class()(processor, diffusion_resolution=IMAGE_SIZE, seed=seed)
+    conversations = ConversationSamples(builder, recipe.num_stories, seed)
+    pairs = _stage_dataset(
+        [pair_source],
+        processor,
+        {"i2t_probability": 0.5, "unconditional_probability": recipe.unconditional_probability},
+        seed + 1,
+    )
+    collator = DreamLLMDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    streams = _MixedBatches(
+        _batches(conversations, recipe.instruction_batch_size, collator, seed),
+        _batches(pairs, recipe.instruction_batch_size, collator, seed + 1),
+        recipe.instruction_conversation_fraction,
+        seed + 2,
+    )
+    core = mllm.model
+    mllm.train()
+    training_model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler, 1.0, recipe.loss_weight_vm)
+    training_model.train()
+    trainable = [core.multi_modal_projector, core.language_model, mllm.lm_head, core.dream_queries]
+    parameters = _freeze_all_but(mllm, [*trainable, core.condition_projector])
+    loss_fn = _dreamllm_loss_fn(training_model, iter(streams), seed + 2)
+    records = _run_steps(
+        "III-instruction", parameters, recipe.instruction_steps, recipe.instruction_lr, loss_fn,
+        recipe.warmup_fraction, log,
+    )
+    checks = {
+        "caption_accuracy": lambda: captioning_accuracy(mllm, processor),
+        "dream_t2i_accuracy@2": lambda: dream_drawing_accuracy(mllm, processor, unet, vae, noise_scheduler, 2.0),
+    }
+    for check, fn in checks.items():
+        records.append({"stage": "III-instruction", "check": check, "value": fn()})
+        log(json.dumps(records[-1]))
+    return records
+
+
+def continue_demo_training(
+    model_dir: str | Path, output_dir: str | Path, recipe: DemoRecipe | None = None, log=print
+) -> dict:
+    """Stage III alone, on a demo pipeline trained through stage II (`model_dir`, with its `training_report.json`);
+    writes the result to `output_dir` with the report extended. The same as a full `train_demo` run with the same
+    recipe: stage III seeds its own data and noise."""
+    from ..pipelines import DreamLLMPipeline
+    from ..training.data import source_from_dataset
+
+    recipe = recipe or DemoRecipe()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    report = json.loads((model_dir / "training_report.json").read_text())
+    if any(record.get("stage") == "III-instruction" for record in report["history"]):
+        raise ValueError(f"{model_dir} already went through stage III; start from a model trained through stage II.")
+    started = time.perf_counter()
+    pipe = DreamLLMPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    noise_scheduler = demo_noise_scheduler()
+    pair_source = source_from_dataset(pairs_dataset(recipe.num_pictures, seed=recipe.seed))
+    history = instruction_stage(
+        pipe.mllm, pipe.unet.requires_grad_(False), pipe.vae.requires_grad_(False), noise_scheduler, pipe.processor,
+        pair_source, recipe, log,
+    )
+    pipe.mllm.requires_grad_(False).eval()
+    pipe.save_pretrained(output_dir)
+    elapsed = round(time.perf_counter() - started, 1)
+    report["recipe"] = recipe.to_dict()
+    report["history"] += history
+    report["timings_s"]["stage III instruction"] = elapsed
+    report["total_s"] = round(report["total_s"] + elapsed, 1)
+    (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_demo_model_card(output_dir, report)
+    return report
+
+
 def train_demo(
     output_dir: str | Path, recipe: DemoRecipe | None = None, log=print, reuse_decoder: str | Path | None = None
 ) -> dict:
@@ -703,6 +805,9 @@ def train_demo(
     )
     lap("stage II joint")
 
+    history += instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, recipe, log)
+    lap("stage III instruction")
+
     # Save ------------------------------------------------------------------------------------------------------
     mllm.requires_grad_(False).eval()
     pipe = DreamLLMPipeline(
@@ -740,6 +845,8 @@ __all__ = [
     "demo_vae",
     "story_prompt",
     "conditioned_drawing_accuracy",
+    "continue_demo_training",
+    "instruction_stage",
     "reconstruction_accuracy",
     "train_autoencoder",
     "train_demo",

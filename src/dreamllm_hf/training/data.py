@@ -274,6 +274,50 @@ class DreamLLMSampleBuilder:
             "diffusion_pixel_values": self.diffusion_pixels(pictures, rng),
         }
 
+    def conversation(self, messages: Sequence[dict], rng: np.random.Generator) -> dict:
+        """
+        A conversation, tokenized exactly as the pipeline reads one (the processor's chat template; see
+        `dreamllm_hf.modeling.conversation`): a picture in a user turn is read (its CLIP block), a picture in an
+        assistant turn is drawn (its dream block's diffusion target, then read back). Every assistant turn, `</s>`
+        included, is learned (but the block tokens); the system prompt and the user turns are context.
+        """
+        from ..modeling.conversation import render_conversation
+
+        rendered, pictures = render_conversation(list(messages))
+        chat = self.processor.apply_chat_template
+        input_ids = self._expanded_ids(chat(rendered, tokenize=False))
+        if len(input_ids) > self.max_length:
+            raise ValueError(
+                f"A conversation of {len(input_ids)} tokens is longer than `max_length` ({self.max_length}); "
+                "shorten it or raise `max_length`."
+            )
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for index, message in enumerate(rendered):
+            if message["role"] != "assistant":
+                continue
+            start = len(self._expanded_ids(chat(rendered[:index], add_generation_prompt=True, tokenize=False)))
+            through = self._expanded_ids(chat(rendered[: index + 1], tokenize=False))
+            if input_ids[: len(through)] != through:
+                raise ValueError(
+                    f"Turn {index} does not tokenize to a prefix of the conversation; check the chat template."
+                )
+            labels[start : len(through)] = self.labels_for(input_ids[start : len(through)])
+        pictures = [load_image(picture) for picture in pictures]
+        # In reading order, every image block is a read picture unless a dream block comes right before it.
+        dream_end = self.dream_block[-1]
+        starts = [i for i, token in enumerate(input_ids) if token == self.image_block[0]]
+        drawn = [picture for picture, i in zip(pictures, starts) if i > 0 and input_ids[i - 1] == dream_end]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": self.clip_pixels(pictures),
+            "diffusion_pixel_values": self.diffusion_pixels(drawn, rng),
+        }
+
+    def _expanded_ids(self, text: str) -> list[int]:
+        """BOS + `text`'s ids, `<image>` and `<dream>` expanded into their blocks (as the processor does)."""
+        return self.processor.expand_placeholders(self.tokenizer(text)["input_ids"])
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Sources
