@@ -82,15 +82,19 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
     import json
 
     from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
-    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
+    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, continue_demo_training, train_demo
 
     recipe = DemoRecipe(
         num_pictures=64, num_stories=16, vae_steps=2, vae_batch_size=8, unet_steps=2, unet_batch_size=8,
         comprehension_steps=2, comprehension_batch_size=4, creation_steps=2, creation_batch_size=4, joint_steps=2,
-        joint_batch_size=4,
+        joint_batch_size=4, instruction_steps=2, instruction_batch_size=4,
     )
     report = train_demo(tmp_path / "demo", recipe, log=lambda line: None)
-    assert set(report["timings_s"]) >= {"stage 0a autoencoder", "stage 0b diffusion decoder", "stage II joint"}
+    assert set(report["timings_s"]) >= {
+        "stage 0a autoencoder", "stage 0b diffusion decoder", "stage II joint", "stage III instruction"
+    }
+    with pytest.raises(ValueError, match="already went through stage III"):
+        continue_demo_training(tmp_path / "demo", tmp_path / "again", recipe, log=lambda line: None)
     assert json.loads((tmp_path / "demo" / "training_report.json").read_text())["recipe"]["joint_steps"] == 2
     assert not (tmp_path / "demo" / ".work").exists()
     pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(tmp_path / "demo"))
@@ -147,9 +151,16 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
 
     settings = DemoEvaluationSettings(num_caption_pictures=24, t2i_per_caption=1, num_stories=2)
     seeing = _StubPipe(answer=lambda prompt, images: "a {} {}".format(*classify_shape_image(images[0])))
-    assert caption_accuracy(seeing, settings)["caption_accuracy"] == 1.0
+    figures = caption_accuracy(seeing, settings)
+    assert figures["caption_accuracy"] == figures["chat_caption_accuracy"] == 1.0
     always_red_circle = _StubPipe(answer=lambda prompt, images: "a red circle.")
-    assert caption_accuracy(always_red_circle, settings)["caption_accuracy"] < 0.5
+    figures = caption_accuracy(always_red_circle, settings)
+    assert figures["caption_accuracy"] < 0.5 and figures["chat_caption_accuracy"] < 0.5
+    # Only the chat prompts are answered right: the two figures are measured apart.
+    chat_only = _StubPipe(answer=lambda prompt, images: "a {} {}".format(*classify_shape_image(images[0]))
+                          if not isinstance(prompt, str) else "a red circle.")
+    figures = caption_accuracy(chat_only, settings)
+    assert figures["chat_caption_accuracy"] == 1.0 and figures["caption_accuracy"] < 0.5
 
     drawing = _StubPipe(draw=lambda text: _picture(*text.split()[1:]))
     assert t2i_accuracy(drawing, settings)["t2i_accuracy"] == 1.0

@@ -33,7 +33,9 @@ def _run_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .conversion.cli import add_convert_parser, add_push_parser
+    from .evaluation.cli import add_evaluate_parser
     from .pipelines.cli import add_generate_parser
+    from .serve.cli import add_serve_parser
     from .shapes_world.cli import add_demo_parsers
     from .training.cli import add_train_parser
 
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     _add_demo_parser(subparsers)
     add_demo_parsers(subparsers)
+    add_evaluate_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

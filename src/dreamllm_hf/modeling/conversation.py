@@ -24,11 +24,14 @@ _PICTURE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 _PICTURE_KEYS = ("image", "url", "path")
 
 
-def render_conversation(conversation: list[dict], images: list | None = None) -> tuple[list[dict], list]:
+def render_conversation(
+    conversation: list[dict], images: list | None = None, check_pictures: bool = True
+) -> tuple[list[dict], list]:
     """
     The conversation with every message's content as one string (pictures as `<image>` / `<dream>`), and the pictures
     in reading order. A placeholder without a picture of its own (`{"type": "image"}`, or `<image>` / `<dream>` typed
-    in the text) takes the next picture of `images`.
+    in the text) takes the next picture of `images`. `check_pictures=False` only renders the text: the pictures
+    `images` lacks are left out instead of refused.
     """
     rendered = []  # (role, [str | ("picture", picture or None)])
     open_slots = 0
@@ -56,7 +59,7 @@ def render_conversation(conversation: list[dict], images: list | None = None) ->
         rendered.append((role, items))
 
     given = list(images or [])
-    if open_slots != len(given):
+    if check_pictures and open_slots != len(given):
         raise ValueError(
             f"The conversation has {open_slots} `<image>`/`<dream>` placeholders without a picture of their own "
             f"(`<image>` in the text or `{{'type': 'image'}}` parts) but `images` has {len(given)} pictures; give one "
@@ -70,14 +73,19 @@ def render_conversation(conversation: list[dict], images: list | None = None) ->
             if isinstance(item, str):
                 text.append(item)
             elif item[0] == "typed":
-                pictures.extend(next(supply) for _ in range(item[1]))
+                for _ in range(item[1]):
+                    picture = next(supply, None)
+                    if picture is not None:
+                        pictures.append(picture)
             else:
-                picture = item[1] if item[1] is not None else next(supply)
+                picture = item[1] if item[1] is not None else next(supply, None)
+                text.append(C.DREAM_PLACEHOLDER if role == "assistant" else C.IMAGE_PLACEHOLDER)
+                if picture is None:
+                    continue
                 if role == "assistant" and not isinstance(picture, (PIL.Image.Image, str)):
                     # A drawn picture is read back as the 8-bit image it was saved as (what the model read).
                     picture = segment_to_pil(picture)
                 pictures.append(picture)
-                text.append(C.DREAM_PLACEHOLDER if role == "assistant" else C.IMAGE_PLACEHOLDER)
         messages.append({"role": role, "content": "".join(text)})
     return messages, pictures
 

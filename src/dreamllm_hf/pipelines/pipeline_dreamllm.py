@@ -117,15 +117,18 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         are `<image>` (read) in user turns and `<dream>` (drawn) in assistant turns; `chat_prompt_and_images` also
         returns the pictures.
         """
-        return self.chat_prompt_and_images(prompt, images)[0]
+        return self.chat_prompt_and_images(prompt, images, check_pictures=images is not None)[0]
 
-    def chat_prompt_and_images(self, prompt: str | list[dict], images: list | None = None) -> tuple[str, list]:
+    def chat_prompt_and_images(
+        self, prompt: str | list[dict], images: list | None = None, check_pictures: bool = True
+    ) -> tuple[str, list]:
         """
         `format_chat_prompt(prompt)` and its pictures in reading order: those inside the messages, and those of
-        `images` for placeholders without a picture of their own (`<image>` in a string, `{"type": "image"}`).
+        `images` for placeholders without a picture of their own (`<image>` in a string, `{"type": "image"}`), one
+        per placeholder (`check_pictures=False`: the text only, missing pictures left out).
         """
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages, pictures = render_conversation(conversation, images)
+        messages, pictures = render_conversation(conversation, images, check_pictures=check_pictures)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, pictures
 

@@ -33,7 +33,7 @@ def _png_bytes(image: PIL.Image.Image) -> bytes:
 # Small pictures (the demo model's are 32x32) are shown scaled up by a whole factor, pixels kept sharp, so that people
 # see them; large ones keep their size. The web page (`dreamllm-hf serve`) shows them the same way.
 MIN_PICTURE_DISPLAY_WIDTH = 256
-PICTURE_CSS = "image-rendering:pixelated;max-width:100%;height:auto;display:block;margin:1em 0"
+PICTURE_CSS = "max-width:100%;height:auto;display:block;margin:1em 0"
 
 
 def picture_display_width(width: int) -> int:
@@ -45,10 +45,11 @@ def picture_display_width(width: int) -> int:
 def picture_html(image: PIL.Image.Image, alt: str) -> str:
     """An `<img>` with the picture embedded as a base64 PNG, at its display width."""
     data = base64.b64encode(_png_bytes(image)).decode("ascii")
-    return (
-        f'<img alt="{html.escape(alt)}" width="{picture_display_width(image.width)}" '
-        f'src="data:image/png;base64,{data}">'
-    )
+    width = picture_display_width(image.width)
+    # Sharp pixels only when scaled up (nearest-neighbour shrinking of a large picture would alias).
+    style = ' style="image-rendering:pixelated"' if width > image.width else ""
+    return f'<img alt="{html.escape(alt)}" width="{width}"{style} src="data:image/png;base64,{data}">'
+
 
 
 @dataclass

@@ -178,33 +178,37 @@ def _read_json_lines(path: Path, base_seed: int) -> list[PromptRecord]:
     return records
 
 
-def _load_dataset(path: Path):
+def load_dataset_split(path: Path, required: tuple[str, ...], what: str, suffixes: dict[str, str] = DATASET_SUFFIXES):
+    """The one split of a `datasets` dataset: a `save_to_disk` folder, or a data file whose extension `suffixes`
+    maps to its builder. `what` names it in the errors, which say what to change."""
     import datasets
 
     try:
         if path.is_dir():
             dataset = datasets.load_from_disk(str(path))
         else:
-            dataset = datasets.load_dataset(DATASET_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
+            dataset = datasets.load_dataset(suffixes[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; the user needs the message)
-        raise SystemExit(f"error: cannot load --prompts {path} as a dataset: {error}") from error
+        raise SystemExit(f"error: cannot load {what} as a dataset: {error}") from error
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
             raise SystemExit(
-                f"error: --prompts {path} holds the splits {', '.join(dataset)}; save the one to run by itself "
+                f"error: {what} holds the splits {', '.join(dataset)}; save the one to use by itself "
                 "(`dataset_dict[split].save_to_disk(...)`)."
             )
         dataset = next(iter(dataset.values()))
-    if "prompt" not in dataset.column_names:
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
         raise SystemExit(
-            f'error: --prompts {path} has no "prompt" column (columns: {", ".join(dataset.column_names)}).'
+            f"error: {what} has no {', '.join(repr(c) for c in missing)} column (columns: "
+            f"{', '.join(dataset.column_names)})."
         )
     return dataset
 
 
 def _read_dataset(path: Path, base_seed: int) -> list[PromptRecord]:
     records = []
-    for row_index, row in enumerate(_load_dataset(path)):
+    for row_index, row in enumerate(load_dataset_split(path, ("prompt",), f"--prompts {path}")):
         try:
             records.append(_check_entry(row, row_index, path.parent, base_seed))
         except _InputError as error:

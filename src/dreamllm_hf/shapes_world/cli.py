@@ -15,8 +15,8 @@ def add_demo_parsers(subparsers) -> None:
         "train-demo",
         help="Train the tiny shapes-world DreamLLM from scratch on the CPU (the shipped demo model's recipe).",
         description=(
-            "Trains the demo model end to end (tokenizer, autoencoder, diffusion decoder, then DreamLLM stages I and "
-            "II) and writes a DreamLLMPipeline folder. About 15 minutes on two CPU cores (930 s for the shipped model)."
+            "Trains the demo model end to end (tokenizer, autoencoder, diffusion decoder, then DreamLLM stages I to "
+            "III) and writes a DreamLLMPipeline folder. About 20 minutes on two CPU cores."
         ),
     )
     train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
@@ -39,7 +39,7 @@ def add_demo_parsers(subparsers) -> None:
         "evaluate-demo",
         help="Caption, text-to-image and interleaved-story accuracy of the demo model, judged deterministically.",
         description=(
-            "Prints the figures; the last line is one JSON object with caption_accuracy, t2i_accuracy and "
+            "Prints the figures; the last line is one JSON object with caption_accuracy, t2i_accuracy, "
             "interleaved_match. Settings left out take the defaults of DemoEvaluationSettings (192 held-out "
             "pictures, 8 pictures per caption, 32 stories, the demo model's sampling, seed 0)."
         ),
@@ -129,6 +129,7 @@ def _run_evaluate_demo(args) -> int:
         "t2i_accuracy": round(results["t2i_accuracy"], 4),
         "interleaved_match": round(results["interleaved_match"], 4),
         "interleaved_pictures": results["interleaved_pictures"],
+        "chat_caption_accuracy": round(results["chat_caption_accuracy"], 4),
     }
     print(json.dumps(summary))
     return 0

@@ -95,10 +95,13 @@ class DemoRecipe:
     loss_weight_vm: float = 10.0
     # stage III: instruction tuning on conversations (a picture in and its caption, a story out, or both in a row),
     # with pairs kept in the mix so that the plain caption and drawing prompts stay as they were
-    instruction_steps: int = 300
+    instruction_steps: int = 600
     instruction_batch_size: int = 16
     instruction_lr: float = 5e-4
     instruction_conversation_fraction: float = 0.75
+    # torch threads for stage III (None: as the other stages). Fixed, since float sums depend on it; one thread was
+    # several times faster than two on a loaded machine (no spin-waiting) when the shipped model was trained.
+    instruction_threads: int | None = 1
     warmup_fraction: float = 0.05
 
     def to_dict(self) -> dict:
@@ -589,6 +592,9 @@ def instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, 
     from ..training.losses import DreamLLMTrainingModel
 
     seed = recipe.seed + 8
+    threads = torch.get_num_threads()
+    if recipe.instruction_threads:
+        torch.set_num_threads(recipe.instruction_threads)
     builder = _shapes_builder_class()(processor, diffusion_resolution=IMAGE_SIZE, seed=seed)
     conversations = ConversationSamples(builder, recipe.num_stories, seed)
     pairs = _stage_dataset(
@@ -622,6 +628,7 @@ def instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, 
     for check, fn in checks.items():
         records.append({"stage": "III-instruction", "check": check, "value": fn()})
         log(json.dumps(records[-1]))
+    torch.set_num_threads(threads)
     return records
 
 
@@ -651,6 +658,7 @@ def continue_demo_training(
     )
     pipe.mllm.requires_grad_(False).eval()
     pipe.save_pretrained(output_dir)
+    _drop_load_records(output_dir)
     elapsed = round(time.perf_counter() - started, 1)
     report["recipe"] = recipe.to_dict()
     report["history"] += history
@@ -659,6 +667,21 @@ def continue_demo_training(
     (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_demo_model_card(output_dir, report)
     return report
+
+
+def _drop_load_records(model_dir: Path) -> None:
+    """Removes what loading wrote into the configs (the source folder's path, how it was loaded, the sub-configs'
+    dtype), so that a continued model's files are those a fresh run writes."""
+    for path in model_dir.rglob("*.json"):
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            continue
+        found = [config.pop(key) for key in ("_name_or_path", "is_local", "local_files_only") if key in config]
+        for sub_config in ("text_config", "vision_config"):
+            if isinstance(config.get(sub_config), dict) and "dtype" in config[sub_config]:
+                found.append(config[sub_config].pop("dtype"))
+        if found:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def train_demo(

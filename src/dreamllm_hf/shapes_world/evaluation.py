@@ -20,7 +20,7 @@ import torch
 from .classifier import classify_shape_image
 from .data import pairs_dataset
 from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
-from .tokenizer import STORY_INSTRUCTIONS
+from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from .world import COLOURS, SHAPES
 
 HELD_OUT_SEED = 1_000_003  # no training set of the recipe uses it
@@ -63,24 +63,29 @@ def text_to_image_pipeline(pipe):
 
 
 def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 32) -> dict:
+    """Greedy captions of held-out pictures, right when colour and shape are both named: prompted as in training
+    (`<image>` alone, `caption_accuracy`) and asked in a chat ("What is in the picture?" / "Describe the picture.",
+    `chat_caption_accuracy`)."""
     pictures = pairs_dataset(settings.num_caption_pictures, seed=HELD_OUT_SEED + settings.seed)
-    right, examples = 0, []
+    right, chat_right, examples = 0, 0, []
+    greedy = dict(allow_images=False, do_sample=False, max_new_tokens=8)
     for start in range(0, len(pictures), batch_size):
         rows = pictures[start : start + batch_size]
-        out = pipe(
-            ["<image>"] * len(rows["image"]),
-            images=[[image] for image in rows["image"]],
-            allow_images=False,
-            use_chat_template=False,
-            do_sample=False,
-            max_new_tokens=8,
-        )
-        for answer, colour, shape in zip(out.text, rows["colour"], rows["shape"]):
+        images = [[image] for image in rows["image"]]
+        out = pipe(["<image>"] * len(images), images=images, use_chat_template=False, **greedy)
+        questions = [CAPTION_QUESTIONS[(start + i) % len(CAPTION_QUESTIONS)] for i in range(len(images))]
+        chat = pipe([[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy)
+        for answer, chat_answer, colour, shape in zip(out.text, chat.text, rows["colour"], rows["shape"]):
             ok = named_colour_and_shape(answer) == (colour, shape)
             right += ok
+            chat_right += named_colour_and_shape(chat_answer) == (colour, shape)
             if len(examples) < 6:
                 examples.append({"truth": f"{colour} {shape}", "caption": answer.strip(), "ok": ok})
-    return {"caption_accuracy": right / len(pictures), "caption_examples": examples}
+    return {
+        "caption_accuracy": right / len(pictures),
+        "chat_caption_accuracy": chat_right / len(pictures),
+        "caption_examples": examples,
+    }
 
 
 def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:

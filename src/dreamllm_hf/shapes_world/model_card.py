@@ -77,11 +77,14 @@ the DreamLLM tokenizer by `build_legacy_tokenizer`.
 
 Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
-only have to learn to speak to a decoder that already listens. Stages I and II follow the paper, with deviations
+only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
 forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{creation_llm}; and a
 share ({uncond:.0%}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
 classifier-free-guidance unconditional of DreamLLM - means "any picture". Stories are preceded by the chat prompt of
-a story instruction (masked from the loss), as the original's instruction-interleaved data.
+a story instruction (masked from the loss), as the original's instruction-interleaved data. Stage III is the paper's
+instruction tuning: conversations of one or two exchanges, a question about a picture the user gives (answered by its
+caption) and/or a story whose pictures the assistant draws, tokenized exactly as the pipeline reads a conversation,
+so that the model answers in a chat and keeps earlier turns, pictures in and out, in its context.
 
 Checks along the way (held-out pictures, judged by `classify_shape_image`):
 
@@ -110,6 +113,10 @@ def _stage_rows(report: dict) -> str:
         ("II joint (I-GPT)", "LLM, both projectors, dream queries", "stories + pairs, LM + "
          f"{recipe['loss_weight_vm']:g} x diffusion", recipe["joint_steps"], recipe["joint_batch_size"],
          "stage II joint"),
+        ("III instruction", "LLM, both projectors, dream queries", "conversations "
+         f"{recipe.get('instruction_conversation_fraction', 0):.0%} + pairs, LM + {recipe['loss_weight_vm']:g} x "
+         "diffusion", recipe.get("instruction_steps", 0), recipe.get("instruction_batch_size", 0),
+         "stage III instruction"),
     ]
     return "\n".join(
         f"| {name} | {trains} | {on} | {steps} x {batch} | {timings.get(key, 0):.0f} s |"
@@ -138,7 +145,9 @@ def _evaluation(evaluation: dict | None) -> str:
         f"{settings.get('t2i_per_caption', '?')} seeds, judged by `classify_shape_image` |\n"
         f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.80 | "
         f"{evaluation.get('interleaved_pictures', '?')} pictures in {settings.get('num_stories', '?')} sampled stories "
-        "whose judged colour and shape match the sentence before them |\n\n"
+        "whose judged colour and shape match the sentence before them |\n"
+        f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the same "
+        "pictures asked about in a chat (\"What is in the picture?\" / \"Describe the picture.\") |\n\n"
         f"Settings: {settings.get('num_inference_steps', '?')} DDIM steps, guidance scale "
         f"{settings.get('guidance_scale', '?')}, seed {settings.get('seed', '?')}."
     )
