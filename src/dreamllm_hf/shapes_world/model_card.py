@@ -38,15 +38,17 @@ pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)           # offline, a 
 draw = DreamLLMText2ImagePipeline.from_pipe(pipe)                  # text-to-image on the same components
 image = draw("a red circle", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]
 caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
+answer = pipe([{{"role": "user", "content": [image, "What is in the picture?"]}}], allow_images=False).text[0]
 # The generator seeds the story's sampled text and its pictures (seed {demo_seed}: the story of `dreamllm-hf demo`).
 story = pipe("Tell me a story.", do_sample=True, max_new_tokens=64, max_images=4, num_inference_steps={steps},
              guidance_scale={guidance:g}, generator=torch.Generator().manual_seed({demo_seed}))
 story.save_html("story.html")
 ```
 
-Prompts that work: captioning takes `<image>` alone without the chat template (the pretraining format); drawing takes
-a caption `a <colour> <shape>`; stories answer `Tell me a story.`, `Tell me a story with pictures.` or
-`Write an illustrated story.` through the default Vicuna chat template. Sample pictures with `guidance_scale`
+Prompts that work: captioning takes `<image>` alone without the chat template (the pretraining format), or a picture
+and "What is in the picture?" / "Describe the picture." in a chat (stage III; less exact, see `chat_caption_accuracy`);
+drawing takes a caption `a <colour> <shape>`; stories answer `Tell me a story.`, `Tell me a story with pictures.` or
+`Write an illustrated story.` through the default Vicuna chat template, also after earlier turns. Sample pictures with `guidance_scale`
 {guidance:g} and {steps} DDIM steps (what the evaluation below used; the pipeline's default guidance of 7.5
 over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML with these settings.
 
