@@ -526,13 +526,32 @@ def _evaluate(mllm, components, eval_batches):
     return vm, lm
 
 
+@pytest.mark.parametrize("i2t_probability, absent", [(0.0, "lm_loss"), (1.0, "vm_loss")])
+def test_the_log_writes_null_for_a_term_no_batch_had(converted_tiny, toy_data, tmp_path, i2t_probability, absent):
+    """Text-to-image pairs have no language-model targets and caption pairs no picture to draw: the log says null
+    rather than 0.0 (which reads as a perfect loss), and the other term's mean is the mean of the micro-batches."""
+    from dreamllm_hf.training import train
+
+    args = _args(converted_tiny, toy_data, tmp_path, data=[str(toy_data["pairs"])], max_steps=2,
+                 gradient_accumulation_steps=2, i2t_probability=i2t_probability, learning_rate=1e-4)
+    log = [json.loads(line) for line in train(args).log_path.read_text().splitlines()]
+    present = "vm_loss" if absent == "lm_loss" else "lm_loss"
+    assert [record["step"] for record in log] == [1, 2]
+    assert all(record[absent] is None for record in log)
+    assert all(record[present] > 0.01 for record in log)
+    if absent == "vm_loss":  # the loss is the LM loss alone: its mean is the mean of the same micro-batches
+        assert all(record["loss"] == pytest.approx(record["lm_loss"]) for record in log)
+
+
 def test_training_lowers_both_losses(trained, converted_tiny, components, eval_batches):
     from dreamllm_hf.training import load_adapter, load_mllm
 
     log = [json.loads(line) for line in trained.log_path.read_text().splitlines()]
     assert [record["step"] for record in log] == list(range(1, 41))
     assert all({"step", "loss", "lm_loss", "vm_loss"} <= record.keys() for record in log)
-    first, last = np.mean([r["lm_loss"] for r in log[:5]]), np.mean([r["lm_loss"] for r in log[-5:]])
+    lm = [r["lm_loss"] for r in log if r["lm_loss"] is not None]  # null: a step whose batches had no LM target
+    assert len(lm) >= 30
+    first, last = np.mean(lm[:5]), np.mean(lm[-5:])
     assert last < 0.7 * first, (first, last)
 
     vm_before, lm_before = _evaluate(load_mllm(converted_tiny), components, eval_batches)

@@ -124,7 +124,9 @@ def run_train(namespace: argparse.Namespace) -> int:
     if not result.is_main_process:
         return 0
     record = result.last_record or {}
-    summary = ", ".join(f"{key} {record[key]:.4f}" for key in ("loss", "lm_loss", "vm_loss") if key in record)
+    summary = ", ".join(
+        f"{key} {record[key]:.4f}" for key in ("loss", "lm_loss", "vm_loss") if record.get(key) is not None
+    )
     print(f"Trained {result.global_step} steps -> {result.output_dir} ({summary})")
     return 0
 

@@ -8,8 +8,9 @@ the processes, and `Accelerator` wraps the model, optimizer, data loader and sch
 Output folder:
 
 * `adapter_config.json`, `adapter_model.safetensors`: the final adapter (`PeftModel.from_pretrained(mllm, OUTPUT_DIR)`);
-* `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`), the losses
-  averaged over the step's micro-batches and over the processes;
+* `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`), each loss
+  averaged over the micro-batches (of every process) that had it since the last line; `null` when none had it (no
+  language-model targets, or no picture to draw);
 * `checkpoint-STEP/`: every `checkpointing_steps` steps, the adapter plus the optimizer, scheduler, data-sampler and
   RNG states (`--resume` continues from the latest one, bit for bit on the same setup);
 * `training_args.json`, `trainer_state.json`.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 
 logger = logging.getLogger(__name__)
@@ -176,6 +178,12 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
     return max(steps)[1] if steps else None
+
+
+def _has_lm_targets(batch: dict) -> bool:
+    """Whether the batch has a next-token target (a label after the first position that is not ignored)."""
+    labels = batch.get("labels")
+    return labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any())
 
 
 def _trim_log(log_path: Path, last_step: int) -> None:
@@ -391,8 +399,11 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     progress = tqdm(
         total=args.max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
     )
+    # Per term (loss, lm_loss, vm_loss): the sum over the micro-batches that had it, and how many did. A batch without
+    # language-model targets (text-to-image pairs) or without pictures to draw has no such term: it is not averaged in
+    # as 0, and a term no micro-batch of any process had is logged as null.
     sums = torch.zeros(3, device=accelerator.device)
-    micro_batches = 0
+    counts = torch.zeros(3, device=accelerator.device)
     last_record = None
     started = time.perf_counter()
     while global_step < args.max_steps:
@@ -409,14 +420,17 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.vm_loss.detach()]).float()
-            micro_batches += 1
+            present = torch.tensor([1.0, _has_lm_targets(batch), out.diffusion is not None], device=sums.device)
+            terms = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.vm_loss.detach()]).float()
+            sums += torch.where(present > 0, terms, 0.0)  # a term a batch had stays as it is, NaN included
+            counts += present
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             progress.update(1)
             if global_step % args.logging_steps == 0 or global_step == args.max_steps:
-                means = accelerator.reduce(sums / micro_batches, reduction="mean").tolist()
+                totals = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+                means = [float(s / c) if c > 0 else None for s, c in zip(*totals.tolist())]
                 last_record = {
                     "step": global_step,
                     "loss": means[0],
@@ -427,15 +441,16 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
                     "elapsed_s": round(time.perf_counter() - started, 3),
                 }
                 sums.zero_()
-                micro_batches = 0
+                counts.zero_()
                 if accelerator.is_main_process:
                     with log_path.open("a") as log:
                         log.write(json.dumps(last_record) + "\n")
-                progress.set_postfix(
-                    loss=f"{means[0]:.4f}", lm=f"{means[1]:.4f}", vm=f"{means[2]:.4f}", lr=f"{last_record['lr']:.2e}"
-                )
+                names = ("loss", "lm", "vm")
+                shown = {name: "-" if value is None else f"{value:.4f}" for name, value in zip(names, means)}
+                progress.set_postfix(**shown, lr=f"{last_record['lr']:.2e}")
                 if args.report_to:
-                    accelerator.log({k: v for k, v in last_record.items() if k != "step"}, step=global_step)
+                    logged = {k: v for k, v in last_record.items() if k != "step" and v is not None}
+                    accelerator.log(logged, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(global_step)
             if global_step >= args.max_steps:
