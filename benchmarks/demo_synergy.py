@@ -1,7 +1,7 @@
 """The paper's synergy claim at toy scale: does learning to draw help the demo model to see?
 
-Trains a comprehension-only DreamLLM with the demo recipe's budget of LLM updates (its stage I comprehension, creation
-and joint steps all spent on image -> caption, at the comprehension batch size) on the same stage-0 decoder, data and
+Trains a comprehension-only DreamLLM with the demo recipe's budget of LLM updates (its stage I comprehension and
+creation, stage II and stage III steps all spent on image -> caption, at the comprehension batch size) on the same stage-0 decoder, data and
 seed, then measures caption accuracy on the same held-out pictures for it and for the jointly trained model.
 
     python benchmarks/demo_synergy.py                         # against the shipped demo model
@@ -29,8 +29,9 @@ def main():
 
     report = json.loads((Path(args.joint) / "training_report.json").read_text())
     joint_recipe = DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["recipe"].items()})
-    steps = joint_recipe.comprehension_steps + joint_recipe.creation_steps + joint_recipe.joint_steps
-    recipe = replace(joint_recipe, comprehension_steps=steps, creation_steps=0, joint_steps=0)
+    stages = ("comprehension_steps", "creation_steps", "joint_steps", "instruction_steps")
+    steps = sum(getattr(joint_recipe, stage) for stage in stages)
+    recipe = replace(joint_recipe, **{stage: 0 for stage in stages[1:]}, comprehension_steps=steps)
 
     settings = DemoEvaluationSettings()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
