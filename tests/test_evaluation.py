@@ -287,7 +287,7 @@ def test_vqa_formats_are_read_with_their_ids(tmp_path):
 
     missing = {"data_subtype": "val2014", "questions": [{"image_id": 5, "question": "What?", "question_id": 50}]}
     (tmp_path / "missing.json").write_text(json.dumps(missing))
-    with pytest.raises(SystemExit, match=r"questions\[0\].*COCO_val2014_000000000005.jpg not found"):
+    with pytest.raises(SystemExit, match=r"questions\[0\].*not found: COCO_val2014_000000000005.jpg"):
         read_vqa_examples(tmp_path / "missing.json", images)
 
 

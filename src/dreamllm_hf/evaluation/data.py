@@ -13,9 +13,7 @@ re-run finds what is already done.
 * Questions are read by `vqa.read_vqa_examples`, which knows the VQA formats.
 """
 
-import io
 import json
-import os
 import random
 import re
 from collections.abc import Iterable
@@ -25,7 +23,7 @@ from typing import Any
 
 import PIL.Image
 
-from ..pipelines.prompt_files import load_dataset_split
+from ..pipelines.prompt_files import InputError, check_picture, load_dataset_split
 
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -56,10 +54,6 @@ class ImageExample:
     question: str | None = None  # None for captioning
     references: list[str] = field(default_factory=list)  # reference captions, or the annotators' answers
     ids: dict = field(default_factory=dict)  # keys that identify the entry in results files (question_id, image_id)
-
-
-class InputError(ValueError):
-    """What is wrong with one entry (the reader adds where)."""
 
 
 def fail(source: Path | str, where: str, error: Exception | str) -> SystemExit:
@@ -119,23 +113,6 @@ def check_ids(entry: dict, skip: Iterable[str], scalars_only: bool = False) -> d
         except (TypeError, ValueError) as error:
             raise InputError(f'the value of "{key}" cannot be written to JSON ({error}); drop that key.') from error
     return ids
-
-
-def check_picture(item: Any, base_dir: Path) -> Path | PIL.Image.Image:
-    """A picture path (relative to `base_dir`) that PIL can open, or a picture of a dataset."""
-    if isinstance(item, PIL.Image.Image):
-        return item
-    if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a `datasets` Image feature not decoded
-        if item.get("bytes"):
-            return PIL.Image.open(io.BytesIO(item["bytes"]))
-        item = item.get("path")
-    if not isinstance(item, (str, os.PathLike)) or not str(item):
-        raise InputError(f'"image" is {item!r:.60}; give a picture file path (relative to the input\'s folder).')
-    path = Path(item).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    if not path.is_file():
-        raise InputError(f"picture {item} not found (looked for {path}).")
-    return path.resolve()
 
 
 def open_picture(image: Path | PIL.Image.Image) -> PIL.Image.Image:

@@ -68,8 +68,8 @@ def document_id(index: int) -> str:
     return f"doc-{index:05d}"
 
 
-class _InputError(ValueError):
-    """What is wrong with one line or row of the --prompts input (the caller says where)."""
+class InputError(ValueError):
+    """What is wrong with one line or row of an input file (the caller says where)."""
 
 
 _SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` takes
@@ -81,13 +81,15 @@ def _check_seed(value: Any, index: int, base_seed: int) -> int:
     if isinstance(value, float) and value.is_integer():  # CSV columns with gaps are read as floats
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _InputError(f'"seed" must be an integer, got {value!r}; write for example "seed": 7, or leave it out.')
+        raise InputError(f'"seed" must be an integer, got {value!r}; write for example "seed": 7, or leave it out.')
     if not _SEED_RANGE[0] <= value < _SEED_RANGE[1]:
-        raise _InputError(f'"seed" {value} is out of range; use an integer between 0 and 2**64 - 1.')
+        raise InputError(f'"seed" {value} is out of range; use an integer between 0 and 2**64 - 1.')
     return value
 
 
-def _check_picture(item: Any, number: int, base_dir: Path) -> Path | PIL.Image.Image:
+def check_picture(item: Any, base_dir: Path, name: str = '"image"') -> Path | PIL.Image.Image:
+    """A picture of an input file: a path (relative to `base_dir`) that PIL can read, or a picture of a dataset
+    (decoded or not). Anything else is an `InputError` that names the entry (`name`) and says what to give."""
     if isinstance(item, PIL.Image.Image):
         return item
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a `datasets` Image feature not decoded
@@ -95,49 +97,49 @@ def _check_picture(item: Any, number: int, base_dir: Path) -> Path | PIL.Image.I
             return PIL.Image.open(io.BytesIO(item["bytes"]))
         item = item.get("path")
     if not isinstance(item, (str, os.PathLike)) or not str(item):
-        raise _InputError(
-            f'"images"[{number}] is {item!r}; each picture must be a file path (relative to the folder of the '
-            "prompts file, or absolute) or, in a dataset, a picture."
+        raise InputError(
+            f"{name} is {item!r:.60}; each picture must be a file path (relative to the folder of the input file, or "
+            "absolute) or, in a dataset, a picture."
         )
     path = Path(item).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if not path.is_file():
-        raise _InputError(
-            f'picture "images"[{number}] not found: {item} (looked for {path}); paths are relative to the folder of '
-            "the prompts file, or absolute."
+        raise InputError(
+            f"picture {name} not found: {item} (looked for {path}); paths are relative to the folder of the input "
+            "file, or absolute."
         )
     try:
         with PIL.Image.open(path):
             pass
     except (OSError, PIL.UnidentifiedImageError) as error:
-        raise _InputError(f'"images"[{number}] {path} is not a picture PIL can read ({error}).') from error
+        raise InputError(f"{name} {path} is not a picture PIL can read ({error}).") from error
     return path.resolve()
 
 
 def _check_entry(entry: Any, index: int, base_dir: Path, base_seed: int) -> PromptRecord:
-    """One line or row as a `PromptRecord`, or an `_InputError` saying what is wrong and how to fix it."""
+    """One line or row as a `PromptRecord`, or an `InputError` saying what is wrong and how to fix it."""
     if not isinstance(entry, dict):
-        raise _InputError(
+        raise InputError(
             f'expected a JSON object such as {{"prompt": "Tell me a story."}}, '
             f"got {type(entry).__name__} {entry!r:.60}."
         )
     prompt = entry.get("prompt")
     if prompt is None:
-        raise _InputError('no "prompt"; every line needs one, e.g. {"prompt": "Tell me a story."}.')
+        raise InputError('no "prompt"; every line needs one, e.g. {"prompt": "Tell me a story."}.')
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _InputError(f'"prompt" must be a non-empty string, got {prompt!r:.60}.')
+        raise InputError(f'"prompt" must be a non-empty string, got {prompt!r:.60}.')
     images = entry.get("images")
     if images is None:
         images = []
     if not isinstance(images, (list, tuple)):
-        raise _InputError(
+        raise InputError(
             f'"images" must be a list of picture paths, got {type(images).__name__} {images!r:.60}; '
             'write for example "images": ["cat.png"].'
         )
-    pictures = [_check_picture(item, number, base_dir) for number, item in enumerate(images)]
+    pictures = [check_picture(item, base_dir, f'"images"[{number}]') for number, item in enumerate(images)]
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
     if placeholders and placeholders != len(pictures):
-        raise _InputError(
+        raise InputError(
             f'the prompt has {placeholders} "{IMAGE_PLACEHOLDER}" but "images" lists {len(pictures)} picture(s); '
             f'give one "{IMAGE_PLACEHOLDER}" per picture, or none to put the pictures before the prompt.'
         )
@@ -145,11 +147,11 @@ def _check_entry(entry: Any, index: int, base_dir: Path, base_seed: int) -> Prom
     extra = {key: value for key, value in entry.items() if key not in INPUT_KEYS}
     for key, value in extra.items():
         if key in RECORD_KEYS:
-            raise _InputError(f'the key "{key}" is taken by the output record; rename it (e.g. "source_{key}").')
+            raise InputError(f'the key "{key}" is taken by the output record; rename it (e.g. "source_{key}").')
         try:
             json.dumps(value)
         except (TypeError, ValueError) as error:
-            raise _InputError(
+            raise InputError(
                 f'the value of "{key}" cannot be written to a JSON record ({error}); drop that key or make it plain.'
             ) from error
     return PromptRecord(index=index, prompt=prompt, images=pictures, seed=seed, extra=extra)
@@ -168,12 +170,12 @@ def _read_json_lines(path: Path, base_seed: int) -> list[PromptRecord]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
-                raise _InputError(
+                raise InputError(
                     f"not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON object such "
                     'as {"prompt": "Tell me a story.", "images": ["cat.png"], "seed": 3}.'
                 ) from error
             records.append(_check_entry(entry, len(records), path.parent, base_seed))
-        except _InputError as error:
+        except InputError as error:
             raise SystemExit(f"error: {path} line {line_number}: {error}") from error
     return records
 
@@ -211,7 +213,7 @@ def _read_dataset(path: Path, base_seed: int) -> list[PromptRecord]:
     for row_index, row in enumerate(load_dataset_split(path, ("prompt",), f"--prompts {path}")):
         try:
             records.append(_check_entry(row, row_index, path.parent, base_seed))
-        except _InputError as error:
+        except InputError as error:
             raise SystemExit(f"error: {path} row {row_index} ({document_id(row_index)}): {error}") from error
     return records
 
@@ -363,9 +365,12 @@ def generate_batch(
 __all__ = [
     "DOCUMENTS_FILE",
     "RECORDS_DIR",
+    "InputError",
     "PromptRecord",
     "batches",
+    "check_picture",
     "generate_batch",
+    "load_dataset_split",
     "pending_records",
     "read_prompts",
     "rebuild_documents_jsonl",
