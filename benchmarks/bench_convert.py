@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import torch
 
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 

@@ -54,6 +54,7 @@ from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny"
 BOS, EOS, PAD = 1, 2, 1000
 IM_START, DREAM_END, DREAM_START, IM_PATCH, IM_END, IMAGE, DREAM = 1001, 1002, 1003, 1004, 1005, 1006, 1007

@@ -31,7 +31,7 @@ def main():
     joint_recipe = DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["recipe"].items()})
     stages = ("comprehension_steps", "creation_steps", "joint_steps", "instruction_steps")
     steps = sum(getattr(joint_recipe, stage) for stage in stages)
-    recipe = replace(joint_recipe, **{stage: 0 for stage in stages[1:]}, comprehension_steps=steps)
+    recipe = replace(joint_recipe, **dict.fromkeys(stages[1:], 0), comprehension_steps=steps)
 
     settings = DemoEvaluationSettings()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
@@ -41,8 +41,16 @@ def main():
     print(f"caption accuracy on {settings.num_caption_pictures} held-out pictures, {steps} LLM updates each:")
     print(f"  comprehension only: {alone:.3f}")
     print(f"  joint (the recipe): {joint:.3f}")
-    print(json.dumps({"comprehension_only": alone, "joint": joint, "llm_updates": steps,
-                      "num_pictures": settings.num_caption_pictures}))
+    print(
+        json.dumps(
+            {
+                "comprehension_only": alone,
+                "joint": joint,
+                "llm_updates": steps,
+                "num_pictures": settings.num_caption_pictures,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ from dreamllm_hf.conversion.original_layout import KNOWN_CLIP_IDS, KNOWN_DIFFUSI
 from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import PROMPTS, TEXT_TOKEN, batched_scripts, chat_ids, compare_documents, scripted  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "original_tiny"
@@ -54,21 +56,46 @@ SD_DIR = KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"]
 
 def tiny_config() -> DreamLLMConfig:
     return DreamLLMConfig(
-        text_config=dict(model_type="llama", vocab_size=32008, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=224, patch_size=14),
-        num_dream_queries=64, cross_attention_dim=32,
+        text_config=dict(
+            model_type="llama",
+            vocab_size=32008,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=14,
+        ),
+        num_dream_queries=64,
+        cross_attention_dim=32,
     )
 
 
 def diffusion_components(tiny: bool, dtype, device):
     if tiny:
-        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
-        vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+        )
     else:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD_DIR / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD_DIR / "vae"))
@@ -81,8 +108,12 @@ def processor_for(config: DreamLLMConfig) -> DreamLLMProcessor:
     added = json.loads((FIXTURE / "added_tokens.json").read_text())
     tokenizer = build_legacy_tokenizer(FIXTURE / "tokenizer.model", added)
     image_processor = CLIPImageProcessor.from_pretrained(KNOWN_CLIP_IDS["openai/clip-vit-large-patch14"])
-    return DreamLLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
-                             num_dream_queries=config.num_dream_queries)
+    return DreamLLMProcessor(
+        image_processor,
+        tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        num_dream_queries=config.num_dream_queries,
+    )
 
 
 def copy_bandwidth(device) -> float:
@@ -231,8 +262,16 @@ def run_variant(name, checkpoint, config, device, args, bandwidth):
     generator = torch.Generator(device.type).manual_seed(0)
     sync(device)
     start = time.perf_counter()
-    pipe(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], height=size, width=size,
-         num_inference_steps=args.steps, guidance_scale=7.5, generator=generator, output_type="np")
+    pipe(
+        prompt_embeds=embeds[1:],
+        negative_prompt_embeds=embeds[:1],
+        height=size,
+        width=size,
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        generator=generator,
+        output_type="np",
+    )
     sync(device)
     image_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else float("nan")
@@ -354,10 +393,15 @@ def main():
     parser.add_argument("--variants", default="fp16,int8,nf4,fp16-static,fp16-documents")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--doc-segment", type=int, default=None,
-                        help="fp16-documents: text tokens a segment (default 64; 8 with --tiny)")
-    parser.add_argument("--doc-steps", type=int, default=None,
-                        help="fp16-documents: steps of each picture (default 50; 5 with --tiny)")
+    parser.add_argument(
+        "--doc-segment",
+        type=int,
+        default=None,
+        help="fp16-documents: text tokens a segment (default 64; 8 with --tiny)",
+    )
+    parser.add_argument(
+        "--doc-steps", type=int, default=None, help="fp16-documents: steps of each picture (default 50; 5 with --tiny)"
+    )
     parser.add_argument("--doc-repeats", type=int, default=2, help="fp16-documents: timed runs (best taken)")
     parser.add_argument("--workdir", default=None, help="Where the random 7B checkpoint is written (~13.5 GB).")
     parser.add_argument("--json-out", default=None, help="Also write the results here, after every variant.")
@@ -394,23 +438,33 @@ def main():
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(_null_nans(results), indent=1))
 
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (tiny shapes)'}; "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (tiny shapes)'}; "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"
+    )
     print(f"{'variant':12} {'mllm GB':>8} {'peak GB':>8} {'tok/s':>8} {'roofline':>9} {'frac':>6} {'image s':>8}")
     for name, row in results.items():
-        print(f"{name:12} {row['mllm_gb']:8.2f} {row['pipeline_peak_gb']:8.2f} {row['decode_tokens_per_s']:8.1f} "
-              f"{row['roofline_tokens_per_s']:9.1f} {row['roofline_fraction']:6.2f} {row['image_seconds']:8.2f}")
+        print(
+            f"{name:12} {row['mllm_gb']:8.2f} {row['pipeline_peak_gb']:8.2f} {row['decode_tokens_per_s']:8.1f} "
+            f"{row['roofline_tokens_per_s']:9.1f} {row['roofline_fraction']:6.2f} {row['image_seconds']:8.2f}"
+        )
         if "documents_ratio" in row:
-            print(f"{'  documents':12} one document, text only: {row['decode_tokens_per_s']:.1f} tok/s = "
-                  f"{row['roofline_fraction']:.2f} of the roofline (goal >= 0.70)")
+            print(
+                f"{'  documents':12} one document, text only: {row['decode_tokens_per_s']:.1f} tok/s = "
+                f"{row['roofline_fraction']:.2f} of the roofline (goal >= 0.70)"
+            )
             for key, what in (("documents", "with pictures"), ("documents_text", "text only")):
-                print(f"{'':12} {row['documents_count']} documents {what} ({row[key + '_tokens']} tokens, "
-                      f"{row[key + '_pictures']} pictures): one call {row[key + '_batched_s']:.2f} s, one call "
-                      f"each {row[key + '_one_by_one_s']:.2f} s: {row[key + '_ratio']:.2f}x documents/s "
-                      f"(goal >= 6); pictures within {row[key + '_largest_picture_difference']:.1e}")
+                print(
+                    f"{'':12} {row['documents_count']} documents {what} ({row[key + '_tokens']} tokens, "
+                    f"{row[key + '_pictures']} pictures): one call {row[key + '_batched_s']:.2f} s, one call "
+                    f"each {row[key + '_one_by_one_s']:.2f} s: {row[key + '_ratio']:.2f}x documents/s "
+                    f"(goal >= 6); pictures within {row[key + '_largest_picture_difference']:.1e}"
+                )
         if "step_tokens_per_s" in row:
-            print(f"{'  step only':12} {'':8} {'':8} {row['step_tokens_per_s']:8.1f} {row['roofline_tokens_per_s']:9.1f} "
-                  f"{row['step_roofline_fraction']:6.2f}   (compiled decode step looped on the device, no generate loop)")
+            print(
+                f"{'  step only':12} {'':8} {'':8} {row['step_tokens_per_s']:8.1f} {row['roofline_tokens_per_s']:9.1f} "
+                f"{row['step_roofline_fraction']:6.2f}   (compiled decode step looped on the device, no generate loop)"
+            )
     print(json.dumps({"device": str(device), "tiny": args.tiny, **_null_nans(results)}))
 
 

@@ -21,5 +21,6 @@ import sys
 
 from dreamllm_hf.training.cli import main
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite on a fresh clone: set up .venv, then run every test in one pytest process, offline.
+# The test suite on a fresh clone: set up .venv, lint with ruff, then run every test in one pytest process, offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
@@ -12,4 +12,7 @@ if ! command -v chromium >/dev/null 2>&1; then
       "tests/test_serve.py's browser test will fail. Install it with: sudo apt-get install -y chromium" >&2
   fi
 fi
+# Lint and format first (transformers' ruff settings, pyproject.toml), then the tests.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

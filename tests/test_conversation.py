@@ -15,8 +15,10 @@ from dreamllm_hf.shapes_world import COLOURS, SHAPES, draw_shape, sample_spec
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH, DEMO_NUM_INFERENCE_STEPS
 from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
 
-STORY = dict(max_new_tokens=48, max_images=3, num_inference_steps=DEMO_NUM_INFERENCE_STEPS,
-             guidance_scale=DEMO_GUIDANCE_SCALE)
+
+STORY = dict(
+    max_new_tokens=48, max_images=3, num_inference_steps=DEMO_NUM_INFERENCE_STEPS, guidance_scale=DEMO_GUIDANCE_SCALE
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,10 @@ def test_pictures_are_read_in_user_turns_and_drawn_in_assistant_turns():
     ]
     messages, pictures = render_conversation(conversation, images=[green, red])
     assert [m["content"] for m in messages] == [
-        "<image>What is in the picture?", "a red circle<dream>Then came more.", "<image>And this one?", "<dream>",
+        "<image>What is in the picture?",
+        "a red circle<dream>Then came more.",
+        "<image>And this one?",
+        "<dream>",
     ]
     assert pictures == [red, blue, green, red]  # reading order; `images` fills the open placeholders in order
 
@@ -123,8 +128,14 @@ def test_a_document_given_back_as_an_assistant_turn_rebuilds_the_stream_the_mode
     """The next call's prompt holds exactly the ids the model's context held, and the model computes the same logits
     there as when it wrote them: a conversation continued in a new call is the same as one long call."""
     tokens, logits = TokenRecorder(), LogitsRecorder()
-    first = pipe("Tell me a story.", do_sample=True, generator=torch.Generator().manual_seed(seed), streamer=tokens,
-                 generation_kwargs={"logits_processor": [logits]}, **STORY)
+    first = pipe(
+        "Tell me a story.",
+        do_sample=True,
+        generator=torch.Generator().manual_seed(seed),
+        streamer=tokens,
+        generation_kwargs={"logits_processor": [logits]},
+        **STORY,
+    )
     document = first.documents[0]
     assert len(first.images[0]) >= 1 and first.stop_reasons[0] == "eos"
     stream, chosen_at = written_stream(pipe, tokens)
@@ -167,12 +178,15 @@ def test_a_document_that_begins_with_a_picture_follows_the_colon_without_a_space
 
 
 def test_inline_pictures_give_the_answer_of_the_images_argument(pipe):
-    shown = [picture(colour, shape, seed) for seed, (colour, shape) in enumerate([("blue", "triangle"),
-                                                                                  ("red", "square")])]
+    shown = [
+        picture(colour, shape, seed) for seed, (colour, shape) in enumerate([("blue", "triangle"), ("red", "square")])
+    ]
     greedy = dict(allow_images=False, do_sample=False, max_new_tokens=8)
     inline = pipe(
-        [[{"role": "user", "content": [{"type": "image", "image": image}, "What is in the picture?"]}]
-         for image in shown],
+        [
+            [{"role": "user", "content": [{"type": "image", "image": image}, "What is in the picture?"]}]
+            for image in shown
+        ],
         **greedy,
     )
     separate = pipe(["<image>What is in the picture?"] * 2, images=[[image] for image in shown], **greedy)
@@ -184,8 +198,12 @@ def test_inline_pictures_give_the_answer_of_the_images_argument(pipe):
 def test_pictures_in_and_out_over_three_turns(pipe):
     """Ask about a picture, then for a story: the earlier turns (a picture in, the answer) stay in the context."""
     shown = picture("yellow", "circle", seed=3)
-    first = pipe([{"role": "user", "content": [shown, "What is in the picture?"]}], allow_images=False,
-                 do_sample=False, max_new_tokens=8)
+    first = pipe(
+        [{"role": "user", "content": [shown, "What is in the picture?"]}],
+        allow_images=False,
+        do_sample=False,
+        max_new_tokens=8,
+    )
     assert first.text[0].strip() == "a yellow circle"
     conversation = [
         {"role": "user", "content": [shown, "What is in the picture?"]},
@@ -196,7 +214,8 @@ def test_pictures_in_and_out_over_three_turns(pipe):
     assert second.images[0], "the third turn drew no picture"
     named = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     assert any(name in second.text[0] for name in named)
-    text, pictures = pipe.chat_prompt_and_images(conversation + [
-        {"role": "assistant", "content": second.documents[0]}, {"role": "user", "content": "More."}])
+    text, pictures = pipe.chat_prompt_and_images(
+        conversation + [{"role": "assistant", "content": second.documents[0]}, {"role": "user", "content": "More."}]
+    )
     assert pictures == [shown, *second.images[0]]
     assert text.count("<image>") == 1 and text.count("<dream>") == len(second.images[0])

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from dreamllm_hf.conversion import (
     OriginalCheckpointError,
     VerificationError,
+    checkpoint_io,
     convert_original_checkpoint,
     verify_conversion,
 )
-from dreamllm_hf.conversion import checkpoint_io
 from dreamllm_hf.conversion import original_layout as L
+
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "original_tiny"
 

@@ -14,6 +14,7 @@ from dreamllm_hf.shapes_world import COLOURS, SHAPES, classify_shape_image, draw
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH
 from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
 
+
 MAX_BYTES = 20 * 1024 * 1024
 FAST = dict(num_inference_steps=20, guidance_scale=DEMO_GUIDANCE_SCALE)
 
@@ -44,7 +45,9 @@ def test_layout_size_and_model_card():
         "scheduler/scheduler_config.json",
     ):
         assert required in names, required
-    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))], "weights must be safetensors"
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))], (
+        "weights must be safetensors"
+    )
     assert sum(path.stat().st_size for path in files) <= MAX_BYTES
     index = json.loads((DEMO_MODEL_PATH / "model_index.json").read_text())
     assert index["_class_name"] == "DreamLLMPipeline"

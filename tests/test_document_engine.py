@@ -8,10 +8,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_pipeline import FAST, load_pipeline, picture, seeded
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dreamllm_hf.pipelines import DocumentEvent, DreamLLMPipeline, StopReason
-from test_pipeline import FAST, load_pipeline, picture, seeded
+
 
 EOS, DREAM_END, DREAM_START = 2, 1002, 1003
 
@@ -78,7 +79,7 @@ def scripts(pipe):
         [b, c, d, e, a, b, c, d, e, EOS],  # text only, longer
         [EOS],  # nothing at all
     ]
-    return {tag: plan for tag, plan in zip(tags, plans)}, free[:5]
+    return dict(zip(tags, plans)), free[:5]
 
 
 def scripted(scripts):
@@ -250,7 +251,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
     widths = Widths(pipe.mllm)
     pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs)
     widths.handle.remove()
-    assert {shape for shape in widths.steps} == {widths.steps[0]} and widths.steps[0][0] == 4
+    assert set(widths.steps) == {widths.steps[0]} and widths.steps[0][0] == 4
 
 
 def test_legacy_streamer_follows_one_document(pipe, scripts):

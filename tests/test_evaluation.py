@@ -120,7 +120,9 @@ def test_fid_of_the_same_world_is_far_below_wrong_colours_and_noise(network_kind
     same_world, wrong_colours, pure_noise, itself = fids(
         network, reference, shapes(80, seed=2), shapes(80, seed=2, paint=OFF_WORLD_PAINT), noise(80, seed=3), reference
     )
-    print(f"{network_kind}: same world {same_world:.3f}, off-world colours {wrong_colours:.3f}, noise {pure_noise:.3f}")
+    print(
+        f"{network_kind}: same world {same_world:.3f}, off-world colours {wrong_colours:.3f}, noise {pure_noise:.3f}"
+    )
     assert 0 <= same_world < wrong_colours / 4, (same_world, wrong_colours)
     assert same_world < pure_noise / 4, (same_world, pure_noise)
     assert abs(itself) < 1e-3 * wrong_colours  # a set against itself

@@ -17,6 +17,7 @@ from dreamllm_hf.pipelines import DreamLLMPipeline
 from dreamllm_hf.pipelines.cli import add_generate_parser
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "--steps 2 --max-new-tokens 6 --max-images 1 --guidance-scale 1"
 RECORD_KEYS = ["id", "index", "prompt", "seed", "segments", "text", "images", "stop_reason", "html"]
@@ -203,9 +204,24 @@ def test_accelerate_launch_two_processes_share_the_documents(saved_pipeline, tmp
     output = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
-        str(accelerate), "launch", "--config_file", str(REPO / "examples/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", "29563", "-m", "dreamllm_hf.cli", "generate", "--model", str(saved_pipeline),
-        "--prompts", str(prompts), "--output-dir", str(output), "--batch-size", "2", *TINY.split(),
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(REPO / "examples/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        "29563",
+        "-m",
+        "dreamllm_hf.cli",
+        "generate",
+        "--model",
+        str(saved_pipeline),
+        "--prompts",
+        str(prompts),
+        "--output-dir",
+        str(output),
+        "--batch-size",
+        "2",
+        *TINY.split(),
     ]
 
     def launch() -> list[int]:

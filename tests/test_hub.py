@@ -26,6 +26,7 @@ from dreamllm_hf.cli import main
 from dreamllm_hf.conversion import HubPushError, build_model_card, push_to_hub
 from dreamllm_hf.conversion.verify import ParityCheck, VerificationReport
 
+
 FIXTURE = Path(__file__).parent / "fixtures" / "original_tiny"
 TOKEN = "hf_fake_write_token"
 

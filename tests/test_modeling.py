@@ -9,6 +9,7 @@ import dreamllm_hf  # noqa: F401  (registers the Auto classes)
 from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMModel
 from dreamllm_hf import constants as C
 
+
 N_IMG, Q = 4, 3  # image tokens (28 px / patch 14) and dream queries of the tiny model
 BOS, EOS, PAD = 1, 2, 100
 IM_START, IM_PATCH, IM_END, DREAM_START, DREAM_END = 101, 102, 103, 104, 105
@@ -17,16 +18,36 @@ IM_START, IM_PATCH, IM_END, DREAM_START, DREAM_END = 101, 102, 103, 104, 105
 def tiny_config(**overrides) -> DreamLLMConfig:
     kwargs = dict(
         text_config=dict(
-            model_type="llama", vocab_size=108, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+            model_type="llama",
+            vocab_size=108,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
         ),
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, image_size=28, patch_size=14,
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         ),
-        num_dream_queries=Q, cross_attention_dim=8, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-        image_start_token_id=IM_START, image_patch_token_id=IM_PATCH, image_end_token_id=IM_END,
-        dream_start_token_id=DREAM_START, dream_end_token_id=DREAM_END, image_token_id=106, dream_token_id=107,
+        num_dream_queries=Q,
+        cross_attention_dim=8,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        image_start_token_id=IM_START,
+        image_patch_token_id=IM_PATCH,
+        image_end_token_id=IM_END,
+        dream_start_token_id=DREAM_START,
+        dream_end_token_id=DREAM_END,
+        image_token_id=106,
+        dream_token_id=107,
     )
     kwargs.update(overrides)
     return DreamLLMConfig(**kwargs)
@@ -53,7 +74,12 @@ def pixels(n, seed=0):
 def test_default_config_is_the_released_7b():
     config = DreamLLMConfig()
     text, vision = config.text_config, config.vision_config
-    assert (text.vocab_size, text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (32008, 4096, 32, 11008)
+    assert (text.vocab_size, text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (
+        32008,
+        4096,
+        32,
+        11008,
+    )
     assert (text.rms_norm_eps, text.max_position_embeddings, text.tie_word_embeddings) == (1e-6, 2048, False)
     assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (1024, 24, 224, 14)
     assert vision.hidden_act == "quick_gelu"
@@ -117,8 +143,11 @@ def test_loss_flows_into_queries_and_projectors(model):
     ids = torch.tensor([[BOS, 5] + dream_block() + image_block() + [6, EOS]])
     out = model(input_ids=ids, pixel_values=pixels(1), labels=ids)
     (out.loss + out.dream_embeddings.square().mean()).backward()
-    for param in (model.model.dream_queries.weight, model.model.condition_projector.weight,
-                  model.model.multi_modal_projector.weight):
+    for param in (
+        model.model.dream_queries.weight,
+        model.model.condition_projector.weight,
+        model.model.multi_modal_projector.weight,
+    ):
         assert param.grad is not None and param.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
 
@@ -195,7 +224,11 @@ def test_static_cache_decode_compiles_as_one_graph(model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = model.generate(
-        input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False, cache_implementation="static",
+        input_ids=ids,
+        pixel_values=pixels(1),
+        max_new_tokens=6,
+        do_sample=False,
+        cache_implementation="static",
         compile_config=compile_config,
     )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -6,6 +6,7 @@ Sizes, ids and inputs are read from goldens.json, so the same tests hold for any
 import pytest
 import torch
 
+
 ATOL = 1e-4  # fp32 reduction-order noise on these sizes is ~3e-6 (fixtures README)
 LOSS_RTOL = 1e-5
 

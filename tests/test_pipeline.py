@@ -14,6 +14,7 @@ from dreamllm_hf import DreamLLMForConditionalGeneration
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, StopReason
 
+
 FAST = dict(num_inference_steps=2, guidance_scale=3.5)
 
 
@@ -98,8 +99,7 @@ def test_save_load_round_trip(shared_pipe, tmp_path):
     assert documents[0].text == documents[1].text
     np.testing.assert_array_equal(documents[0].images[0][0], documents[1].images[0][0])
     answers = [
-        p("Hello <image>", images=picture(), allow_images=False, max_new_tokens=5).text
-        for p in (shared_pipe, loaded)
+        p("Hello <image>", images=picture(), allow_images=False, max_new_tokens=5).text for p in (shared_pipe, loaded)
     ]
     assert answers[0] == answers[1]
 

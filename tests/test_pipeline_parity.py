@@ -13,6 +13,7 @@ from dreamllm_hf import DreamLLMForConditionalGeneration
 from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
 from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
 
+
 ATOL = 1e-4  # the fixtures README: fp32 reduction-order noise is ~1e-5 on latents; never loosen
 
 
@@ -119,10 +120,11 @@ def test_explicit_latents_step_by_step(pipe, goldens, diffusion, goldens_json, m
 
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", record_noise)
     handle = pipe.unet.register_forward_hook(record_unet, with_kwargs=True)
+
     def call(**kwargs):
         return pipe(
             goldens_json["creation"]["prompt"],
-                num_inference_steps=len(explicit["unet_timesteps"]),
+            num_inference_steps=len(explicit["unet_timesteps"]),
             guidance_scale=diffusion["guidance_scale"],
             latents=goldens["explicit_initial_latents"].clone(),
             generator=torch.Generator("cpu").manual_seed(explicit["step_generator_seed"]),
@@ -136,7 +138,9 @@ def test_explicit_latents_step_by_step(pipe, goldens, diffusion, goldens_json, m
 
     assert pipe.scheduler.timesteps.tolist() == explicit["unet_timesteps"]
     assert len(noises) == explicit["num_variance_noise_draws"]
-    expected_states = torch.cat([goldens["cond_negative_encoder_hidden_states"], goldens["cond_encoder_hidden_states"]])
+    expected_states = torch.cat(
+        [goldens["cond_negative_encoder_hidden_states"], goldens["cond_encoder_hidden_states"]]
+    )
     for step in range(len(explicit["unet_timesteps"])):
         assert_close(encoder_states[step], expected_states)  # [uncond, cond]: uncond first
         assert_close(unet_inputs[step], goldens[f"sd_explicit_step{step}_unet_input"])

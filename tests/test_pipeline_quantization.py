@@ -8,6 +8,7 @@ from transformers import BitsAndBytesConfig
 
 from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMPipeline, DreamLLMText2ImagePipeline
 
+
 pytest.importorskip("bitsandbytes")
 
 FAST = dict(num_inference_steps=2, guidance_scale=3.5, height=16, width=16)
@@ -16,8 +17,9 @@ SKIP = ["model.vision_tower", "model.multi_modal_projector", "model.condition_pr
 
 
 def nf4():
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                              llm_int8_skip_modules=SKIP)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=SKIP
+    )
 
 
 def seeded(seed=0):
@@ -59,8 +61,9 @@ def test_prequantized_mllm_runs_all_three_modes(converted_tiny, goldens):
 
 
 def test_pipeline_quantization_config_quantizes_the_mllm(converted_tiny, goldens):
-    config = PipelineQuantizationConfig(quant_mapping={"mllm": BitsAndBytesConfig(
-        load_in_8bit=True, llm_int8_skip_modules=SKIP)})
+    config = PipelineQuantizationConfig(
+        quant_mapping={"mllm": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP)}
+    )
     pipe = DreamLLMPipeline.from_pretrained(converted_tiny, quantization_config=config, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert linear_kinds(pipe.mllm) == {"Linear8bitLt"}
@@ -83,7 +86,9 @@ def test_bf16_pipeline_and_per_component_dtypes(converted_tiny, goldens):
     run_all_modes(pipe, goldens)
     assert pipe.mllm.dtype == pipe.unet.dtype == torch.bfloat16  # drawing through from_pipe left them as they were
     mixed = DreamLLMPipeline.from_pretrained(converted_tiny, dtype={"mllm": torch.float32, "default": torch.bfloat16})
-    assert mixed.mllm.dtype == torch.float32 and mixed.unet.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
+    assert (
+        mixed.mllm.dtype == torch.float32 and mixed.unet.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
+    )
     mixed.set_progress_bar_config(disable=True)
     image = draw(mixed)
     assert np.isfinite(image).all()

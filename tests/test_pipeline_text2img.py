@@ -8,9 +8,9 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, ImagePipelineOutput
+from test_pipeline import FAST, CountTokens, load_pipeline, picture, seeded
 
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMPipelineOutput, DreamLLMText2ImagePipeline, StopReason
-from test_pipeline import FAST, CountTokens, load_pipeline, picture, seeded
 
 
 @pytest.fixture

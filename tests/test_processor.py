@@ -13,6 +13,7 @@ from dreamllm_hf import DreamLLMProcessor
 from dreamllm_hf import constants as C
 from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
 
+
 GOLDEN_CHAT = [
     {"role": "user", "content": "<image>\nWhat is in the picture?"},
     {"role": "assistant", "content": "The picture shows a cat."},

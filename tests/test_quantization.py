@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_modeling import IM_END, IM_PATCH, IM_START, tiny_config
 from transformers import BitsAndBytesConfig
 
 from dreamllm_hf import DreamLLMForConditionalGeneration
 
-from test_modeling import IM_END, IM_PATCH, IM_START, tiny_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -17,12 +17,23 @@ def quantizable_config():
     # bitsandbytes on AVX512-BF16 CPUs needs in_features % 64 == 0 and out_features % 32 == 0 for 4-bit layers.
     return tiny_config(
         text_config=dict(
-            model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+            model_type="llama",
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
         ),
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, image_size=28, patch_size=14,
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         ),
         cross_attention_dim=32,
     )
@@ -46,16 +57,23 @@ def inputs():
     "quantization, layer_class, tolerance",
     [
         # Observed on this tiny random model: 4-bit NF4 max |Δlogit| 0.073, 8-bit 0.006 (logits up to ~0.6).
-        (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-         "Linear4bit", 0.15),
+        (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+            "Linear4bit",
+            0.15,
+        ),
         (BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", 0.02),
     ],
     ids=["nf4", "int8"],
 )
 def test_quantized_layers_exactly_where_intended(saved_model, quantization, layer_class, tolerance):
     reference, path = saved_model
-    model = DreamLLMForConditionalGeneration.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
-    linear = {name: type(module).__name__ for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    model = DreamLLMForConditionalGeneration.from_pretrained(
+        path, quantization_config=quantization, dtype=torch.float32
+    )
+    linear = {
+        name: type(module).__name__ for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+    }
     for name, kind in linear.items():
         expected = "Linear" if name in FULL_PRECISION else layer_class
         assert kind == expected, f"{name} is {kind}, expected {expected}"
@@ -74,8 +92,12 @@ def test_quantized_layers_exactly_where_intended(saved_model, quantization, laye
 
 def test_4bit_checkpoint_saves_and_reloads(saved_model, tmp_path):
     _, path = saved_model
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = DreamLLMForConditionalGeneration.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = DreamLLMForConditionalGeneration.from_pretrained(
+        path, quantization_config=quantization, dtype=torch.float32
+    )
     model.save_pretrained(tmp_path / "nf4")
     reloaded = DreamLLMForConditionalGeneration.from_pretrained(tmp_path / "nf4", dtype=torch.float32)
     assert type(reloaded.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
@@ -121,7 +143,9 @@ def test_device_map_split_runs_with_offload(saved_model, tmp_path):
     device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=empty._no_split_modules)
     assert set(device_map.values()) == {"cpu", "disk"}
     assert not any(".layers." in name and name.count(".") > 4 for name in device_map)  # layers kept whole
-    model = DreamLLMForConditionalGeneration.from_pretrained(path, device_map=device_map, offload_folder=tmp_path).eval()
+    model = DreamLLMForConditionalGeneration.from_pretrained(
+        path, device_map=device_map, offload_folder=tmp_path
+    ).eval()
     assert model.hf_device_map == device_map
     ids, pixels = inputs()
     with torch.no_grad():

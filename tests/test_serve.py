@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
 
 import numpy as np
@@ -24,8 +25,9 @@ from dreamllm_hf.serve.app import DreamLLMPage, PageDefaults
 from dreamllm_hf.serve.cli import serve
 from dreamllm_hf.serve.render import conversation_html, placeholder_html, status_html, turn_html
 from dreamllm_hf.shapes_world import COLOURS, SHAPES, draw_shape, sample_spec
-from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH, DEMO_SEED
+from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
+
 
 # Gradio's queue (its own code) calls pandas options that pandas 3 deprecates.
 pytestmark = pytest.mark.filterwarnings(
@@ -139,7 +141,11 @@ def test_a_story_is_streamed_with_drawing_progress_and_equals_the_pipeline_outpu
     assert progress and "dreamllm-placeholder" in progress[0][DOCUMENT]
     expected = demo_pipe(
         [{"role": "user", "content": "Tell me a story."}],
-        do_sample=True, max_new_tokens=256, max_images=4, num_inference_steps=STEPS, guidance_scale=2.0,
+        do_sample=True,
+        max_new_tokens=256,
+        max_images=4,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
         generator=torch.Generator("cpu").manual_seed(DEMO_SEED),
     ).documents[0]
     pictures = sum(not isinstance(segment, str) for segment in expected)
@@ -178,7 +184,7 @@ def test_a_second_turn_reads_the_whole_conversation_with_the_attached_picture(pa
     monkeypatch.setattr(demo_pipe, "stream", recording_stream)
     updates = _run(page, "What is in the picture?", str(tmp_path / "red_circle.png"), "Answer only", earlier)
 
-    (conversation, kwargs), = asked
+    ((conversation, kwargs),) = asked
     assert conversation[:2] == earlier and len(conversation) == 3
     picture_part, text_part = conversation[2]["content"]
     assert picture_part["type"] == "image" and _same_picture(picture_part["image"], uploaded)
@@ -285,7 +291,8 @@ def test_the_page_in_chromium(server, tmp_path):
             browser_page = browser.new_page(viewport={"width": 1200, "height": 900}, accept_downloads=True)
             outside = []  # the page must not reach beyond this machine
             browser_page.on(
-                "request", lambda r: outside.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None
+                "request",
+                lambda r: outside.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None,
             )
             browser_page.goto(server)
             prompt = browser_page.get_by_label("Prompt")

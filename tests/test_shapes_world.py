@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dreamllm_hf.shapes_world import COLOURS, SHAPES, caption, classify_shape_image, draw_shape, sample_spec, sample_story
+from dreamllm_hf.shapes_world import (
+    COLOURS,
+    SHAPES,
+    caption,
+    classify_shape_image,
+    draw_shape,
+    sample_spec,
+    sample_story,
+)
 from dreamllm_hf.shapes_world.data import pairs_dataset, stories_dataset, write_pairs_folder, write_stories_folder
 
 
@@ -27,7 +35,10 @@ def test_judge_survives_blur_and_noise():
         spec = sample_spec(rng)
         image = draw_shape(spec).filter(ImageFilter.GaussianBlur(0.6))
         pixels = np.asarray(image, dtype=np.float32) + noise_rng.normal(0, 12, (32, 32, 3))
-        correct += classify_shape_image(Image.fromarray(pixels.clip(0, 255).astype(np.uint8))) == (spec.colour, spec.shape)
+        correct += classify_shape_image(Image.fromarray(pixels.clip(0, 255).astype(np.uint8))) == (
+            spec.colour,
+            spec.shape,
+        )
     assert correct / 300 >= 0.95
 
 
@@ -56,7 +67,9 @@ def test_datasets_and_folders(tmp_path):
 
     pairs_dir = write_pairs_folder(tmp_path / "pairs", 5, seed=3)
     lines = (pairs_dir / "metadata.jsonl").read_text().splitlines()
-    assert len(lines) == 5 and all((pairs_dir / __import__("json").loads(line)["file_name"]).is_file() for line in lines)
+    assert len(lines) == 5 and all(
+        (pairs_dir / __import__("json").loads(line)["file_name"]).is_file() for line in lines
+    )
     stories_dir = write_stories_folder(tmp_path / "stories", 3, seed=3)
     assert len((stories_dir / "stories.jsonl").read_text().splitlines()) == 3
 
@@ -85,13 +98,27 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
     from dreamllm_hf.shapes_world.demo_training import DemoRecipe, continue_demo_training, train_demo
 
     recipe = DemoRecipe(
-        num_pictures=64, num_stories=16, vae_steps=2, vae_batch_size=8, unet_steps=2, unet_batch_size=8,
-        comprehension_steps=2, comprehension_batch_size=4, creation_steps=2, creation_batch_size=4, joint_steps=2,
-        joint_batch_size=4, instruction_steps=2, instruction_batch_size=4,
+        num_pictures=64,
+        num_stories=16,
+        vae_steps=2,
+        vae_batch_size=8,
+        unet_steps=2,
+        unet_batch_size=8,
+        comprehension_steps=2,
+        comprehension_batch_size=4,
+        creation_steps=2,
+        creation_batch_size=4,
+        joint_steps=2,
+        joint_batch_size=4,
+        instruction_steps=2,
+        instruction_batch_size=4,
     )
     report = train_demo(tmp_path / "demo", recipe, log=lambda line: None)
     assert set(report["timings_s"]) >= {
-        "stage 0a autoencoder", "stage 0b diffusion decoder", "stage II joint", "stage III instruction"
+        "stage 0a autoencoder",
+        "stage 0b diffusion decoder",
+        "stage II joint",
+        "stage III instruction",
     }
     with pytest.raises(ValueError, match="already went through stage III"):
         continue_demo_training(tmp_path / "demo", tmp_path / "again", recipe, log=lambda line: None)
@@ -157,8 +184,11 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
     figures = caption_accuracy(always_red_circle, settings)
     assert figures["caption_accuracy"] < 0.5 and figures["chat_caption_accuracy"] < 0.5
     # Only the chat prompts are answered right: the two figures are measured apart.
-    chat_only = _StubPipe(answer=lambda prompt, images: "a {} {}".format(*classify_shape_image(images[0]))
-                          if not isinstance(prompt, str) else "a red circle.")
+    chat_only = _StubPipe(
+        answer=lambda prompt, images: (
+            "a {} {}".format(*classify_shape_image(images[0])) if not isinstance(prompt, str) else "a red circle."
+        )
+    )
     figures = caption_accuracy(chat_only, settings)
     assert figures["chat_caption_accuracy"] == 1.0 and figures["caption_accuracy"] < 0.5
 
@@ -168,11 +198,16 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
     assert t2i_accuracy(drawing_circles, settings)["t2i_accuracy"] == pytest.approx(1 / 3)
 
     # A picture counts when it matches the sentence just before it; after a sentence naming no shape it is a miss.
-    story = _StubPipe(story=lambda prompt: [
-        "First there was a red circle.", _picture("red", "circle"),
-        "Then a blue square appeared.", _picture("green", "square"),
-        "The end.", _picture("blue", "triangle"),
-    ])
+    story = _StubPipe(
+        story=lambda prompt: [
+            "First there was a red circle.",
+            _picture("red", "circle"),
+            "Then a blue square appeared.",
+            _picture("green", "square"),
+            "The end.",
+            _picture("blue", "triangle"),
+        ]
+    )
     figures = interleaved_match(story, settings)
     assert figures["interleaved_pictures"] == 6 and figures["interleaved_match"] == pytest.approx(1 / 3)
     # All stories in one call, each sampled and drawn from its own generator.

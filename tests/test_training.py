@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+
 ATOL = 1e-4  # as tests/test_parity_model.py: fp32 reduction-order noise on these sizes is ~3e-6
 LOSS_RTOL = 1e-5
 TRAIN_SAMPLES = ["train_interleaved_1img", "train_interleaved_2img", "train_t2i_pair", "train_i2t_pair"]
@@ -172,15 +173,26 @@ def test_loss_matches_original_with_injected_randomness(training_model, goldens,
         )
     _check_against_goldens(out, name, sample, goldens)
     with torch.no_grad():
-        again = training_model(**batch, diffusion_latents=out.diffusion.latents, noise=out.diffusion.noise,
-                               timesteps=out.diffusion.timesteps)
+        again = training_model(
+            **batch,
+            diffusion_latents=out.diffusion.latents,
+            noise=out.diffusion.noise,
+            timesteps=out.diffusion.timesteps,
+        )
     assert again.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)  # precomputed latents: same loss
     from dreamllm_hf.training import dreamllm_loss
 
     with torch.no_grad():
-        functional = dreamllm_loss(training_model.mllm, training_model.unet, training_model.vae,
-                                   training_model.noise_scheduler, batch, diffusion_latents=out.diffusion.latents,
-                                   noise=out.diffusion.noise, timesteps=out.diffusion.timesteps)
+        functional = dreamllm_loss(
+            training_model.mllm,
+            training_model.unet,
+            training_model.vae,
+            training_model.noise_scheduler,
+            batch,
+            diffusion_latents=out.diffusion.latents,
+            noise=out.diffusion.noise,
+            timesteps=out.diffusion.timesteps,
+        )
     assert functional.loss.item() == pytest.approx(sample["loss"], rel=LOSS_RTOL)
 
 
@@ -206,8 +218,11 @@ def test_diffusion_gradient_reaches_conditioning_not_frozen_unet(components, gol
     torch.manual_seed(0)
     model(**batch).loss.backward()
     inner = mllm.model
-    for param in (inner.condition_projector.weight, inner.dream_queries.weight,
-                  inner.language_model.layers[0].self_attn.q_proj.weight):
+    for param in (
+        inner.condition_projector.weight,
+        inner.dream_queries.weight,
+        inner.language_model.layers[0].self_attn.q_proj.weight,
+    ):
         assert param.grad is not None and param.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.unet.parameters())
     assert all(p.grad is None for p in model.vae.parameters())
@@ -261,8 +276,9 @@ def builder(processor, goldens_json):
 def test_document_builder_reproduces_original_sample(builder, processor, goldens, goldens_json, name):
     sample = goldens_json["training"]["samples"][name]
     ids = sample["input_ids"][0]
-    segments = _golden_segments(ids, goldens_json["ids"], goldens_json["num_dream_queries"],
-                                goldens_json["num_image_tokens"])
+    segments = _golden_segments(
+        ids, goldens_json["ids"], goldens_json["num_dream_queries"], goldens_json["num_image_tokens"]
+    )
     texts = [processor.tokenizer.decode(segment) for segment in segments]
     images = _raw_images(goldens)[: len(segments) - 1]
     # MMC4 order is by matched_text_index, not by list order: give them reversed
@@ -293,8 +309,9 @@ def test_document_builder_stops_at_max_length(processor):
 
     builder = DreamLLMSampleBuilder(processor, diffusion_resolution=16, max_length=24)
     image = draw_shape("red", "square")
-    out = builder.document(["One two three.", "Four five six seven eight nine ten."], [image, image], [0, 1],
-                           builder.rng(0))
+    out = builder.document(
+        ["One two three.", "Four five six seven eight nine ten."], [image, image], [0, 1], builder.rng(0)
+    )
     assert len(out["input_ids"]) <= 24 and out["input_ids"][-1] == processor.tokenizer.eos_token_id
     dream_blocks = out["input_ids"].count(processor.special_token_ids["<dream_start>"])
     assert dream_blocks == len(out["diffusion_pixel_values"]) == 1
@@ -314,9 +331,12 @@ def test_conversation_samples_learn_the_assistant_turns_and_draw_their_pictures(
     ]
     sample = builder.conversation(messages, np.random.default_rng(0))
     text = processor.apply_chat_template(
-        [{"role": "user", "content": "<image>What is in the picture?"}, {"role": "assistant", "content": "a red circle"},
-         {"role": "user", "content": "Tell me a story."},
-         {"role": "assistant", "content": "First there was a blue square.<dream>"}],
+        [
+            {"role": "user", "content": "<image>What is in the picture?"},
+            {"role": "assistant", "content": "a red circle"},
+            {"role": "user", "content": "Tell me a story."},
+            {"role": "assistant", "content": "First there was a blue square.<dream>"},
+        ],
         tokenize=False,
     )
     assert sample["input_ids"] == processor(text=text, images=[[read, drawn]])["input_ids"][0]
@@ -341,8 +361,11 @@ def test_diffusion_transform_follows_torchvision_resize_and_center_crop():
     assert_close(transform(image), expected, atol=1e-6)
     assert_close(transform(image, flip=True), expected.flip(-1), atol=1e-6)
     square = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-    assert_close(transform(square), torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1),
-                 atol=1e-6)
+    assert_close(
+        transform(square),
+        torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1),
+        atol=1e-6,
+    )
 
 
 def test_pairs_split_half_and_half_and_are_seedable(processor):
@@ -352,8 +375,10 @@ def test_pairs_split_half_and_half_and_are_seedable(processor):
 
     def tasks(seed, epoch):
         builder = DreamLLMSampleBuilder(processor, diffusion_resolution=16, seed=seed)
-        return ["i2t" if builder.pair(image, "a blue circle", builder.rng(i, epoch))["pixel_values"] is not None
-                else "t2i" for i in range(200)]
+        return [
+            "i2t" if builder.pair(image, "a blue circle", builder.rng(i, epoch))["pixel_values"] is not None else "t2i"
+            for i in range(200)
+        ]
 
     first = tasks(0, 0)
     assert 0.4 < first.count("i2t") / len(first) < 0.6
@@ -361,8 +386,10 @@ def test_pairs_split_half_and_half_and_are_seedable(processor):
     assert tasks(1, 0) != first and tasks(0, 1) != first
     flips = DreamLLMSampleBuilder(processor, diffusion_resolution=16, i2t_probability=0.0)
     unflipped = flips.diffusion_transform(image)
-    flipped = [torch.equal(flips.pair(image, "x", flips.rng(i))["diffusion_pixel_values"][0], unflipped.flip(-1))
-               for i in range(40)]
+    flipped = [
+        torch.equal(flips.pair(image, "x", flips.rng(i))["diffusion_pixel_values"][0], unflipped.flip(-1))
+        for i in range(40)
+    ]
     assert 0 < sum(flipped) < 40
 
 
@@ -384,8 +411,9 @@ def test_local_sources_and_parquet_shards(processor, toy_data, tmp_path):
         written[name] = write_parquet_shards(source, tmp_path / f"{name}-shards", num_shards=2, cache_dir=cache)
     reference = build_training_dataset([toy_data["pairs"], toy_data["docs"]], processor, 16, cache_dir=cache)
     shutil.rmtree(copy)
-    sharded = build_training_dataset([tmp_path / "pairs-shards", tmp_path / "docs-shards"], processor, 16,
-                                     cache_dir=cache)
+    sharded = build_training_dataset(
+        [tmp_path / "pairs-shards", tmp_path / "docs-shards"], processor, 16, cache_dir=cache
+    )
     assert [len(paths) for paths in written.values()] == [2, 2] and len(sharded) == len(reference) == 12
     for index in range(len(reference)):
         a, b = reference[index], sharded[index]
@@ -404,8 +432,12 @@ def test_collator_pads_right_and_concatenates_pictures_in_reading_order():
     p = [torch.full((1, 3, 2, 2), float(k)) for k in range(3)]
     samples = [
         {"input_ids": [1, 5, 2], "labels": [1, 5, 2], "pixel_values": p[0], "diffusion_pixel_values": None},
-        {"input_ids": [1, 6, 7, 8, 2], "labels": [-100, 6, 7, 8, 2], "pixel_values": torch.cat([p[1], p[2]]),
-         "diffusion_pixel_values": p[2]},
+        {
+            "input_ids": [1, 6, 7, 8, 2],
+            "labels": [-100, 6, 7, 8, 2],
+            "pixel_values": torch.cat([p[1], p[2]]),
+            "diffusion_pixel_values": p[2],
+        },
     ]
     batch = DreamLLMDataCollator(pad_token_id=0)(samples)
     assert batch["input_ids"].tolist() == [[1, 5, 2, 0, 0], [1, 6, 7, 8, 2]]
@@ -437,8 +469,13 @@ def test_lora_targets_llm_linears_only_and_trains_queries_projectors_tokens(conv
     assert any("lm_head.token_adapter" in name for name in trainable)
     assert not any("vision_tower" in name for name in trainable)
     ids = format_token_ids(config)
-    assert ids == [config.image_start_token_id, config.image_patch_token_id, config.image_end_token_id,
-                   config.dream_start_token_id, config.dream_end_token_id]
+    assert ids == [
+        config.image_start_token_id,
+        config.image_patch_token_id,
+        config.image_end_token_id,
+        config.dream_start_token_id,
+        config.dream_end_token_id,
+    ]
     assert peft_model.peft_config["default"].trainable_token_indices["lm_head"] == ids
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
 
@@ -532,8 +569,16 @@ def test_the_log_writes_null_for_a_term_no_batch_had(converted_tiny, toy_data, t
     rather than 0.0 (which reads as a perfect loss), and the other term's mean is the mean of the micro-batches."""
     from dreamllm_hf.training import train
 
-    args = _args(converted_tiny, toy_data, tmp_path, data=[str(toy_data["pairs"])], max_steps=2,
-                 gradient_accumulation_steps=2, i2t_probability=i2t_probability, learning_rate=1e-4)
+    args = _args(
+        converted_tiny,
+        toy_data,
+        tmp_path,
+        data=[str(toy_data["pairs"])],
+        max_steps=2,
+        gradient_accumulation_steps=2,
+        i2t_probability=i2t_probability,
+        learning_rate=1e-4,
+    )
     log = [json.loads(line) for line in train(args).log_path.read_text().splitlines()]
     present = "vm_loss" if absent == "lm_loss" else "lm_loss"
     assert [record["step"] for record in log] == [1, 2]
@@ -555,8 +600,9 @@ def test_training_lowers_both_losses(trained, converted_tiny, components, eval_b
     assert last < 0.7 * first, (first, last)
 
     vm_before, lm_before = _evaluate(load_mllm(converted_tiny), components, eval_batches)
-    vm_after, lm_after = _evaluate(load_adapter(load_mllm(converted_tiny), trained.output_dir), components,
-                                   eval_batches)
+    vm_after, lm_after = _evaluate(
+        load_adapter(load_mllm(converted_tiny), trained.output_dir), components, eval_batches
+    )
     assert lm_after < 0.5 * lm_before, (lm_before, lm_after)
     # Measured: 1.087 -> 1.005 (with loss_weight_vm=0 instead, it stays at 1.089).
     assert vm_after < 0.97 * vm_before, (vm_before, vm_after)
@@ -659,8 +705,23 @@ def test_cli_options_config_file_and_flags(tmp_path):
     parser = argparse.ArgumentParser(prog="dreamllm-hf")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     namespace = parser.parse_args(
-        ["train", "--config", str(config), "--max-steps", "9", "--data", "c", "--data", "d", "--output-dir", "out",
-         "--no-random-flip", "--resume", "--mixed-precision", "bf16"]
+        [
+            "train",
+            "--config",
+            str(config),
+            "--max-steps",
+            "9",
+            "--data",
+            "c",
+            "--data",
+            "d",
+            "--output-dir",
+            "out",
+            "--no-random-flip",
+            "--resume",
+            "--mixed-precision",
+            "bf16",
+        ]
     )
     assert namespace.func.__name__ == "run_train"
     args = training_arguments_from_namespace(namespace)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,12 +34,31 @@ def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path):
     output = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
-        str(accelerate), "launch", "--config_file", str(REPO / "examples/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", "29561",
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(REPO / "examples/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        "29561",
         str(REPO / "examples/train_lora.py"),
-        "--model", str(converted_tiny), "--data", str(data), "--output-dir", str(output),
-        "--max-steps", "3", "--seed", "0", "--batch-size", "1", "--checkpointing-steps", "2",
-        "--dtype", "float32", "--cache-dir", str(tmp_path / "hf-cache"),
+        "--model",
+        str(converted_tiny),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(output),
+        "--max-steps",
+        "3",
+        "--seed",
+        "0",
+        "--batch-size",
+        "1",
+        "--checkpointing-steps",
+        "2",
+        "--dtype",
+        "float32",
+        "--cache-dir",
+        str(tmp_path / "hf-cache"),
     ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -48,6 +68,7 @@ def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path):
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["global_step"] == 3
     assert sorted(p.name for p in (output / "checkpoint-2").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"
+        "random_states_0.pkl",
+        "random_states_1.pkl",
     ]
     assert (output / "adapter_model.safetensors").exists()

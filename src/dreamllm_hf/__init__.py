@@ -16,6 +16,7 @@ from .modeling import (
     DreamLLMProcessor,
 )
 
+
 __version__ = "0.1.0"
 
 AutoConfig.register(DreamLLMConfig.model_type, DreamLLMConfig, exist_ok=True)

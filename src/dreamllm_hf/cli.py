@@ -16,7 +16,9 @@ def _add_demo_parser(subparsers) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="Where story.html and the drawing go.")
     parser.add_argument("--prompt", default="Tell me a story.", help="The instruction (the demo model knows stories).")
     parser.add_argument(
-        "--seed", type=int, default=DEMO_SEED,
+        "--seed",
+        type=int,
+        default=DEMO_SEED,
         help=f"Seeds the sampled text and the pictures; each seed tells another story ({DEMO_SEED}: three pictures, "
         "each of what its sentence names; 0: one).",
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+
 def run_demo(
     output_dir: str | Path,
     prompt: str = "Tell me a story.",
@@ -43,20 +44,23 @@ def run_demo(
 
     # The generator seeds both the sampled text and the pictures of the story.
     story = pipe(
-        prompt, do_sample=True, max_new_tokens=64, max_images=max_images,
-        generator=torch.Generator("cpu").manual_seed(seed), **sampling,
+        prompt,
+        do_sample=True,
+        max_new_tokens=64,
+        max_images=max_images,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **sampling,
     )
     story_path = output_dir / "story.html"
     story.save_html(story_path, title=f"DreamLLM demo: {prompt}")
-    rendered = " ".join(
-        segment.strip() if isinstance(segment, str) else "[picture]" for segment in story.documents[0]
-    )
+    rendered = " ".join(segment.strip() if isinstance(segment, str) else "[picture]" for segment in story.documents[0])
     print(f"[interleaved] {prompt!r} -> {rendered}")
     print(f"[interleaved] {len(story.images[0])} picture(s), stopped: {story.stop_reasons[0]}")
 
     picture = draw_shape(sample_spec(random.Random(seed), colour="blue", shape="triangle"))
-    caption = pipe("<image>", images=[picture], allow_images=False, use_chat_template=False, do_sample=False,
-                   max_new_tokens=8).text[0]
+    caption = pipe(
+        "<image>", images=[picture], allow_images=False, use_chat_template=False, do_sample=False, max_new_tokens=8
+    ).text[0]
     print(f"[comprehension] a blue triangle -> {caption.strip()!r}")
 
     draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components

@@ -5,6 +5,7 @@ The names are imported on first use, so `dreamllm-hf --help` does not pay for to
 
 import importlib
 
+
 _EXPORTS = {
     "ConversionSummary": ".convert_dreamllm_original_to_hf",
     "convert_original_checkpoint": ".convert_dreamllm_original_to_hf",

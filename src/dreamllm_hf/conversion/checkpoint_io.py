@@ -27,6 +27,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from .original_layout import OriginalCheckpointError
 
+
 logger = logging.getLogger(__name__)
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format description).
@@ -62,11 +63,15 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
             if "mmap can only be used" not in str(error):
                 raise
             # A pre-1.6 (non-zip) pickle cannot be mapped: read it into memory instead, still tensors only.
-            logger.warning("%s is in torch's legacy (non-zip) format: it is read into memory, not memory-mapped.", path)
+            logger.warning(
+                "%s is in torch's legacy (non-zip) format: it is read into memory, not memory-mapped.", path
+            )
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = str(error).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0])
+        reason = next(
+            (line.strip() for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0]
+        )
         raise OriginalCheckpointError(
             f"Refusing to load {path}: it is not a plain tensor pickle, and loading it could run code "
             f"(torch.load(weights_only=True) said: {reason}). The DreamLLM release holds only tensors; this file may "

@@ -48,7 +48,9 @@ def add_convert_parser(subparsers) -> None:
         "writes into a temporary folder beside --output and renames it at the end.",
     )
     parser.add_argument(
-        "--original", required=True, help="Folder in the original release layout (config.json, *.bin, tokenizer.model)."
+        "--original",
+        required=True,
+        help="Folder in the original release layout (config.json, *.bin, tokenizer.model).",
     )
     parser.add_argument(
         "--output",

@@ -38,6 +38,7 @@ from . import checkpoint_io as io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
 
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -151,7 +152,9 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> None:
         if not output_dir.is_dir():
             raise FileExistsError(f"{output_dir} exists and is a file; choose another --output or pass --overwrite.")
         if any(output_dir.iterdir()):
-            raise FileExistsError(f"{output_dir} exists and is not empty; choose another --output or pass --overwrite.")
+            raise FileExistsError(
+                f"{output_dir} exists and is not empty; choose another --output or pass --overwrite."
+            )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     stale = sorted(output_dir.parent.glob(f".{output_dir.name}.tmp-*"))
     if stale:

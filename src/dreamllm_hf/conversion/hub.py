@@ -14,6 +14,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 ARXIV_ID = "2309.11499"
 ORIGINAL_REPO = "RunpeiDong/dreamllm-7b-chat-v1.0"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import constants as C
 from ..modeling.configuration_dreamllm import DreamLLMConfig
 
+
 CONFIG_FILE = "config.json"
 LLM_FILE = "pytorch_model.bin"
 CLIP_FILE = "clip_vision_embedding.bin"

@@ -16,6 +16,7 @@ from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
 from .. import constants as C
 
+
 SPIECE_UNDERLINE = "▁"
 _SENTENCEPIECE_BPE = 2  # `ModelProto.TrainerSpec.ModelType.BPE`
 _DREAMLLM_ADDED_TOKENS = (
@@ -74,7 +75,9 @@ def build_legacy_tokenizer(
         ]
     )
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (unk, bos, eos)])
-    ordered_added = _ordered_added_tokens(added_tokens, first_free_id=tokenizer.get_vocab_size(with_added_tokens=False))
+    ordered_added = _ordered_added_tokens(
+        added_tokens, first_free_id=tokenizer.get_vocab_size(with_added_tokens=False)
+    )
     for token, expected_id in ordered_added:
         tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True)])
         if tokenizer.token_to_id(token) != expected_id:
@@ -104,7 +107,9 @@ def build_legacy_tokenizer(
 def _check_supported(trainer_spec, normalizer_spec) -> None:
     """Refuses SentencePiece settings that the fast pipeline above would not reproduce."""
     if trainer_spec.model_type != _SENTENCEPIECE_BPE:
-        raise ValueError(f"Expected a SentencePiece BPE model (LLaMA style), got model_type {trainer_spec.model_type}.")
+        raise ValueError(
+            f"Expected a SentencePiece BPE model (LLaMA style), got model_type {trainer_spec.model_type}."
+        )
     if normalizer_spec.precompiled_charsmap or normalizer_spec.remove_extra_whitespaces:
         raise ValueError(
             "This SentencePiece model normalizes its input (charsmap or whitespace folding); only the identity "

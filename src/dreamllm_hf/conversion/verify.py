@@ -39,6 +39,7 @@ from ..modeling.configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
 from . import checkpoint_io as io
 from . import original_layout as L
 
+
 # (atol, rtol) per compute dtype: a check passes when max|converted - reference| <= atol + rtol * max|reference|.
 DEFAULT_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
 CLIP_PREFIX = "clip_vision_model.vision_model."
@@ -137,8 +138,7 @@ class VerificationReport:
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         verdict = "PASSED" if self.passed else "FAILED"
         return "\n".join(lines) + (
-            f"\nverification {verdict} ({self.compute_dtype} on {self.device}, seed {self.seed}, "
-            f"{self.seconds:.1f} s)"
+            f"\nverification {verdict} ({self.compute_dtype} on {self.device}, seed {self.seed}, {self.seconds:.1f} s)"
         )
 
 
@@ -214,7 +214,9 @@ def _check_weights(
                         continue
                     reference = original.to(want)
                     if not torch.equal(converted, reference):
-                        diff = _max_abs(converted.float() - reference.float()) if converted.is_floating_point() else 1.0
+                        diff = (
+                            _max_abs(converted.float() - reference.float()) if converted.is_floating_point() else 1.0
+                        )
                         max_diff = max(max_diff, diff if math.isfinite(diff) else float("inf"))
                         report.weights_mismatched.append(f"{label} (max abs diff {diff:.3g})")
                     releaser.release(original)
@@ -332,8 +334,9 @@ def verify_conversion(
     for tensor in (*llm_sd.values(), *clip_sd.values()):  # the reference holds its own copies: drop the mapped pages
         releaser.release(tensor)
     as_compute = lambda t: t.to(stored).to(device, compute_dtype)  # noqa: E731
-    image_projector_w, image_projector_b = as_compute(clip_sd["projector.projector.weight"]), as_compute(
-        clip_sd["projector.projector.bias"]
+    image_projector_w, image_projector_b = (
+        as_compute(clip_sd["projector.projector.weight"]),
+        as_compute(clip_sd["projector.projector.bias"]),
     )
     condition_projector_w = as_compute(state_dicts[L.DIFFUSION_FILE]["projector.projector.weight"])
     queries = as_compute(state_dicts[L.DREAM_FILE]["dream_queries"]).reshape(-1, text_config.hidden_size)
@@ -387,7 +390,11 @@ def verify_conversion(
             reference = cls.from_config(component_config)
         prefix = name + "."
         reference.load_state_dict(
-            {k[len(prefix) :]: v.to(stored).to(compute_dtype) for k, v in diffusion_sd.items() if k.startswith(prefix)},
+            {
+                k[len(prefix) :]: v.to(stored).to(compute_dtype)
+                for k, v in diffusion_sd.items()
+                if k.startswith(prefix)
+            },
             strict=True,
             assign=True,
         )

@@ -20,6 +20,7 @@ from ..pipelines.prompt_files import (
 )
 from .data import ImageExample, read_json, read_json_lines
 
+
 ANSWERS_DIR = "answers"
 QUESTION_FIELD = "{question}"
 # The model's prompts when none is given: those LLaVA-1.5-era models are usually evaluated with (the original's

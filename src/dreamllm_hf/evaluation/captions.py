@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 JAVA_HELP = "install a Java runtime (e.g. `apt-get install -y default-jre-headless`; OpenJDK 17 works)"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "demo"  # --model demo: the shipped demo model
 
@@ -52,7 +53,10 @@ def _add_model_options(parser: argparse.ArgumentParser, batch_size: int) -> None
         "--device", default=None, help="cuda, cpu, ... (default: the device accelerate gives the process)"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: float16 on cuda, float32 on cpu)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
 
 
@@ -67,7 +71,9 @@ def _add_answer_options(parser: argparse.ArgumentParser, prompt: str, max_new_to
         help="wrap the prompt in the model's chat template (--no-chat-template: give it as it is, with <image>)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens the model may write")
-    parser.add_argument("--answers", type=Path, default=None, help="score this results file instead of running a model")
+    parser.add_argument(
+        "--answers", type=Path, default=None, help="score this results file instead of running a model"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N entries of --data (a smoke test)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where the answers and scores.json go")
 
@@ -581,7 +587,9 @@ def run_vqa(args) -> int:
     from .answering import answer_key, results_rows
     from .vqa import normalize_answer, read_vqa_examples, score_answers, vqa_accuracy
 
-    examples, format_name, format_key = read_vqa_examples(args.data, args.images, args.annotations, args.image_template)
+    examples, format_name, format_key = read_vqa_examples(
+        args.data, args.images, args.annotations, args.image_template
+    )
     examples = _limited(examples, args.limit)
     key = answer_key(examples, format_key)
     texts, output_dir, settings = _answers(args, examples, key, "answer")

@@ -25,6 +25,7 @@ import PIL.Image
 
 from ..pipelines.prompt_files import InputError, check_picture, load_dataset_split
 
+
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -172,7 +173,10 @@ def read_captions(path: Path, limit: int | None = None, sample_seed: int = 0) ->
                 if "caption" not in entry:
                     raise InputError('no "caption"; every line needs one, e.g. {"caption": "a red circle"}.')
                 entries.append(
-                    (check_text(entry["caption"], "caption").strip(), check_ids(entry, ("caption",), scalars_only=True))
+                    (
+                        check_text(entry["caption"], "caption").strip(),
+                        check_ids(entry, ("caption",), scalars_only=True),
+                    )
                 )
             except InputError as error:
                 raise fail(path, f"line {number}", error) from error
@@ -199,7 +203,9 @@ def parse_seeds(text: str) -> list[int]:
             raise SystemExit(f"error: --seeds {text!r}: write seeds as 42, 42-49 or 0,3,7.")
         first, last = int(match.group(1)), int(match.group(2) if match.group(2) is not None else match.group(1))
         if last < first:
-            raise SystemExit(f"error: --seeds {text!r}: the range {first}-{last} is empty; write the lower seed first.")
+            raise SystemExit(
+                f"error: --seeds {text!r}: the range {first}-{last} is empty; write the lower seed first."
+            )
         seeds.extend(range(first, last + 1))
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"error: --seeds {text!r} names a seed twice.")

@@ -20,6 +20,7 @@ import PIL.ImageOps
 import torch
 from torch import nn
 
+
 INCEPTION_FILE_NAME = "inception-2015-12-05.pt"
 INCEPTION_HELP = (
     f"the TorchScript FID Inception `{INCEPTION_FILE_NAME}` (the TensorFlow 2015-12-05 network as clean-fid and "

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .features import fit_to_resolution, pictures_to_uint8
 
+
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # A reference `.npz` carries no sample count; any count >= 2 gives torchmetrics back the same mean and covariance.
 _STATS_COUNT = 2

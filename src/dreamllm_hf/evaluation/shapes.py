@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..shapes_world.evaluation import HELD_OUT_SEED
 from ..shapes_world.world import COLOURS, IMAGE_SIZE, SHAPES, caption, draw_shape, sample_spec
 
+
 CAPTION_NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 WORLD_WORDS = ("a", "the", "one", "that", "is")  # the other words of the captions and references
 REFERENCE_TEMPLATES = (
@@ -164,7 +165,9 @@ def _train_steps(model, optimizer, text, pool, generator, steps, groups, log) ->
         rows = torch.randint(pool_size, (groups, count), generator=generator)
         pixel_values = pool[rows, labels.expand(groups, count)].flatten(0, 1)
         logits = model(**text, pixel_values=pixel_values).logits_per_image.view(groups, count, count)
-        loss = sum((F.cross_entropy(group, labels) + F.cross_entropy(group.T, labels)) / 2 for group in logits) / groups
+        loss = (
+            sum((F.cross_entropy(group, labels) + F.cross_entropy(group.T, labels)) / 2 for group in logits) / groups
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -24,6 +24,7 @@ from ..pipelines.prompt_files import batches, write_atomically
 from .clip_score import CLIPScorer, select_best
 from .data import CaptionRecord
 
+
 # The paper's MS-COCO FID settings (see the module docstring); the command's defaults.
 PAPER_SEEDS = "42-49"
 PAPER_STEPS = 150

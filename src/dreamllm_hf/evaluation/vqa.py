@@ -27,6 +27,7 @@ from .data import (
     read_json_lines,
 )
 
+
 ARTICLES = frozenset({"a", "an", "the"})
 # "none" counts as 0, as the VQA evaluation has it.
 NUMBER_WORDS = {

@@ -8,6 +8,7 @@ from .modeling_dreamllm import (
 )
 from .processing_dreamllm import DreamLLMProcessor
 
+
 __all__ = [
     "DreamLLMCausalLMOutputWithPast",
     "DreamLLMConfig",

@@ -5,6 +5,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .. import constants as C
 
+
 # The released 7B model: Vicuna-7B v1.1 (LLaMA-1 shapes) with 8 added tokens, and CLIP ViT-L/14 at 224 px.
 VICUNA_7B_TEXT_CONFIG = {
     "vocab_size": C.RELEASE_VOCAB_SIZE,

@@ -19,6 +19,7 @@ import torch
 
 from .. import constants as C
 
+
 ROLES = ("system", "user", "assistant")
 _PICTURE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 _PICTURE_KEYS = ("image", "url", "path")

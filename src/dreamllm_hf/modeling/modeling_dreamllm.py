@@ -232,7 +232,9 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
                 inputs_embeds = inputs_embeds.clone()
                 inputs_embeds[dream_rows[:, None], dream_slots] = queries
         elif pixel_values is not None:
-            raise ValueError("`pixel_values` need `input_ids` to find the image blocks; pass `input_ids`, not embeddings.")
+            raise ValueError(
+                "`pixel_values` need `input_ids` to find the image blocks; pass `input_ids`, not embeddings."
+            )
 
         batch_size, seq_len = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -289,12 +291,16 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         text_embeds = self.get_input_embeddings()(input_ids)
         text_embeds = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
         if (input_ids == self.config.dream_start_token_id).any():
-            raise ValueError("`get_dream_embeddings` appends the dream block itself: end the context before `<dream_start>`.")
+            raise ValueError(
+                "`get_dream_embeddings` appends the dream block itself: end the context before `<dream_start>`."
+            )
         block = self.dream_block_embeddings(batch_size, input_ids.device).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, block], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, block.shape[1])], dim=1)
-        position_ids = self._position_ids(attention_mask, cache, batch_size, inputs_embeds.shape[1], inputs_embeds.device)
+        position_ids = self._position_ids(
+            attention_mask, cache, batch_size, inputs_embeds.shape[1], inputs_embeds.device
+        )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

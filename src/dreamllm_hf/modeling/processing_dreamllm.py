@@ -1,6 +1,5 @@
 """DreamLLM processor: the legacy LLaMA tokenizer plus CLIP image preprocessing, with the original's block expansion."""
 
-
 import numpy as np
 import torch
 from PIL import Image
@@ -11,7 +10,10 @@ from transformers.processing_utils import ProcessorMixin
 from .. import constants as C
 from .configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
 
-DEFAULT_NUM_IMAGE_TOKENS = (CLIP_VIT_L_14_VISION_CONFIG["image_size"] // CLIP_VIT_L_14_VISION_CONFIG["patch_size"]) ** 2
+
+DEFAULT_NUM_IMAGE_TOKENS = (
+    CLIP_VIT_L_14_VISION_CONFIG["image_size"] // CLIP_VIT_L_14_VISION_CONFIG["patch_size"]
+) ** 2
 _SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor, str)
 
 
@@ -123,7 +125,10 @@ class DreamLLMProcessor(ProcessorMixin):
         if text is not None:
             prompts = self._as_prompt_list(text)
             token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False, **kwargs)["input_ids"]
-            placeholder_ids = (self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER])
+            placeholder_ids = (
+                self.special_token_ids[C.IMAGE_PLACEHOLDER],
+                self.special_token_ids[C.DREAM_PLACEHOLDER],
+            )
             images_per_prompt = [sum(ids.count(p) for p in placeholder_ids) for ids in token_ids]
             expanded = [self.expand_placeholders(ids) for ids in token_ids]
             padded = self.tokenizer.pad(
@@ -200,7 +205,6 @@ class DreamLLMProcessor(ProcessorMixin):
                 "change the placeholders."
             )
         return flat
-
 
 
 def _is_array(image) -> bool:

@@ -4,4 +4,5 @@ from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
+
 __all__ = ["DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline", "StopReason"]

@@ -32,6 +32,7 @@ from .prompt_files import (
     with_placeholders,
 )
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("interleaved", "text", "image")
 
@@ -105,7 +106,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="cuda, cpu, ... (default: cuda when available; with --prompts, the device accelerate gives the process)",
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: float16 on cuda, float32 on cpu)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output file: .html, or .md (pictures beside it)")
     parser.add_argument(
@@ -261,9 +265,7 @@ def run_generate_many(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not accelerator.is_local_main_process)
 
     with accelerator.split_between_processes(pending) as share:
-        progress = tqdm(
-            total=len(share), desc="documents", unit="doc", disable=not accelerator.is_local_main_process
-        )
+        progress = tqdm(total=len(share), desc="documents", unit="doc", disable=not accelerator.is_local_main_process)
         try:
             for batch in batches(share, args.batch_size):
                 try:

@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 from .dream_diffusion import DiffusionSettings, onload
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
+
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 STATIC_CACHE_BUCKET = 256  # static cache widths are multiples of this (one compiled decode step for many calls)
 

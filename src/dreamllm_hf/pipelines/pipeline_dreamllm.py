@@ -26,6 +26,7 @@ from .document_engine import CACHE_IMPLEMENTATIONS, DocumentEngine, DocumentRequ
 from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin, is_conversation
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
+
 GENERATION_MODES = ("interleaved", "text", "image")
 DOCUMENT_OUTPUT_TYPES = tuple(t for t in OUTPUT_TYPES if t != "latent")
 # Set by the pipeline itself, or meaningless for documents (one sequence each, no beams, stops by the format).

@@ -13,6 +13,7 @@ from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin
 
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py

@@ -51,7 +51,6 @@ def picture_html(image: PIL.Image.Image, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" width="{width}"{style} src="data:image/png;base64,{data}">'
 
 
-
 @dataclass
 class DocumentEvent:
     """

@@ -21,6 +21,7 @@ import torch
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_output import DreamLLMPipelineOutput, segment_to_pil
 
+
 IMAGE_PLACEHOLDER = "<image>"
 # The keys a line / row may set; every other key is copied into the document's record.
 INPUT_KEYS = ("prompt", "images", "seed")

@@ -21,6 +21,7 @@ from ..pipelines.pipeline_output import StopReason
 from .render import DOCUMENT_CSS, conversation_html, status_html, turn_html
 from .writer import MODES, STOPPED, TurnSettings, write_turn
 
+
 logger = logging.getLogger(__name__)
 
 MAX_PICTURES_LIMIT = 8
@@ -102,8 +103,10 @@ def user_turn(message: str | None, attachment: str | None, mode: str) -> dict:
     text = (message or "").strip()
     if mode == "Picture only":
         if attachment:
-            raise InputError("Picture only draws from the message alone: remove the attached picture, or choose "
-                             "Document or Answer only to ask about it.")
+            raise InputError(
+                "Picture only draws from the message alone: remove the attached picture, or choose "
+                "Document or Answer only to ask about it."
+            )
         if not text:
             raise InputError("Type what to draw in the Prompt box first.")
         return {"role": "user", "content": text}
@@ -163,24 +166,48 @@ class DreamLLMPage:
             settings = read_settings(mode, seed, guidance_scale, steps, max_pictures, self.defaults.max_new_tokens)
             asked = conversation + [user_turn(message, attachment, mode)]
         except InputError as error:
-            yield (conversation_html(conversation), status_html(str(error), error=True), conversation,
-                   gr.skip(), gr.skip(), gr.skip())
+            yield (
+                conversation_html(conversation),
+                status_html(str(error), error=True),
+                conversation,
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
             return
 
         session, stop = self._session(request), threading.Event()
         self._stops[session] = stop
         live = None
-        yield (conversation_html(asked, turn_html("assistant", [], note="Writing…")), status_html("Writing…"),
-               gr.skip(), "", None, gr.skip())
+        yield (
+            conversation_html(asked, turn_html("assistant", [], note="Writing…")),
+            status_html("Writing…"),
+            gr.skip(),
+            "",
+            None,
+            gr.skip(),
+        )
         try:
             for live in write_turn(self.pipe, self.text2image, asked, settings, stop):
                 live_html = turn_html("assistant", live.segments, live.drawing)
-                yield (conversation_html(asked, live_html), status_html(_progress_message(live)), gr.skip(),
-                       gr.skip(), gr.skip(), gr.skip())
+                yield (
+                    conversation_html(asked, live_html),
+                    status_html(_progress_message(live)),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                )
         except Exception as error:
             logger.exception("Generation failed")
-            yield (conversation_html(conversation), status_html(f"Could not write the answer: {error}", error=True),
-                   conversation, message, attachment, gr.skip())
+            yield (
+                conversation_html(conversation),
+                status_html(f"Could not write the answer: {error}", error=True),
+                conversation,
+                message,
+                attachment,
+                gr.skip(),
+            )
             return
         finally:
             if self._stops.get(session) is stop:
@@ -192,8 +219,14 @@ class DreamLLMPage:
         if not answer["content"]:
             message_done += " The answer is empty."
         download = self.write_download(answer["content"], live.stop_reason, title=(message or "").strip())
-        yield (conversation_html(conversation), status_html(message_done), conversation, gr.skip(), gr.skip(),
-               gr.update(value=download, interactive=True))
+        yield (
+            conversation_html(conversation),
+            status_html(message_done),
+            conversation,
+            gr.skip(),
+            gr.skip(),
+            gr.update(value=download, interactive=True),
+        )
 
     def write_download(self, document: list, stop_reason: str | None, title: str = "") -> str:
         """The answer as a self-contained HTML file (`save_html`); returns its path."""
@@ -231,30 +264,44 @@ class DreamLLMPage:
             conversation = gr.State([])
             with gr.Row():
                 with gr.Column(scale=3):
-                    document = gr.HTML(conversation_html([]), css_template=DOCUMENT_CSS, js_on_load=None,
-                                       elem_id="document")
+                    document = gr.HTML(
+                        conversation_html([]), css_template=DOCUMENT_CSS, js_on_load=None, elem_id="document"
+                    )
                     status = gr.HTML(status_html(""), css_template=DOCUMENT_CSS, js_on_load=None, elem_id="status")
                     with gr.Row(equal_height=True):
-                        prompt = gr.Textbox(label="Prompt", placeholder="Tell me a story.", lines=3, max_lines=8,
-                                            scale=3)
+                        prompt = gr.Textbox(
+                            label="Prompt", placeholder="Tell me a story.", lines=3, max_lines=8, scale=3
+                        )
                         # gr.File, not gr.Image: Gradio would open an unreadable upload itself and fail with its own
                         # error; read_picture gives the page's message instead.
-                        attachment = gr.File(label="Picture (optional)", file_types=["image"], type="filepath",
-                                             height=140, scale=1, min_width=180, elem_id="attachment")
+                        attachment = gr.File(
+                            label="Picture (optional)",
+                            file_types=["image"],
+                            type="filepath",
+                            height=140,
+                            scale=1,
+                            min_width=180,
+                            elem_id="attachment",
+                        )
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", scale=2)
                         stop = gr.Button("Stop", variant="stop", scale=1)
                 with gr.Column(scale=1, min_width=220):
                     new = gr.Button("New conversation", size="md")
                     download = gr.DownloadButton("Download as HTML", interactive=False, size="md")
-                    mode = gr.Radio(list(MODES), value=MODES[0], label="Mode",
-                                    info="Document: text and pictures. Answer only: text. Picture only: one picture "
-                                    "of the message.")
+                    mode = gr.Radio(
+                        list(MODES),
+                        value=MODES[0],
+                        label="Mode",
+                        info="Document: text and pictures. Answer only: text. Picture only: one picture "
+                        "of the message.",
+                    )
                     seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0)
                     guidance = gr.Slider(0.0, MAX_GUIDANCE, value=d.guidance_scale, step=0.5, label="Guidance")
                     steps = gr.Slider(1, MAX_STEPS_LIMIT, value=d.num_inference_steps, step=1, label="Steps")
-                    max_pictures = gr.Slider(0, MAX_PICTURES_LIMIT, value=d.max_images, step=1,
-                                             label="Maximum pictures")
+                    max_pictures = gr.Slider(
+                        0, MAX_PICTURES_LIMIT, value=d.max_images, step=1, label="Maximum pictures"
+                    )
             gr.on(
                 [generate.click, prompt.submit],
                 self.generate,
@@ -266,8 +313,14 @@ class DreamLLMPage:
             )
             # Not queued behind the generation it stops.
             stop.click(self.stop, None, status, concurrency_limit=None, show_progress="hidden", api_name="stop")
-            new.click(self.clear, None, [document, status, conversation, download], concurrency_limit=None,
-                      show_progress="hidden", api_name="new_conversation")
+            new.click(
+                self.clear,
+                None,
+                [document, status, conversation, download],
+                concurrency_limit=None,
+                show_progress="hidden",
+                api_name="new_conversation",
+            )
         return blocks.queue(default_concurrency_limit=1)
 
 

@@ -16,6 +16,7 @@ import PIL.Image
 
 from ..pipelines.pipeline_output import MIN_PICTURE_DISPLAY_WIDTH, picture_display_width, segment_to_pil
 
+
 PICTURE_CLASS = "dreamllm-picture"
 _PICTURE_CSS = (
     f"img.{PICTURE_CLASS}{{display:block;margin:.5em 0;max-width:100%;height:auto}}"

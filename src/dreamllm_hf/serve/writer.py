@@ -15,6 +15,7 @@ import torch
 
 from ..pipelines.pipeline_output import StopReason
 
+
 MODES = ("Document", "Answer only", "Picture only")
 STOPPED = "stopped"  # the stop reason of a turn the user stopped
 

@@ -3,6 +3,7 @@
 from .classifier import classify_shape_image
 from .world import COLOURS, IMAGE_SIZE, SHAPES, ShapeSpec, caption, draw_shape, sample_spec, sample_story
 
+
 __all__ = [
     "COLOURS",
     "IMAGE_SIZE",

@@ -5,6 +5,7 @@ from PIL import Image
 
 from .world import COLOURS
 
+
 MIN_OBJECT_PIXELS = 12
 SATURATION_THRESHOLD = 60  # max-min over RGB: the white/grey ground is well below, every palette colour well above
 

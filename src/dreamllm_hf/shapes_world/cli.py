@@ -64,7 +64,12 @@ def add_demo_parsers(subparsers) -> None:
 
 
 SETTING_OPTIONS = (
-    "num_caption_pictures", "t2i_per_caption", "num_stories", "num_inference_steps", "guidance_scale", "seed"
+    "num_caption_pictures",
+    "t2i_per_caption",
+    "num_stories",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
 )
 
 
@@ -113,8 +118,10 @@ def _run_evaluate_demo(args) -> int:
     print("text-to-image, judged right per caption:")
     for caption, fraction in results["t2i_per_caption"].items():
         print(f"  {caption:>18}: {fraction:.2f}")
-    print(f"stories: {results['stories_with_pictures']}/{settings.num_stories} drew pictures, "
-          f"{results['interleaved_pictures']} pictures in all")
+    print(
+        f"stories: {results['stories_with_pictures']}/{settings.num_stories} drew pictures, "
+        f"{results['interleaved_pictures']} pictures in all"
+    )
     for story in results["story_examples"]:
         print(f"  {story['instruction']!r} -> {story['document']} <{story['stop']}>")
     if args.save_dir:

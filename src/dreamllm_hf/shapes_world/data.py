@@ -17,6 +17,7 @@ import datasets
 from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from .world import IMAGE_SIZE, caption, draw_shape, sample_spec, sample_story
 
+
 # What a conversation holds, in turn order: a question about a picture (picture in) and/or a story (pictures out).
 CONVERSATION_KINDS = (("question",), ("story",), ("story", "question"), ("question", "story"))
 
@@ -44,7 +45,13 @@ def _pair_rows(num_samples: int, seed: int, image_size: int):
     rng = random.Random(seed)
     for index in range(num_samples):
         spec = sample_spec(rng, image_size=image_size)
-        yield {"image": draw_shape(spec, image_size), "text": caption(spec), "colour": spec.colour, "shape": spec.shape, "index": index}
+        yield {
+            "image": draw_shape(spec, image_size),
+            "text": caption(spec),
+            "colour": spec.colour,
+            "shape": spec.shape,
+            "index": index,
+        }
 
 
 def _story_rows(num_samples: int, seed: int, image_size: int, pictures: tuple[int, int]):
@@ -54,21 +61,30 @@ def _story_rows(num_samples: int, seed: int, image_size: int, pictures: tuple[in
         yield {
             "text_list": [sentence for sentence, _ in story],
             "images": [draw_shape(spec, image_size) for _, spec in story],
-            "image_info": [{"image_name": f"story{index:06d}_{k}.png", "matched_text_index": k} for k in range(len(story))],
+            "image_info": [
+                {"image_name": f"story{index:06d}_{k}.png", "matched_text_index": k} for k in range(len(story))
+            ],
             "index": index,
         }
 
 
 def pairs_dataset(num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> datasets.Dataset:
     features = datasets.Features(
-        {"image": datasets.Image(), "text": datasets.Value("string"), "colour": datasets.Value("string"),
-         "shape": datasets.Value("string"), "index": datasets.Value("int64")}
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "colour": datasets.Value("string"),
+            "shape": datasets.Value("string"),
+            "index": datasets.Value("int64"),
+        }
     )
     rows = list(_pair_rows(num_samples, seed, image_size))
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def stories_dataset(num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, pictures=(1, 3)) -> datasets.Dataset:
+def stories_dataset(
+    num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, pictures=(1, 3)
+) -> datasets.Dataset:
     features = datasets.Features(
         {
             "text_list": datasets.Sequence(datasets.Value("string")),

@@ -3,6 +3,7 @@ and how it is sampled: its evaluation, the README's demo and the tests all read 
 
 from pathlib import Path
 
+
 DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo_model"
 
 # DDIM steps and guidance for the demo model's pictures. Its small decoder over-saturates under the pipeline's default

@@ -48,6 +48,7 @@ from .model_card import write_demo_model_card
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
 from .world import COLOURS, IMAGE_SIZE, SHAPES
 
+
 NUM_DREAM_QUERIES = 8
 CROSS_ATTENTION_DIM = 64
 CLIP_PATCH_SIZE = 4  # 32 px / 4 = 8x8 = 64 image tokens (patch 8 captioned only ~70 % in the same budget)
@@ -436,8 +437,15 @@ def reconstruction_accuracy(vae, num_pictures: int = 192) -> float:
 
 @torch.no_grad()
 def conditioned_drawing_accuracy(
-    unet, vae, noise_scheduler, conditioning: torch.Tensor, unconditional: torch.Tensor, wanted, guidance_scale: float,
-    num_inference_steps: int = 25, seed: int = DIAGNOSTIC_SEED,
+    unet,
+    vae,
+    noise_scheduler,
+    conditioning: torch.Tensor,
+    unconditional: torch.Tensor,
+    wanted,
+    guidance_scale: float,
+    num_inference_steps: int = 25,
+    seed: int = DIAGNOSTIC_SEED,
 ) -> float:
     """Share of pictures drawn from `conditioning` (`[N, Q, D]`, guided against `unconditional` `[1, Q, D]`) that the
     judge reads as `wanted`: the sampling of the shipped pipeline (DDIM, trailing steps), without the pipeline."""
@@ -519,7 +527,9 @@ def train_autoencoder(pictures: torch.Tensor, recipe: DemoRecipe, log) -> tuple[
         means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pictures.split(256)])
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     vae.requires_grad_(False)
-    history.append({"stage": "0a-autoencoder", "check": "reconstruction_accuracy", "value": reconstruction_accuracy(vae)})
+    history.append(
+        {"stage": "0a-autoencoder", "check": "reconstruction_accuracy", "value": reconstruction_accuracy(vae)}
+    )
     log(json.dumps(history[-1]))
     return vae, history
 
@@ -618,8 +628,13 @@ def instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, 
     parameters = _freeze_all_but(mllm, [*trainable, core.condition_projector])
     loss_fn = _dreamllm_loss_fn(training_model, iter(streams), seed + 2)
     records = _run_steps(
-        "III-instruction", parameters, recipe.instruction_steps, recipe.instruction_lr, loss_fn,
-        recipe.warmup_fraction, log,
+        "III-instruction",
+        parameters,
+        recipe.instruction_steps,
+        recipe.instruction_lr,
+        loss_fn,
+        recipe.warmup_fraction,
+        log,
     )
     checks = {
         "caption_accuracy": lambda: captioning_accuracy(mllm, processor),
@@ -653,8 +668,14 @@ def continue_demo_training(
     noise_scheduler = demo_noise_scheduler()
     pair_source = source_from_dataset(pairs_dataset(recipe.num_pictures, seed=recipe.seed))
     history = instruction_stage(
-        pipe.mllm, pipe.unet.requires_grad_(False), pipe.vae.requires_grad_(False), noise_scheduler, pipe.processor,
-        pair_source, recipe, log,
+        pipe.mllm,
+        pipe.unet.requires_grad_(False),
+        pipe.vae.requires_grad_(False),
+        noise_scheduler,
+        pipe.processor,
+        pair_source,
+        recipe,
+        log,
     )
     pipe.mllm.requires_grad_(False).eval()
     pipe.save_pretrained(output_dir)
@@ -845,8 +866,10 @@ def train_demo(
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load_at_start,
         "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
-        "parameters": {name: sum(p.numel() for p in module.parameters()) for name, module in
-                       (("mllm", mllm), ("unet", unet), ("vae", vae))},
+        "parameters": {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in (("mllm", mllm), ("unet", unet), ("vae", vae))
+        },
         "history": history,
     }
     (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
 from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from .world import COLOURS, SHAPES
 
+
 HELD_OUT_SEED = 1_000_003  # no training set of the recipe uses it
 _WORDS = re.compile(r"[a-z]+")
 
@@ -74,7 +75,9 @@ def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 3
         images = [[image] for image in rows["image"]]
         out = pipe(["<image>"] * len(images), images=images, use_chat_template=False, **greedy)
         questions = [CAPTION_QUESTIONS[(start + i) % len(CAPTION_QUESTIONS)] for i in range(len(images))]
-        chat = pipe([[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy)
+        chat = pipe(
+            [[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy
+        )
         for answer, chat_answer, colour, shape in zip(out.text, chat.text, rows["colour"], rows["shape"]):
             ok = named_colour_and_shape(answer) == (colour, shape)
             right += ok
@@ -98,7 +101,7 @@ def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
         guidance_scale=settings.guidance_scale,
         generator=generators,
     ).images
-    per_caption = {caption: 0 for caption in captions}
+    per_caption = dict.fromkeys(captions, 0)
     for prompt, image in zip(prompts, images):
         if classify_shape_image(image) == named_colour_and_shape(prompt):
             per_caption[prompt] += 1

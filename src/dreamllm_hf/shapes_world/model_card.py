@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS, DEMO_SEED
 
+
 CARD_TEMPLATE = """---
 library_name: diffusers
 pipeline_tag: any-to-any
@@ -103,22 +104,56 @@ Checks along the way (held-out pictures, judged by `classify_shape_image`):
 def _stage_rows(report: dict) -> str:
     recipe, timings = report["recipe"], report["timings_s"]
     rows = [
-        ("0a autoencoder", "VAE", "pictures (L1 + L2 + 1e-8 KL)", recipe["vae_steps"], recipe["vae_batch_size"],
-         "stage 0a autoencoder"),
-        ("0b diffusion decoder", "UNet + stand-in caption encoder", "pairs, v-prediction, caption dropout "
-         f"{recipe['caption_dropout']:.0%}", recipe["unet_steps"], recipe["unet_batch_size"],
-         "stage 0b diffusion decoder"),
-        ("I comprehension", "CLIP tower, image projector, LLM", "image -> caption, LM loss",
-         recipe["comprehension_steps"], recipe["comprehension_batch_size"], "stage I comprehension"),
-        ("I creation", "dream queries, condition projector, LLM", "caption -> image, diffusion loss",
-         recipe["creation_steps"], recipe["creation_batch_size"], "stage I creation"),
-        ("II joint (I-GPT)", "LLM, both projectors, dream queries", "stories + pairs, LM + "
-         f"{recipe['loss_weight_vm']:g} x diffusion", recipe["joint_steps"], recipe["joint_batch_size"],
-         "stage II joint"),
-        ("III instruction", "LLM, both projectors, dream queries", "conversations "
-         f"{recipe.get('instruction_conversation_fraction', 0):.0%} + pairs, LM + {recipe['loss_weight_vm']:g} x "
-         "diffusion", recipe.get("instruction_steps", 0), recipe.get("instruction_batch_size", 0),
-         "stage III instruction"),
+        (
+            "0a autoencoder",
+            "VAE",
+            "pictures (L1 + L2 + 1e-8 KL)",
+            recipe["vae_steps"],
+            recipe["vae_batch_size"],
+            "stage 0a autoencoder",
+        ),
+        (
+            "0b diffusion decoder",
+            "UNet + stand-in caption encoder",
+            f"pairs, v-prediction, caption dropout {recipe['caption_dropout']:.0%}",
+            recipe["unet_steps"],
+            recipe["unet_batch_size"],
+            "stage 0b diffusion decoder",
+        ),
+        (
+            "I comprehension",
+            "CLIP tower, image projector, LLM",
+            "image -> caption, LM loss",
+            recipe["comprehension_steps"],
+            recipe["comprehension_batch_size"],
+            "stage I comprehension",
+        ),
+        (
+            "I creation",
+            "dream queries, condition projector, LLM",
+            "caption -> image, diffusion loss",
+            recipe["creation_steps"],
+            recipe["creation_batch_size"],
+            "stage I creation",
+        ),
+        (
+            "II joint (I-GPT)",
+            "LLM, both projectors, dream queries",
+            f"stories + pairs, LM + {recipe['loss_weight_vm']:g} x diffusion",
+            recipe["joint_steps"],
+            recipe["joint_batch_size"],
+            "stage II joint",
+        ),
+        (
+            "III instruction",
+            "LLM, both projectors, dream queries",
+            "conversations "
+            f"{recipe.get('instruction_conversation_fraction', 0):.0%} + pairs, LM + {recipe['loss_weight_vm']:g} x "
+            "diffusion",
+            recipe.get("instruction_steps", 0),
+            recipe.get("instruction_batch_size", 0),
+            "stage III instruction",
+        ),
     ]
     return "\n".join(
         f"| {name} | {trains} | {on} | {steps} x {batch} | {timings.get(key, 0):.0f} s |"
@@ -149,7 +184,7 @@ def _evaluation(evaluation: dict | None) -> str:
         f"{evaluation.get('interleaved_pictures', '?')} pictures in {settings.get('num_stories', '?')} sampled stories "
         "whose judged colour and shape match the sentence before them |\n"
         f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the same "
-        "pictures asked about in a chat (\"What is in the picture?\" / \"Describe the picture.\") |\n\n"
+        'pictures asked about in a chat ("What is in the picture?" / "Describe the picture.") |\n\n'
         f"Settings: {settings.get('num_inference_steps', '?')} DDIM steps, guidance scale "
         f"{settings.get('guidance_scale', '?')}, seed {settings.get('seed', '?')}."
     )
@@ -189,7 +224,8 @@ def write_demo_model_card(model_dir: str | Path, report: dict | None = None, eva
         demo_seed=DEMO_SEED,
         creation_llm=(
             " (in its creation half as well: captioning collapses there and comes back in stage II, see the checks)"
-            if report["recipe"].get("creation_train_llm") else ""
+            if report["recipe"].get("creation_train_llm")
+            else ""
         ),
     )
     path = model_dir / "README.md"

@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import constants as C
 from .world import COLOURS, SHAPES, STORY_CONTINUATIONS, STORY_ENDINGS, STORY_OPENINGS
 
+
 DEMO_VOCAB_SIZE = 512  # 3 specials + 256 bytes + the world's pieces; the 8 DreamLLM tokens come after
 STORY_INSTRUCTIONS = ("Tell me a story.", "Tell me a story with pictures.", "Write an illustrated story.")
 CAPTION_QUESTIONS = ("What is in the picture?", "Describe the picture.")

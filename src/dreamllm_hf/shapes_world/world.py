@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -34,7 +35,9 @@ class ShapeSpec:
         return f"{self.colour} {self.shape}"
 
 
-def sample_spec(rng: random.Random, colour: str | None = None, shape: str | None = None, image_size: int = IMAGE_SIZE) -> ShapeSpec:
+def sample_spec(
+    rng: random.Random, colour: str | None = None, shape: str | None = None, image_size: int = IMAGE_SIZE
+) -> ShapeSpec:
     size = rng.randint(image_size * 7 // 16, image_size * 3 // 4)
     margin = size // 2 + 1
     return ShapeSpec(

@@ -51,6 +51,7 @@ from .trainer import (
     train,
 )
 
+
 __all__ = [
     "DEFAULT_LOSS_WEIGHT_LM",
     "DEFAULT_LOSS_WEIGHT_VM",

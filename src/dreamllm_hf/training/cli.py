@@ -11,6 +11,7 @@ starts.
 import argparse
 import sys
 
+
 _HELP = {
     "model": "Converted DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` writes.",
     "data": "Data source, repeatable: an image folder with metadata.jsonl (pairs), MMC4 JSON Lines (documents), "
@@ -34,59 +35,145 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-rank", dest="lora_rank", type=int, default=S, help="LoRA rank r (default 16).")
     lora.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=S, help="LoRA alpha (default 32).")
-    lora.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=S, help="LoRA dropout (default 0.05).")
-    lora.add_argument("--lora-lm-head", dest="lora_lm_head", action=argparse.BooleanOptionalAction, default=S,
-                      help="Also put a LoRA on lm_head (default: only the format-token rows of lm_head are trained).")
-    lora.add_argument("--train-format-tokens", dest="train_format_tokens", action=argparse.BooleanOptionalAction,
-                      default=S, help="Train the embedding (and lm_head) rows of the format tokens (default on).")
-    lora.add_argument("--load-in-4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=S,
-                      help="QLoRA: the LLM decoder layers in 4-bit NF4 (bitsandbytes).")
-    lora.add_argument("--activation-checkpointing", dest="activation_checkpointing",
-                      action=argparse.BooleanOptionalAction, default=S,
-                      help="Recompute activations in the backward pass (less memory, ~30%% more compute).")
+    lora.add_argument(
+        "--lora-dropout", dest="lora_dropout", type=float, default=S, help="LoRA dropout (default 0.05)."
+    )
+    lora.add_argument(
+        "--lora-lm-head",
+        dest="lora_lm_head",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="Also put a LoRA on lm_head (default: only the format-token rows of lm_head are trained).",
+    )
+    lora.add_argument(
+        "--train-format-tokens",
+        dest="train_format_tokens",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="Train the embedding (and lm_head) rows of the format tokens (default on).",
+    )
+    lora.add_argument(
+        "--load-in-4bit",
+        dest="load_in_4bit",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="QLoRA: the LLM decoder layers in 4-bit NF4 (bitsandbytes).",
+    )
+    lora.add_argument(
+        "--activation-checkpointing",
+        dest="activation_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="Recompute activations in the backward pass (less memory, ~30%% more compute).",
+    )
 
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss-weight-lm", dest="loss_weight_lm", type=float, default=S, help="Default 1.")
-    loss.add_argument("--loss-weight-vm", dest="loss_weight_vm", type=float, default=S,
-                      help="Default 10 (the original's).")
+    loss.add_argument(
+        "--loss-weight-vm", dest="loss_weight_vm", type=float, default=S, help="Default 10 (the original's)."
+    )
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=S, help="Default 2e-4.")
-    optim.add_argument("--lr-scheduler", dest="lr_scheduler", default=S,
-                       help="Any transformers.get_scheduler name: cosine (default), linear, constant, ...")
+    optim.add_argument(
+        "--lr-scheduler",
+        dest="lr_scheduler",
+        default=S,
+        help="Any transformers.get_scheduler name: cosine (default), linear, constant, ...",
+    )
     optim.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S, help="Default 0.")
     optim.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="Default 0.")
-    optim.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=S,
-                       help="Default 1 (0: no clipping).")
-    optim.add_argument("--batch-size", "--per-device-batch-size", dest="per_device_batch_size", type=int, default=S,
-                       help="Samples per process per micro-batch (default 1).")
-    optim.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int, default=S,
-                       help="Micro-batches per optimizer step (default 1).")
-    optim.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"], default=S,
-                       help="Autocast precision (default: from `accelerate launch`'s config, else no).")
-    optim.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=S,
-                       help="Dtype of the frozen weights (default auto: follows --mixed-precision).")
+    optim.add_argument(
+        "--max-grad-norm", dest="max_grad_norm", type=float, default=S, help="Default 1 (0: no clipping)."
+    )
+    optim.add_argument(
+        "--batch-size",
+        "--per-device-batch-size",
+        dest="per_device_batch_size",
+        type=int,
+        default=S,
+        help="Samples per process per micro-batch (default 1).",
+    )
+    optim.add_argument(
+        "--gradient-accumulation-steps",
+        dest="gradient_accumulation_steps",
+        type=int,
+        default=S,
+        help="Micro-batches per optimizer step (default 1).",
+    )
+    optim.add_argument(
+        "--mixed-precision",
+        dest="mixed_precision",
+        choices=["no", "bf16", "fp16"],
+        default=S,
+        help="Autocast precision (default: from `accelerate launch`'s config, else no).",
+    )
+    optim.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=S,
+        help="Dtype of the frozen weights (default auto: follows --mixed-precision).",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--max-length", dest="max_length", type=int, default=S, help="Longest sample (default 2048).")
-    data.add_argument("--i2t-probability", dest="i2t_probability", type=float, default=S,
-                      help="Chance a pair is image-to-text rather than text-to-image (default 0.5).")
-    data.add_argument("--random-flip", dest="random_flip", action=argparse.BooleanOptionalAction, default=S,
-                      help="Random horizontal flip of the diffusion pictures (default on).")
-    data.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="Data-loader workers (default 0).")
+    data.add_argument(
+        "--i2t-probability",
+        dest="i2t_probability",
+        type=float,
+        default=S,
+        help="Chance a pair is image-to-text rather than text-to-image (default 0.5).",
+    )
+    data.add_argument(
+        "--random-flip",
+        dest="random_flip",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="Random horizontal flip of the diffusion pictures (default on).",
+    )
+    data.add_argument(
+        "--num-workers", dest="num_workers", type=int, default=S, help="Data-loader workers (default 0)."
+    )
     data.add_argument("--cache-dir", dest="cache_dir", default=S, help="`datasets` cache folder.")
 
     run = parser.add_argument_group("checkpoints and logs")
-    run.add_argument("--checkpointing-steps", dest="checkpointing_steps", type=int, default=S,
-                     help="Save a resumable checkpoint every N steps (default 500; 0: never).")
-    run.add_argument("--checkpoints-total-limit", dest="checkpoints_total_limit", type=int, default=S,
-                     help="Keep at most N checkpoints.")
-    run.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CHECKPOINT",
-                     help="Resume from the latest checkpoint in --output-dir, or from CHECKPOINT.")
-    run.add_argument("--logging-steps", dest="logging_steps", type=int, default=S,
-                     help="Append to train_log.jsonl every N steps (default 1).")
-    run.add_argument("--report-to", dest="report_to", action="extend", nargs="+", default=S,
-                     help="Also log to accelerate trackers (tensorboard, wandb, ...).")
+    run.add_argument(
+        "--checkpointing-steps",
+        dest="checkpointing_steps",
+        type=int,
+        default=S,
+        help="Save a resumable checkpoint every N steps (default 500; 0: never).",
+    )
+    run.add_argument(
+        "--checkpoints-total-limit",
+        dest="checkpoints_total_limit",
+        type=int,
+        default=S,
+        help="Keep at most N checkpoints.",
+    )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=S,
+        metavar="CHECKPOINT",
+        help="Resume from the latest checkpoint in --output-dir, or from CHECKPOINT.",
+    )
+    run.add_argument(
+        "--logging-steps",
+        dest="logging_steps",
+        type=int,
+        default=S,
+        help="Append to train_log.jsonl every N steps (default 1).",
+    )
+    run.add_argument(
+        "--report-to",
+        dest="report_to",
+        action="extend",
+        nargs="+",
+        default=S,
+        help="Also log to accelerate trackers (tensorboard, wandb, ...).",
+    )
     return parser
 
 

@@ -46,6 +46,7 @@ from PIL import Image
 
 from .. import constants as C
 
+
 logger = logging.getLogger(__name__)
 
 PAIRS = "pairs"
@@ -394,9 +395,7 @@ def load_data_source(path: str | os.PathLike, cache_dir: str | None = None) -> D
                 or _files_with(location, (".tar",))
             )
             if not files:
-                raise ValueError(
-                    f"{location} holds no metadata.jsonl (image folder), .parquet, .jsonl or .tar files."
-                )
+                raise ValueError(f"{location} holds no metadata.jsonl (image folder), .parquet, .jsonl or .tar files.")
         else:
             files, base_dir = [str(location)], str(location.parent)
 

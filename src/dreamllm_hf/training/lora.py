@@ -24,6 +24,7 @@ import torch
 
 from .. import constants as C
 
+
 LLM_LINEAR_LAYERS_REGEX = (
     r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
 )

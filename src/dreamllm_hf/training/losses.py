@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+
 DEFAULT_LOSS_WEIGHT_LM = 1.0
 DEFAULT_LOSS_WEIGHT_VM = 10.0  # the released config's `loss_weight_vm` (stages II and III)
 

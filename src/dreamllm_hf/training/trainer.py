@@ -31,6 +31,7 @@ import torch
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 
+
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_NAME = "train_log.jsonl"
@@ -223,7 +224,10 @@ def load_training_components(
     mllm = load_mllm(root, dtype=dtype, load_in_4bit=args.load_in_4bit, device_map=device_map)
     processor = DreamLLMProcessor.from_pretrained(root / "processor")
     config = mllm.config
-    if (processor.num_image_tokens, processor.num_dream_queries) != (config.num_image_tokens, config.num_dream_queries):
+    if (processor.num_image_tokens, processor.num_dream_queries) != (
+        config.num_image_tokens,
+        config.num_dream_queries,
+    ):
         raise ValueError(
             f"processor/ expands pictures into {processor.num_image_tokens} image slots and "
             f"{processor.num_dream_queries} dream slots, but mllm/ expects {config.num_image_tokens} and "
