@@ -49,7 +49,11 @@ class DreamLLMConfig(PreTrainedConfig):
         vision_feature_layer (`int`, defaults to -2): which CLIP hidden state feeds the projector (CLS dropped).
         num_dream_queries (`int`, defaults to 64): learned queries placed after every `<dream_start>`.
         cross_attention_dim (`int`, defaults to 1024): size of the diffusion conditioning, i.e. the UNet's
-            `cross_attention_dim` (SD 2.1-base).
+            `cross_attention_dim` (SD 2.1-base), or its `encoder_hid_dim` when the UNet projects its conditioning.
+        pooled_projection_dim (`int`, *optional*): size of the pooled conditioning an SDXL-style decoder
+            (`addition_embed_type="text_time"`) reads as `text_embeds`, given by a learned `pooled_projector` (mean of the
+            query states, then a linear map). `None` (the release, SD 1.x/2.x and `addition_embed_type="text"`): no
+            pooled projector, no extra weights.
         image_start_token_id, image_patch_token_id, image_end_token_id, dream_start_token_id, dream_end_token_id,
         image_token_id, dream_token_id (`int`): ids of `<im_start>`, `<im_patch>`, `<im_end>`, `<dream_start>`,
             `<dream_end>` and the text placeholders `<image>`, `<dream>`.
@@ -70,6 +74,7 @@ class DreamLLMConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     num_dream_queries: int = C.NUM_DREAM_QUERIES
     cross_attention_dim: int = SD21_BASE_CROSS_ATTENTION_DIM
+    pooled_projection_dim: int | None = None
     image_start_token_id: int = C.RELEASE_ADDED_TOKEN_IDS[C.IMAGE_START_TOKEN]
     image_patch_token_id: int = C.RELEASE_ADDED_TOKEN_IDS[C.IMAGE_PATCH_TOKEN]
     image_end_token_id: int = C.RELEASE_ADDED_TOKEN_IDS[C.IMAGE_END_TOKEN]

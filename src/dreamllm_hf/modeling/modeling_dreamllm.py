@@ -33,6 +33,9 @@ class DreamLLMModelOutputWithPast(ModelOutput):
             (row by row, left to right). `None` when the input holds no dream block.
         dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
             `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`.
+        dream_pooled_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, pooled_projection_dim)`, *optional*):
+            `dream_hidden_states` through the pooled projector: an SDXL-style UNet's `text_embeds`. Only when the
+            config sets `pooled_projection_dim` and the input holds a dream block.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -41,6 +44,7 @@ class DreamLLMModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     dream_hidden_states: torch.FloatTensor | None = None
     dream_embeddings: torch.FloatTensor | None = None
+    dream_pooled_embeddings: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -52,7 +56,8 @@ class DreamLLMCausalLMOutputWithPast(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*): next-token loss, when `labels` are given. Averaged over the
             labels that are not -100; 0 (not NaN) when every label is -100, as the original.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): language-model logits.
-        cache, hidden_states, attentions, dream_hidden_states, dream_embeddings: as in [`DreamLLMModelOutputWithPast`].
+        cache, hidden_states, attentions, dream_hidden_states, dream_embeddings, dream_pooled_embeddings: as in
+            [`DreamLLMModelOutputWithPast`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -62,6 +67,7 @@ class DreamLLMCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     dream_hidden_states: torch.FloatTensor | None = None
     dream_embeddings: torch.FloatTensor | None = None
+    dream_pooled_embeddings: torch.FloatTensor | None = None
 
 
 class DreamQueries(nn.Module):
@@ -75,6 +81,21 @@ class DreamQueries(nn.Module):
         return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+class DreamPooledProjector(nn.Module):
+    """The pooled conditioning of a dream block, for decoders that read one besides the sequence (SDXL's
+    `text_embeds`): the mean of the query states, then a linear map. The mean treats every query alike, where SDXL's
+    text encoder reads its last token: no query of a block is the summary of the others."""
+
+    def __init__(self, hidden_size: int, pooled_projection_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, pooled_projection_dim, bias=False)
+
+    def forward(self, query_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(..., num_dream_queries, hidden_size)` -> `(..., pooled_projection_dim)`."""
+        pooled = query_hidden_states.to(self.linear.weight.dtype).mean(dim=-2)
+        return self.linear(pooled)
+
+
 class DreamLLMPreTrainedModel(PreTrainedModel):
     config: DreamLLMConfig
     config_class = DreamLLMConfig
@@ -85,7 +106,7 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     # The small parts DreamLLM learned on top of its backbones stay precise: upcast when loading in fp16, and never
     # quantized by bitsandbytes (the lm_head is left out of quantization by transformers' default rule).
-    _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries"]
+    _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries", "pooled_projector"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -130,6 +151,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.dream_queries = DreamQueries(config.num_dream_queries, text_hidden)
         self.condition_projector = nn.Linear(text_hidden, config.cross_attention_dim, bias=False)
+        # Only for decoders that read a pooled conditioning (SDXL): the release has none, and no key for it.
+        self.pooled_projector = None
+        if config.pooled_projection_dim is not None:
+            self.pooled_projector = DreamPooledProjector(text_hidden, config.pooled_projection_dim)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -243,10 +268,12 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
         hidden = outputs.last_hidden_state
-        dream_hidden = dream_embeddings = None
+        dream_hidden = dream_embeddings = dream_pooled = None
         if dream_rows is not None and dream_rows.numel():
             dream_hidden = hidden[dream_rows[:, None], dream_slots]
             dream_embeddings = self._project_condition(dream_hidden)
+            if self.pooled_projector is not None:
+                dream_pooled = self.pooled_projector(dream_hidden)
         return DreamLLMModelOutputWithPast(
             last_hidden_state=hidden,
             cache=getattr(outputs, "cache", None),
@@ -254,6 +281,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             attentions=outputs.attentions,
             dream_hidden_states=dream_hidden,
             dream_embeddings=dream_embeddings,
+            dream_pooled_embeddings=dream_pooled,
         )
 
     def _project_condition(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -274,8 +302,9 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         project: bool = True,
+        return_pooled: bool = False,
         **kwargs,
-    ) -> torch.FloatTensor:
+    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
         Diffusion conditioning of a dream block appended after the given context: `(batch, num_dream_queries,
         cross_attention_dim)`, the UNet's `encoder_hidden_states`.
@@ -285,6 +314,8 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         extended in place by the context and the whole dream block (`<dream_start>`, queries, `<dream_end>`), so a
         document can go on from there without recomputing its prefix. Padding may be on the left.
         `project=False` returns the final-norm hidden states at the query slots instead (before the condition projector).
+        `return_pooled=True` returns a pair: that tensor and the block's pooled conditioning `(batch,
+        pooled_projection_dim)` (an SDXL-style decoder's `text_embeds`), `None` when the config has no pooled projector.
         """
         batch_size = input_ids.shape[0]
         continuing = cache is not None and cache.get_seq_length() > 0
@@ -310,7 +341,11 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             **kwargs,
         )
         query_hidden = outputs.last_hidden_state[:, -block.shape[1] + 1 : -1]
-        return self._project_condition(query_hidden) if project else query_hidden
+        conditioning = self._project_condition(query_hidden) if project else query_hidden
+        if not return_pooled:
+            return conditioning
+        pooled = self.pooled_projector(query_hidden) if self.pooled_projector is not None else None
+        return conditioning, pooled
 
 
 class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin):
@@ -379,6 +414,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             attentions=outputs.attentions,
             dream_hidden_states=outputs.dream_hidden_states,
             dream_embeddings=outputs.dream_embeddings,
+            dream_pooled_embeddings=outputs.dream_pooled_embeddings,
         )
 
 
