@@ -38,6 +38,7 @@ class DocumentRequest:
     images: list | None
     generator: torch.Generator | None
     negative_prompt_embeds: torch.Tensor | None  # `[1, Q, C]`, the unconditional of its pictures (None: no guidance)
+    negative_pooled_prompt_embeds: torch.Tensor | None = None  # `[1, P]`, its pooled part (SDXL-style decoders)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Document:
     index: int
     generator: torch.Generator | None
     negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
     tokens_left: int
     length: int  # tokens in the cache for this document
     stream_length: int  # tokens of its stream: those in the cache and the pending one
@@ -257,6 +259,7 @@ class DocumentEngine:
                 index=i,
                 generator=r.generator,
                 negative_prompt_embeds=r.negative_prompt_embeds,
+                negative_pooled_prompt_embeds=r.negative_pooled_prompt_embeds,
                 tokens_left=self.settings.max_new_tokens,
                 length=lengths[i],
                 stream_length=lengths[i],
@@ -436,12 +439,23 @@ class DocumentEngine:
         # The dream block after each document's context, in its own rows: the conditioning of its picture.
         onload(mllm)
         empty = self.ids.new_zeros(count, 0)
-        prompt_embeds = mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache).to(pipe.unet.dtype)
-        negative = None
+        prompt_embeds, pooled = mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache, return_pooled=True)
+        prompt_embeds = prompt_embeds.to(pipe.unet.dtype)
+        pooled = pooled.to(pipe.unet.dtype) if pooled is not None else None
+        negative = negative_pooled = None
         if pipe.do_classifier_free_guidance:
             negative = torch.cat([d.negative_prompt_embeds for d in waiting]).to(prompt_embeds.device, pipe.unet.dtype)
+            if pooled is not None:
+                negative_pooled = torch.cat([d.negative_pooled_prompt_embeds for d in waiting]).to(pooled.device)
         generator = [d.generator for d in waiting] if self.settings.per_document_generators else self.shared_generator
-        latents = pipe._draw_latents(prompt_embeds, negative, generator, self.settings.diffusion)
+        latents = pipe._draw_latents(
+            prompt_embeds,
+            negative,
+            generator,
+            self.settings.diffusion,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+        )
         decoded = pipe._decode(latents, generator)
         as_pil = pipe._postprocess(decoded, "pil")  # CLIP reads each picture as it is saved (8-bit)
         shown = as_pil if self.settings.output_type == "pil" else pipe._postprocess(decoded, self.settings.output_type)

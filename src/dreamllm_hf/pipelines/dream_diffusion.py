@@ -14,6 +14,8 @@ from accelerate.hooks import CpuOffload
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..decoder_conditioning import added_cond_kwargs, check_decoder, takes_pooled, vae_scale_factor
+
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -109,7 +111,18 @@ class DreamLLMDiffusionMixin:
 
     def _vae_scale_factor(self) -> int:
         vae = getattr(self, "vae", None)
-        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        return vae_scale_factor(vae.config) if vae is not None else 8
+
+    def _check_decoder(self) -> None:
+        """At construction (and so at loading): a UNet the model cannot condition is refused, naming what it lacks."""
+        unet, mllm, vae = (getattr(self, name, None) for name in ("unet", "mllm", "vae"))
+        if unet is not None and mllm is not None:
+            check_decoder(unet.config, mllm.config, vae.config if vae is not None else None)
+
+    @property
+    def _takes_pooled(self) -> bool:
+        """Whether the pictures' conditioning has a pooled part (an SDXL-style decoder's `text_embeds`)."""
+        return getattr(self.mllm.config, "pooled_projection_dim", None) is not None
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
         if getattr(self, "unet", None) is None:
@@ -163,12 +176,17 @@ class DreamLLMDiffusionMixin:
                 f"{self.mllm.config.num_image_tokens + 2} positions)."
             )
 
-    def _dream_embeddings(self, texts: list[str], images: list[list] | None, device) -> torch.Tensor:
-        """Dream embeddings after BOS + each text, all rows in one left-padded language-model pass (no logits)."""
+    def _dream_embeddings(
+        self, texts: list[str], images: list[list] | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dream embeddings after BOS + each text, and their pooled conditioning (`None` without a pooled projector),
+        all rows in one left-padded language-model pass (no logits)."""
         input_ids, attention_mask, pixel_values = self._tokenize(texts, images, device)
         self._check_prompt_length(attention_mask, self.mllm.config.num_dream_queries + 2, "the dream block")
         onload(self.mllm)
-        return self.mllm.get_dream_embeddings(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        return self.mllm.get_dream_embeddings(
+            input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_pooled=True
+        )
 
     def _check_negative_prompt(self, negative_prompt, count: int) -> None:
         if negative_prompt is None:
@@ -217,7 +235,10 @@ class DreamLLMDiffusionMixin:
         images: Any = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        return_pooled: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, ...]:
         r"""
         The UNet conditioning of the prompts, as the original's text-to-image path: BOS + caption (no chat template),
         then the dream block; the normed hidden states at the query slots through the condition projector.
@@ -225,10 +246,28 @@ class DreamLLMDiffusionMixin:
         The unconditional rows are the negative prompts (or `""`, i.e. `<s>` alone) through the same path. Conditional
         and unconditional rows go through the language model in one left-padded batch.
 
+        With a pooled projector (`pooled_projection_dim`, for SDXL-style decoders) the same pass also gives the pooled
+        conditioning (`text_embeds`); given `prompt_embeds` (`negative_prompt_embeds`) then need
+        `pooled_prompt_embeds` (`negative_pooled_prompt_embeds`).
+
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`, each `[batch * num_images_per_prompt, Q, cross_attention_dim]`;
-            `negative_prompt_embeds` is `None` without guidance.
+            `negative_prompt_embeds` is `None` without guidance. With `return_pooled=True`, as SDXL's `encode_prompt`:
+            `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`, the pooled
+            ones `[batch * num_images_per_prompt, pooled_projection_dim]` (`None` without a pooled projector).
         """
+        pooled = self._takes_pooled
+        if pooled and prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError(
+                "With `prompt_embeds`, pass `pooled_prompt_embeds` too: this model's decoder reads a pooled "
+                "conditioning (`pooled_projection_dim`); `encode_prompt(..., return_pooled=True)` gives both."
+            )
+        if pooled and do_classifier_free_guidance and negative_prompt_embeds is not None:
+            if negative_pooled_prompt_embeds is None:
+                raise ValueError(
+                    "With `negative_prompt_embeds`, pass `negative_pooled_prompt_embeds` too: this model's decoder "
+                    "reads a pooled conditioning; `encode_prompt(..., return_pooled=True)` gives both."
+                )
         cond_texts = self._as_prompt_list(prompt) if prompt_embeds is None else []
         batch_size = len(cond_texts) if prompt_embeds is None else prompt_embeds.shape[0]
         cond_images = self._per_prompt_images(images, len(cond_texts)) if cond_texts else None
@@ -244,21 +283,37 @@ class DreamLLMDiffusionMixin:
 
         if cond_texts or uncond_texts:
             per_row_images = None if cond_images is None else [[] for _ in uncond_texts] + cond_images
-            embeds = self._dream_embeddings(uncond_texts + cond_texts, per_row_images, device)
+            embeds, pooled_embeds = self._dream_embeddings(uncond_texts + cond_texts, per_row_images, device)
             if prompt_embeds is None:
                 prompt_embeds = embeds[len(uncond_texts) :]
+                if pooled_embeds is not None:
+                    pooled_prompt_embeds = pooled_embeds[len(uncond_texts) :]
             if uncond_texts:
                 negative_prompt_embeds = embeds[: len(uncond_texts)]
+                if pooled_embeds is not None:
+                    negative_pooled_prompt_embeds = pooled_embeds[: len(uncond_texts)]
+        if not pooled:
+            pooled_prompt_embeds = negative_pooled_prompt_embeds = None
 
         dtype = self.unet.dtype if self.unet is not None else prompt_embeds.dtype
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        def per_picture(embeds: torch.Tensor | None, unconditional: bool) -> torch.Tensor | None:
+            if embeds is None:
+                return None
+            embeds = embeds.to(device=device, dtype=dtype)
+            if unconditional and embeds.shape[0] == 1 and batch_size > 1:
+                embeds = embeds.expand(batch_size, *embeds.shape[1:])
+            return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+        prompt_embeds = per_picture(prompt_embeds, False)
+        pooled_prompt_embeds = per_picture(pooled_prompt_embeds, False)
         if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-            if negative_prompt_embeds.shape[0] == 1 and batch_size > 1:
-                negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
-            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            negative_prompt_embeds = per_picture(negative_prompt_embeds, True)
+            negative_pooled_prompt_embeds = per_picture(negative_pooled_prompt_embeds, True)
         else:
-            negative_prompt_embeds = None
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
+        if return_pooled:
+            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
         return prompt_embeds, negative_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -300,8 +355,11 @@ class DreamLLMDiffusionMixin:
         latents: torch.Tensor,
         diffusion: DiffusionSettings,
         extra_step_kwargs: dict,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original)."""
+        """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original); the
+        UNet also gets what its config asks for (`added_cond_kwargs`: SDXL's pooled `text_embeds` and `time_ids`)."""
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, diffusion.num_inference_steps, latents.device, diffusion.timesteps, diffusion.sigmas
         )
@@ -309,15 +367,22 @@ class DreamLLMDiffusionMixin:
         self._num_timesteps = len(timesteps)
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            if pooled_prompt_embeds is not None:
+                pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
+        added = added_cond_kwargs(self.unet.config, pooled_prompt_embeds, diffusion.height, diffusion.width)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[
-                    0
-                ]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )[0]
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
@@ -344,10 +409,17 @@ class DreamLLMDiffusionMixin:
         return latents
 
     def _draw_latents(
-        self, prompt_embeds, negative_prompt_embeds, generator, diffusion: DiffusionSettings, latents=None
+        self,
+        prompt_embeds,
+        negative_prompt_embeds,
+        generator,
+        diffusion: DiffusionSettings,
+        latents=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
     ) -> torch.Tensor:
-        """Denoised latents for every row of `prompt_embeds`; the initial noise is the first draw from `generator`,
-        as in the original."""
+        """Denoised latents for every row of `prompt_embeds` (with its pooled row for SDXL-style decoders); the
+        initial noise is the first draw from `generator`, as in the original."""
         latents = self.prepare_latents(
             prompt_embeds.shape[0],
             self.unet.config.in_channels,
@@ -359,12 +431,35 @@ class DreamLLMDiffusionMixin:
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, diffusion.eta)
-        return self._denoise(prompt_embeds, negative_prompt_embeds, latents, diffusion, extra_step_kwargs)
+        return self._denoise(
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            diffusion,
+            extra_step_kwargs,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
 
     def _decode(self, latents: torch.Tensor, generator) -> torch.Tensor:
-        """Latents -> pictures in [-1, 1] (before `VaeImageProcessor.postprocess`)."""
-        latents = latents.to(self.vae.dtype)
-        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        """Latents -> pictures in [-1, 1] (before `VaeImageProcessor.postprocess`).
+
+        With an SDXL-style decoder, a float16 VAE whose config says `force_upcast` decodes in float32, as
+        `StableDiffusionXLPipeline` does (SDXL's VAE overflows in float16). Stable Diffusion 1/2 pipelines ignore the
+        flag, and so does this one for their decoders (the release's float16 path stays as it was)."""
+        upcast = (
+            self.vae.dtype == torch.float16
+            and getattr(self.vae.config, "force_upcast", False)
+            and takes_pooled(self.unet.config)
+        )
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            latents = latents.to(self.vae.dtype)
+            return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
 
     def _postprocess(self, image: torch.Tensor, output_type: str):
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])

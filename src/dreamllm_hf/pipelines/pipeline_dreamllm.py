@@ -83,6 +83,9 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         mllm ([`DreamLLMForConditionalGeneration`]): the language model with its vision tower and dream queries.
         processor ([`DreamLLMProcessor`]): tokenizer, CLIP image processor and chat template.
         unet ([`UNet2DConditionModel`], *optional*): the denoiser; `encoder_hidden_states` are the dream embeddings.
+            Any Stable Diffusion UNet the model can condition (checked at construction): SD 1.x/2.x with the model's
+            `cross_attention_dim`, `addition_embed_type="text"`, or SDXL-style (`"text_time"`, with the model's pooled
+            projector).
         vae ([`AutoencoderKL`], *optional*): decodes latents to pictures.
         scheduler ([`SchedulerMixin`], *optional*): the original samples with `DDPMScheduler`; any diffusers
             scheduler works. `unet`, `vae` and `scheduler` may be left out for a text-only pipeline.
@@ -102,6 +105,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler)
+        self._check_decoder()
         self.vae_scale_factor = self._vae_scale_factor()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -382,7 +386,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             )
         text2image = DreamLLMText2ImagePipeline.from_pipe(self)
         names = set(inspect.signature(DreamLLMText2ImagePipeline.__call__).parameters) - {"self", "return_dict"}
-        images = text2image(**{name: arguments[name] for name in names}).images
+        # Arguments added to text-to-image since (e.g. the pooled embeddings) keep their defaults.
+        images = text2image(**{name: arguments[name] for name in names if name in arguments}).images
         self._num_timesteps = text2image.num_timesteps
         documents = [[images[i]] for i in range(len(images))]
         return DreamLLMPipelineOutput(
@@ -495,14 +500,17 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
 
         # 3. The unconditional of the pictures, once for the whole call (one pass for every negative prompt)
         draws = allow_images and max_images != 0
-        negatives = [None] * len(texts)
+        negatives = negative_pooled = [None] * len(texts)
         if draws and self.do_classifier_free_guidance:
             if negative_prompt is None:
-                negatives = [self._dream_embeddings([""], None, device).to(self.unet.dtype)] * len(texts)
+                rows = [""]  # `<s>` alone, shared by every document
             else:
                 rows = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
-                embeds = self._dream_embeddings(rows, None, device).to(self.unet.dtype)
-                negatives = [embeds[i : i + 1] for i in range(len(texts))]
+            embeds, pooled = self._dream_embeddings(rows, None, device)
+            row_of = [0] * len(texts) if len(rows) == 1 else list(range(len(texts)))
+            negatives = [embeds[r : r + 1].to(self.unet.dtype) for r in row_of]
+            if pooled is not None:
+                negative_pooled = [pooled[r : r + 1].to(self.unet.dtype) for r in row_of]
 
         # 4. One request per document; the engine writes them together
         requests = []
@@ -515,6 +523,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                         images=per_prompt_images[index] if per_prompt_images is not None else None,
                         generator=generator[number] if per_document_generators else generator,
                         negative_prompt_embeds=negatives[index],
+                        negative_pooled_prompt_embeds=negative_pooled[index],
                     )
                 )
         diffusion = None

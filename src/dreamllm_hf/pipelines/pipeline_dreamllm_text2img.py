@@ -35,6 +35,10 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
 
     Loads from the same folder as [`DreamLLMPipeline`], or shares its components with `from_pipe`.
 
+    The decoder may be any Stable Diffusion UNet the model can condition (checked at construction): SD 1.x/2.x with the
+    model's `cross_attention_dim`, `addition_embed_type="text"`, or SDXL-style (`"text_time"`: the model's pooled
+    projector gives `text_embeds`, the picture size the `time_ids`).
+
     Args:
         mllm ([`DreamLLMForConditionalGeneration`]): the language model with its vision tower and dream queries.
         processor ([`DreamLLMProcessor`]): tokenizer and CLIP image processor (for `<image>` in a caption).
@@ -56,6 +60,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler)
+        self._check_decoder()
         self.vae_scale_factor = self._vae_scale_factor()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -74,6 +79,8 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         num_images_per_prompt,
         output_type,
         callback_on_step_end_tensor_inputs,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
     ):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
@@ -109,11 +116,44 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                 f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
             )
+        self._check_pooled_embeds(
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+        )
         count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
         self._check_negative_prompt(negative_prompt, count)
         self._check_diffusion_inputs(
             height, width, num_inference_steps, timesteps, sigmas, callback_on_step_end_tensor_inputs
         )
+
+    def _check_pooled_embeds(self, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> None:
+        """The pooled conditioning goes with the sequence it was pooled from, and only to a decoder that reads it."""
+        pairs = (
+            ("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled),
+            ("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds", negative_pooled),
+        )
+        for name, embeds, pooled_name, pooled_embeds in pairs:
+            if not self._takes_pooled:
+                if pooled_embeds is not None:
+                    raise ValueError(
+                        f"`{pooled_name}` was given, but this model has no pooled conditioning (its config has no "
+                        "`pooled_projection_dim`; its decoder reads `encoder_hidden_states` only). Leave it out."
+                    )
+                continue
+            if pooled_embeds is not None and embeds is None:
+                raise ValueError(f"`{pooled_name}` goes with `{name}`; pass both, or neither.")
+            if embeds is None:
+                continue
+            if pooled_embeds is None:
+                raise ValueError(
+                    f"With `{name}`, pass `{pooled_name}` too: this model's decoder reads a pooled conditioning "
+                    "(SDXL's `text_embeds`); `encode_prompt(..., return_pooled=True)` gives both."
+                )
+            expected = (embeds.shape[0], self.mllm.config.pooled_projection_dim)
+            if tuple(pooled_embeds.shape) != expected:
+                raise ValueError(
+                    f"`{pooled_name}` has shape {tuple(pooled_embeds.shape)}; expected {expected} (one row per row of "
+                    f"`{name}`, `pooled_projection_dim` wide)."
+                )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -139,6 +179,8 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Draws pictures of captions.
@@ -164,6 +206,9 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end, callback_on_step_end_tensor_inputs: called after each denoising step, as in
                 `StableDiffusionPipeline` (with `latents`, `prompt_embeds`, `negative_prompt_embeds`).
+            pooled_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): with an SDXL-style
+                decoder, the pooled conditioning `[batch, pooled_projection_dim]` (the UNet's `text_embeds`) that goes
+                with `prompt_embeds` / `negative_prompt_embeds`, as in `StableDiffusionXLPipeline`.
 
         Examples:
 
@@ -193,6 +238,8 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             num_images_per_prompt,
             output_type,
             callback_on_step_end_tensor_inputs,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -203,15 +250,20 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         device = self._execution_device
 
         # 3. Encode the prompt (one batched language-model pass for the conditional and unconditional rows)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            images,
-            prompt_embeds,
-            negative_prompt_embeds,
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+            self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                images,
+                prompt_embeds,
+                negative_prompt_embeds,
+                pooled_prompt_embeds,
+                negative_pooled_prompt_embeds,
+                return_pooled=True,
+            )
         )
 
         # 4-6. Timesteps, latents, step kwargs and the denoising loop (the same as a document's pictures)
@@ -225,7 +277,15 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        latents = self._draw_latents(prompt_embeds, negative_prompt_embeds, generator, diffusion, latents)
+        latents = self._draw_latents(
+            prompt_embeds,
+            negative_prompt_embeds,
+            generator,
+            diffusion,
+            latents,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
 
         # 7. Decode and postprocess
         if output_type == "latent":
