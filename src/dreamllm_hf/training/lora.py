@@ -30,8 +30,15 @@ LLM_LINEAR_LAYERS_REGEX = (
 )
 LM_HEAD_REGEX = r"lm_head"
 FULLY_TRAINED_MODULES = ("model.dream_queries", "model.multi_modal_projector", "model.condition_projector")
+POOLED_PROJECTOR = "model.pooled_projector"  # trained in full too, when the model has one (SDXL-style decoders)
 FORMAT_TOKENS = (C.IMAGE_START_TOKEN, C.IMAGE_PATCH_TOKEN, C.IMAGE_END_TOKEN, C.DREAM_START_TOKEN, C.DREAM_END_TOKEN)
-QLORA_SKIP_MODULES = ("lm_head", "model.vision_tower", "model.multi_modal_projector", "model.condition_projector")
+QLORA_SKIP_MODULES = (
+    "lm_head",
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "model.condition_projector",
+    POOLED_PROJECTOR,
+)
 
 
 @contextlib.contextmanager
@@ -67,12 +74,15 @@ def dreamllm_lora_config(
         rank, alpha, dropout: LoRA `r`, `lora_alpha`, `lora_dropout`.
         lora_lm_head (`bool`): also put a LoRA on `lm_head` (then its format-token rows are not trained separately).
         train_format_tokens (`bool`): train the rows of the format tokens in `embed_tokens` (and `lm_head`).
-        train_modules: modules trained in full and saved with the adapter.
+        train_modules: modules trained in full and saved with the adapter (the default adds the pooled projector of
+            a model that has one).
         **kwargs: any other `LoraConfig` field.
     """
     from peft import LoraConfig
 
     target = LLM_LINEAR_LAYERS_REGEX if not lora_lm_head else f"(?:{LLM_LINEAR_LAYERS_REGEX}|{LM_HEAD_REGEX})"
+    if getattr(config, "pooled_projection_dim", None) is not None and tuple(train_modules) == FULLY_TRAINED_MODULES:
+        train_modules = (*train_modules, POOLED_PROJECTOR)
     token_indices = None
     if train_format_tokens:
         ids = format_token_ids(config)
@@ -169,6 +179,7 @@ __all__ = [
     "FORMAT_TOKENS",
     "FULLY_TRAINED_MODULES",
     "LLM_LINEAR_LAYERS_REGEX",
+    "POOLED_PROJECTOR",
     "QLORA_SKIP_MODULES",
     "apply_lora",
     "dreamllm_lora_config",

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+from ..decoder_conditioning import added_cond_kwargs, check_decoder, takes_pooled, vae_scale_factor
+
 
 DEFAULT_LOSS_WEIGHT_LM = 1.0
 DEFAULT_LOSS_WEIGHT_VM = 10.0  # the released config's `loss_weight_vm` (stages II and III)
@@ -67,6 +69,8 @@ class DreamLLMLossOutput(ModelOutput):
         dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`,
             *optional*): the UNet conditioning of every dream block, in reading order.
         diffusion (`DiffusionLossOutput`, *optional*): the intermediates of the diffusion loss.
+        dream_pooled_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, pooled_projection_dim)`,
+            *optional*): the pooled conditioning of every dream block (SDXL-style decoders' `text_embeds`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -75,6 +79,7 @@ class DreamLLMLossOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     dream_embeddings: torch.FloatTensor | None = None
     diffusion: DiffusionLossOutput | None = None
+    dream_pooled_embeddings: torch.FloatTensor | None = None
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -135,6 +140,8 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    pooled_embeddings: torch.Tensor | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> DiffusionLossOutput:
     """
     The noise-prediction loss of the frozen UNet conditioned on `encoder_hidden_states` (one conditioning per picture).
@@ -144,6 +151,11 @@ def diffusion_loss(
     (or the global RNG): t ~ U{0, ..., num_train_timesteps - 1}, DDPM forward noising
     `sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise`. Gradients flow into `encoder_hidden_states` only
     (freeze the UNet's parameters yourself, `unet.requires_grad_(False)`).
+
+    An SDXL-style UNet (`addition_embed_type="text_time"`) also reads `pooled_embeddings` (`(num_images,
+    pooled_projection_dim)`, which then get gradients too) and the `time_ids` of the picture size: `image_size`
+    `(height, width)`, by default that of `pixel_values`, or of `latents` times the VAE's scale factor. The pipelines
+    condition it the same way.
     """
     posterior_mean = posterior_std = None
     if latents is None:
@@ -174,7 +186,21 @@ def diffusion_loss(
     else:
         raise ValueError(f"Unsupported prediction type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(unet_dtype)).sample
+    added = None
+    if takes_pooled(unet.config):
+        if image_size is None:
+            if pixel_values is not None:
+                image_size = tuple(pixel_values.shape[-2:])
+            elif vae is not None:
+                image_size = tuple(side * vae_scale_factor(vae.config) for side in latents.shape[-2:])
+            else:
+                raise ValueError(
+                    "An SDXL-style UNet reads the picture size (`time_ids`): with `latents` and no `vae`, pass "
+                    "`image_size=(height, width)`."
+                )
+        pooled = pooled_embeddings.to(unet_dtype) if pooled_embeddings is not None else None
+        added = added_cond_kwargs(unet.config, pooled, *image_size)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(unet_dtype), added_cond_kwargs=added).sample
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     return DiffusionLossOutput(
         loss=loss,
@@ -209,6 +235,9 @@ class DreamLLMTrainingModel(nn.Module):
         noise_scheduler (`DDPMScheduler`): gives `num_train_timesteps`, `add_noise` and the prediction type.
         loss_weight_lm (`float`, defaults to 1.0), loss_weight_vm (`float`, defaults to 10.0): the two weights.
             With `loss_weight_vm=0` the diffusion branch is skipped (and `vm_loss` is 0).
+
+    A UNet the model cannot condition (see `dreamllm_hf.decoder_conditioning`) is refused here, naming what it lacks;
+    an SDXL-style UNet also gets the pooled conditioning of the model's pooled projector, which then learns.
     """
 
     def __init__(
@@ -221,6 +250,7 @@ class DreamLLMTrainingModel(nn.Module):
         loss_weight_vm: float = DEFAULT_LOSS_WEIGHT_VM,
     ):
         super().__init__()
+        check_decoder(unet.config, _base_mllm(mllm).config, vae.config)
         self.mllm = mllm
         self.unet = unet.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
@@ -247,6 +277,8 @@ class DreamLLMTrainingModel(nn.Module):
         modules = []
         if no_dream_blocks:
             modules += [model.dream_queries, model.condition_projector]
+            if getattr(model, "pooled_projector", None) is not None:
+                modules.append(model.pooled_projector)
         if no_images:
             modules.append(model.multi_modal_projector)
         extra = 0.0
@@ -315,6 +347,7 @@ class DreamLLMTrainingModel(nn.Module):
                 noise=noise,
                 timesteps=timesteps,
                 generator=generator,
+                pooled_embeddings=outputs.dream_pooled_embeddings,
             )
             vm_loss = diffusion.loss
 
@@ -328,6 +361,7 @@ class DreamLLMTrainingModel(nn.Module):
             logits=logits,
             dream_embeddings=dream_embeddings,
             diffusion=diffusion,
+            dream_pooled_embeddings=outputs.dream_pooled_embeddings,
         )
 
 

@@ -207,6 +207,7 @@ def load_training_components(
     (default `args.weight_dtype()`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    from ..decoder_conditioning import check_decoder
     from ..modeling import DreamLLMProcessor
     from .lora import load_mllm
 
@@ -234,11 +235,8 @@ def load_training_components(
             f"{config.num_dream_queries}."
         )
     unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
-    if unet.config.cross_attention_dim != config.cross_attention_dim:
-        raise ValueError(
-            f"unet/ takes {unet.config.cross_attention_dim}-dim conditioning, mllm/ gives {config.cross_attention_dim}."
-        )
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
+    check_decoder(unet.config, config, vae.config)  # before training starts: the width, and what else unet/ reads
     # The original trains with DDPM whatever the scheduler folder says (it loads SD's config into DDPMScheduler).
     noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(root / "scheduler"))
     return mllm, processor, unet, vae, noise_scheduler
