@@ -191,6 +191,10 @@ def test_a_document_draws_its_picture_with_the_decoder(pipelines, name):
         )
         torch.testing.assert_close(encoder_hidden_states[1:], context[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(added["text_embeds"][1:], context[1], atol=1e-5, rtol=1e-5)
+        # and the unconditional row is `<s>` alone, its pooled part included
+        unconditional = pipe._dream_embeddings([""], None, torch.device("cpu"))
+        torch.testing.assert_close(encoder_hidden_states[:1], unconditional[0])
+        torch.testing.assert_close(added["text_embeds"][:1], unconditional[1])
     else:
         assert added is None
 
@@ -337,6 +341,26 @@ def test_a_batch_without_pictures_keeps_the_pooled_projector_in_the_graph(tokeni
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("a red circle", add_special_tokens=False)["input_ids"]]])
     model(input_ids=ids, labels=ids).loss.backward()
     assert mllm.model.pooled_projector.linear.weight.grad is not None  # a zero gradient, but one (DDP needs it)
+
+
+def test_lora_trains_the_pooled_projector_in_full_and_saves_it(tokenizer, tmp_path):
+    from dreamllm_hf.training import apply_lora
+
+    mllm = apply_lora(tiny_mllm(tokenizer, 32, POOLED).train(), rank=4, alpha=8, dropout=0.0)
+    trained = {name for name, param in mllm.named_parameters() if param.requires_grad and "pooled_projector" in name}
+    assert trained and all("modules_to_save" in name for name in trained)
+    model = DreamLLMTrainingModel(mllm, tiny_sdxl_unet(32, POOLED), tiny_vae(3), tiny_scheduler()).train()
+    config = mllm.config
+    block = [config.dream_start_token_id] + [config.image_patch_token_id] * Q + [config.dream_end_token_id]
+    ids = torch.tensor([[config.bos_token_id, *block]])
+    targets = torch.rand(1, 3, 32, 32, generator=seeded()) * 2 - 1
+    model(input_ids=ids, diffusion_pixel_values=targets, generator=seeded()).loss.backward()
+    grads = [param.grad for name, param in mllm.named_parameters() if name in trained]
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads)
+    mllm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert any("pooled_projector" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
