@@ -240,12 +240,7 @@ class DreamLLMDiffusionMixin:
                 f"downsampling {downsampling}, i.e. by {multiple}; got {height}x{width}. Round them to a multiple of "
                 f"{multiple} (for example {suggestion})."
             )
-        for name, value, kind in (
-            ("guidance_scale", guidance_scale, checks.GUIDANCE_SCALE),
-            ("guidance_rescale", guidance_rescale, checks.GUIDANCE_RESCALE),
-            ("eta", eta, checks.ETA),
-        ):
-            kind.check(name, value, optional=True)
+        self._check_guidance(guidance_scale, guidance_rescale, eta)
         self._check_schedule(num_inference_steps, timesteps, sigmas)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InputTypeError(
@@ -257,6 +252,17 @@ class DreamLLMDiffusionMixin:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
             )
+
+    @staticmethod
+    def _check_guidance(guidance_scale, guidance_rescale, eta) -> None:
+        """The guidance numbers (`None`: not given to `check_inputs`, nothing to check)."""
+        for name, value, kind in (
+            ("guidance_scale", guidance_scale, checks.GUIDANCE_SCALE),
+            ("guidance_rescale", guidance_rescale, checks.GUIDANCE_RESCALE),
+            ("eta", eta, checks.ETA),
+        ):
+            if value is not None:
+                kind.check(name, value)
 
     def _check_schedule(self, num_inference_steps, timesteps, sigmas) -> None:
         """`num_inference_steps` (or custom `timesteps` / `sigmas`), checked by the scheduler itself now rather than

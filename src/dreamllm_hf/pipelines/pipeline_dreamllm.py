@@ -215,8 +215,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
             )
         else:  # nothing is drawn: only the numbers' own ranges
-            checks.GUIDANCE_SCALE.check("guidance_scale", guidance_scale, optional=True)
-            checks.GUIDANCE_RESCALE.check("guidance_rescale", guidance_rescale, optional=True)
+            self._check_guidance(guidance_scale, guidance_rescale, eta)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Text generation settings
