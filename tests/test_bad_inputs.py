@@ -121,6 +121,8 @@ TENSOR_ROW = "[batch, 4, 16]"  # the tiny model: 4 dream queries, UNet cross_att
 # (what is called, its bad argument(s), the error, a pattern the message must match: the argument and what is expected)
 BAD_INPUTS = [
     # -- DreamLLMPipeline (documents) ---------------------------------------------------------------------------------
+    ("documents", dict(prompt=42, allow_images=False), TypeError, r"`prompt` must be a string, a conversation .* or a non-empty list of those; got int"),
+    ("documents", dict(prompt=[], allow_images=False), ValueError, r"`prompt` must be a string, a conversation .* or a non-empty list of those; got list"),
     ("documents", dict(num_inference_steps=0), ValueError, r"`num_inference_steps` must be a positive integer, got 0"),
     ("documents", dict(num_inference_steps=2.5), TypeError, r"`num_inference_steps` must be a positive integer, got 2.5 \(float\)"),
     ("documents", dict(num_inference_steps=5000), ValueError, r"DDPMScheduler cannot take this schedule: `num_inference_steps`: 5000 cannot be larger"),

@@ -170,7 +170,7 @@ class DreamLLMProcessor(ProcessorMixin):
             return [text]
         if isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text):
             return list(text)
-        raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+        raise InputTypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
 
     def check_images(self, text: str | list[str], images) -> None:
         """

@@ -146,7 +146,7 @@ class DreamLLMDiffusionMixin:
             return [prompt]
         if isinstance(prompt, (list, tuple)) and len(prompt) > 0:
             return list(prompt)
-        raise ValueError(
+        raise (ValueError if isinstance(prompt, (list, tuple)) else InputTypeError)(
             f"`prompt` must be a string, a conversation (list of message dicts) or a non-empty list of those; "
             f"got {type(prompt).__name__}."
         )
