@@ -220,6 +220,13 @@ def test_bad_inputs_are_refused_before_any_model_work(
     assert spy.calls == [], f"model work before the error: {spy.calls}"
 
 
+def test_a_prompt_longer_than_the_context_is_refused_before_the_unconditional_pass(pipe, spy, monkeypatch):
+    monkeypatch.setattr(pipe.mllm.config.text_config, "max_position_embeddings", 40)
+    with pytest.raises(ValueError, match="The prompt takes .* positions .* the model's context is 40 positions"):
+        pipe("word " * 60, **FAST)
+    assert spy.calls == []
+
+
 def test_the_spy_sees_model_work(pipe, t2i, spy):
     """So that an empty `spy.calls` above means no model work, not a spy that sees nothing."""
     t2i("a bird", **FAST)

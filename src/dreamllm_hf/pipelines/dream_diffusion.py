@@ -174,8 +174,10 @@ class DreamLLMDiffusionMixin:
             pixel_values = pixel_values.to(device)
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device), pixel_values
 
-    def _check_prompt_length(self, attention_mask: torch.Tensor, reserve: int, what: str) -> None:
-        longest = int(attention_mask.sum(-1).max())
+    def _check_prompt_length(self, attention_mask: torch.Tensor | int, reserve: int, what: str) -> None:
+        """The longest prompt (an attention mask, or its length in positions) and `reserve` positions more must fit
+        in the model's context."""
+        longest = attention_mask if isinstance(attention_mask, int) else int(attention_mask.sum(-1).max())
         if longest + reserve > self.max_context_length:
             raise ValueError(
                 f"The prompt takes {longest} positions and {what} needs {reserve} more, but the model's context is "

@@ -514,8 +514,12 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             if pictures:
                 per_prompt_images = per_prompt_images or [[] for _ in prompts]
                 per_prompt_images[index] = pictures
-        if per_prompt_images is not None:  # the pictures too are refused before the unconditional pass below
+        # The pictures and the prompts' lengths too are refused before the unconditional pass below.
+        if per_prompt_images is not None:
             self.processor.check_images(texts, per_prompt_images)
+        token_ids = self.tokenizer(texts, return_attention_mask=False)["input_ids"]
+        longest = max(len(self.processor.expand_placeholders(ids)) for ids in token_ids)
+        self._check_prompt_length(longest, 1, "the answer")
         per_document_generators = isinstance(generator, (list, tuple))
         if streamer is not None and len(texts) * num_images_per_prompt > 1:
             raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")
