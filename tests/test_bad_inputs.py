@@ -169,6 +169,7 @@ BAD_INPUTS = [
     ("text2image", dict(latents=nan_tensor(1, 4, 8, 8)), ValueError, r"`latents` holds NaN or infinite values"),
     ("text2image", dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int32)), TypeError, r"`latents` must be a floating-point tensor"),
     ("text2image", dict(num_images_per_prompt=2, generator=[seeded()]), ValueError, r"Got 1 generators for 2 pictures"),
+    ("text2image", dict(sigmas=[1.0, 0.5]), ValueError, r"DDPMScheduler cannot take this schedule: .* does not support custom sigmas"),
     # -- the model's public methods -------------------------------------------------------------------------------------
     ("get_image_features", dict(pixel_values=torch.zeros(1, 3, 16, 16)), ValueError, r"`pixel_values` have shape \(1, 3, 16, 16\), expected \(num_images, 3, 28, 28\)"),
     ("get_image_features", dict(pixel_values=torch.zeros(3, 28, 28)), ValueError, r"`pixel_values` have shape \(3, 28, 28\), expected \(num_images, 3, 28, 28\)"),
@@ -232,6 +233,13 @@ def test_the_spy_sees_model_work(pipe, t2i, spy):
     t2i("a bird", **FAST)
     pipe.mllm.get_image_features(torch.zeros(1, 3, 28, 28))
     assert {"language_model", "unet", "vae.decoder", "vision_tower"} <= set(spy.calls)
+
+
+def test_generate_turns_a_refused_call_into_exit_code_2(saved_pipeline, tmp_path, capsys):
+    """What only the loaded pipeline can refuse is still argparse's one-line error, and nothing is written."""
+    out = tmp_path / "x.html"
+    line = run_cli(f"generate --model MODEL x --out {out} --steps 2 --negative-prompt <image>", saved_pipeline, capsys)
+    assert "`negative_prompt` cannot hold `<image>`" in line and not out.exists()
 
 
 def test_the_table_is_large_and_covers_every_entry_point():

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.hooks import CpuOffload
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
@@ -271,10 +272,11 @@ class DreamLLMDiffusionMixin:
         when the first picture is drawn."""
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass custom `timesteps` or `sigmas`, not both.")
+        custom = {}
         for name, values, kind in (("timesteps", timesteps, numbers.Integral), ("sigmas", sigmas, numbers.Real)):
             if values is None:
                 continue
-            if isinstance(values, torch.Tensor):
+            if isinstance(values, (torch.Tensor, np.ndarray)):
                 values = values.tolist()
             if not isinstance(values, (list, tuple)) or not values:
                 raise InputTypeError(f"`{name}` must be a non-empty list of numbers, got {values!r:.80}.")
@@ -284,16 +286,11 @@ class DreamLLMDiffusionMixin:
             if bad:
                 expected = "non-negative integers" if kind is numbers.Integral else "finite non-negative numbers"
                 raise ValueError(f"`{name}` must be a list of {expected}, got {bad[0]!r} in it.")
-        if timesteps is None and sigmas is None:
+            custom[name] = list(values)
+        if not custom:
             checks.STEPS.check("num_inference_steps", num_inference_steps)
-        try:
-            retrieve_timesteps(
-                self.scheduler,
-                num_inference_steps if timesteps is None and sigmas is None else None,
-                None,
-                None if timesteps is None else list(timesteps),
-                None if sigmas is None else list(sigmas),
-            )
+        try:  # the scheduler's own rules (a custom schedule it takes, steps within its training steps)
+            retrieve_timesteps(self.scheduler, None if custom else num_inference_steps, None, **custom)
         except ValueError as error:
             raise ValueError(f"{type(self.scheduler).__name__} cannot take this schedule: {error}") from error
 
