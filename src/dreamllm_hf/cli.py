@@ -6,6 +6,7 @@ import sys
 
 
 def _add_demo_parser(subparsers) -> None:
+    from .checks import SEED
     from .shapes_world.demo_model_path import DEMO_SEED
 
     parser = subparsers.add_parser(
@@ -17,7 +18,7 @@ def _add_demo_parser(subparsers) -> None:
     parser.add_argument("--prompt", default="Tell me a story.", help="The instruction (the demo model knows stories).")
     parser.add_argument(
         "--seed",
-        type=int,
+        type=SEED.parse,
         default=DEMO_SEED,
         help=f"Seeds the sampled text and the pictures; each seed tells another story ({DEMO_SEED}: three pictures, "
         "each of what its sentence names; 0: one).",

@@ -6,6 +6,8 @@ import signal
 import sys
 from contextlib import contextmanager
 
+from ..checks import NON_NEGATIVE_NUMBER
+
 
 def _card_field(text: str) -> tuple[str, object]:
     import yaml
@@ -81,9 +83,17 @@ def add_convert_parser(subparsers) -> None:
         "checkpoint in RAM (about 40 GB for the 7B), bfloat16 at about 2x.",
     )
     parser.add_argument("--verify-device", default="cpu", help="Device of the verification (cpu, cuda, ...).")
-    parser.add_argument("--verify-atol", type=float, default=None, help="Absolute tolerance (default per dtype).")
     parser.add_argument(
-        "--verify-rtol", type=float, default=None, help="Tolerance relative to the largest reference value."
+        "--verify-atol",
+        type=NON_NEGATIVE_NUMBER.parse,
+        default=None,
+        help="Absolute tolerance (default per dtype).",
+    )
+    parser.add_argument(
+        "--verify-rtol",
+        type=NON_NEGATIVE_NUMBER.parse,
+        default=None,
+        help="Tolerance relative to the largest reference value.",
     )
     parser.add_argument(
         "--base-model",

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
+from ..checks import usage_error
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "demo"  # --model demo: the shipped demo model
@@ -48,7 +51,12 @@ def _add_model_options(parser: argparse.ArgumentParser, batch_size: int) -> None
     parser.add_argument(
         "--model", default=None, help=f"a saved DreamLLM pipeline folder, or `{DEMO_MODEL}` for the shipped demo model"
     )
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per pipeline call in each process")
+    parser.add_argument(
+        "--batch-size",
+        type=checks.BATCH_SIZE.parse,
+        default=batch_size,
+        help="prompts per pipeline call in each process",
+    )
     parser.add_argument(
         "--device", default=None, help="cuda, cpu, ... (default: the device accelerate gives the process)"
     )
@@ -70,11 +78,18 @@ def _add_answer_options(parser: argparse.ArgumentParser, prompt: str, max_new_to
         default=True,
         help="wrap the prompt in the model's chat template (--no-chat-template: give it as it is, with <image>)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens the model may write")
+    parser.add_argument(
+        "--max-new-tokens", type=checks.MAX_NEW_TOKENS.parse, default=max_new_tokens, help="tokens the model may write"
+    )
     parser.add_argument(
         "--answers", type=Path, default=None, help="score this results file instead of running a model"
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N entries of --data (a smoke test)")
+    parser.add_argument(
+        "--limit",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        help="only the first N entries of --data (a smoke test)",
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help="where the answers and scores.json go")
 
 
@@ -106,12 +121,6 @@ def _device_and_dtype(args, accelerator) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}.")
-
-
 def _finish(result: dict, output_dir: Path) -> int:
     """Writes `scores.json` and prints the same JSON as the last line of stdout."""
     from ..pipelines.prompt_files import write_atomically
@@ -133,6 +142,7 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
 
 
 def _add_fid_parser(commands) -> None:
+    from ..pipelines.cli import add_picture_size_options
     from .features import INCEPTION_HELP
     from .text_to_image import DEFAULT_SEEDS, PAPER_GUIDANCE, PAPER_RESOLUTION, PAPER_SEEDS, PAPER_STEPS
 
@@ -154,8 +164,12 @@ def _add_fid_parser(commands) -> None:
         help='COCO\'s captions_val2014.json, JSON Lines of {"caption": ...} (other keys kept as ids), or a '
         "`datasets` dataset with a caption column",
     )
-    parser.add_argument("--num-captions", type=int, default=None, help="a random sample of this many captions")
-    parser.add_argument("--caption-sample-seed", type=int, default=0, help="seeds that sample (default 0)")
+    parser.add_argument(
+        "--num-captions", type=checks.POSITIVE_INT.parse, default=None, help="a random sample of this many captions"
+    )
+    parser.add_argument(
+        "--caption-sample-seed", type=checks.SEED.parse, default=0, help="seeds that sample (default 0)"
+    )
     parser.add_argument(
         "--reference",
         type=Path,
@@ -179,14 +193,15 @@ def _add_fid_parser(commands) -> None:
         metavar="CLIP_DIR",
         help="the CLIP of the reported CLIP score (default: --select-with; none: no CLIP score)",
     )
-    parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="denoising steps per picture")
-    parser.add_argument("--guidance", type=float, default=PAPER_GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=checks.STEPS.parse, default=PAPER_STEPS, help="denoising steps per picture")
+    parser.add_argument(
+        "--guidance", type=checks.GUIDANCE_SCALE.parse, default=PAPER_GUIDANCE, help="classifier-free guidance scale"
+    )
     parser.add_argument("--negative-prompt", default=None, help="what the unconditional branch reads instead of ''")
-    parser.add_argument("--height", type=int, default=None, help="picture height (default: the UNet's size)")
-    parser.add_argument("--width", type=int, default=None, help="picture width (default: the UNet's size)")
+    add_picture_size_options(parser)
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=checks.POSITIVE_INT.parse,
         default=PAPER_RESOLUTION,
         help="FID compares pictures centre-cropped and resized to this square (both sets)",
     )
@@ -212,21 +227,16 @@ def _add_fid_parser(commands) -> None:
         metavar="FILE",
         help="with a folder as --reference: also save its statistics as a pytorch-fid .npz for later runs",
     )
-    parser.add_argument("--score-batch-size", type=int, default=50, help="pictures per feature-network call")
+    parser.add_argument(
+        "--score-batch-size", type=checks.BATCH_SIZE.parse, default=50, help="pictures per feature-network call"
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help="where the pictures and scores.json go")
-    parser.set_defaults(func=run_fid)
+    parser.set_defaults(func=run_fid, parser=parser)
 
 
 def _check_fid_arguments(args) -> None:
     from .features import INCEPTION_HELP
 
-    _check_positive(
-        batch_size=args.batch_size,
-        steps=args.steps,
-        resolution=args.resolution,
-        num_captions=args.num_captions,
-        score_batch_size=args.score_batch_size,
-    )
     if (args.inception_weights is None) == (args.feature_model is None):
         raise SystemExit(
             f"error: give --inception-weights FILE ({INCEPTION_HELP}) or --feature-model DIR (a transformers vision "
@@ -274,6 +284,7 @@ def _fid_settings(args, model: str, records) -> dict:
 
 
 def run_fid(args) -> int:
+    from ..pipelines.cli import check_picture_size
     from .data import parse_seeds, read_captions
 
     _check_fid_arguments(args)
@@ -286,6 +297,7 @@ def run_fid(args) -> int:
             "the best of them (the paper's protocol), or one seed."
         )
     model = _model_path(args.model)
+    check_picture_size(args, model)
     records = read_captions(args.captions, args.num_captions, args.caption_sample_seed)
     return _draw_and_score(args, model, seeds, records)
 
@@ -317,18 +329,21 @@ def _draw_and_score(args, model: str, seeds: list[int], records) -> int:
             with tqdm(
                 total=len(share), desc="pictures", unit="pic", disable=not accelerator.is_local_main_process
             ) as bar:
-                draw_pictures(
-                    pipe,
-                    share,
-                    output_dir,
-                    args.batch_size,
-                    on_batch=bar.update,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    negative_prompt=args.negative_prompt,
-                    height=args.height,
-                    width=args.width,
-                )
+                try:
+                    draw_pictures(
+                        pipe,
+                        share,
+                        output_dir,
+                        args.batch_size,
+                        on_batch=bar.update,
+                        num_inference_steps=args.steps,
+                        guidance_scale=args.guidance,
+                        negative_prompt=args.negative_prompt,
+                        height=args.height,
+                        width=args.width,
+                    )
+                except ValueError as error:  # refused by the pipeline's `check_inputs`, before its model work
+                    usage_error(args, str(error))
             print(
                 f"process {accelerator.process_index}/{accelerator.num_processes}: drew {len(share)} picture(s)",
                 file=sys.stderr,
@@ -453,7 +468,6 @@ def _write_model_answers(args, model: str, examples, prompt: str, output_dir: Pa
 
 def _answers(args, examples, key: str, field: str) -> tuple[list[str] | None, Path, dict]:
     """The texts to score (from --answers or the model), the output folder and the generation settings."""
-    _check_positive(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     if args.answers is not None:
         if args.model is not None:
             raise SystemExit("error: give --model to run the model, or --answers FILE to score answers; not both.")
@@ -474,7 +488,6 @@ def _answers(args, examples, key: str, field: str) -> tuple[list[str] | None, Pa
 
 
 def _limited(examples: list, limit: int | None) -> list:
-    _check_positive(limit=limit)
     return examples if limit is None else examples[:limit]
 
 
@@ -515,7 +528,7 @@ def _add_captions_parser(commands) -> None:
         "--metrics", default=",".join(CAPTION_METRICS), help=f"comma-separated, of {', '.join(CAPTION_METRICS)}"
     )
     _add_answer_options(parser, DEFAULT_CAPTION_PROMPT, max_new_tokens=30)
-    parser.set_defaults(func=run_captions)
+    parser.set_defaults(func=run_captions, parser=parser)
 
 
 def run_captions(args) -> int:
@@ -579,7 +592,7 @@ def _add_vqa_parser(commands) -> None:
         "format's)",
     )
     _add_answer_options(parser, DEFAULT_VQA_PROMPT, max_new_tokens=10)
-    parser.set_defaults(func=run_vqa)
+    parser.set_defaults(func=run_vqa, parser=parser)
 
 
 def run_vqa(args) -> int:
@@ -640,25 +653,28 @@ def _add_shapes_parser(commands) -> None:
         ),
     )
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--num-captions", type=int, default=96, help="captions to draw (the 12 in turn)")
-    parser.add_argument("--num-reference", type=int, default=480, help="reference pictures")
-    parser.add_argument("--num-pictures", type=int, default=48, help="pictures to caption (two questions each)")
-    parser.add_argument("--clip-steps", type=int, default=300, help="training steps of the small CLIP")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run_shapes_data)
+    parser.add_argument(
+        "--num-captions", type=checks.POSITIVE_INT.parse, default=96, help="captions to draw (the 12 in turn)"
+    )
+    parser.add_argument(
+        "--num-reference",
+        type=checks.NumberRange(integer=True, minimum=2).parse,
+        default=480,
+        help="reference pictures (at least 2: FID needs two)",
+    )
+    parser.add_argument(
+        "--num-pictures", type=checks.POSITIVE_INT.parse, default=48, help="pictures to caption (two questions each)"
+    )
+    parser.add_argument(
+        "--clip-steps", type=checks.POSITIVE_INT.parse, default=300, help="training steps of the small CLIP"
+    )
+    parser.add_argument("--seed", type=checks.SEED.parse, default=0)
+    parser.set_defaults(func=run_shapes_data, parser=parser)
 
 
 def run_shapes_data(args) -> int:
     from .shapes import write_shapes_benchmark
 
-    _check_positive(
-        num_captions=args.num_captions,
-        num_reference=args.num_reference,
-        num_pictures=args.num_pictures,
-        clip_steps=args.clip_steps,
-    )
-    if args.num_reference < 2:
-        raise SystemExit("error: --num-reference must be at least 2 (FID needs two pictures).")
     started = time.perf_counter()
     paths = write_shapes_benchmark(
         args.output_dir,

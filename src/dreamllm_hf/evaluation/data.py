@@ -117,10 +117,12 @@ def check_ids(entry: dict, skip: Iterable[str], scalars_only: bool = False) -> d
 
 
 def open_picture(image: Path | PIL.Image.Image) -> PIL.Image.Image:
+    from ..modeling.processing_dreamllm import rgb_picture
+
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return rgb_picture(image)
     with PIL.Image.open(image) as picture:
-        return picture.convert("RGB")
+        return rgb_picture(picture)
 
 
 # --------------------------------------------------------------------------------------------------------------------

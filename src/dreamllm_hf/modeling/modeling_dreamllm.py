@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
+from ..checks import InputTypeError
 from .configuration_dreamllm import DreamLLMConfig
 
 
@@ -130,6 +131,41 @@ def _slot_index(cols: torch.Tensor, num_slots: int) -> torch.Tensor:
     return cols[:, None] + 1 + torch.arange(num_slots, device=cols.device)
 
 
+def _check_pixel_values(pixel_values, vision_config) -> None:
+    """`pixel_values` against the vision tower they will meet: `(num_images, channels, size, size)`, finite floats."""
+    channels, size = vision_config.num_channels, vision_config.image_size
+    expected = f"(num_images, {channels}, {size}, {size}) as the processor gives them"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise InputTypeError(f"`pixel_values` must be a torch.Tensor {expected}, got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+        raise ValueError(f"`pixel_values` have shape {tuple(pixel_values.shape)}, expected {expected}.")
+    if not pixel_values.is_floating_point():
+        raise InputTypeError(f"`pixel_values` must be floating point (normalized pixels), got {pixel_values.dtype}.")
+    if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("`pixel_values` hold NaN or infinite values.")
+
+
+def _check_token_ids(input_ids, attention_mask, vocab_size: int, cached: int) -> None:
+    """`input_ids` (2-D ids in the vocabulary) and an `attention_mask` covering the cache and them."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InputTypeError(f"`input_ids` must be a 2-D integer tensor (batch, sequence_length), got {shape}.")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"`input_ids` hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], but the vocabulary has "
+            f"{vocab_size} (ids 0 to {vocab_size - 1})."
+        )
+    if attention_mask is None:
+        return
+    expected = (input_ids.shape[0], cached + input_ids.shape[1])
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+        raise ValueError(
+            f"`attention_mask` has shape {shape}, expected {expected}: (batch, cached tokens {cached} + new tokens "
+            f"{input_ids.shape[1]})."
+        )
+
+
 def _has_cached_tokens(cache) -> bool:
     if cache is None:
         return False
@@ -165,6 +201,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """Projected CLIP features, `(batch, num_image_tokens, text_hidden_size)`: the vectors written after `<im_start>`."""
+        _check_pixel_values(pixel_values, self.config.vision_config)
         dtype = self.vision_tower.dtype
         vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
@@ -184,6 +221,8 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             # A decode step may emit `<im_start>`; its image is fed later by the caller. No scan: this is the hot path.
             return inputs_embeds
         num_tokens = self.config.num_image_tokens
+        if pixel_values is not None:
+            _check_pixel_values(pixel_values, self.config.vision_config)  # shape first: the count reads its dim 0
         rows, cols = _block_starts(input_ids, self.config.image_start_token_id)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if rows.numel() != num_images:
@@ -317,14 +356,16 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         `return_pooled=True` returns a pair: that tensor and the block's pooled conditioning `(batch,
         pooled_projection_dim)` (an SDXL-style decoder's `text_embeds`), `None` when the config has no pooled projector.
         """
-        batch_size = input_ids.shape[0]
-        continuing = cache is not None and cache.get_seq_length() > 0
-        text_embeds = self.get_input_embeddings()(input_ids)
-        text_embeds = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        _check_token_ids(input_ids, attention_mask, self.config.text_config.vocab_size, cached)
         if (input_ids == self.config.dream_start_token_id).any():
             raise ValueError(
                 "`get_dream_embeddings` appends the dream block itself: end the context before `<dream_start>`."
             )
+        batch_size = input_ids.shape[0]
+        continuing = cached > 0
+        text_embeds = self.get_input_embeddings()(input_ids)
+        text_embeds = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
         block = self.dream_block_embeddings(batch_size, input_ids.device).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, block], dim=1)
         if attention_mask is not None:

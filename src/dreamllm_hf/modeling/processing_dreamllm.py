@@ -8,6 +8,7 @@ from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
 
 from .. import constants as C
+from ..checks import InputTypeError
 from .configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
 
 
@@ -15,6 +16,10 @@ DEFAULT_NUM_IMAGE_TOKENS = (
     CLIP_VIT_L_14_VISION_CONFIG["image_size"] // CLIP_VIT_L_14_VISION_CONFIG["patch_size"]
 ) ** 2
 _SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor, str)
+# PIL modes whose pixels are not 8-bit: PIL's own `convert("RGB")` clips them (a 16-bit picture turns white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_FLOAT_MODES = ("F",)
+_CHANNELS = (1, 3, 4)
 
 
 class DreamLLMProcessor(ProcessorMixin):
@@ -165,7 +170,18 @@ class DreamLLMProcessor(ProcessorMixin):
             return [text]
         if isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text):
             return list(text)
-        raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+        raise InputTypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+
+    def check_images(self, text: str | list[str], images) -> None:
+        """
+        Refuses pictures that would fail or be read wrong, before any model work: a count that does not match the
+        placeholders of `text`, an unsupported type, an empty or oddly shaped array, values out of range. `__call__`
+        makes the same checks; a pipeline calls this one first when it has model work to do before tokenizing.
+        """
+        prompts = self._as_prompt_list(text)
+        token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False)["input_ids"]
+        placeholder_ids = (self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER])
+        self._flatten_images(images, [sum(ids.count(p) for p in placeholder_ids) for ids in token_ids])
 
     def _flatten_images(self, images, images_per_prompt: list[int] | None) -> list:
         """The pictures as one flat list in reading order, checked against the placeholders of each prompt."""
@@ -190,7 +206,7 @@ class DreamLLMProcessor(ProcessorMixin):
                         )
             images = [image for per_prompt in images for image in per_prompt]
         elif not isinstance(images, (list, tuple)):
-            raise ValueError(
+            raise InputTypeError(
                 f"Unsupported image type {type(images).__name__}: pass PIL images, numpy arrays, torch tensors or "
                 "paths/URLs, one, a list, or one list per prompt."
             )
@@ -198,6 +214,7 @@ class DreamLLMProcessor(ProcessorMixin):
         flat = []
         for image in images:
             flat.extend(_split_image_batch(image))
+        flat = [_readable_picture(image, number) for number, image in enumerate(flat)]
         if images_per_prompt is not None and len(flat) != sum(images_per_prompt):
             raise ValueError(
                 f"The prompts have {sum(images_per_prompt)} `<image>`/`<dream>` placeholders but {len(flat)} pictures "
@@ -222,10 +239,76 @@ def _split_image_batch(image) -> list:
     if _is_array(image) and image.ndim == 4:
         return list(image)
     shape = f" of shape {tuple(image.shape)}" if _is_array(image) else ""
-    raise ValueError(
+    raise InputTypeError(
         f"Unsupported image type {type(image).__name__}{shape}: pass PIL images, numpy arrays or torch tensors "
         "(HW, HWC or CHW; NHWC/NCHW for several) or paths/URLs."
     )
 
 
-__all__ = ["DreamLLMProcessor"]
+def _readable_picture(image, number: int):
+    """
+    Picture `number` as the CLIP image processor reads it right. 8-bit pictures (PIL in any 8-bit mode: RGB, RGBA,
+    L, P, ...; uint8 arrays) pass as they are. The others become 8-bit arrays: 16-bit (uint16 arrays, PIL `I;16`/`I`)
+    scaled by 1/257, floats in [0, 1] scaled by 255 (the image processor would take them for [0, 255] and read a
+    black picture), floats in [0, 255] rounded, booleans as black and white. Empty pictures, non-finite values and
+    values outside those ranges are refused, as are arrays that are not HW, HWC or CHW with 1, 3 or 4 channels.
+    """
+    if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"Picture {number} is empty ({image.width}x{image.height} pixels).")
+        if image.mode in _SIXTEEN_BIT_MODES + _FLOAT_MODES:
+            return _eight_bit(np.asarray(image)[..., None], number, sixteen_bit=image.mode in _SIXTEEN_BIT_MODES)
+        return image
+    if not _is_array(image):  # a path or URL, loaded by `_split_image_batch`
+        return image
+    shape = tuple(image.shape)
+    if 0 in shape:
+        raise ValueError(f"Picture {number} is empty: an array of shape {shape}.")
+    if image.ndim == 3 and shape[-1] not in _CHANNELS and shape[0] not in _CHANNELS:
+        raise ValueError(
+            f"Picture {number} has shape {shape}: expected HW, HWC or CHW with 1, 3 or 4 channels (gray, RGB, RGBA)."
+        )
+    if image.dtype in (np.uint8, torch.uint8) and image.ndim == 3:
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+    return _eight_bit(image if image.ndim == 3 else image[..., None], number)
+
+
+def rgb_picture(image: Image.Image) -> Image.Image:
+    """A PIL picture as 8-bit RGB, as the processor reads it: 16-bit and float pictures are scaled (PIL's own
+    `convert("RGB")` clips them: a 16-bit picture turns white)."""
+    if image.mode in _SIXTEEN_BIT_MODES + _FLOAT_MODES:
+        image = Image.fromarray(_eight_bit(np.asarray(image), 0, sixteen_bit=image.mode in _SIXTEEN_BIT_MODES))
+    return image.convert("RGB")
+
+
+def _eight_bit(array: np.ndarray, number: int, sixteen_bit: bool = False) -> np.ndarray:
+    """A picture array as uint8 (see `_readable_picture`)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "uif":
+        raise InputTypeError(
+            f"Picture {number} has dtype {array.dtype}: give uint8 or uint16 pixels, or floats in [0, 1] or [0, 255]."
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"Picture {number} holds NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    if array.dtype == np.uint16 or sixteen_bit:
+        if low < 0 or high > 65535:
+            raise ValueError(f"Picture {number} is 16-bit but has values in [{low:g}, {high:g}], not [0, 65535].")
+        return np.round(array.astype(np.float64) / 257).astype(np.uint8)
+    if array.dtype.kind == "f" and low >= 0 and high <= 1:
+        return np.round(array.astype(np.float64) * 255).astype(np.uint8)
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"Picture {number} has values in [{low:g}, {high:g}]; give 8-bit values in [0, 255], floats in [0, 1] or "
+            "uint16 (16-bit). A normalized tensor (in [-1, 1], or after mean/std) must be turned back into pixels."
+        )
+    return np.round(array).astype(np.uint8)
+
+
+__all__ = ["DreamLLMProcessor", "rgb_picture"]

@@ -10,6 +10,7 @@
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from .. import checks
+from ..checks import usage_error
+from ..modeling.processing_dreamllm import rgb_picture
+from .dream_diffusion import size_multiple
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DreamLLMPipelineOutput, StopReason
@@ -84,22 +89,35 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="interleaved", help="what to generate")
     parser.add_argument(
         "--seed",
-        type=int,
+        type=checks.SEED.parse,
         default=0,
         help="seed of the diffusion noise and the text sampling; with --prompts, a line without its own seed gets "
         "this seed + its index",
     )
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps per picture")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<= 1: off)")
-    parser.add_argument("--negative-prompt", default=None, help="what the unconditional branch reads instead of ''")
-    parser.add_argument("--height", type=int, default=None, help="picture height (default: the UNet's size)")
-    parser.add_argument("--width", type=int, default=None, help="picture width (default: the UNet's size)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="text tokens the model may sample")
-    parser.add_argument("--max-images", type=int, default=None, help="stop when the model asks for one more picture")
+    parser.add_argument("--steps", type=checks.STEPS.parse, default=50, help="denoising steps per picture")
     parser.add_argument(
-        "--temperature", type=float, default=None, help="sample the text at this temperature (default: greedy)"
+        "--guidance-scale", type=checks.GUIDANCE_SCALE.parse, default=7.5, help="classifier-free guidance (<= 1: off)"
     )
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--negative-prompt", default=None, help="what the unconditional branch reads instead of ''")
+    add_picture_size_options(parser)
+    parser.add_argument(
+        "--max-new-tokens", type=checks.MAX_NEW_TOKENS.parse, default=256, help="text tokens the model may sample"
+    )
+    parser.add_argument(
+        "--max-images",
+        type=checks.MAX_IMAGES.parse,
+        default=None,
+        help="stop when the model asks for one more picture",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=checks.TEMPERATURE.parse,
+        default=None,
+        help="sample the text at this temperature (default: greedy)",
+    )
+    parser.add_argument(
+        "--top-p", type=checks.TOP_P.parse, default=None, help="nucleus sampling threshold (with --temperature)"
+    )
     parser.add_argument(
         "--device",
         default=None,
@@ -125,10 +143,43 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--output-dir", type=Path, default=None, help="with --prompts: where the documents and their records go"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="with --prompts: prompts per pipeline call in each process"
+        "--batch-size",
+        type=checks.BATCH_SIZE.parse,
+        default=8,
+        help="with --prompts: prompts per pipeline call in each process",
     )
-    parser.set_defaults(func=run_generate)
+    parser.set_defaults(func=run_generate, parser=parser)
     return parser
+
+
+def add_picture_size_options(parser: argparse.ArgumentParser) -> None:
+    """`--height` and `--width`, checked against the model folder by `check_picture_size` before it is loaded."""
+    for name in ("height", "width"):
+        parser.add_argument(
+            f"--{name}",
+            type=checks.PICTURE_SIDE.parse,
+            default=None,
+            help=f"picture {name} (default: the UNet's size)",
+        )
+
+
+def check_picture_size(args: argparse.Namespace, model: str | Path) -> None:
+    """`--height` / `--width` against the VAE configuration of the pipeline folder `model`, read from their
+    config files so that a size the pipeline would refuse is refused before the model loads (exit code 2)."""
+    if args.height is None and args.width is None:
+        return
+    try:
+        vae_config = json.loads((Path(model) / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # a folder without one: the pipeline says what is missing
+    multiple = size_multiple(vae_config)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value % multiple:
+            usage_error(
+                args,
+                f"argument --{name}: must be a multiple of {multiple} for this model (its VAE factor), got {value}; try {max(multiple, round(value / multiple) * multiple)}.",
+            )
 
 
 def _check_model_folder(model: str) -> None:
@@ -172,8 +223,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --out must end in .html or .md, got {args.out.name}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _default_dtype(args.dtype, device)
-    images = [PIL.Image.open(path).convert("RGB") for path in args.image]
+    images = [rgb_picture(PIL.Image.open(path)) for path in args.image]
     prompt = with_placeholders(args.prompt, len(images))
+    _check_model_folder(args.model)
+    check_picture_size(args, args.model)
 
     pipe = _load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
@@ -214,8 +267,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 streamer=progress,
                 **_sampling_kwargs(args),
             )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+    except ValueError as error:  # the pipeline's `check_inputs`: nothing was computed
+        usage_error(args, str(error))
     finally:
         if progress is not None:
             progress.close()
@@ -237,7 +290,6 @@ def _check_many_arguments(args: argparse.Namespace) -> None:
         (bool(args.image), '--image is for one prompt; with --prompts list each line\'s pictures in its "images".'),
         (args.output_dir is None, "--prompts needs --output-dir DIR (where the documents go)."),
         (args.mode == "image", '--mode image is not supported with --prompts; use "interleaved" or "text".'),
-        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}."),
     ]
     for broken, message in problems:
         if broken:
@@ -249,6 +301,7 @@ def run_generate_many(args: argparse.Namespace) -> int:
     _check_many_arguments(args)
     records = read_prompts(args.prompts, args.seed)  # everything is checked before anything is written
     _check_model_folder(args.model)
+    check_picture_size(args, args.model)
     output_dir: Path = args.output_dir
     pending = pending_records(records, output_dir)
 
@@ -284,8 +337,8 @@ def run_generate_many(args: argparse.Namespace) -> int:
                         allow_images=args.mode == "interleaved",
                         **_sampling_kwargs(args),
                     )
-                except ValueError as error:
-                    raise SystemExit(f"error: {', '.join(r.id for r in batch)}: {error}") from error
+                except ValueError as error:  # refused by the pipeline's `check_inputs`, before its model work
+                    usage_error(args, f"{', '.join(r.id for r in batch)}: {error}")
         finally:
             progress.close()
         print(
@@ -305,4 +358,11 @@ def run_generate_many(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_generate_parser", "run_generate", "run_generate_many", "TokenProgressBar"]
+__all__ = [
+    "add_generate_parser",
+    "add_picture_size_options",
+    "check_picture_size",
+    "run_generate",
+    "run_generate_many",
+    "TokenProgressBar",
+]

@@ -5,15 +5,20 @@ code, so a picture of a document equals the text-to-image drawing from the same 
 """
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.hooks import CpuOffload
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import checks
+from ..checks import InputTypeError
 from ..decoder_conditioning import added_cond_kwargs, check_decoder, takes_pooled, vae_scale_factor
 
 
@@ -32,6 +37,12 @@ class DiffusionSettings:
     eta: float
     callback_on_step_end: Callable | None
     callback_on_step_end_tensor_inputs: list[str]
+
+
+def size_multiple(vae_config) -> int:
+    """What a picture's height and width must be multiples of: the VAE's factor (8 for Stable Diffusion), as diffusers
+    asks. The UNet needs no more: it resizes its upsampling to latents that its levels do not halve evenly."""
+    return vae_scale_factor(vae_config)
 
 
 def onload(module: torch.nn.Module) -> None:
@@ -128,7 +139,7 @@ class DreamLLMDiffusionMixin:
         if getattr(self, "unet", None) is None:
             return height, width
         size = self.unet.config.sample_size * self.vae_scale_factor
-        return height or size, width or size
+        return size if height is None else height, size if width is None else width
 
     # ----------------------------------------------------------------------------------------------------------------
     # Prompts
@@ -138,7 +149,7 @@ class DreamLLMDiffusionMixin:
             return [prompt]
         if isinstance(prompt, (list, tuple)) and len(prompt) > 0:
             return list(prompt)
-        raise ValueError(
+        raise (ValueError if isinstance(prompt, (list, tuple)) else InputTypeError)(
             f"`prompt` must be a string, a conversation (list of message dicts) or a non-empty list of those; "
             f"got {type(prompt).__name__}."
         )
@@ -166,8 +177,10 @@ class DreamLLMDiffusionMixin:
             pixel_values = pixel_values.to(device)
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device), pixel_values
 
-    def _check_prompt_length(self, attention_mask: torch.Tensor, reserve: int, what: str) -> None:
-        longest = int(attention_mask.sum(-1).max())
+    def _check_prompt_length(self, attention_mask: torch.Tensor | int, reserve: int, what: str) -> None:
+        """The longest prompt (an attention mask, or its length in positions) and `reserve` positions more must fit
+        in the model's context."""
+        longest = attention_mask if isinstance(attention_mask, int) else int(attention_mask.sum(-1).max())
         if longest + reserve > self.max_context_length:
             raise ValueError(
                 f"The prompt takes {longest} positions and {what} needs {reserve} more, but the model's context is "
@@ -193,7 +206,9 @@ class DreamLLMDiffusionMixin:
             return
         if not isinstance(negative_prompt, str):
             if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
-                raise ValueError("`negative_prompt` must be a string or a list of strings.")
+                raise InputTypeError(
+                    f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}."
+                )
             if len(negative_prompt) != count:
                 raise ValueError(
                     f"`negative_prompt` has {len(negative_prompt)} entries for {count} prompts; give one "
@@ -203,25 +218,149 @@ class DreamLLMDiffusionMixin:
             if "<image>" in text or "<dream>" in text:
                 raise ValueError("`negative_prompt` cannot hold `<image>` or `<dream>`: it takes no pictures.")
 
-    def _check_diffusion_inputs(self, height, width, num_inference_steps, timesteps, sigmas, tensor_inputs) -> None:
+    def _check_diffusion_inputs(
+        self,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        tensor_inputs,
+        guidance_scale=None,
+        guidance_rescale=None,
+        eta=None,
+        callback_on_step_end=None,
+    ) -> None:
+        """The arguments of the pictures' denoising, against the UNet, VAE and scheduler that will draw them."""
         missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
         if missing:
             raise ValueError(
                 f"Drawing pictures needs a unet, a vae and a scheduler, but this pipeline has no {', '.join(missing)}; "
                 "load them, or ask for text only (`allow_images=False`)."
             )
-        if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
+        checks.PICTURE_SIDE.check("height", height)
+        checks.PICTURE_SIDE.check("width", width)
+        multiple = self.vae_scale_factor
+        if height % multiple or width % multiple:
+            suggestion = f"{max(multiple, round(height / multiple) * multiple)}x"
+            suggestion += f"{max(multiple, round(width / multiple) * multiple)}"
             raise ValueError(
-                f"`height` and `width` must be divisible by the VAE factor {self.vae_scale_factor}, "
-                f"got {height}x{width}; round them to a multiple of {self.vae_scale_factor}."
+                f"`height` and `width` must be divisible by the VAE factor {multiple}; got {height}x{width}. Round "
+                f"them to a multiple of {multiple} (for example {suggestion})."
             )
-        steps_ok = isinstance(num_inference_steps, int) and num_inference_steps >= 1
-        if timesteps is None and sigmas is None and not steps_ok:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        self._check_guidance(guidance_scale, guidance_rescale, eta)
+        self._check_schedule(num_inference_steps, timesteps, sigmas)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InputTypeError(
+                f"`callback_on_step_end` must be a callable `(pipe, step, timestep, tensors) -> dict` or a "
+                f"`PipelineCallback`, got {type(callback_on_step_end).__name__}."
+            )
         if tensor_inputs is not None and not all(k in self._callback_tensor_inputs for k in tensor_inputs):
             unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+
+    @staticmethod
+    def _check_guidance(guidance_scale, guidance_rescale, eta) -> None:
+        """The guidance numbers (`None`: not given to `check_inputs`, nothing to check)."""
+        for name, value, kind in (
+            ("guidance_scale", guidance_scale, checks.GUIDANCE_SCALE),
+            ("guidance_rescale", guidance_rescale, checks.GUIDANCE_RESCALE),
+            ("eta", eta, checks.ETA),
+        ):
+            if value is not None:
+                kind.check(name, value)
+
+    def _check_schedule(self, num_inference_steps, timesteps, sigmas) -> None:
+        """`num_inference_steps` (or custom `timesteps` / `sigmas`), checked by the scheduler itself now rather than
+        when the first picture is drawn."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass custom `timesteps` or `sigmas`, not both.")
+        custom = {}
+        for name, values, kind in (("timesteps", timesteps, numbers.Integral), ("sigmas", sigmas, numbers.Real)):
+            if values is None:
+                continue
+            if isinstance(values, (torch.Tensor, np.ndarray)):
+                values = values.tolist()
+            if not isinstance(values, (list, tuple)) or not values:
+                raise InputTypeError(f"`{name}` must be a non-empty list of numbers, got {values!r:.80}.")
+            bad = [
+                v for v in values if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v) or v < 0
+            ]
+            if bad:
+                expected = "non-negative integers" if kind is numbers.Integral else "finite non-negative numbers"
+                raise ValueError(f"`{name}` must be a list of {expected}, got {bad[0]!r} in it.")
+            custom[name] = list(values)
+        if not custom:
+            checks.STEPS.check("num_inference_steps", num_inference_steps)
+        try:  # the scheduler's own rules (a custom schedule it takes, steps within its training steps)
+            retrieve_timesteps(self.scheduler, None if custom else num_inference_steps, None, **custom)
+        except ValueError as error:
+            raise ValueError(f"{type(self.scheduler).__name__} cannot take this schedule: {error}") from error
+
+    def _check_generator(self, generator, count: int, what: str) -> None:
+        """`generator`: one `torch.Generator` (or None), or a list of exactly `count`, one per `what`."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != count:
+                raise ValueError(
+                    f"Got {len(generator)} generators for {count} {what}; give one per {what[:-1]} "
+                    "(prompts x num_images_per_prompt), or a single generator."
+                )
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                kinds = sorted({type(g).__name__ for g in generator if not isinstance(g, torch.Generator)})
+                raise InputTypeError(
+                    f"`generator` must be a `torch.Generator` or a list of them (one per {what[:-1]}); the list holds "
+                    f"{', '.join(kinds)}."
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise InputTypeError(
+                f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}; seed one "
+                "with `torch.Generator().manual_seed(seed)`."
+            )
+
+    def _check_tensor(self, name: str, value, rank: int, what: str) -> None:
+        """A floating-point tensor of `rank` dimensions with finite values (NaN in would be NaN pictures out)."""
+        if not isinstance(value, torch.Tensor):
+            raise InputTypeError(f"`{name}` must be a torch.Tensor {what}, got {type(value).__name__}.")
+        if value.ndim != rank:
+            raise ValueError(f"`{name}` must be {what} ({rank} dimensions), got shape {tuple(value.shape)}.")
+        if not value.is_floating_point():
+            raise InputTypeError(f"`{name}` must be a floating-point tensor {what}, got dtype {value.dtype}.")
+        if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` holds NaN or infinite values; it would give NaN pictures.")
+
+    def _check_latents(self, latents, batch_size: int, height: int, width: int) -> None:
+        expected = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        self._check_tensor("latents", latents, 4, "[batch, channels, height / f, width / f]")
+        if tuple(latents.shape) != expected:
+            raise ValueError(
+                f"`latents` have shape {tuple(latents.shape)}, expected {expected}: (prompts x num_images_per_prompt, "
+                f"unet.config.in_channels, height / {self.vae_scale_factor}, width / {self.vae_scale_factor})."
+            )
+
+    def _check_condition(self, name: str, embeds, batch_sizes: tuple[int, ...] | None = None) -> None:
+        """`prompt_embeds` / `negative_prompt_embeds`: `[batch, num_dream_queries, cross_attention_dim]`, `batch` one
+        of `batch_sizes` (None: any but 0)."""
+        queries, width = self.mllm.config.num_dream_queries, self.unet.config.cross_attention_dim
+        self._check_tensor(name, embeds, 3, f"[batch, {queries}, {width}]")
+        batch, length, channels = embeds.shape
+        if length != queries or channels != width:
+            raise ValueError(
+                f"`{name}` has shape {tuple(embeds.shape)}, expected [batch, {queries}, {width}]: one row per "
+                f"prompt of the mllm's {queries} dream queries through its condition projector, the UNet's "
+                f"cross_attention_dim {width} wide."
+            )
+        if batch == 0:
+            raise ValueError(f"`{name}` has no rows (shape {tuple(embeds.shape)}); give one per prompt.")
+        if batch_sizes is not None and batch not in batch_sizes:
+            raise ValueError(
+                f"`{name}` has {batch} rows, expected {' or '.join(map(str, batch_sizes))} (one per prompt)."
             )
 
     @torch.no_grad()
@@ -336,7 +475,7 @@ class DreamLLMDiffusionMixin:
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` have shape {tuple(latents.shape)}, expected {shape}.")
-            latents = latents.to(device)
+            latents = latents.to(device=device, dtype=dtype)  # float64 latents would not meet a float32 UNet
         return latents * self.scheduler.init_noise_sigma
 
     def prepare_extra_step_kwargs(self, generator, eta):
@@ -465,4 +604,12 @@ class DreamLLMDiffusionMixin:
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 
-__all__ = ["DiffusionSettings", "DreamLLMDiffusionMixin", "OUTPUT_TYPES", "is_conversation", "onload"]
+__all__ = [
+    "DiffusionSettings",
+    "DreamLLMDiffusionMixin",
+    "OUTPUT_TYPES",
+    "is_conversation",
+    "onload",
+    "size_multiple",
+    "vae_scale_factor",
+]

@@ -19,6 +19,8 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from transformers import LogitsProcessorList
 
+from .. import checks
+from ..checks import InputTypeError
 from ..modeling.conversation import render_conversation
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
@@ -28,6 +30,13 @@ from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
 
 GENERATION_MODES = ("interleaved", "text", "image")
+# The text-sampling arguments of `__call__` and what each may be (None: the model's `generation_config`).
+SAMPLING_RANGES = {
+    "temperature": checks.TEMPERATURE,
+    "top_p": checks.TOP_P,
+    "top_k": checks.TOP_K,
+    "repetition_penalty": checks.REPETITION_PENALTY,
+}
 DOCUMENT_OUTPUT_TYPES = tuple(t for t in OUTPUT_TYPES if t != "latent")
 # Set by the pipeline itself, or meaningless for documents (one sequence each, no beams, stops by the format).
 _RESERVED_GENERATE_KWARGS = {
@@ -158,13 +167,21 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         output_type,
         cache_implementation,
         callback_on_step_end_tensor_inputs,
+        guidance_scale=None,
+        guidance_rescale=None,
+        eta=None,
+        sampling=None,
+        generation_kwargs=None,
+        callback_on_step_end=None,
     ):
+        """Refuses every bad argument of `__call__` before any model work, with an error that names it, says what was
+        given and what is expected (`None` for the trailing arguments: not checked)."""
         if prompt is None:
             raise ValueError("Pass a `prompt` (a message, a conversation, or a list of those).")
         prompts = self._as_prompt_list(prompt)
         for item in prompts:
             if not (isinstance(item, str) or is_conversation(item)):
-                raise ValueError(
+                raise InputTypeError(
                     "Every prompt must be a string or a conversation (a list of `{'role', 'content'}` dicts); got "
                     f"{type(item).__name__}. Do not mix other types into the list of prompts."
                 )
@@ -173,34 +190,36 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 f"Unknown output_type {output_type!r} for documents; choose one of "
                 f"{', '.join(map(repr, DOCUMENT_OUTPUT_TYPES))} (every picture is decoded to be read back)."
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-        if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
-            raise ValueError(f"`max_images` must be a non-negative integer or None, got {max_images!r}.")
+        checks.NUM_IMAGES_PER_PROMPT.check("num_images_per_prompt", num_images_per_prompt)
+        checks.MAX_NEW_TOKENS.check("max_new_tokens", max_new_tokens)
+        checks.MAX_IMAGES.check("max_images", max_images, optional=True)
+        for name, kind in SAMPLING_RANGES.items():
+            kind.check(name, (sampling or {}).get(name), optional=True)
+        if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
+            raise InputTypeError(
+                f"`generation_kwargs` must be a dict of `GenerationConfig` options, got {type(generation_kwargs).__name__}."
+            )
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"Unknown cache_implementation {cache_implementation!r}; choose 'dynamic' (default) or 'static'."
             )
-        total = len(prompts) * num_images_per_prompt
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != total:
-                raise ValueError(
-                    f"Got {len(generator)} generators for {total} documents; give one per document "
-                    "(prompts x num_images_per_prompt), or a single generator."
-                )
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError("`generator` must be a `torch.Generator` or a list of them (one per document).")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}."
-            )
+        self._check_generator(generator, len(prompts) * num_images_per_prompt, "documents")
         self._check_negative_prompt(negative_prompt, len(prompts))
         if allow_images:
             self._check_diffusion_inputs(
-                height, width, num_inference_steps, timesteps, sigmas, callback_on_step_end_tensor_inputs
+                height,
+                width,
+                num_inference_steps,
+                timesteps,
+                sigmas,
+                callback_on_step_end_tensor_inputs,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                eta=eta,
+                callback_on_step_end=callback_on_step_end,
             )
+        else:  # nothing is drawn: only the numbers' own ranges
+            self._check_guidance(guidance_scale, guidance_rescale, eta)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Text generation settings
@@ -467,6 +486,12 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             output_type,
             cache_implementation,
             callback_on_step_end_tensor_inputs,
+            guidance_scale=a["guidance_scale"],
+            guidance_rescale=a["guidance_rescale"],
+            eta=a["eta"],
+            sampling=sampling,
+            generation_kwargs=generation_kwargs,
+            callback_on_step_end=callback_on_step_end,
         )
         self._guidance_scale = a["guidance_scale"]
         self._guidance_rescale = a["guidance_rescale"]
@@ -494,6 +519,12 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             if pictures:
                 per_prompt_images = per_prompt_images or [[] for _ in prompts]
                 per_prompt_images[index] = pictures
+        # The pictures and the prompts' lengths too are refused before the unconditional pass below.
+        if per_prompt_images is not None:
+            self.processor.check_images(texts, per_prompt_images)
+        token_ids = self.tokenizer(texts, return_attention_mask=False)["input_ids"]
+        longest = max(len(self.processor.expand_placeholders(ids)) for ids in token_ids)
+        self._check_prompt_length(longest, 1, "the answer")
         per_document_generators = isinstance(generator, (list, tuple))
         if streamer is not None and len(texts) * num_images_per_prompt > 1:
             raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")

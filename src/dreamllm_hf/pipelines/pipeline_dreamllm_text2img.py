@@ -9,6 +9,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 
+from .. import checks
+from ..checks import InputTypeError
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin
@@ -81,13 +83,21 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
         pooled_prompt_embeds=None,
         negative_pooled_prompt_embeds=None,
+        guidance_scale=None,
+        guidance_rescale=None,
+        eta=None,
+        generator=None,
+        latents=None,
+        callback_on_step_end=None,
     ):
+        """Refuses every bad argument of `__call__` before any model work, with an error that names it, says what was
+        given and what is expected; tensors are checked against the UNet and the mllm they will meet (`None` for
+        the trailing arguments: not checked)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}."
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        checks.NUM_IMAGES_PER_PROMPT.check("num_images_per_prompt", num_images_per_prompt)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or `prompt_embeds`.")
         if prompt is None and images is not None:
@@ -103,27 +113,35 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             isinstance(prompt, str)
             or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
         ):
-            raise ValueError(
+            raise InputTypeError(
                 "`prompt` must be a string or a list of strings (a caption: the original's text-to-image path "
-                "uses no chat template)."
+                f"uses no chat template); got {type(prompt).__name__}."
             )
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and prompt_embeds.shape != negative_prompt_embeds.shape
-        ):
-            raise ValueError(
-                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
-            )
+        self._check_diffusion_inputs(
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            callback_on_step_end_tensor_inputs,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            callback_on_step_end=callback_on_step_end,
+        )
+        if prompt_embeds is not None:
+            self._check_condition("prompt_embeds", prompt_embeds)
+        count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        if negative_prompt_embeds is not None:
+            # One row per prompt, or one row shared by all (`encode_prompt` expands it).
+            self._check_condition("negative_prompt_embeds", negative_prompt_embeds, tuple(sorted({count, 1})))
         self._check_pooled_embeds(
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
         )
-        count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
         self._check_negative_prompt(negative_prompt, count)
-        self._check_diffusion_inputs(
-            height, width, num_inference_steps, timesteps, sigmas, callback_on_step_end_tensor_inputs
-        )
+        self._check_generator(generator, count * num_images_per_prompt, "pictures")
+        if latents is not None:
+            self._check_latents(latents, count * num_images_per_prompt, height, width)
 
     def _check_pooled_embeds(self, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> None:
         """The pooled conditioning goes with the sequence it was pooled from, and only to a decoder that reads it."""
@@ -238,8 +256,14 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             num_images_per_prompt,
             output_type,
             callback_on_step_end_tensor_inputs,
-            pooled_prompt_embeds,
-            negative_pooled_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end=callback_on_step_end,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale

@@ -18,6 +18,8 @@ from typing import Any
 import PIL.Image
 import torch
 
+from .. import checks
+from ..modeling.processing_dreamllm import rgb_picture
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_output import DreamLLMPipelineOutput, segment_to_pil
 
@@ -62,7 +64,7 @@ class PromptRecord:
         return with_placeholders(self.prompt, len(self.images))
 
     def load_images(self) -> list[PIL.Image.Image]:
-        return [(PIL.Image.open(image) if isinstance(image, Path) else image).convert("RGB") for image in self.images]
+        return [rgb_picture(PIL.Image.open(image) if isinstance(image, Path) else image) for image in self.images]
 
 
 def document_id(index: int) -> str:
@@ -73,19 +75,17 @@ class InputError(ValueError):
     """What is wrong with one line or row of an input file (the caller says where)."""
 
 
-_SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` takes
-
-
 def _check_seed(value: Any, index: int, base_seed: int) -> int:
     if value is None:
-        return base_seed + index
+        value = base_seed + index
     if isinstance(value, float) and value.is_integer():  # CSV columns with gaps are read as floats
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f'"seed" must be an integer, got {value!r}; write for example "seed": 7, or leave it out.')
-    if not _SEED_RANGE[0] <= value < _SEED_RANGE[1]:
-        raise InputError(f'"seed" {value} is out of range; use an integer between 0 and 2**64 - 1.')
-    return value
+    try:
+        return checks.SEED.check("seed", value)
+    except ValueError as error:
+        raise InputError(f'"seed" {value} is out of range; use {checks.SEED.description}.') from error
 
 
 def check_picture(item: Any, base_dir: Path, name: str = '"image"') -> Path | PIL.Image.Image:

@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 import PIL.Image
 
+from ..modeling.processing_dreamllm import rgb_picture
 from ..pipelines import DreamLLMPipelineOutput, DreamLLMText2ImagePipeline
 from ..pipelines.pipeline_output import StopReason
 from .render import DOCUMENT_CSS, conversation_html, status_html, turn_html
@@ -66,7 +67,7 @@ def read_picture(path: str | os.PathLike) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as picture:
             picture.load()
-            return picture.convert("RGB")
+            return rgb_picture(picture)
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise InputError(f"The attached file {name} could not be read as a picture ({error}).") from error
 

@@ -4,6 +4,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .. import checks
+
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -14,7 +16,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
-    parser.add_argument("--port", type=int, default=7860, help="Port to listen on.")
+    parser.add_argument("--port", type=checks.PORT.parse, default=7860, help="Port to listen on.")
     parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link.")
     parser.add_argument(
         "--device", default=None, help="cuda, cpu, ... (default: cuda when available, in float16; else cpu, float32)"

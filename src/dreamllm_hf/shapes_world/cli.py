@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from .. import checks
+
 
 def add_demo_parsers(subparsers) -> None:
     train = subparsers.add_parser(
@@ -20,10 +22,15 @@ def add_demo_parsers(subparsers) -> None:
         ),
     )
     train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
-    train.add_argument("--seed", type=int, default=0, help="Seeds the data, the initialisation and the noise.")
+    train.add_argument(
+        "--seed", type=checks.SEED.parse, default=0, help="Seeds the data, the initialisation and the noise."
+    )
     train.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
     train.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)."
+        "--threads",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core).",
     )
     train.add_argument(
         "--recipe", default=None, help="A JSON file of DemoRecipe fields to override (for experiments)."
@@ -45,13 +52,17 @@ def add_demo_parsers(subparsers) -> None:
         ),
     )
     evaluate.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
-    evaluate.add_argument("--seed", type=int, default=None, help="Seeds the held-out pictures and the sampling.")
-    evaluate.add_argument("--num-caption-pictures", type=int, default=None)
-    evaluate.add_argument("--t2i-per-caption", type=int, default=None, help="Pictures per caption (12 captions).")
-    evaluate.add_argument("--num-stories", type=int, default=None)
-    evaluate.add_argument("--num-inference-steps", type=int, default=None)
-    evaluate.add_argument("--guidance-scale", type=float, default=None)
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    evaluate.add_argument(
+        "--seed", type=checks.SEED.parse, default=None, help="Seeds the held-out pictures and the sampling."
+    )
+    evaluate.add_argument("--num-caption-pictures", type=checks.POSITIVE_INT.parse, default=None)
+    evaluate.add_argument(
+        "--t2i-per-caption", type=checks.POSITIVE_INT.parse, default=None, help="Pictures per caption (12 captions)."
+    )
+    evaluate.add_argument("--num-stories", type=checks.POSITIVE_INT.parse, default=None)
+    evaluate.add_argument("--num-inference-steps", type=checks.STEPS.parse, default=None)
+    evaluate.add_argument("--guidance-scale", type=checks.GUIDANCE_SCALE.parse, default=None)
+    evaluate.add_argument("--threads", type=checks.POSITIVE_INT.parse, default=None, help="torch CPU threads.")
     evaluate.add_argument(
         "--save-dir", default=None, help="Also write the text-to-image grid and the example stories there."
     )

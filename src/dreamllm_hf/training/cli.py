@@ -186,7 +186,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(parser)
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(func=run_train, parser=parser)
     return parser
 
 
@@ -194,19 +194,23 @@ def training_arguments_from_namespace(namespace: argparse.Namespace):
     """Defaults < `--config` file < flags given on the command line."""
     from .trainer import DreamLLMTrainingArguments, read_config_file
 
-    given = {key: value for key, value in vars(namespace).items() if key not in ("func", "command")}
+    given = {key: value for key, value in vars(namespace).items() if key not in ("func", "command", "parser")}
     values = read_config_file(given.pop("config")) if "config" in given else {}
     values.update(given)
     return DreamLLMTrainingArguments.from_dict(values)
 
 
 def run_train(namespace: argparse.Namespace) -> int:
+    from ..checks import usage_error
     from .trainer import train
 
-    args = training_arguments_from_namespace(namespace)
+    try:
+        args = training_arguments_from_namespace(namespace)
+    except ValueError as error:  # a value out of range, from a flag or the --config file: nothing has started
+        usage_error(namespace, str(error))
     missing = [name for name in ("model", "data", "output_dir") if not getattr(args, name)]
     if missing:
-        raise SystemExit(f"dreamllm-hf train: missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        usage_error(namespace, f"missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
     result = train(args)
     if not result.is_main_process:
         return 0
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="dreamllm-hf train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_train_arguments(parser)
+    parser.set_defaults(parser=parser)
     return run_train(parser.parse_args(argv))
 
 

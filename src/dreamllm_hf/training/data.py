@@ -29,6 +29,12 @@ Local layouts, in the ecosystem's conventions (`load_data_source` tells them apa
 
 All randomness (the i2t/t2i choice and the flips) comes from a generator seeded by `(seed, epoch, index)`, so a
 sample is the same whichever worker or process builds it, and a resumed run sees the same data.
+
+Bad records: a record that cannot make a sample (a pair without its text or with a picture that cannot be opened, a
+document without its `text_list`, or whose `matched_text_index` points at no sentence) is a `ValueError` naming the
+source and the record (`DreamLLMDataset` checks it when the record is read). A picture of a document that cannot be
+opened is left out with its blocks, as the original does, and counted: the sample lists it in `skipped_pictures`,
+the collator sums the batch's, and the trainer writes the count in its log.
 """
 
 import bisect
@@ -45,6 +51,7 @@ import torch
 from PIL import Image
 
 from .. import constants as C
+from ..modeling.processing_dreamllm import rgb_picture
 
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ TEXT_COLUMNS = ("text", "caption", "txt")
 DOCUMENT_COLUMNS = ("text_list", "image_info")
 # Tokens of the format whose labels are -100 in every sample: the slots, the image delimiters and `<dream_end>`.
 UNLEARNED_TOKENS = (C.IMAGE_PATCH_TOKEN, C.IMAGE_START_TOKEN, C.IMAGE_END_TOKEN, C.DREAM_END_TOKEN)
+# What opening a missing, truncated or hostile picture file raises (PIL plugins raise SyntaxError on some).
+PICTURE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,7 +95,7 @@ def load_image(value, base_dir: str | os.PathLike | None = None) -> Image.Image:
     else:
         raise ValueError(f"Cannot read a picture from {type(value).__name__}.")
     image.load()
-    return image.convert("RGB")
+    return rgb_picture(image)
 
 
 class DiffusionImageTransform:
@@ -246,12 +255,13 @@ class DreamLLMSampleBuilder:
         base_dir=None,
     ) -> dict:
         """An interleaved document; `images[k]` (anything `load_image` reads) goes after sentence
-        `matched_text_index[k]`. Pictures that cannot be read are left out (with their blocks), as in the original."""
+        `matched_text_index[k]`. Pictures that cannot be read are left out (with their blocks), as in the original;
+        the sample then lists them in `skipped_pictures` (which picture, and why)."""
         order = sorted(range(len(images)), key=lambda k: (matched_text_index[k], k))
         images = [images[k] for k in order]
         segments = merge_text_list([text.strip() for text in text_list], [matched_text_index[k] for k in order])
         block = [*self.dream_block, *self.image_block]
-        body, pictures = [], []
+        body, pictures, skipped = [], [], []
         for index, segment in enumerate(segments):
             segment_ids = self.tokenize(segment)
             if len(body) + len(segment_ids) + 2 > self.max_length:
@@ -262,18 +272,21 @@ class DreamLLMSampleBuilder:
                     break
                 try:
                     picture = load_image(images[index], base_dir)
-                except Exception as error:  # a missing or corrupt picture drops its blocks, not the document
-                    logger.warning("Skipping a picture that cannot be read (%s).", error)
+                except PICTURE_ERRORS as error:  # a missing or corrupt picture drops its blocks, not the document
+                    skipped.append(f"picture {order[index]} ({_describe_picture(images[index])}): {error}")
                     continue
                 body.extend(block)
                 pictures.append(picture)
         input_ids = [self.bos_token_id, *body, self.eos_token_id]
-        return {
+        sample = {
             "input_ids": input_ids,
             "labels": self.labels_for(input_ids),
             "pixel_values": self.clip_pixels(pictures),
             "diffusion_pixel_values": self.diffusion_pixels(pictures, rng),
         }
+        if skipped:
+            sample["skipped_pictures"] = skipped
+        return sample
 
     def conversation(self, messages: Sequence[dict], rng: np.random.Generator) -> dict:
         """
@@ -407,6 +420,46 @@ def load_data_source(path: str | os.PathLike, cache_dir: str | None = None) -> D
     return source_from_dataset(dataset, base_dir, text)
 
 
+def _describe_picture(value) -> str:
+    """A picture entry as a message names it: its path, or what it is."""
+    if isinstance(value, dict):
+        value = value.get("path") or "(embedded bytes)"
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    return f"({type(value).__name__})"
+
+
+def _document_parts(record: dict, where: str) -> tuple[list[str], list, list[int]]:
+    """`(text_list, images, matched_text_index)` of an MMC4 record, or a `ValueError` saying, at `where`, what is
+    missing or points nowhere."""
+    text_list = record.get("text_list")
+    if not isinstance(text_list, (list, tuple)) or not text_list or not all(isinstance(t, str) for t in text_list):
+        raise ValueError(
+            f"{where}: no text (its 'text_list' is {text_list!r:.60}); a document needs a non-empty list of sentence "
+            "strings."
+        )
+    infos = record.get("image_info") or []
+    embedded = record.get("images")
+    images, matched = [], []
+    for k, info in enumerate(infos):
+        index = info.get("matched_text_index") if isinstance(info, dict) else None
+        if isinstance(index, float) and index.is_integer():  # a column with gaps is read as floats
+            index = int(index)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(text_list):
+            raise ValueError(
+                f"{where}: image_info[{k}] has matched_text_index {index!r}, which points at no sentence; the "
+                f"document has {len(text_list)} (indices 0 to {len(text_list) - 1})."
+            )
+        picture = embedded[k] if embedded is not None and k < len(embedded) and embedded[k] is not None else None
+        if picture is None:
+            picture = info.get("image_name")
+            if not isinstance(picture, str) or not picture:
+                raise ValueError(f"{where}: image_info[{k}] has no image_name (and no embedded picture).")
+        images.append(picture)
+        matched.append(index)
+    return list(text_list), images, matched
+
+
 class DreamLLMDataset(torch.utils.data.Dataset):
     """
     Map-style dataset over one or more sources (concatenated), building each sample on access.
@@ -434,18 +487,32 @@ class DreamLLMDataset(torch.utils.data.Dataset):
             index += len(self)
         which = bisect.bisect_right(self._ends, index)
         source = self.sources[which]
-        record = source.dataset[index - (self._ends[which - 1] if which else 0)]
+        row = index - (self._ends[which - 1] if which else 0)
+        where = f"{source.path or 'the data source'}, record {row}"
+        try:
+            record = source.dataset[row]
+        except PICTURE_ERRORS as error:  # e.g. an image column `datasets` cannot decode
+            raise ValueError(f"{where}: cannot be read ({error}).") from error
         rng = self.builder.rng(index, self.epoch)
         if source.kind == PAIRS:
-            return self.builder.pair(record[source.image_column], record[source.text_column], rng, source.base_dir)
-        infos = record["image_info"] or []
-        embedded = record.get("images")
-        images = [
-            embedded[k] if embedded is not None and embedded[k] is not None else info["image_name"]
-            for k, info in enumerate(infos)
-        ]
-        matched = [int(info["matched_text_index"]) for info in infos]
-        return self.builder.document(record["text_list"], images, matched, rng, source.base_dir)
+            image, text = record[source.image_column], record[source.text_column]
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{where}: no text (its {source.text_column!r} is {text!r:.40}); every pair needs a caption string "
+                    "(an empty one trains the unconditional)."
+                )
+            try:
+                image = load_image(image, source.base_dir)
+            except PICTURE_ERRORS as error:
+                raise ValueError(
+                    f"{where}: its picture {_describe_picture(image)} cannot be opened ({error})."
+                ) from error
+            return self.builder.pair(image, text, rng, source.base_dir)
+        text_list, images, matched = _document_parts(record, where)
+        sample = self.builder.document(text_list, images, matched, rng, source.base_dir)
+        for reason in sample.get("skipped_pictures", ()):
+            logger.warning("%s: left out %s", where, reason)
+        return sample
 
 
 def build_training_dataset(
@@ -481,7 +548,8 @@ class DreamLLMDataCollator:
     """
     Pads samples on the right into a batch: `input_ids` (pad id), `attention_mask` (0 on pads), `labels` (-100 on
     pads), and the pictures of all samples concatenated in reading order: `pixel_values` (one per `<im_start>`) and
-    `diffusion_pixel_values` (one per `<dream_start>`), each left out when the batch has none.
+    `diffusion_pixel_values` (one per `<dream_start>`), each left out when the batch has none. `skipped_pictures`
+    (a count) when some sample left out a picture that cannot be opened; the trainer pops it and logs it.
     """
 
     pad_token_id: int
@@ -506,6 +574,9 @@ class DreamLLMDataCollator:
             pictures = [sample[key] for sample in samples if sample.get(key) is not None and len(sample[key])]
             if pictures:
                 batch[key] = torch.cat(pictures)
+        skipped = sum(len(sample.get("skipped_pictures") or ()) for sample in samples)
+        if skipped:  # only then: a batch is passed to the model as `model(**batch)`
+            batch["skipped_pictures"] = torch.tensor(skipped)
         return batch
 
 

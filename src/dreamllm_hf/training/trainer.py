@@ -8,9 +8,10 @@ the processes, and `Accelerator` wraps the model, optimizer, data loader and sch
 Output folder:
 
 * `adapter_config.json`, `adapter_model.safetensors`: the final adapter (`PeftModel.from_pretrained(mllm, OUTPUT_DIR)`);
-* `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`), each loss
-  averaged over the micro-batches (of every process) that had it since the last line; `null` when none had it (no
-  language-model targets, or no picture to draw);
+* `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`,
+  `skipped_pictures`), each loss averaged over the micro-batches (of every process) that had it since the last line;
+  `null` when none had it (no language-model targets, or no picture to draw); `skipped_pictures` counts the pictures
+  of documents left out since the last line because they could not be opened (see `data.py`);
 * `checkpoint-STEP/`: every `checkpointing_steps` steps, the adapter plus the optimizer, scheduler, data-sampler and
   RNG states (`--resume` continues from the latest one, bit for bit on the same setup);
 * `training_args.json`, `trainer_state.json`.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 
@@ -40,6 +42,33 @@ TRAINING_ARGS_NAME = "training_args.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BELOW_ONE = checks.NumberRange(integer=False, minimum=0, maximum=1, exclusive_maximum=True)
+# What every number of `DreamLLMTrainingArguments` may be (a config file's values meet no argparse `type=`), and
+# whether it may be None.
+ARGUMENT_RANGES = {
+    "max_steps": (checks.POSITIVE_INT, False),
+    "seed": (checks.SEED, False),
+    "lora_rank": (checks.POSITIVE_INT, False),
+    "lora_alpha": (checks.POSITIVE_NUMBER, False),
+    "lora_dropout": (_BELOW_ONE, False),
+    "loss_weight_lm": (checks.NON_NEGATIVE_NUMBER, False),
+    "loss_weight_vm": (checks.NON_NEGATIVE_NUMBER, False),
+    "learning_rate": (checks.POSITIVE_NUMBER, False),
+    "warmup_steps": (checks.NON_NEGATIVE_INT, False),
+    "weight_decay": (checks.NON_NEGATIVE_NUMBER, False),
+    "adam_beta1": (_BELOW_ONE, False),
+    "adam_beta2": (_BELOW_ONE, False),
+    "adam_epsilon": (checks.POSITIVE_NUMBER, False),
+    "max_grad_norm": (checks.NON_NEGATIVE_NUMBER, False),
+    "per_device_batch_size": (checks.BATCH_SIZE, False),
+    "gradient_accumulation_steps": (checks.POSITIVE_INT, False),
+    "max_length": (checks.POSITIVE_INT, True),
+    "i2t_probability": (checks.PROBABILITY, False),
+    "num_workers": (checks.NON_NEGATIVE_INT, False),
+    "checkpointing_steps": (checks.NON_NEGATIVE_INT, False),
+    "checkpoints_total_limit": (checks.POSITIVE_INT, True),
+    "logging_steps": (checks.POSITIVE_INT, False),
+}
 
 
 @dataclass
@@ -122,8 +151,8 @@ class DreamLLMTrainingArguments:
             raise ValueError(f"`mixed_precision` must be one of {sorted(MIXED_PRECISION_DTYPES)}.")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be 'auto' or one of {sorted(DTYPES)}.")
-        if self.max_steps < 1:
-            raise ValueError("`max_steps` must be at least 1.")
+        for name, (kind, optional) in ARGUMENT_RANGES.items():
+            kind.check(name, getattr(self, name), optional=optional)
 
     def weight_dtype(self, mixed_precision: str | None = None) -> torch.dtype:
         """The frozen weights' dtype; "auto" follows `mixed_precision` (the one the accelerator runs with)."""
@@ -406,6 +435,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     # as 0, and a term no micro-batch of any process had is logged as null.
     sums = torch.zeros(3, device=accelerator.device)
     counts = torch.zeros(3, device=accelerator.device)
+    skipped = torch.zeros((), device=accelerator.device)  # pictures of documents that could not be opened
     last_record = None
     started = time.perf_counter()
     while global_step < args.max_steps:
@@ -414,6 +444,9 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:
+            skipped_here = batch.pop("skipped_pictures", None)
+            if skipped_here is not None:
+                skipped += skipped_here.to(skipped.device).float()
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
@@ -431,8 +464,8 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
             global_step += 1
             progress.update(1)
             if global_step % args.logging_steps == 0 or global_step == args.max_steps:
-                totals = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
-                means = [float(s / c) if c > 0 else None for s, c in zip(*totals.tolist())]
+                totals = accelerator.reduce(torch.cat([sums, counts, skipped[None]]), reduction="sum").tolist()
+                means = [float(s / c) if c > 0 else None for s, c in zip(totals[:3], totals[3:6])]
                 last_record = {
                     "step": global_step,
                     "loss": means[0],
@@ -440,10 +473,12 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
                     "vm_loss": means[2],
                     "lr": lr_scheduler.get_last_lr()[0],
                     "epoch": epoch,
+                    "skipped_pictures": int(totals[6]),
                     "elapsed_s": round(time.perf_counter() - started, 3),
                 }
                 sums.zero_()
                 counts.zero_()
+                skipped.zero_()
                 if accelerator.is_main_process:
                     with log_path.open("a") as log:
                         log.write(json.dumps(last_record) + "\n")
