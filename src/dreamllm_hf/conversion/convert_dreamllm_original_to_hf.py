@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, GenerationConfig
 
+from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from . import checkpoint_io as io
@@ -41,7 +42,6 @@ from .tokenizer import build_legacy_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRANSFORMERS_WEIGHTS_PATTERN = "model{suffix}.safetensors"
 DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 CONVERSION_REPORT = "conversion.json"
@@ -68,14 +68,6 @@ class ConversionSummary:
             f"safetensors shard(s), {self.seconds:.1f} s ({rate:.0f} MiB/s)"
             + (f"; {len(self.ignored_keys)} release key(s) ignored as the original does" if self.ignored_keys else "")
         )
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
 
 
 def load_release_tensors(original_dir: Path, releaser: io.PageReleaser | None = None) -> L.ReleaseTensors:
@@ -231,6 +223,7 @@ def convert_original_checkpoint(
     start = time.perf_counter()
     original_dir, output_dir = Path(original_dir), Path(output_dir).absolute()
     dtype = parse_dtype(dtype)
+    verify_dtype = parse_dtype(verify_dtype, "verify_dtype")
     _prepare_output(output_dir, overwrite)
 
     original_config = L.read_original_config(original_dir)
@@ -335,7 +328,7 @@ def convert_original_checkpoint(
                 original_dir,
                 tmp_dir,
                 dtype=out_dtype,
-                compute_dtype=parse_dtype(verify_dtype),
+                compute_dtype=verify_dtype,
                 device=verify_device,
                 atol=verify_atol,
                 rtol=verify_rtol,

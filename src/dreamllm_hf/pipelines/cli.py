@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from ..dtypes import DTYPE_NAMES, parse_dtype
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DreamLLMPipelineOutput, StopReason
@@ -33,7 +34,6 @@ from .prompt_files import (
 )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("interleaved", "text", "image")
 
 
@@ -107,7 +107,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_NAMES,
         default=None,
         help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
@@ -147,7 +147,7 @@ def _load_pipeline(model: str, device: str | torch.device, dtype: torch.dtype) -
 
 def _default_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
     if name:
-        return DTYPES[name]
+        return parse_dtype(name, "--dtype")
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
