@@ -307,6 +307,24 @@ def test_model_index_is_the_pipelines(converted_tiny):
     assert pipe.mllm.config.num_dream_queries == 4
 
 
+def test_converted_folder_loads_with_the_generic_loaders(converted_tiny):
+    """`DiffusionPipeline.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR/mllm)`, as users try first."""
+    from diffusers import DiffusionPipeline
+    from transformers import AutoProcessor
+
+    import dreamllm_hf
+
+    pipe = DiffusionPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    assert type(pipe) is dreamllm_hf.DreamLLMPipeline
+    processor = AutoProcessor.from_pretrained(converted_tiny / "mllm")
+    assert type(processor) is dreamllm_hf.DreamLLMProcessor
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (converted_tiny / "mllm" / name).read_bytes() == (converted_tiny / "processor" / name).read_bytes()
+    text = "USER: What is a dream? ASSISTANT:"
+    assert processor(text=text)["input_ids"] == pipe.processor(text=text)["input_ids"]
+    assert processor.num_image_tokens == pipe.mllm.config.num_image_tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # --verify
 

@@ -1,7 +1,8 @@
 """Convert a DreamLLM checkpoint in the original release layout into the Hugging Face layout.
 
     OUTPUT/model_index.json  DreamLLMPipeline (diffusers), loadable with `DreamLLMPipeline.from_pretrained(OUTPUT)`
-    OUTPUT/mllm/             DreamLLMForConditionalGeneration (safetensors, real bos/eos/pad ids, generation config)
+    OUTPUT/mllm/             DreamLLMForConditionalGeneration (safetensors, real bos/eos/pad ids, generation config),
+                             and the processor's files: a complete transformers repository
     OUTPUT/processor/        DreamLLMProcessor (legacy-exact fast tokenizer + CLIPImageProcessor)
     OUTPUT/unet/, OUTPUT/vae/, OUTPUT/scheduler/   diffusers components (DDPMScheduler, as the original samples)
     OUTPUT/README.md         model card (with the parity table of `verify=True`)
@@ -35,6 +36,7 @@ from transformers import CLIPImageProcessor, GenerationConfig
 from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
+from ..pipelines.dream_diffusion import save_processor_with_model
 from . import checkpoint_io as io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
@@ -317,6 +319,7 @@ def convert_original_checkpoint(
         vae.save_config(tmp_dir / "vae")
         scheduler.save_pretrained(tmp_dir / "scheduler")
         processor.save_pretrained(tmp_dir / "processor")
+        save_processor_with_model(processor, tmp_dir)  # `mllm/` on its own is a complete transformers repository
         write_model_index(tmp_dir, mllm, processor, unet, vae, scheduler)
         ignored = [f"{file}:{key}" for file, key in release.ignored]
         del release  # the verification maps the files again, on its own

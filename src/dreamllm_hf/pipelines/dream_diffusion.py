@@ -5,8 +5,10 @@ code, so a picture of a document equals the text-to-image drawing from the same 
 """
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The language model's component folder. It carries the processor too, so that it is a complete transformers repository
+# (`AutoProcessor.from_pretrained(DIR/mllm)` works, as for every llava repository); `processor/` stays the pipeline's.
+MLLM_FOLDER = "mllm"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,16 @@ def onload(module: torch.nn.Module) -> None:
     hook = getattr(module, "_hf_hook", None)
     if isinstance(hook, CpuOffload):
         hook.pre_forward(module)
+
+
+def save_processor_with_model(processor, pipeline_dir: str | os.PathLike) -> None:
+    """Writes the processor's files into the language model's folder of a pipeline folder (see `MLLM_FOLDER`).
+
+    Args:
+        processor ([`DreamLLMProcessor`]): the pipeline's processor.
+        pipeline_dir (`str` or `os.PathLike`): the pipeline folder (the one holding `model_index.json`).
+    """
+    processor.save_pretrained(Path(pipeline_dir) / MLLM_FOLDER)
 
 
 def is_conversation(item: Any) -> bool:
@@ -74,6 +89,24 @@ class DreamLLMDiffusionMixin:
         if hasattr(pipeline, "_progress_bar_config"):
             new.set_progress_bar_config(**pipeline._progress_bar_config)
         return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        r"""
+        Saves the pipeline as diffusers does (one folder per component, `model_index.json`), and the processor in
+        `mllm/` too, so that the language model's folder loads on its own with `AutoProcessor` and
+        `AutoModelForImageTextToText`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder to write (created if needed).
+            *args, **kwargs:
+                Passed to `DiffusionPipeline.save_pretrained` (`safe_serialization`, `variant`, `max_shard_size`,
+                `push_to_hub`, ...).
+        """
+        if getattr(self, "processor", None) is not None and getattr(self, "mllm", None) is not None:
+            # Before the components: with `push_to_hub=True` the folder is uploaded at the end of the base method.
+            save_processor_with_model(self.processor, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Properties (as in StableDiffusionPipeline)
