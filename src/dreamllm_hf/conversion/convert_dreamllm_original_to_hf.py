@@ -351,7 +351,7 @@ def convert_original_checkpoint(
             ignored_keys=ignored,
             verification=report,
         )
-        info = conversion_info(original_dir, summary, plans, max_shard_size, base_model)
+        info = conversion_info(original_dir, tmp_dir, summary, plans, max_shard_size, base_model)
         (tmp_dir / CONVERSION_REPORT).write_text(json.dumps(info, indent=2) + "\n")
         from .model_card import build_model_card
 
@@ -370,9 +370,12 @@ def _package_version() -> str:
     return getattr(dreamllm_hf, "__version__", "unknown")
 
 
-def conversion_info(original_dir: Path, summary: ConversionSummary, plans: dict, max_shard_size, base_model) -> dict:
-    """What `conversion.json` records (and the model card is rendered from)."""
-    config = summary.config
+def conversion_info(
+    original_dir: Path, folder: Path, summary: ConversionSummary, plans: dict, max_shard_size, base_model
+) -> dict:
+    """What `conversion.json` records (and the model card is rendered from); `folder` is the converted folder."""
+    from .model_card import model_facts
+
     return {
         "converter": {"name": "dreamllm_hf", "version": _package_version()},
         "source": {
@@ -389,15 +392,7 @@ def conversion_info(original_dir: Path, summary: ConversionSummary, plans: dict,
             for name, plan in plans.items()
         },
         "ignored_release_keys": summary.ignored_keys,
-        "config": {
-            "vocab_size": config.text_config.vocab_size,
-            "hidden_size": config.text_config.hidden_size,
-            "num_hidden_layers": config.text_config.num_hidden_layers,
-            "num_image_tokens": config.num_image_tokens,
-            "num_dream_queries": config.num_dream_queries,
-            "cross_attention_dim": config.cross_attention_dim,
-            "special_token_ids": config.special_token_ids,
-        },
+        "config": model_facts(folder),
         "verification": None if summary.verification is None else summary.verification.to_dict(),
         "seconds": round(summary.seconds, 2),
     }

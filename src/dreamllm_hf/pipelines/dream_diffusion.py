@@ -58,6 +58,15 @@ def save_processor_with_model(processor, pipeline_dir: str | os.PathLike) -> Non
     processor.save_pretrained(Path(pipeline_dir) / MLLM_FOLDER)
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent along each side: 2 ** (number of VAE blocks - 1), as diffusers computes it.
+
+    Args:
+        vae_config (`dict` or `FrozenDict`): an `AutoencoderKL` config (its `block_out_channels`).
+    """
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def is_conversation(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) > 0 and all(isinstance(m, dict) for m in item)
 
@@ -142,7 +151,7 @@ class DreamLLMDiffusionMixin:
 
     def _vae_scale_factor(self) -> int:
         vae = getattr(self, "vae", None)
-        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        return vae_scale_factor(vae.config) if vae is not None else 8
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
         if getattr(self, "unet", None) is None:
