@@ -307,6 +307,24 @@ def test_model_index_is_the_pipelines(converted_tiny):
     assert pipe.mllm.config.num_dream_queries == 4
 
 
+def test_converted_folder_loads_with_the_generic_loaders(converted_tiny):
+    """`DiffusionPipeline.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR/mllm)`, as users try first."""
+    from diffusers import DiffusionPipeline
+    from transformers import AutoProcessor
+
+    import dreamllm_hf
+
+    pipe = DiffusionPipeline.from_pretrained(converted_tiny, dtype=torch.float32)
+    assert type(pipe) is dreamllm_hf.DreamLLMPipeline
+    processor = AutoProcessor.from_pretrained(converted_tiny / "mllm")
+    assert type(processor) is dreamllm_hf.DreamLLMProcessor
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (converted_tiny / "mllm" / name).read_bytes() == (converted_tiny / "processor" / name).read_bytes()
+    text = "USER: What is a dream? ASSISTANT:"
+    assert processor(text=text)["input_ids"] == pipe.processor(text=text)["input_ids"]
+    assert processor.num_image_tokens == pipe.mllm.config.num_image_tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # --verify
 
@@ -386,3 +404,39 @@ def test_verification_report_round_trips():
     again = VerificationReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again == report and again.passed
     assert "| logits | 1x2 | 1e-07 | 3 | 0.0001 |" in again.to_markdown()
+
+
+def test_one_dtype_table_for_every_command():
+    """`--dtype` of every command (and `dtype=` of the converter and the trainer) read the one table."""
+    import argparse
+
+    from dreamllm_hf.cli import build_parser
+    from dreamllm_hf.dtypes import DTYPE_NAMES, parse_dtype
+    from dreamllm_hf.training.trainer import DreamLLMTrainingArguments
+
+    found = {}
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, subparser in action.choices.items():
+                    walk(subparser, f"{name} {command}")
+            elif action.dest in ("dtype", "verify_dtype"):
+                found[f"{name} {action.option_strings[0]}"] = tuple(c for c in action.choices if c != "auto")
+
+    walk(build_parser(), "dreamllm-hf")
+    for command in ("generate", "convert", "train", "evaluate fid", "evaluate captions", "evaluate vqa"):
+        assert f"dreamllm-hf {command} --dtype" in found, command
+    assert "dreamllm-hf convert --verify-dtype" in found
+    assert set(found.values()) == {DTYPE_NAMES}
+    for name in DTYPE_NAMES:
+        assert parse_dtype(name) is getattr(torch, name)
+    assert parse_dtype(torch.bfloat16) is torch.bfloat16 and parse_dtype(None) is None
+    with pytest.raises(
+        ValueError, match=r"`verify_dtype` must be one of 'float32', 'bfloat16', 'float16'; got 'fp16'"
+    ):
+        parse_dtype("fp16", "verify_dtype")
+    with pytest.raises(ValueError, match="`verify_dtype` must be one of"):
+        convert_original_checkpoint(FIXTURE, FIXTURE.parent / "never-written", verify_dtype="half")
+    arguments = DreamLLMTrainingArguments(model="m", data="d", output_dir="o", dtype="bfloat16")
+    assert arguments.weight_dtype() is torch.bfloat16

@@ -5,6 +5,7 @@ that breaks the model, the processor or the pipeline is caught without the test 
 """
 
 import json
+import random
 
 import pytest
 import torch
@@ -36,6 +37,8 @@ def test_layout_size_and_model_card():
         "README.md",
         "mllm/config.json",
         "mllm/model.safetensors",
+        "mllm/processor_config.json",
+        "mllm/tokenizer.json",
         "processor/processor_config.json",
         "processor/tokenizer.json",
         "unet/config.json",
@@ -53,6 +56,19 @@ def test_layout_size_and_model_card():
     assert index["_class_name"] == "DreamLLMPipeline"
     card = (DEMO_MODEL_PATH / "README.md").read_text()
     assert "train-demo" in card and "evaluate-demo" in card
+
+
+def test_mllm_folder_is_a_complete_transformers_repository(pipe):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_PATH / "mllm")
+    assert type(processor) is type(pipe.processor)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (DEMO_MODEL_PATH / "mllm" / name).read_bytes() == (DEMO_MODEL_PATH / "processor" / name).read_bytes()
+    model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_PATH / "mllm", dtype=torch.float32).eval()
+    inputs = processor(text="<image>", images=draw_shape(sample_spec(random.Random(0))), return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, pipe.mllm(**inputs).logits)
 
 
 def test_loads_offline_as_a_dreamllm_pipeline(pipe):

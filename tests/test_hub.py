@@ -244,6 +244,49 @@ def test_model_card_takes_user_fields_and_template(tmp_path):
     assert card.text.strip() == "# b by me\n\nbfloat16, 412 tensors"
 
 
+def _release_shaped_folder(folder: Path) -> Path:
+    """The configs (no weights) of a pipeline folder shaped like the released 7B: DreamLLMConfig() and SD 2.1-base."""
+    from dreamllm_hf import DreamLLMConfig
+    from dreamllm_hf.conversion.original_layout import KNOWN_DIFFUSION_IDS
+
+    DreamLLMConfig().save_pretrained(folder / "mllm")
+    for name in ("unet", "vae", "scheduler"):
+        shutil.copytree(KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"] / name, folder / name)
+    return folder
+
+
+def test_model_card_facts_come_from_the_configuration(converted_tiny, tmp_path):
+    """The card of the tiny fixture describes the tiny model; the same code on the 7B configs describes the 7B."""
+    from dreamllm_hf.conversion.model_card import model_facts
+
+    info = json.loads((converted_tiny / "conversion.json").read_text())
+    tiny = build_model_card(info, repo_id="someone/tiny").text
+    for needle in (
+        "| language model | LLaMA 2 layers x 64 (4 heads, MLP 128), vocabulary 1008 |",
+        "| vision tower | CLIP ViT 3 layers x 32 on 28 px, patch 14 (4 image tokens, layer -2 read) |",
+        "| dream queries | 4, conditioning 4 x 16 |",
+        "| pictures | 16x16: the UNet's sample size 8 x the VAE's factor 2 |",
+        "Pictures are 16x16 by default",
+        "4 learned *dream queries*",
+        "(bos 1, eos 2, pad 1000)",
+        'AutoProcessor.from_pretrained("someone/tiny", subfolder="mllm")',
+    ):
+        assert needle in tiny, needle
+    for claim in ("7B", "ViT-L/14", "512x512", "2.1-base", "256 tokens", "6 GB"):
+        assert claim not in tiny.split("## Limitations")[0], claim
+
+    facts = model_facts(_release_shaped_folder(tmp_path / "release"))
+    release = build_model_card({**info, "config": facts}, repo_id="someone/dreamllm-7b").text
+    for needle in (
+        "| language model | LLaMA 32 layers x 4096 (32 heads, MLP 11008), vocabulary 32008 |",
+        "| vision tower | CLIP ViT 24 layers x 1024 on 224 px, patch 14 (256 image tokens, layer -2 read) |",
+        "| dream queries | 64, conditioning 64 x 1024 |",
+        "| pictures | 512x512: the UNet's sample size 64 x the VAE's factor 8 |",
+        "(bos 1, eos 2, pad 32000)",
+    ):
+        assert needle in release, needle
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # uploads
 
@@ -379,3 +422,32 @@ def test_refused_commit_is_reported(fake_hub, converted_tiny, capsys):
     assert main(["push", str(converted_tiny), "tester/refused"]) == 1
     assert "nothing was committed" in capsys.readouterr().err
     assert fake_hub.commits == [] and fake_hub.repos["tester/refused"]["branches"]["main"] == {}
+
+
+def test_demo_card_goes_through_the_one_generator(tmp_path):
+    """The shipped demo card is what `write_demo_model_card` writes (through `render_model_card`), figures aside."""
+    import re
+
+    from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
+    from dreamllm_hf.shapes_world.model_card import write_demo_model_card
+
+    folder = shutil.copytree(DEMO_MODEL_PATH, tmp_path / "demo", ignore=shutil.ignore_patterns("README.md"))
+    path = write_demo_model_card(folder)  # the training report only: no evaluation figures
+    card = ModelCard.load(path)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "diffusers"
+    assert {"dreamllm", "shapes-world"} <= set(card.data.tags)
+    written, shipped = path.read_text(), (DEMO_MODEL_PATH / "README.md").read_text()
+    assert "Not measured yet" in written and "| `caption_accuracy` | 0.979 |" in shipped
+
+    def without_evaluation(text: str) -> str:
+        return re.sub(r"## Evaluation .*?## Components", "## Components", text, flags=re.S)
+
+    assert without_evaluation(written) == without_evaluation(shipped)
+    # Facts from the folder's configs, not from a template.
+    for needle in (
+        "LLaMA 4 layers x 128 (4 heads, MLP 256), vocabulary 520",
+        "CLIP ViT 3 layers x 64 on 32 px, patch 4 (64 image tokens, layer -2 read)",
+        "`UNet2DConditionModel` on 4x8x8 latents, blocks (32, 64)",
+        "`DDIMScheduler` (trailing timesteps) on the training schedule: 1000 steps, `squaredcos_cap_v2`, v-prediction",
+    ):
+        assert needle in written, needle

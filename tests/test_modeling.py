@@ -240,3 +240,123 @@ def test_dream_queries_live_in_a_module(model):
     names = dict(model.named_parameters())
     assert "model.dream_queries.weight" in names
     assert names["model.dream_queries.weight"].shape == (Q, 32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers' conventions: dict vs tuple, the `cache` argument, what the base class does for us
+
+
+def test_return_dict_false_gives_the_dict_outputs_tuple(model):
+    ids = torch.tensor([[BOS, 5] + dream_block() + image_block() + [6, EOS]])
+    inputs = dict(input_ids=ids, pixel_values=pixels(1), labels=ids)
+    for module, kwargs in ((model, inputs), (model.model, {k: v for k, v in inputs.items() if k != "labels"})):
+        as_dict = module(**kwargs)
+        as_tuple = module(**kwargs, return_dict=False)
+        assert isinstance(as_tuple, tuple) and not isinstance(as_dict, tuple)
+        expected = as_dict.to_tuple()
+        assert len(as_tuple) == len(expected)
+        for got, want in zip(as_tuple, expected):
+            if isinstance(want, torch.Tensor):
+                torch.testing.assert_close(got, want)
+        # The first entries are those of every transformers model: (loss, logits, ...) or (last_hidden_state, ...).
+        torch.testing.assert_close(as_tuple[0], as_dict[0])
+    # `config.return_dict=False` on the composite config turns the outer output into a tuple; the language model
+    # inside still hands back a ModelOutput (its own config is untouched).
+    model.config.return_dict = False
+    try:
+        out = model(input_ids=ids, pixel_values=pixels(1))
+    finally:
+        model.config.return_dict = True
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], model(input_ids=ids, pixel_values=pixels(1)).logits)
+
+
+def test_outputs_build_on_the_library_multimodal_outputs(model):
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
+
+    from dreamllm_hf.modeling import DreamLLMCausalLMOutputWithPast, DreamLLMModelOutputWithPast
+
+    assert issubclass(DreamLLMModelOutputWithPast, MultimodalBaseModelOutputWithPast)
+    assert issubclass(DreamLLMCausalLMOutputWithPast, MultimodalCausalLMOutputWithPast)
+    ids = torch.tensor([[BOS, 5] + image_block() + [6] + dream_block()])
+    out = model(input_ids=ids, pixel_values=pixels(1))
+    torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(pixels(1)))
+    assert out.dream_embeddings.shape == (1, Q, 8) and out.cache.get_seq_length() == ids.shape[1]
+    text_only = model(input_ids=torch.tensor([[BOS, 5, 6]]))
+    assert text_only.image_outputs is None and text_only.dream_embeddings is None
+
+
+def test_past_key_values_is_a_deprecated_alias_of_cache(model):
+    context = torch.tensor([[BOS, 5, 6] + image_block() + [7]])
+    step = torch.tensor([[8]])
+    reference = DynamicCache(config=model.config.text_config)
+    model(input_ids=context, pixel_values=pixels(1), cache=reference, use_cache=True)
+    expected = model(input_ids=step, cache=reference).logits
+    old = DynamicCache(config=model.config.text_config)
+    for module in (model, model.model):
+        with pytest.warns(FutureWarning, match=r"`past_key_values` is deprecated.*Use `cache` instead"):
+            module(input_ids=context, pixel_values=pixels(1), past_key_values=old, use_cache=True)
+        assert old.get_seq_length() == context.shape[1]
+        old = DynamicCache(config=model.config.text_config)
+    model(input_ids=context, pixel_values=pixels(1), cache=old, use_cache=True)
+    with pytest.warns(FutureWarning, match="Use `cache` instead"):
+        got = model(input_ids=step, past_key_values=old).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.warns(FutureWarning, match="Use `cache` instead"):
+        continued = model.get_dream_embeddings(step[:, :0], past_key_values=old)
+    assert old.get_seq_length() == context.shape[1] + 1 + Q + 2  # the step, then the dream block
+    torch.testing.assert_close(
+        continued, model.get_dream_embeddings(torch.cat([context, step], 1), pixel_values=pixels(1)), atol=1e-5, rtol=0
+    )
+
+
+def test_what_the_base_class_does_is_not_repeated(model, tmp_path):
+    from dreamllm_hf import DreamLLMPreTrainedModel
+
+    # `config_class` comes from the `config: DreamLLMConfig` annotation (`PreTrainedModel.__init_subclass__`).
+    for cls in (DreamLLMPreTrainedModel, DreamLLMModel, DreamLLMForConditionalGeneration):
+        assert cls.config_class is DreamLLMConfig
+    # Embeddings are found by `PreTrainedModel` through `base_model_prefix` and `language_model`.
+    for cls in (DreamLLMModel, DreamLLMForConditionalGeneration):
+        for name in ("get_input_embeddings", "set_input_embeddings", "get_output_embeddings", "set_output_embeddings"):
+            assert name not in cls.__dict__, f"{cls.__name__}.{name} repeats the base class"
+    embed_tokens = model.model.language_model.embed_tokens
+    assert model.get_input_embeddings() is embed_tokens and model.model.get_input_embeddings() is embed_tokens
+    assert model.get_output_embeddings() is model.lm_head
+    fresh = DreamLLMForConditionalGeneration(tiny_config())
+    replacement = torch.nn.Embedding(108, 32)
+    fresh.set_input_embeddings(replacement)
+    assert fresh.model.language_model.embed_tokens is replacement
+    # `_no_split_modules` is collected from the sub-models when the model is built.
+    assert "_no_split_modules" not in DreamLLMPreTrainedModel.__dict__
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(model._no_split_modules)
+    assert model._can_compile_fullgraph  # the decode step compiles as one graph: see the compiled-decode test
+    # device_map="auto" splits at those boundaries: a memory budget sends the last layers to disk, each one whole.
+    model.save_pretrained(tmp_path / "model")
+    budget = {"cpu": int(model.get_memory_footprint() * 0.6), "disk": 10**9}
+    placed = DreamLLMForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory=budget, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert set(placed.hf_device_map.values()) == {"cpu", "disk"}
+    assert not any(".layers." in name and name.count(".") > 4 for name in placed.hf_device_map)
+    ids = torch.tensor([[BOS, 5] + image_block() + [6]])
+    torch.testing.assert_close(
+        placed(input_ids=ids, pixel_values=pixels(1)).logits, model(input_ids=ids, pixel_values=pixels(1)).logits
+    )
+
+
+def test_config_docstring_has_one_entry_per_argument_with_the_true_defaults():
+    import re
+
+    doc = DreamLLMConfig.__doc__
+    entries = dict(re.findall(r"^\s{8}(\w+) (\(.*?\)):$", doc, re.M))
+    fields = {"text_config", "vision_config"} | {
+        name for name in DreamLLMConfig.__annotations__ if name not in ("text_config", "vision_config")
+    }
+    assert set(entries) == fields
+    config = DreamLLMConfig()
+    defaults = {name: re.search(r"defaults to `?([^`)]+)`?\)", kind) for name, kind in entries.items()}
+    assert sum(match is not None for match in defaults.values()) == len(fields) - 2  # all but the sub-configs
+    for name, match in defaults.items():
+        if match:
+            assert match.group(1) == str(getattr(config, name)), name

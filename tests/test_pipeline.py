@@ -104,6 +104,43 @@ def test_save_load_round_trip(shared_pipe, tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_saved_folder_loads_the_ways_people_try_first(shared_pipe, tmp_path):
+    """`DiffusionPipeline.from_pretrained` after `import dreamllm_hf`, and the mllm folder as a transformers repo."""
+    import diffusers
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import dreamllm_hf  # noqa: F401  (registers the pipelines where diffusers looks for `_class_name`)
+
+    assert diffusers.DreamLLMPipeline is DreamLLMPipeline
+    assert diffusers.DreamLLMText2ImagePipeline is DreamLLMText2ImagePipeline
+    shared_pipe.save_pretrained(tmp_path / "documents")
+    DreamLLMText2ImagePipeline.from_pipe(shared_pipe).save_pretrained(tmp_path / "text2image")
+    expected = DreamLLMText2ImagePipeline.from_pipe(shared_pipe)(
+        "a red bird", generator=seeded(), output_type="np", **FAST
+    ).images
+    for folder, cls in (("documents", DreamLLMPipeline), ("text2image", DreamLLMText2ImagePipeline)):
+        assert json.loads((tmp_path / folder / "model_index.json").read_text())["_class_name"] == cls.__name__
+        loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / folder)
+        assert type(loaded) is cls
+        loaded.set_progress_bar_config(disable=True)
+        np.testing.assert_array_equal(
+            DreamLLMText2ImagePipeline.from_pipe(loaded)(
+                "a red bird", generator=seeded(), output_type="np", **FAST
+            ).images,
+            expected,
+        )
+        # The language model's folder is a complete transformers repository: model, tokenizer and processor.
+        mllm_dir = tmp_path / folder / "mllm"
+        processor = AutoProcessor.from_pretrained(mllm_dir)
+        assert type(processor) is DreamLLMProcessor
+        for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+            assert (mllm_dir / name).read_bytes() == (tmp_path / folder / "processor" / name).read_bytes(), name
+        model = AutoModelForImageTextToText.from_pretrained(mllm_dir, dtype=torch.float32).eval()
+        inputs = processor(text="Hello <image>", images=picture(), return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, shared_pipe.mllm(**inputs).logits)
+
+
 def test_text_only_pipeline_saves_and_loads_without_diffusion_parts(shared_pipe, tmp_path):
     text_only = DreamLLMPipeline(mllm=shared_pipe.mllm, processor=shared_pipe.processor)
     text_only.save_pretrained(tmp_path)

@@ -111,6 +111,7 @@ def test_4bit_checkpoint_saves_and_reloads(saved_model, tmp_path):
 def test_fp16_load_keeps_learned_glue_in_fp32(saved_model):
     _, path = saved_model
     model = DreamLLMForConditionalGeneration.from_pretrained(path, dtype=torch.float16)
+    # LLaMA's own output layer follows the dtype asked for, as in LlamaForCausalLM (README, "Fitting it on your GPU").
     assert model.lm_head.weight.dtype == torch.float16
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
     for module in (model.model.multi_modal_projector, model.model.condition_projector, model.model.dream_queries):

@@ -33,14 +33,21 @@ __all__ = [
     "DreamLLMProcessor",
 ]
 
-_PIPELINE_EXPORTS = ("DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline")
-__all__ += list(_PIPELINE_EXPORTS)
+import diffusers  # noqa: E402
+
+from .pipelines import (  # noqa: E402
+    DocumentEvent,
+    DreamLLMPipeline,
+    DreamLLMPipelineOutput,
+    DreamLLMText2ImagePipeline,
+)
 
 
-def __getattr__(name: str):
-    # The pipeline needs diffusers; import it only when asked, so transformers-only use stays light.
-    if name in _PIPELINE_EXPORTS:
-        from . import pipelines
+# `DiffusionPipeline.from_pretrained(DIR)` finds the class named by `model_index.json`'s `_class_name` as an attribute
+# of the `diffusers` module (diffusers has no registry for pipelines defined elsewhere, and a `[module, class]` pair
+# there means a `.py` file inside the folder, which needs `trust_remote_code=True`). So our pipelines are put where it
+# looks, as the Auto classes above are told about the model. This is why the pipelines are imported here, not lazily.
+diffusers.DreamLLMPipeline = DreamLLMPipeline
+diffusers.DreamLLMText2ImagePipeline = DreamLLMText2ImagePipeline
 
-        return getattr(pipelines, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ += ["DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline"]

@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 
 from ..checks import NON_NEGATIVE_NUMBER
+from ..dtypes import DTYPE_NAMES
 
 
 def _card_field(text: str) -> tuple[str, object]:
@@ -61,7 +62,7 @@ def add_convert_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=DTYPE_NAMES,
         default=None,
         help="Cast weights (default: keep the stored dtype, bf16).",
     )
@@ -77,7 +78,7 @@ def add_convert_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--verify-dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
         default="float32",
         help="Precision of the verification. It loads one model at a time: float32 peaks at about 3x the bf16 "
         "checkpoint in RAM (about 40 GB for the 7B), bfloat16 at about 2x.",

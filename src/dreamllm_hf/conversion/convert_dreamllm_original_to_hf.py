@@ -1,7 +1,8 @@
 """Convert a DreamLLM checkpoint in the original release layout into the Hugging Face layout.
 
     OUTPUT/model_index.json  DreamLLMPipeline (diffusers), loadable with `DreamLLMPipeline.from_pretrained(OUTPUT)`
-    OUTPUT/mllm/             DreamLLMForConditionalGeneration (safetensors, real bos/eos/pad ids, generation config)
+    OUTPUT/mllm/             DreamLLMForConditionalGeneration (safetensors, real bos/eos/pad ids, generation config),
+                             and the processor's files: a complete transformers repository
     OUTPUT/processor/        DreamLLMProcessor (legacy-exact fast tokenizer + CLIPImageProcessor)
     OUTPUT/unet/, OUTPUT/vae/, OUTPUT/scheduler/   diffusers components (DDPMScheduler, as the original samples)
     OUTPUT/README.md         model card (with the parity table of `verify=True`)
@@ -32,8 +33,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, GenerationConfig
 
+from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
+from ..pipelines.dream_diffusion import save_processor_with_model
 from . import checkpoint_io as io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
@@ -41,7 +44,6 @@ from .tokenizer import build_legacy_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRANSFORMERS_WEIGHTS_PATTERN = "model{suffix}.safetensors"
 DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 CONVERSION_REPORT = "conversion.json"
@@ -68,14 +70,6 @@ class ConversionSummary:
             f"safetensors shard(s), {self.seconds:.1f} s ({rate:.0f} MiB/s)"
             + (f"; {len(self.ignored_keys)} release key(s) ignored as the original does" if self.ignored_keys else "")
         )
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
 
 
 def load_release_tensors(original_dir: Path, releaser: io.PageReleaser | None = None) -> L.ReleaseTensors:
@@ -231,6 +225,7 @@ def convert_original_checkpoint(
     start = time.perf_counter()
     original_dir, output_dir = Path(original_dir), Path(output_dir).absolute()
     dtype = parse_dtype(dtype)
+    verify_dtype = parse_dtype(verify_dtype, "verify_dtype")
     _prepare_output(output_dir, overwrite)
 
     original_config = L.read_original_config(original_dir)
@@ -324,6 +319,7 @@ def convert_original_checkpoint(
         vae.save_config(tmp_dir / "vae")
         scheduler.save_pretrained(tmp_dir / "scheduler")
         processor.save_pretrained(tmp_dir / "processor")
+        save_processor_with_model(processor, tmp_dir)  # `mllm/` on its own is a complete transformers repository
         write_model_index(tmp_dir, mllm, processor, unet, vae, scheduler)
         ignored = [f"{file}:{key}" for file, key in release.ignored]
         del release  # the verification maps the files again, on its own
@@ -335,7 +331,7 @@ def convert_original_checkpoint(
                 original_dir,
                 tmp_dir,
                 dtype=out_dtype,
-                compute_dtype=parse_dtype(verify_dtype),
+                compute_dtype=verify_dtype,
                 device=verify_device,
                 atol=verify_atol,
                 rtol=verify_rtol,
@@ -355,7 +351,7 @@ def convert_original_checkpoint(
             ignored_keys=ignored,
             verification=report,
         )
-        info = conversion_info(original_dir, summary, plans, max_shard_size, base_model)
+        info = conversion_info(original_dir, tmp_dir, summary, plans, max_shard_size, base_model)
         (tmp_dir / CONVERSION_REPORT).write_text(json.dumps(info, indent=2) + "\n")
         from .model_card import build_model_card
 
@@ -374,9 +370,12 @@ def _package_version() -> str:
     return getattr(dreamllm_hf, "__version__", "unknown")
 
 
-def conversion_info(original_dir: Path, summary: ConversionSummary, plans: dict, max_shard_size, base_model) -> dict:
-    """What `conversion.json` records (and the model card is rendered from)."""
-    config = summary.config
+def conversion_info(
+    original_dir: Path, folder: Path, summary: ConversionSummary, plans: dict, max_shard_size, base_model
+) -> dict:
+    """What `conversion.json` records (and the model card is rendered from); `folder` is the converted folder."""
+    from .model_card import model_facts
+
     return {
         "converter": {"name": "dreamllm_hf", "version": _package_version()},
         "source": {
@@ -393,15 +392,7 @@ def conversion_info(original_dir: Path, summary: ConversionSummary, plans: dict,
             for name, plan in plans.items()
         },
         "ignored_release_keys": summary.ignored_keys,
-        "config": {
-            "vocab_size": config.text_config.vocab_size,
-            "hidden_size": config.text_config.hidden_size,
-            "num_hidden_layers": config.text_config.num_hidden_layers,
-            "num_image_tokens": config.num_image_tokens,
-            "num_dream_queries": config.num_dream_queries,
-            "cross_attention_dim": config.cross_attention_dim,
-            "special_token_ids": config.special_token_ids,
-        },
+        "config": model_facts(folder),
         "verification": None if summary.verification is None else summary.verification.to_dict(),
         "seconds": round(summary.seconds, 2),
     }

@@ -103,9 +103,11 @@ def push_to_hub(
     check_can_push(repo_id, token=token, endpoint=endpoint, check_token=False)
     readme = None
     if update_card and (folder / "conversion.json").is_file():
-        from .model_card import build_model_card
+        from .model_card import build_model_card, model_facts
 
         info = json.loads((folder / "conversion.json").read_text())
+        # The card states what the folder's configs say (a folder converted by an older version lacks some facts).
+        info["config"] = {**info.get("config", {}), **model_facts(folder)}
         readme = str(build_model_card(info, repo_id=repo_id, template=card_template, fields=card_fields)).encode(
             "utf-8"
         )

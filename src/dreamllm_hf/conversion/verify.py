@@ -35,6 +35,7 @@ from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from .. import constants as C
+from ..decoder_conditioning import vae_scale_factor
 from ..modeling.configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
 from . import checkpoint_io as io
 from . import original_layout as L
@@ -410,7 +411,7 @@ def verify_conversion(
             names = ["UNet noise prediction (t=500, reference conditioning)"]
         else:
             side = min(component_config["sample_size"], 256)
-            factor = 2 ** (len(component_config["block_out_channels"]) - 1)
+            factor = vae_scale_factor(component_config)
             latents = torch.randn(
                 1, component_config["latent_channels"], side // factor, side // factor, generator=generator
             ).to(device, compute_dtype)

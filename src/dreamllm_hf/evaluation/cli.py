@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from .. import checks
 from ..checks import usage_error
+from ..dtypes import DTYPE_NAMES, parse_dtype
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "demo"  # --model demo: the shipped demo model
 
 
@@ -62,7 +62,7 @@ def _add_model_options(parser: argparse.ArgumentParser, batch_size: int) -> None
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_NAMES,
         default=None,
         help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
@@ -117,7 +117,11 @@ def _accelerator(device: str | None):
 
 def _device_and_dtype(args, accelerator) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device) if args.device else accelerator.device
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        parse_dtype(args.dtype, "--dtype")
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
     return device, dtype
 
 

@@ -44,21 +44,43 @@ class DreamLLMConfig(PreTrainedConfig):
     (`RunpeiDong/dreamllm-7b-chat-v1.0`) exactly.
 
     Args:
-        text_config (`dict` or `LlamaConfig`): the language model (Vicuna-7B v1.1, vocabulary 32008).
-        vision_config (`dict` or `CLIPVisionConfig`): the vision tower (CLIP ViT-L/14, 224 px, so 256 image tokens).
-        vision_feature_layer (`int`, defaults to -2): which CLIP hidden state feeds the projector (CLS dropped).
-        num_dream_queries (`int`, defaults to 64): learned queries placed after every `<dream_start>`.
-        cross_attention_dim (`int`, defaults to 1024): size of the diffusion conditioning, i.e. the UNet's
-            `cross_attention_dim` (SD 2.1-base), or its `encoder_hid_dim` when the UNet projects its conditioning.
-        pooled_projection_dim (`int`, *optional*): size of the pooled conditioning an SDXL-style decoder
-            (`addition_embed_type="text_time"`) reads as `text_embeds`, given by a learned `pooled_projector` (mean of the
-            query states, then a linear map). `None` (the release, SD 1.x/2.x and `addition_embed_type="text"`): no
-            pooled projector, no extra weights.
-        image_start_token_id, image_patch_token_id, image_end_token_id, dream_start_token_id, dream_end_token_id,
-        image_token_id, dream_token_id (`int`): ids of `<im_start>`, `<im_patch>`, `<im_end>`, `<dream_start>`,
-            `<dream_end>` and the text placeholders `<image>`, `<dream>`.
-        bos_token_id, eos_token_id, pad_token_id (`int`): 1, 2 and 32000 (the release's `config.json` says 0, 1, -1,
-            which is wrong; the converter corrects it).
+        text_config (`dict` or `LlamaConfig`, *optional*):
+            The language model (Vicuna-7B v1.1, vocabulary 32008).
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The vision tower (CLIP ViT-L/14 at 224 px, so 256 image tokens).
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Which CLIP hidden state feeds the image projector (its CLS token dropped).
+        num_dream_queries (`int`, *optional*, defaults to 64):
+            Learned queries placed after every `<dream_start>`.
+        cross_attention_dim (`int`, *optional*, defaults to 1024):
+            Size of the diffusion conditioning: the UNet's `cross_attention_dim` (SD 2.1-base), or its
+            `encoder_hid_dim` when the UNet projects its conditioning.
+        pooled_projection_dim (`int`, *optional*):
+            Size of the pooled conditioning an SDXL-style decoder (`addition_embed_type="text_time"`) reads as
+            `text_embeds`, given by a learned `pooled_projector` (mean of the query states, then a linear map). `None`
+            (the release, SD 1.x/2.x and `addition_embed_type="text"`): no pooled projector, no extra weights.
+        image_start_token_id (`int`, *optional*, defaults to 32001):
+            Id of `<im_start>`, which opens an image block.
+        image_patch_token_id (`int`, *optional*, defaults to 32004):
+            Id of `<im_patch>`, the slot token of image blocks and dream blocks alike.
+        image_end_token_id (`int`, *optional*, defaults to 32005):
+            Id of `<im_end>`, which closes an image block.
+        dream_start_token_id (`int`, *optional*, defaults to 32003):
+            Id of `<dream_start>`, which opens a dream block; the model emits it to ask for a picture.
+        dream_end_token_id (`int`, *optional*, defaults to 32002):
+            Id of `<dream_end>`, which closes a dream block.
+        image_token_id (`int`, *optional*, defaults to 32006):
+            Id of the text placeholder `<image>`, which the processor expands into an image block.
+        dream_token_id (`int`, *optional*, defaults to 32007):
+            Id of the text placeholder `<dream>`, which the processor expands into a dream block and an image block.
+        bos_token_id (`int`, *optional*, defaults to 1):
+            Id of `<s>` (the release's `config.json` says 0, which is wrong; the converter corrects it).
+        eos_token_id (`int`, *optional*, defaults to 2):
+            Id of `</s>` (the release's `config.json` says 1).
+        pad_token_id (`int`, *optional*, defaults to 32000):
+            Id of `[PAD]` (the release's `config.json` says -1).
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether `lm_head` shares the input embeddings' weight (it does not in LLaMA-1 / Vicuna).
     """
 
     model_type = "dreamllm"

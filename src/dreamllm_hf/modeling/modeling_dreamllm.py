@@ -11,61 +11,59 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..checks import InputTypeError
 from .configuration_dreamllm import DreamLLMConfig
 
 
+# transformers 5.24 renamed `past_key_values` to `cache`; the old name keeps working, with a FutureWarning, until the
+# version its own models drop it in.
+PAST_KEY_VALUES_REMOVED_IN = "5.40.0"
+
+
+@auto_docstring
 @dataclass
-class DreamLLMModelOutputWithPast(ModelOutput):
-    """
-    Output of [`DreamLLMModel`].
-
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Hidden states after the language model's final RMSNorm.
-        cache (`Cache`, *optional*): the key/value cache, when `use_cache=True`.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): per-layer hidden states, when asked for.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): per-layer attention weights, when asked for.
-        dream_hidden_states (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, hidden_size)`, *optional*):
-            Final-norm hidden states at the query slots of every complete dream block in the input, in reading order
-            (row by row, left to right). `None` when the input holds no dream block.
-        dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
-            `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`.
-        dream_pooled_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, pooled_projection_dim)`, *optional*):
-            `dream_hidden_states` through the pooled projector: an SDXL-style UNet's `text_embeds`. Only when the
-            config sets `pooled_projection_dim` and the input holds a dream block.
+class DreamLLMModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    r"""
+    dream_hidden_states (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, hidden_size)`, *optional*):
+        Final-norm hidden states at the query slots of every complete dream block in the input, in reading order
+        (row by row, left to right). `None` when the input holds no dream block.
+    dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
+        `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`. `None`
+        when the input holds no dream block.
+    dream_pooled_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, pooled_projection_dim)`, *optional*):
+        `dream_hidden_states` through the pooled projector: an SDXL-style UNet's `text_embeds`. Only when the config
+        sets `pooled_projection_dim` and the input holds a dream block.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     dream_hidden_states: torch.FloatTensor | None = None
     dream_embeddings: torch.FloatTensor | None = None
     dream_pooled_embeddings: torch.FloatTensor | None = None
 
 
+@auto_docstring
 @dataclass
-class DreamLLMCausalLMOutputWithPast(ModelOutput):
+class DreamLLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""
+    dream_hidden_states (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, hidden_size)`, *optional*):
+        Final-norm hidden states at the query slots of every complete dream block in the input, in reading order
+        (row by row, left to right). `None` when the input holds no dream block.
+    dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
+        `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`. `None`
+        when the input holds no dream block.
+    dream_pooled_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, pooled_projection_dim)`, *optional*):
+        `dream_hidden_states` through the pooled projector: an SDXL-style UNet's `text_embeds`. Only when the config
+        sets `pooled_projection_dim` and the input holds a dream block.
     """
-    Output of [`DreamLLMForConditionalGeneration`].
 
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): next-token loss, when `labels` are given. Averaged over the
-            labels that are not -100; 0 (not NaN) when every label is -100, as the original.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): language-model logits.
-        cache, hidden_states, attentions, dream_hidden_states, dream_embeddings, dream_pooled_embeddings: as in
-            [`DreamLLMModelOutputWithPast`].
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     dream_hidden_states: torch.FloatTensor | None = None
     dream_embeddings: torch.FloatTensor | None = None
     dream_pooled_embeddings: torch.FloatTensor | None = None
@@ -97,20 +95,24 @@ class DreamPooledProjector(nn.Module):
         return self.linear(pooled)
 
 
+@auto_docstring
 class DreamLLMPreTrainedModel(PreTrainedModel):
+    # `config_class` comes from this annotation, and `_no_split_modules` (LLaMA's and CLIP's layers) from the
+    # sub-models, collected by `post_init`.
     config: DreamLLMConfig
-    config_class = DreamLLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     output_modalities = ("text",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     # The small parts DreamLLM learned on top of its backbones stay precise: upcast when loading in fp16, and never
-    # quantized by bitsandbytes (the lm_head is left out of quantization by transformers' default rule).
+    # quantized by bitsandbytes. The lm_head is not among them: it is LLaMA's, as large as the embeddings, and loads in
+    # the dtype asked for (it is left out of quantization by transformers' default rule).
     _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries", "pooled_projector"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # A decode step (no image, no block scan) compiles as one graph; see `_has_cached_tokens`.
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         if isinstance(module, DreamQueries):
@@ -176,9 +178,13 @@ def _has_cached_tokens(cache) -> bool:
     return bool(cache.get_seq_length() > 0)
 
 
+@auto_docstring(
+    custom_intro="""
+    The DreamLLM backbone, without a language-modeling head: the vision tower and its projector, the language model,
+    the dream queries and the condition projector.
+    """
+)
 class DreamLLMModel(DreamLLMPreTrainedModel):
-    """The DreamLLM backbone: vision tower, image projector, language model, dream queries and condition projector."""
-
     def __init__(self, config: DreamLLMConfig):
         super().__init__(config)
         text_hidden = config.text_config.hidden_size
@@ -193,19 +199,28 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             self.pooled_projector = DreamPooledProjector(text_hidden, config.pooled_projection_dim)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+    def _encode_images(self, pixel_values: torch.FloatTensor) -> BaseModelOutputWithPooling:
+        """The vision tower's output, with the projected features of the selected layer as `pooler_output`."""
+        dtype = self.vision_tower.dtype
+        vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
+        features = self.multi_modal_projector(selected.to(self.multi_modal_projector.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=vision_outputs.last_hidden_state, pooler_output=features)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Projected CLIP features, `(batch, num_image_tokens, text_hidden_size)`: the vectors written after `<im_start>`."""
+        r"""
+        The vectors written after each `<im_start>`: CLIP's `vision_feature_layer` without its CLS token, through the
+        image projector.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+                Pictures as the processor prepares them.
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`.
+        """
         _check_pixel_values(pixel_values, self.config.vision_config)
-        dtype = self.vision_tower.dtype
-        vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-        selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
-        return self.multi_modal_projector(selected.to(self.multi_modal_projector.weight.dtype))
+        return self._encode_images(pixel_values).pooler_output
 
     def _position_ids(self, attention_mask, cache, batch_size, seq_len, device):
         """Positions that skip padding, so a left-padded row gets the same positions as the row alone."""
@@ -216,10 +231,13 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         position_ids = position_ids.masked_fill(attention_mask == 0, 1)
         return position_ids[:, -seq_len:]
 
-    def _merge_image_features(self, input_ids, inputs_embeds, pixel_values, continuing: bool):
+    def _merge_image_features(
+        self, input_ids, inputs_embeds, pixel_values, continuing: bool
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
+        """`inputs_embeds` with every image block's slots filled, and the vision output (None without images)."""
         if continuing and pixel_values is None:
             # A decode step may emit `<im_start>`; its image is fed later by the caller. No scan: this is the hot path.
-            return inputs_embeds
+            return inputs_embeds, None
         num_tokens = self.config.num_image_tokens
         if pixel_values is not None:
             _check_pixel_values(pixel_values, self.config.vision_config)  # shape first: the count reads its dim 0
@@ -232,16 +250,18 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
                 "(the processor expands each `<image>` placeholder into a block)."
             )
         if num_images == 0:
-            return inputs_embeds
+            return inputs_embeds, None
         if (cols + num_tokens >= input_ids.shape[1]).any():
             raise ValueError(
                 f"An image block is cut off by the end of the sequence: `<im_start>` must be followed by {num_tokens} "
                 "slots and `<im_end>`. Do not truncate inside an image block."
             )
-        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        image_outputs = self._encode_images(pixel_values)
         inputs_embeds = inputs_embeds.clone()
-        inputs_embeds[rows[:, None], _slot_index(cols, num_tokens)] = features
-        return inputs_embeds
+        inputs_embeds[rows[:, None], _slot_index(cols, num_tokens)] = image_outputs.pooler_output.to(
+            inputs_embeds.dtype
+        )
+        return inputs_embeds, image_outputs
 
     def _dream_blocks(self, input_ids, continuing: bool):
         """(rows, slot positions) of every complete dream block in `input_ids`."""
@@ -264,32 +284,42 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             rows, cols = rows[~cut], cols[~cut]
         return rows, _slot_index(cols, num_queries)
 
+    @can_return_tuple
+    @auto_docstring
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
-    ) -> DreamLLMModelOutputWithPast:
+    ) -> tuple | DreamLLMModelOutputWithPast:
         r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Token ids in the DreamLLM format: every `<im_start>` is followed by `num_image_tokens` slots that receive the
-            next image of `pixel_values`; every `<dream_start>` by `num_dream_queries` slots that receive the queries.
-        pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`, *optional*):
-            One image per `<im_start>` in the input, in reading order over the whole batch.
-        inputs_embeds: precomputed embeddings; then blocks are not substituted (nothing to find them by).
-        **kwargs: passed to the language model (`cache`, `use_cache`, `output_hidden_states`, ...).
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids in the DreamLLM format: every `<im_start>` is followed by `num_image_tokens` slots that receive
+            the next image of `pixel_values`; every `<dream_start>` by `num_dream_queries` slots that receive the
+            dream queries. Exactly one of `input_ids` and `inputs_embeds` is given.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
+            One image per `<im_start>` in `input_ids`, in reading order over the whole batch.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            Embeddings to feed the language model as they are: no block is filled (there are no ids to find the blocks
+            by), so `pixel_values` cannot be given with them.
+
+        Returns:
+            [`DreamLLMModelOutputWithPast`] or `tuple`: the output, or its `to_tuple()` when `return_dict=False`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         continuing = _has_cached_tokens(cache)
-        dream_rows = dream_slots = None
+        dream_rows = dream_slots = image_outputs = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, pixel_values, continuing)
+            inputs_embeds, image_outputs = self._merge_image_features(
+                input_ids, inputs_embeds, pixel_values, continuing
+            )
             dream_rows, dream_slots = self._dream_blocks(input_ids, continuing)
             if dream_rows.numel():
                 queries = self.dream_queries(dream_rows.numel()).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -303,8 +333,14 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, cache, batch_size, seq_len, inputs_embeds.device)
+        # Always a ModelOutput from the language model: `return_dict` applies to this model's own output.
         outputs = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            return_dict=True,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         dream_hidden = dream_embeddings = dream_pooled = None
@@ -315,9 +351,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
                 dream_pooled = self.pooled_projector(dream_hidden)
         return DreamLLMModelOutputWithPast(
             last_hidden_state=hidden,
-            cache=getattr(outputs, "cache", None),
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=image_outputs,
             dream_hidden_states=dream_hidden,
             dream_embeddings=dream_embeddings,
             dream_pooled_embeddings=dream_pooled,
@@ -327,13 +364,25 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         return self.condition_projector(hidden.to(self.condition_projector.weight.dtype))
 
     def dream_block_embeddings(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """`[embed(<dream_start>), queries..., embed(<dream_end>)]` for each row: `(batch, num_dream_queries + 2, hidden)`."""
-        # The device comes from the caller's ids: with `device_map` offloading, weights may sit on "meta".
+        r"""
+        The input embeddings of one dream block, `[embed(<dream_start>), queries..., embed(<dream_end>)]`, per row.
+
+        Args:
+            batch_size (`int`):
+                Rows to return (one view of the same block).
+            device (`torch.device` or `str`, *optional*):
+                Where the token ids are made; with `device_map` offloading the weights may sit on "meta", so give
+                the device of the caller's ids.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_dream_queries + 2, hidden_size)`.
+        """
         ids = torch.tensor([[self.config.dream_start_token_id, self.config.dream_end_token_id]], device=device)
         start, end = self.get_input_embeddings()(ids)[0].split(1)
         queries = self.dream_queries(1)[0].to(start.device, start.dtype)
         return torch.cat([start, queries, end], dim=0).unsqueeze(0).expand(batch_size, -1, -1)
 
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def get_dream_embeddings(
         self,
         input_ids: torch.LongTensor,
@@ -344,17 +393,33 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         return_pooled: bool = False,
         **kwargs,
     ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor | None]:
-        """
-        Diffusion conditioning of a dream block appended after the given context: `(batch, num_dream_queries,
-        cross_attention_dim)`, the UNet's `encoder_hidden_states`.
+        r"""
+        Diffusion conditioning of a dream block appended after the given context: the UNet's `encoder_hidden_states`.
+        The whole block (`<dream_start>`, queries, `<dream_end>`) goes through the language model in one pass.
 
-        The context is `input_ids` (with `pixel_values` for its image blocks). With `cache`, `input_ids` holds only the
-        tokens not yet in the cache (it may be empty) and `attention_mask` covers cache + new tokens; the cache is
-        extended in place by the context and the whole dream block (`<dream_start>`, queries, `<dream_end>`), so a
-        document can go on from there without recomputing its prefix. Padding may be on the left.
-        `project=False` returns the final-norm hidden states at the query slots instead (before the condition projector).
-        `return_pooled=True` returns a pair: that tensor and the block's pooled conditioning `(batch,
-        pooled_projection_dim)` (an SDXL-style decoder's `text_embeds`), `None` when the config has no pooled projector.
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                The context, ending before `<dream_start>` (the block is appended here). With `cache`, only the tokens
+                not yet in the cache (it may be empty). Padding may be on the left.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for tokens, 0 for padding; with `cache`, it covers the cached tokens and the new ones.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
+                One image per `<im_start>` in `input_ids`, in reading order.
+            cache (`Cache`, *optional*):
+                A key/value cache holding the context so far. It is extended in place by `input_ids` and the whole
+                dream block, so a document can go on from there without recomputing its prefix.
+            project (`bool`, *optional*, defaults to `True`):
+                `False` returns the final-norm hidden states at the query slots, before the condition projector.
+            return_pooled (`bool`, *optional*, defaults to `False`):
+                `True` returns a pair: that tensor and the block's pooled conditioning, `(batch_size,
+                pooled_projection_dim)` (an SDXL-style decoder's `text_embeds`), or `None` when the config has no
+                pooled projector.
+            **kwargs:
+                Passed to the language model.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_dream_queries, cross_attention_dim)` (`hidden_size` with
+            `project=False`).
         """
         cached = int(cache.get_seq_length()) if cache is not None else 0
         _check_token_ids(input_ids, attention_mask, self.config.text_config.vocab_size, cached)
@@ -365,7 +430,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         batch_size = input_ids.shape[0]
         continuing = cached > 0
         text_embeds = self.get_input_embeddings()(input_ids)
-        text_embeds = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
+        text_embeds, _ = self._merge_image_features(input_ids, text_embeds, pixel_values, continuing)
         block = self.dream_block_embeddings(batch_size, input_ids.device).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, block], dim=1)
         if attention_mask is not None:
@@ -379,6 +444,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
+            return_dict=True,
             **kwargs,
         )
         query_hidden = outputs.last_hidden_state[:, -block.shape[1] + 1 : -1]
@@ -389,9 +455,15 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         return conditioning, pooled
 
 
+@auto_docstring(
+    custom_intro="""
+    DreamLLM with its language-modeling head: comprehension and text generation, and the dream conditioning the
+    diffusion decoder draws from.
+    """
+)
 class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin):
-    """DreamLLM with its language-model head: comprehension and text generation, plus the dream conditioning."""
-
+    # The input and output embeddings are found by `PreTrainedModel` itself: through `base_model_prefix` ("model") to
+    # the language model's `embed_tokens`, and `lm_head`.
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DreamLLMConfig):
@@ -400,47 +472,84 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        r"""
+        See [`DreamLLMModel.get_image_features`].
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+                Pictures as the processor prepares them.
+        """
         return self.model.get_image_features(pixel_values)
 
-    def get_dream_embeddings(self, input_ids, attention_mask=None, **kwargs) -> torch.FloatTensor:
+    def get_dream_embeddings(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.FloatTensor:
+        r"""
+        See [`DreamLLMModel.get_dream_embeddings`].
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                The context, ending before `<dream_start>`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for tokens, 0 for padding.
+            **kwargs:
+                `pixel_values`, `cache`, `project` and what goes to the language model.
+        """
         return self.model.get_dream_embeddings(input_ids, attention_mask=attention_mask, **kwargs)
 
+    @can_return_tuple
+    @auto_docstring
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> DreamLLMCausalLMOutputWithPast:
+    ) -> tuple | DreamLLMCausalLMOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids in the DreamLLM format: every `<im_start>` is followed by `num_image_tokens` slots that receive
+            the next image of `pixel_values`; every `<dream_start>` by `num_dream_queries` slots that receive the
+            dream queries. Exactly one of `input_ids` and `inputs_embeds` is given.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
+            One image per `<im_start>` in `input_ids`, in reading order over the whole batch.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            Embeddings to feed the language model as they are: no block is filled (there are no ids to find the blocks
+            by), so `pixel_values` cannot be given with them.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets (not shifted); -100 is ignored. The returned `loss` is the mean over the rest, or 0.
-        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all).
-        See [`DreamLLMModel.forward`] for the other arguments.
+            Next-token targets, not shifted; -100 is ignored. The `loss` is the mean over the others, and 0 (not NaN)
+            when every label is -100, as in the original.
+
+        Returns:
+            [`DreamLLMCausalLMOutputWithPast`] or `tuple`: the output, or its `to_tuple()` when `return_dict=False`.
+
+        Example:
+
+        ```python
+        >>> import dreamllm_hf  # registers DreamLLM with the Auto classes
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        >>> model = AutoModelForImageTextToText.from_pretrained("dreamllm-7b-hf/mllm")
+        >>> processor = AutoProcessor.from_pretrained("dreamllm-7b-hf/mllm")
+        >>> inputs = processor(text="<image>\nWhat is in the picture?", images=image, return_tensors="pt")
+        >>> answer = model.generate(**inputs, max_new_tokens=32)
+        ```
         """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -453,6 +562,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
             dream_hidden_states=outputs.dream_hidden_states,
             dream_embeddings=outputs.dream_embeddings,
             dream_pooled_embeddings=outputs.dream_pooled_embeddings,

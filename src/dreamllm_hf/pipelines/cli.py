@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .. import checks
 from ..checks import usage_error
+from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..modeling.processing_dreamllm import rgb_picture
 from .dream_diffusion import size_multiple
 from .pipeline_dreamllm import DreamLLMPipeline
@@ -38,7 +39,6 @@ from .prompt_files import (
 )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("interleaved", "text", "image")
 
 
@@ -125,7 +125,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_NAMES,
         default=None,
         help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
@@ -198,7 +198,7 @@ def _load_pipeline(model: str, device: str | torch.device, dtype: torch.dtype) -
 
 def _default_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
     if name:
-        return DTYPES[name]
+        return parse_dtype(name, "--dtype")
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 

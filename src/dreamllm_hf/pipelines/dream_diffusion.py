@@ -7,8 +7,10 @@ code, so a picture of a document equals the text-to-image drawing from the same 
 import inspect
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,9 @@ from ..decoder_conditioning import added_cond_kwargs, check_decoder, takes_poole
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The language model's component folder. It carries the processor too, so that it is a complete transformers repository
+# (`AutoProcessor.from_pretrained(DIR/mllm)` works, as for every llava repository); `processor/` stays the pipeline's.
+MLLM_FOLDER = "mllm"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,16 @@ def onload(module: torch.nn.Module) -> None:
         hook.pre_forward(module)
 
 
+def save_processor_with_model(processor, pipeline_dir: str | os.PathLike) -> None:
+    """Writes the processor's files into the language model's folder of a pipeline folder (see `MLLM_FOLDER`).
+
+    Args:
+        processor ([`DreamLLMProcessor`]): the pipeline's processor.
+        pipeline_dir (`str` or `os.PathLike`): the pipeline folder (the one holding `model_index.json`).
+    """
+    processor.save_pretrained(Path(pipeline_dir) / MLLM_FOLDER)
+
+
 def is_conversation(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) > 0 and all(isinstance(m, dict) for m in item)
 
@@ -87,6 +102,24 @@ class DreamLLMDiffusionMixin:
         if hasattr(pipeline, "_progress_bar_config"):
             new.set_progress_bar_config(**pipeline._progress_bar_config)
         return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        r"""
+        Saves the pipeline as diffusers does (one folder per component, `model_index.json`), and the processor in
+        `mllm/` too, so that the language model's folder loads on its own with `AutoProcessor` and
+        `AutoModelForImageTextToText`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder to write (created if needed).
+            *args, **kwargs:
+                Passed to `DiffusionPipeline.save_pretrained` (`safe_serialization`, `variant`, `max_shard_size`,
+                `push_to_hub`, ...).
+        """
+        if getattr(self, "processor", None) is not None and getattr(self, "mllm", None) is not None:
+            # Before the components: with `push_to_hub=True` the folder is uploaded at the end of the base method.
+            save_processor_with_model(self.processor, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Properties (as in StableDiffusionPipeline)

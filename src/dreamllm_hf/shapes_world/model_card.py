@@ -1,26 +1,30 @@
-"""The demo model's card (`README.md` of the pipeline folder), written from the training report and the evaluation."""
+"""The demo model's card (`README.md` of the pipeline folder): the training report, the evaluation and the folder's own
+facts, through the package's one card generator (`conversion.model_card.render_model_card`)."""
 
 import json
 from pathlib import Path
 
+from .. import constants as C
+from ..conversion.model_card import fact_phrases, model_facts, render_model_card
 from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS, DEMO_SEED
 
 
+DEMO_METADATA = {
+    "library_name": "diffusers",
+    "pipeline_tag": "any-to-any",
+    "license": "apache-2.0",
+    "tags": ["dreamllm", "toy", "shapes-world", "multimodal"],
+}
+
+# A Jinja template for `render_model_card`; the numbers come formatted from `demo_card_variables`.
 CARD_TEMPLATE = """---
-library_name: diffusers
-pipeline_tag: any-to-any
-license: apache-2.0
-tags:
-- dreamllm
-- toy
-- shapes-world
-- multimodal
+{{ card_data }}
 ---
 
 # DreamLLM demo: a tiny DreamLLM that knows the shapes world
 
-A DreamLLM (arXiv 2309.11499) small enough to ship inside the `dreamllm_hf` package ({size_mb:.1f} MB of safetensors)
-and to train from scratch on two CPU cores in {total_min:.0f} minutes. It lives in a synthetic world of 32x32 pictures
+A DreamLLM (arXiv 2309.11499) small enough to ship inside the `dreamllm_hf` package ({{ size_mb }} MB of safetensors)
+and to train from scratch on two CPU cores in {{ total_min }} minutes. It lives in a synthetic world of 32x32 pictures
 with one coloured shape each (red, green, blue or yellow; circle, square or triangle) and it does all three things
 DreamLLM does: it **captions** pictures, **draws** a caption, and **writes illustrated stories**, deciding by itself
 where a picture goes (`<dream_start>`), drawing it from its dream queries and reading it back through its vision tower.
@@ -35,14 +39,21 @@ import torch
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
-pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)           # offline, a few MB
-draw = DreamLLMText2ImagePipeline.from_pipe(pipe)                  # text-to-image on the same components
-image = draw("a red circle", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]
+pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)  # offline, a few MB
+draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
+image = draw("a red circle", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
 caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
-answer = pipe([{{"role": "user", "content": [image, "What is in the picture?"]}}], allow_images=False).text[0]
-# The generator seeds the story's sampled text and its pictures (seed {demo_seed}: the story of `dreamllm-hf demo`).
-story = pipe("Tell me a story.", do_sample=True, max_new_tokens=64, max_images=4, num_inference_steps={steps},
-             guidance_scale={guidance:g}, generator=torch.Generator().manual_seed({demo_seed}))
+answer = pipe([{"role": "user", "content": [image, "What is in the picture?"]}], allow_images=False).text[0]
+# The generator seeds the story's sampled text and its pictures (seed {{ demo_seed }}: the story of `dreamllm-hf demo`).
+story = pipe(
+    "Tell me a story.",
+    do_sample=True,
+    max_new_tokens=64,
+    max_images=4,
+    num_inference_steps={{ steps }},
+    guidance_scale={{ guidance }},
+    generator=torch.Generator().manual_seed({{ demo_seed }}),
+)
 story.save_html("story.html")
 ```
 
@@ -50,39 +61,39 @@ Prompts that work: captioning takes `<image>` alone without the chat template (t
 and "What is in the picture?" / "Describe the picture." in a chat (stage III; less exact, see `chat_caption_accuracy`);
 drawing takes a caption `a <colour> <shape>`; stories answer `Tell me a story.`, `Tell me a story with pictures.` or
 `Write an illustrated story.` through the default Vicuna chat template, also after earlier turns. Sample pictures with `guidance_scale`
-{guidance:g} and {steps} DDIM steps (what the evaluation below used; the pipeline's default guidance of 7.5
+{{ guidance }} and {{ steps }} DDIM steps (what the evaluation below used; the pipeline's default guidance of 7.5
 over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML with these settings.
 
 ## Evaluation (`dreamllm-hf evaluate-demo`)
 
-{evaluation}
+{{ evaluation }}
 
 ## Components
 
 | part | what | parameters |
 | --- | --- | --- |
-| `mllm/` | `DreamLLMForConditionalGeneration`: LLaMA 4 layers x 128 (4 heads, MLP 256), vocabulary {vocab} (SentencePiece BPE {sp_vocab} + the 8 DreamLLM tokens in the release's order); CLIP ViT 3 x 64 on 32 px, patch 4 (64 image tokens, layer -2 read); {queries} dream queries; linear projectors | {mllm_params} |
-| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `CLIPImageProcessor` at 32 px | - |
-| `unet/` | `UNet2DConditionModel` on 4x8x8 latents, blocks (32, 64), cross-attention on the {queries} x {cross_dim} dream embeddings plus the stock `addition_embed_type="text"` pooled path; v-prediction | {unet_params} |
-| `vae/` | `AutoencoderKL`, 32x32x3 <-> 4x8x8, blocks (16, 16, 32), `scaling_factor` {scaling:.4f} | {vae_params} |
-| `scheduler/` | `DDIMScheduler` (trailing timesteps) on the training schedule: 1000 steps, `squaredcos_cap_v2`, v-prediction | - |
+| `mllm/` | `DreamLLMForConditionalGeneration`: {{ language_model }} (SentencePiece BPE {{ sp_vocab }} + the {{ num_added_tokens }} DreamLLM tokens in the release's order); {{ vision_tower }}; {{ queries }} dream queries; linear projectors; and the processor's files | {{ mllm_params }} |
+| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `CLIPImageProcessor` at {{ image_size }} px | - |
+| `unet/` | {{ unet }} | {{ unet_params }} |
+| `vae/` | {{ vae }} | {{ vae_params }} |
+| `scheduler/` | {{ scheduler }} | - |
 
-## Training (`dreamllm-hf train-demo --seed {seed} --output DIR`)
+## Training (`dreamllm-hf train-demo --seed {{ seed }} --output DIR`)
 
-Everything is trained here, from random initialisation, with one command and a fixed seed: {total_s:.0f} s on
-{threads} CPU thread(s) (load average {load}). The tokenizer is a SentencePiece BPE trained deterministically on the
+Everything is trained here, from random initialisation, with one command and a fixed seed: {{ total_s }} s on
+{{ threads }} CPU thread(s) (load average {{ load }}). The tokenizer is a SentencePiece BPE trained deterministically on the
 world's sentences (LLaMA settings: dummy prefix, identity normalization, whitespace kept, byte fallback), turned into
 the DreamLLM tokenizer by `build_legacy_tokenizer`.
 
 | stage | trains | on | steps x batch | wall time |
 | --- | --- | --- | --- | --- |
-{stages}
+{{ stages }}
 
 Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
 only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
-forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{creation_llm}; and a
-share ({uncond:.0%}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
+forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{{ creation_llm }}; and a
+share ({{ uncond }}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
 classifier-free-guidance unconditional of DreamLLM - means "any picture". Stories are preceded by the chat prompt of
 a story instruction (masked from the loss), as the original's instruction-interleaved data. Stage III is the paper's
 instruction tuning: conversations of one or two exchanges, a question about a picture the user gives (answered by its
@@ -91,11 +102,11 @@ so that the model answers in a chat and keeps earlier turns, pictures in and out
 
 Checks along the way (held-out pictures, judged by `classify_shape_image`):
 
-{checks}
+{{ checks }}
 
 ## Limits
 
-* A toy: twelve captions, a few story templates, 32x32 pictures; no knowledge of anything else.
+* A toy: twelve captions, a few story templates, {{ picture_size }}x{{ picture_size }} pictures; no knowledge of anything else.
 * Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.
 * Stories are short (one to three pictures, as in its training data) and their sentences follow a few templates.
 """
@@ -190,47 +201,100 @@ def _evaluation(evaluation: dict | None) -> str:
     )
 
 
-def write_demo_model_card(model_dir: str | Path, report: dict | None = None, evaluation: dict | None = None) -> Path:
-    """Writes `model_dir/README.md` from `training_report.json` (or `report`) and an `evaluate_pipeline` result."""
+PREDICTION_TYPES = {"v_prediction": "v-prediction", "epsilon": "epsilon-prediction", "sample": "sample-prediction"}
+
+
+def _tuple(values) -> str:
+    return "(" + ", ".join(map(str, values)) + ")"
+
+
+def _diffusion_rows(facts: dict) -> dict:
+    """The UNet, VAE and scheduler rows of the components table, from their configs."""
+    unet, vae, scheduler = facts["unet"], facts["vae"], facts["scheduler"]
+    latent = f"{vae['latent_channels']}x{unet['sample_size']}x{unet['sample_size']}"
+    prediction = PREDICTION_TYPES.get(scheduler["prediction_type"], scheduler["prediction_type"])
+    pooled = (
+        ' plus the stock `addition_embed_type="text"` pooled path' if unet["addition_embed_type"] == "text" else ""
+    )
+    return {
+        "unet": (
+            f"`UNet2DConditionModel` on {latent} latents, blocks {_tuple(unet['block_out_channels'])}, cross-attention "
+            f"on the {facts['num_dream_queries']} x {unet['cross_attention_dim']} dream embeddings{pooled}; "
+            f"{prediction}"
+        ),
+        "vae": (
+            f"`AutoencoderKL`, {vae['sample_size']}x{vae['sample_size']}x{vae['in_channels']} <-> {latent}, blocks "
+            f"{_tuple(vae['block_out_channels'])}, `scaling_factor` {vae['scaling_factor']:.4f}"
+        ),
+        "scheduler": (
+            f"`{scheduler['_class_name']}` ({scheduler['timestep_spacing']} timesteps) on the training schedule: "
+            f"{scheduler['num_train_timesteps']} steps, `{scheduler['beta_schedule']}`, {prediction}"
+        ),
+    }
+
+
+def demo_card_variables(model_dir: str | Path, report: dict, evaluation: dict | None = None) -> dict:
+    """What the demo card's template reads: the training report, the evaluation and the folder's own facts.
+
+    Args:
+        model_dir (`str` or `Path`): the demo pipeline folder.
+        report (`dict`): its `training_report.json`.
+        evaluation (`dict`, *optional*): an `evaluate_pipeline` result.
+    """
     model_dir = Path(model_dir)
-    if report is None:
-        report = json.loads((model_dir / "training_report.json").read_text())
+    facts = model_facts(model_dir)
+    phrases = fact_phrases(facts)
+    counts = facts["parameters"]
     size = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
-    counts = report.get("parameters", {})
-    mllm_config = json.loads((model_dir / "mllm" / "config.json").read_text())
-    vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
     load = report.get("load_average_at_start") or report.get("load_average_at_end") or ["?"]
-    card = CARD_TEMPLATE.format(
-        size_mb=size / 2**20,
-        total_min=report["total_s"] / 60,
-        total_s=report["total_s"],
-        threads=report.get("torch_threads", "?"),
-        load=", ".join(f"{value:.2f}" if isinstance(value, float) else str(value) for value in load),
-        seed=report["recipe"]["seed"],
-        evaluation=_evaluation(evaluation),
-        vocab=mllm_config["text_config"]["vocab_size"],
-        sp_vocab=mllm_config["text_config"]["vocab_size"] - 8,
-        queries=mllm_config["num_dream_queries"],
-        cross_dim=mllm_config["cross_attention_dim"],
-        mllm_params=f"{counts.get('mllm', 0) / 1e6:.2f} M",
-        unet_params=f"{counts.get('unet', 0) / 1e6:.2f} M",
-        vae_params=f"{counts.get('vae', 0) / 1e6:.2f} M",
-        scaling=vae_config["scaling_factor"],
-        stages=_stage_rows(report),
-        uncond=report["recipe"]["unconditional_probability"],
-        checks=_checks(report),
-        steps=DEMO_NUM_INFERENCE_STEPS,
-        guidance=DEMO_GUIDANCE_SCALE,
-        demo_seed=DEMO_SEED,
-        creation_llm=(
+    return {
+        "size_mb": f"{size / 2**20:.1f}",
+        "total_min": f"{report['total_s'] / 60:.0f}",
+        "total_s": f"{report['total_s']:.0f}",
+        "threads": report.get("torch_threads", "?"),
+        "load": ", ".join(f"{value:.2f}" if isinstance(value, float) else str(value) for value in load),
+        "seed": report["recipe"]["seed"],
+        "evaluation": _evaluation(evaluation),
+        "language_model": phrases["language_model"],
+        "vision_tower": phrases["vision_tower"],
+        "sp_vocab": facts["vocab_size"] - len(C.RELEASE_ADDED_TOKEN_IDS),
+        "num_added_tokens": len(C.RELEASE_ADDED_TOKEN_IDS),
+        "queries": facts["num_dream_queries"],
+        "image_size": facts["image_size"],
+        "picture_size": facts["picture_size"],
+        "mllm_params": f"{counts['mllm'] / 1e6:.2f} M",
+        "unet_params": f"{counts['unet'] / 1e6:.2f} M",
+        "vae_params": f"{counts['vae'] / 1e6:.2f} M",
+        **_diffusion_rows(facts),
+        "stages": _stage_rows(report),
+        "uncond": f"{report['recipe']['unconditional_probability']:.0%}",
+        "checks": _checks(report),
+        "steps": DEMO_NUM_INFERENCE_STEPS,
+        "guidance": f"{DEMO_GUIDANCE_SCALE:g}",
+        "demo_seed": DEMO_SEED,
+        "creation_llm": (
             " (in its creation half as well: captioning collapses there and comes back in stage II, see the checks)"
             if report["recipe"].get("creation_train_llm")
             else ""
         ),
-    )
+    }
+
+
+def write_demo_model_card(model_dir: str | Path, report: dict | None = None, evaluation: dict | None = None) -> Path:
+    """Writes `model_dir/README.md` through the package's one card generator (`conversion.model_card`).
+
+    Args:
+        model_dir (`str` or `Path`): the demo pipeline folder.
+        report (`dict`, *optional*): the training report; read from `model_dir/training_report.json` when not given.
+        evaluation (`dict`, *optional*): an `evaluate_pipeline` result; without it the card says it was not measured.
+    """
+    model_dir = Path(model_dir)
+    if report is None:
+        report = json.loads((model_dir / "training_report.json").read_text())
+    card = render_model_card(DEMO_METADATA, CARD_TEMPLATE, demo_card_variables(model_dir, report, evaluation))
     path = model_dir / "README.md"
-    path.write_text(card)
+    card.save(path)
     return path
 
 
-__all__ = ["write_demo_model_card"]
+__all__ = ["demo_card_variables", "write_demo_model_card"]

@@ -11,6 +11,8 @@ starts.
 import argparse
 import sys
 
+from ..dtypes import DTYPE_NAMES
+
 
 _HELP = {
     "model": "Converted DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` writes.",
@@ -110,7 +112,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     optim.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPE_NAMES],
         default=S,
         help="Dtype of the frozen weights (default auto: follows --mixed-precision).",
     )

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from .. import checks
+from ..decoder_conditioning import vae_scale_factor
+from ..dtypes import DTYPE_NAMES, parse_dtype
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 
@@ -41,7 +43,6 @@ TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BELOW_ONE = checks.NumberRange(integer=False, minimum=0, maximum=1, exclusive_maximum=True)
 # What every number of `DreamLLMTrainingArguments` may be (a config file's values meet no argparse `type=`), and
 # whether it may be None.
@@ -149,15 +150,15 @@ class DreamLLMTrainingArguments:
             self.report_to = [self.report_to] if self.report_to not in ("", "none") else []
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_DTYPES:
             raise ValueError(f"`mixed_precision` must be one of {sorted(MIXED_PRECISION_DTYPES)}.")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be 'auto' or one of {sorted(DTYPES)}.")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"`dtype` must be 'auto' or one of {list(DTYPE_NAMES)}; got {self.dtype!r}.")
         for name, (kind, optional) in ARGUMENT_RANGES.items():
             kind.check(name, getattr(self, name), optional=optional)
 
     def weight_dtype(self, mixed_precision: str | None = None) -> torch.dtype:
         """The frozen weights' dtype; "auto" follows `mixed_precision` (the one the accelerator runs with)."""
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return parse_dtype(self.dtype)
         return MIXED_PRECISION_DTYPES[mixed_precision or self.mixed_precision or "no"]
 
     def to_dict(self) -> dict:
@@ -226,7 +227,7 @@ def _trim_log(log_path: Path, last_step: int) -> None:
 
 
 def _diffusion_resolution(unet, vae) -> int:
-    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return unet.config.sample_size * vae_scale_factor(vae.config)
 
 
 def load_training_components(
