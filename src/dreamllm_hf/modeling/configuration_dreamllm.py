@@ -55,7 +55,7 @@ class DreamLLMConfig(PreTrainedConfig):
         cross_attention_dim (`int`, *optional*, defaults to 1024):
             Size of the diffusion conditioning: the UNet's `cross_attention_dim` (SD 2.1-base), or its
             `encoder_hid_dim` when the UNet projects its conditioning.
-        pooled_projection_dim (`int`, *optional*):
+        pooled_projection_dim (`int`, *optional*, defaults to `None`):
             Size of the pooled conditioning an SDXL-style decoder (`addition_embed_type="text_time"`) reads as
             `text_embeds`, given by a learned `pooled_projector` (mean of the query states, then a linear map). `None`
             (the release, SD 1.x/2.x and `addition_embed_type="text"`): no pooled projector, no extra weights.
