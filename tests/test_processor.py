@@ -170,6 +170,8 @@ def test_placeholders_expand_into_blocks(
     assert processor(text=C.IMAGE_PLACEHOLDER, images=raw_images[0])["input_ids"] == [[bos, *image]]
     assert processor(text=C.DREAM_PLACEHOLDER, images=raw_images[0])["input_ids"] == [[bos, *dream, *image]]
     assert len(image) == num_image_tokens + 2 and len(dream) == num_dream_queries + 2
+    assert (processor.image_block_ids, processor.dream_block_ids) == (image, dream)
+    assert processor.drawn_picture_ids == [*dream, *image]  # what the pipeline writes for a picture it draws
 
 
 def test_expansion_reproduces_the_original_training_layout(processor, goldens_json):

@@ -85,6 +85,12 @@ class DreamLLMProcessor(ProcessorMixin):
         ids = self.special_token_ids
         return [ids[C.DREAM_START_TOKEN], *[ids[C.IMAGE_PATCH_TOKEN]] * self.num_dream_queries, ids[C.DREAM_END_TOKEN]]
 
+    @property
+    def drawn_picture_ids(self) -> list[int]:
+        """A drawn picture in the token stream (what `<dream>` expands to): its dream block, then the image block it
+        is read back through."""
+        return self.dream_block_ids + self.image_block_ids
+
     def __call__(
         self,
         text: str | list[str] | None = None,
@@ -148,13 +154,13 @@ class DreamLLMProcessor(ProcessorMixin):
     def expand_placeholders(self, ids: list[int]) -> list[int]:
         """Replaces every `<image>` id by an image block and every `<dream>` id by a dream block + an image block."""
         image_id, dream_id = self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER]
-        image_block, dream_block = self.image_block_ids, self.dream_block_ids
+        image_block, drawn_picture = self.image_block_ids, self.drawn_picture_ids
         expanded = []
         for token_id in ids:
             if token_id == image_id:
                 expanded.extend(image_block)
             elif token_id == dream_id:
-                expanded.extend(dream_block + image_block)
+                expanded.extend(drawn_picture)
             else:
                 expanded.append(token_id)
         return expanded
