@@ -1,4 +1,5 @@
-"""Shared fixtures: the original-code goldens and the tiny original checkpoint converted once per session."""
+"""Shared fixtures: the original-code goldens, the tiny original checkpoint converted once per session, and a tiny
+pipeline folder from the factory of `dreamllm_hf.testing_utils`."""
 
 import json
 import os
@@ -51,20 +52,8 @@ def tiny_mllm(converted_tiny):
 
 
 @pytest.fixture(scope="session")
-def saved_pipeline(converted_tiny, tmp_path_factory):
-    """The converted components saved as one fp32 pipeline folder (model_index.json), as the CLI loads it."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def saved_pipeline(tmp_path_factory) -> Path:
+    """A tiny fp32 pipeline folder (model_index.json) from `dreamllm_hf.testing_utils`, as the CLI loads it."""
+    from dreamllm_hf.testing_utils import save_tiny_pipeline
 
-    from dreamllm_hf import DreamLLMForConditionalGeneration, DreamLLMProcessor
-    from dreamllm_hf.pipelines import DreamLLMPipeline
-
-    folder = tmp_path_factory.mktemp("pipeline")
-    DreamLLMPipeline(
-        mllm=DreamLLMForConditionalGeneration.from_pretrained(converted_tiny / "mllm", dtype=torch.float32),
-        processor=DreamLLMProcessor.from_pretrained(converted_tiny / "processor"),
-        unet=UNet2DConditionModel.from_pretrained(converted_tiny / "unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(converted_tiny / "vae", torch_dtype=torch.float32),
-        scheduler=DDPMScheduler.from_pretrained(converted_tiny / "scheduler"),
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
