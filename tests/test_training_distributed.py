@@ -7,21 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+
+from dreamllm_hf.shapes_world.data import write_pairs_folder
 
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _toy_pairs(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    rows = []
-    colors = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "white": (250, 250, 250)}
-    for name, color in colors.items():
-        Image.new("RGB", (20, 24), color).save(folder / f"{name}.png")
-        rows.append(json.dumps({"file_name": f"{name}.png", "text": f"a {name} picture"}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
 
 
 def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path):
@@ -30,7 +20,7 @@ def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("the accelerate launcher is not installed next to this Python")
-    data = _toy_pairs(tmp_path / "pairs")
+    data = write_pairs_folder(tmp_path / "pairs", 4, seed=0)
     output = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
