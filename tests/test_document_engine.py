@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_pipeline import FAST, load_pipeline, picture, seeded
+from test_pipeline import FAST, CollectStreamer, load_pipeline, picture, seeded
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dreamllm_hf.pipelines import DocumentEvent, DreamLLMPipeline, StopReason
@@ -241,18 +241,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
 
 def test_legacy_streamer_follows_one_document(pipe, scripts):
     plans, _ = scripts
-
-    class Collect:
-        def __init__(self):
-            self.puts, self.ended = [], 0
-
-        def put(self, value):
-            self.puts.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended += 1
-
-    streamer = Collect()
+    streamer = CollectStreamer()
     out = pipe("Tell a story", generation_kwargs=scripted(plans), streamer=streamer, generator=seeded(), **FAST)
     assert streamer.ended == 1 and len(streamer.puts) == 1 + 5  # the prompt, then a, b, <dream_start>, c, </s>
     assert len(out.images[0]) == 1

@@ -123,20 +123,23 @@ def test_text_mode_stops_at_eos(shared_pipe):
     assert eos.text == [shared_pipe.tokenizer.decode([5])]
 
 
+class CollectStreamer(BaseStreamer):
+    """What a `generate` streamer receives: every `put` (the prompt, then each sampled token) and the `end`s."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended += 1
+
+
 def test_text_streamer_receives_the_tokens(shared_pipe):
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.tokens, self.ended = [], 0
-
-        def put(self, value):
-            self.tokens.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended += 1
-
-    streamer = Collect()
+    streamer = CollectStreamer()
     shared_pipe("Hi", allow_images=False, max_new_tokens=3, streamer=streamer)
-    assert len(streamer.tokens) == 1 + 3 and streamer.ended == 1  # the prompt, then each new token
+    assert len(streamer.puts) == 1 + 3 and streamer.ended == 1  # the prompt, then each new token
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,14 +22,7 @@ LOSS_RTOL = 1e-5
 TRAIN_SAMPLES = ["train_interleaved_1img", "train_interleaved_2img", "train_t2i_pair", "train_i2t_pair"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast as two on an idle machine and ~10x faster on a busy one
-    (OpenMP threads spin-wait for each other). The fixtures README measured 1 vs 2 threads: well within tolerance."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(actual, expected, atol=ATOL):

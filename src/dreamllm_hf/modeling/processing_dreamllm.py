@@ -56,22 +56,13 @@ class DreamLLMProcessor(ProcessorMixin):
 
     @staticmethod
     def _lookup_special_token_ids(tokenizer) -> dict[str, int]:
-        tokens = (
-            C.IMAGE_START_TOKEN,
-            C.IMAGE_PATCH_TOKEN,
-            C.IMAGE_END_TOKEN,
-            C.DREAM_START_TOKEN,
-            C.DREAM_END_TOKEN,
-            C.IMAGE_PLACEHOLDER,
-            C.DREAM_PLACEHOLDER,
-        )
         vocab = tokenizer.get_vocab()
-        missing = [token for token in tokens if token not in vocab]
+        missing = [token for token in C.FORMAT_TOKENS if token not in vocab]
         if missing:
             raise ValueError(
                 f"The tokenizer lacks the DreamLLM special tokens {missing}; build it with the release's added tokens."
             )
-        return {token: vocab[token] for token in tokens}
+        return {token: vocab[token] for token in C.FORMAT_TOKENS}
 
     @property
     def image_block_ids(self) -> list[int]:

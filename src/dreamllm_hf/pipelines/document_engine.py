@@ -100,7 +100,7 @@ class DocumentEngine:
         # The processor owns the token layout; the model must read pictures with the same one.
         _check_processor_matches_model(pipe.processor, config)
         drawn_picture = pipe.processor.drawn_picture_ids
-        self.block_length = len(drawn_picture)
+        self.block_length = pipe.image_block_length
         self.dream_block_length = len(pipe.processor.dream_block_ids)
         self.image_start, self.image_end = pipe.processor.image_block_ids[0], drawn_picture[-1]
         # A drawn picture's tokens in the stream, but its final `<im_end>`, which is fed by the next decode step.
