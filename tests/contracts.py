@@ -232,7 +232,8 @@ class PipelineContract:
     negative_prompts = ("blurry", "dark and noisy")
     atol = 1e-5  # fp32 rounding between a batch and its rows, on pictures in [0, 1]
 
-    def get_dummy_components(self) -> dict:
+    @classmethod
+    def get_dummy_components(cls) -> dict:
         return tiny_pipeline_components()
 
     def get_dummy_inputs(self, pipe, seed: int = 0) -> dict:
@@ -241,14 +242,21 @@ class PipelineContract:
     def items(self, output) -> list:
         raise NotImplementedError
 
-    def make(self, pipeline_class=None, **components):
-        pipe = (pipeline_class or self.pipeline_class)(**(components or self.get_dummy_components()))
+    @classmethod
+    def make(cls):
+        pipe = cls.pipeline_class(**cls.get_dummy_components())
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def pipe(cls):
+        """One pipeline for the checks that leave it as they found it."""
+        return cls.make()
+
     @pytest.fixture
-    def pipe(self):
-        """A fresh pipeline per test: offload hooks and dtypes are changed by some."""
+    def fresh_pipe(self):
+        """A pipeline of its own, for the checks that add offload hooks or change a dtype."""
         return self.make()
 
     def test_save_load_round_trip(self, pipe, tmp_path):
@@ -324,7 +332,8 @@ class PipelineContract:
         assert_same_output(self.items(outputs[1]), self.items(outputs[0]))
         assert differs(self.items(pipe(**self.get_dummy_inputs(pipe, 0))), self.items(outputs[0]))
 
-    def test_model_cpu_offload_runs_twice(self, pipe):
+    def test_model_cpu_offload_runs_twice(self, fresh_pipe):
+        pipe = fresh_pipe
         expected = pipe(**self.get_dummy_inputs(pipe))
         if not torch.cuda.is_available():  # diffusers 0.42 wants an accelerator unless the device is named
             with pytest.raises(RuntimeError, match="requires accelerator"):
@@ -334,7 +343,8 @@ class PipelineContract:
         for _ in range(2):  # the hooks put every model back where it was after a call
             assert_same_output(pipe(**self.get_dummy_inputs(pipe)), expected)
 
-    def test_from_pipe_shares_components_and_keeps_dtypes(self, pipe):
+    def test_from_pipe_shares_components_and_keeps_dtypes(self, fresh_pipe):
+        pipe = fresh_pipe
         expected = pipe(**self.get_dummy_inputs(pipe))
         other = self.other_pipeline_class.from_pipe(pipe)
         assert isinstance(other, self.other_pipeline_class)
