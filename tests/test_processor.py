@@ -359,3 +359,15 @@ def test_processor_round_trips_through_auto_processor(processor, raw_images, tmp
         # AutoImageProcessor picks the torchvision backend when it is installed, which resizes differently.
         if type(reloaded.image_processor) is type(original.image_processor):
             torch.testing.assert_close(before["pixel_values"], after["pixel_values"], atol=0.0, rtol=0.0)
+
+
+def test_check_model_config_refuses_a_model_that_reads_pictures_otherwise():
+    from dreamllm_hf.testing_utils import tiny_config, tiny_processor
+
+    processor = tiny_processor()
+    processor.check_model_config(tiny_config())  # the same layout: nothing to say
+    with pytest.raises(ValueError, match="4 image slots and a dream into 3 query slots.*reads 16 and 3"):
+        processor.check_model_config(tiny_config(vision_config={"image_size": 56}))
+    dream_start = processor.special_token_ids[C.DREAM_START_TOKEN]
+    with pytest.raises(ValueError, match=rf"special token ids differ.*'<dream_start>': \({dream_start}, 7\)"):
+        processor.check_model_config(tiny_config(dream_start_token_id=7))

@@ -82,6 +82,32 @@ class DreamLLMProcessor(ProcessorMixin):
         is read back through."""
         return self.dream_block_ids + self.image_block_ids
 
+    def check_model_config(self, config) -> None:
+        """
+        Raises `ValueError` unless the model of `config` reads pictures in this processor's layout: the same image and
+        dream slots, the same special token ids (a pipeline writes drawn pictures with the processor's ids into what
+        the model reads).
+
+        Args:
+            config ([`DreamLLMConfig`]): the model's configuration.
+        """
+        slots = (self.num_image_tokens, self.num_dream_queries)
+        if slots != (config.num_image_tokens, config.num_dream_queries):
+            raise ValueError(
+                f"The processor expands a picture into {slots[0]} image slots and a dream into {slots[1]} query "
+                f"slots, but the model reads {config.num_image_tokens} and {config.num_dream_queries}; use the "
+                "processor saved with this model."
+            )
+        model_ids = config.special_token_ids
+        different = {
+            token: (i, model_ids[token]) for token, i in self.special_token_ids.items() if model_ids[token] != i
+        }
+        if different:
+            raise ValueError(
+                f"The processor's special token ids differ from the model's (token: (processor, model)): {different}; "
+                "use the processor saved with this model."
+            )
+
     def __call__(
         self,
         text: str | list[str] | None = None,

@@ -98,7 +98,7 @@ class DocumentEngine:
         self.pad = config.pad_token_id
         self.context = pipe.max_context_length
         # The processor owns the token layout; the model must read pictures with the same one.
-        _check_processor_matches_model(pipe.processor, config)
+        pipe.processor.check_model_config(config)
         drawn_picture = pipe.processor.drawn_picture_ids
         self.block_length = pipe.image_block_length
         self.dream_block_length = len(pipe.processor.dream_block_ids)
@@ -482,24 +482,6 @@ class DocumentEngine:
             self.ids[row, : end - new_length] = self.pad
             self.mask[row, : end - new_length] = 0
             self.mask[row, end - new_length : end] = 1
-
-
-def _check_processor_matches_model(processor, config) -> None:
-    """The processor's picture layout (slots and special ids) is the one the model reads, or a clear error."""
-    slots = (processor.num_image_tokens, processor.num_dream_queries)
-    if slots != (config.num_image_tokens, config.num_dream_queries):
-        raise ValueError(
-            f"The processor expands a picture into {slots[0]} image slots and a dream into {slots[1]} query slots, "
-            f"but the model reads {config.num_image_tokens} and {config.num_dream_queries}; load the processor saved "
-            "with this model."
-        )
-    model_ids = config.special_token_ids
-    different = {t: (i, model_ids[t]) for t, i in processor.special_token_ids.items() if model_ids[t] != i}
-    if different:
-        raise ValueError(
-            f"The processor's special token ids differ from the model's (token: (processor, model)): {different}; "
-            "load the processor saved with this model."
-        )
 
 
 # A group of prompts is read in one padded forward while its padded size stays within this factor of its real tokens;
