@@ -39,26 +39,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import (
-    CLIPImageProcessor,
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration
+from dreamllm_hf import constants as C
 from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
-from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.testing_utils import (
+    config_token_ids,
+    tiny_config,
+    tiny_model,
+    tiny_processor,
+    tiny_scheduler,
+    tiny_unet,
+    tiny_vae,
+)
 
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny"
-BOS, EOS, PAD = 1, 2, 1000
-IM_START, DREAM_END, DREAM_START, IM_PATCH, IM_END, IMAGE, DREAM = 1001, 1002, 1003, 1004, 1005, 1006, 1007
+_FIXTURE_ADDED_TOKENS = json.loads((FIXTURE / "added_tokens.json").read_text())  # its 8 DreamLLM tokens, 1000..1007
+BOS, EOS = C.RELEASE_BOS_TOKEN_ID, C.RELEASE_EOS_TOKEN_ID  # LLaMA's SentencePiece layout
+PAD, IM_START, IM_END, DREAM_START = (
+    _FIXTURE_ADDED_TOKENS[token]
+    for token in (C.PAD_TOKEN, C.IMAGE_START_TOKEN, C.IMAGE_END_TOKEN, C.DREAM_START_TOKEN)
+)
 TEXT_TOKEN = 500  # any ordinary piece of the fixture tokenizer
+
+
+def fixture_tokenizer():
+    """The test fixture's SentencePiece tokenizer (1000 pieces, English), as the converter builds the release's."""
+    return build_legacy_tokenizer(FIXTURE / "tokenizer.model", _FIXTURE_ADDED_TOKENS)
 
 
 class RowScripts(LogitsProcessor):
@@ -140,23 +149,19 @@ def best_of(fns: dict, repeats: int) -> dict:
 
 
 def build(args):
-    torch.manual_seed(0)
-    config = DreamLLMConfig(
+    """The benchmark's pipeline: the factory's components (`dreamllm_hf.testing_utils`) at the sizes of `args`."""
+    tokenizer = fixture_tokenizer()
+    config = tiny_config(
         text_config=dict(
-            model_type="llama",
-            vocab_size=32008,
+            vocab_size=C.RELEASE_VOCAB_SIZE,
             hidden_size=args.hidden,
             intermediate_size=args.intermediate,
             num_hidden_layers=args.layers,
             num_attention_heads=args.heads,
             num_key_value_heads=args.heads,
             max_position_embeddings=2048,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
         ),
         vision_config=dict(
-            model_type="clip_vision_model",
             hidden_size=args.vision_hidden,
             intermediate_size=4 * args.vision_hidden,
             num_hidden_layers=args.vision_layers,
@@ -167,52 +172,30 @@ def build(args):
         ),
         num_dream_queries=args.queries,
         cross_attention_dim=args.cross_attention_dim,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        image_start_token_id=IM_START,
-        image_patch_token_id=IM_PATCH,
-        image_end_token_id=IM_END,
-        dream_start_token_id=DREAM_START,
-        dream_end_token_id=DREAM_END,
-        image_token_id=IMAGE,
-        dream_token_id=DREAM,
+        **config_token_ids(tokenizer),
     )
-    mllm = DreamLLMForConditionalGeneration(config).eval()
+    mllm = tiny_model(config)
     mllm.generation_config.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
 
     channels = tuple(args.unet_channels)
-    unet = UNet2DConditionModel(
+    unet = tiny_unet(
+        args.cross_attention_dim,
         sample_size=args.height // 8,
-        in_channels=4,
-        out_channels=4,
         block_out_channels=channels,
-        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1),
-        cross_attention_dim=args.cross_attention_dim,
         attention_head_dim=8,
-        use_linear_projection=True,
-    ).eval()
-    vae = AutoencoderKL(
+        norm_num_groups=32,
+    )
+    vae = tiny_vae(
         block_out_channels=(64, 128, 128, 128),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
+        norm_num_groups=32,
         sample_size=args.height,
-    ).eval()
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False
     )
-    added = json.loads((FIXTURE / "added_tokens.json").read_text())
-    tokenizer = build_legacy_tokenizer(FIXTURE / "tokenizer.model", added)
-    processor = DreamLLMProcessor(
-        image_processor=CLIPImageProcessor(),
-        tokenizer=tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        num_dream_queries=config.num_dream_queries,
-    )
-    pipe = DreamLLMPipeline(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler)
+    processor = tiny_processor(config, tokenizer=tokenizer)
+    pipe = DreamLLMPipeline(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=tiny_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -351,14 +334,7 @@ def bench_interleaved(pipe, args):
         return out
 
     # A drawn picture in the stream, but its `<im_end>`, which the next decode step feeds (as in the engine).
-    block = torch.tensor(
-        [
-            [DREAM_START]
-            + [IM_PATCH] * config.num_dream_queries
-            + [DREAM_END, IM_START]
-            + [IM_PATCH] * config.num_image_tokens
-        ]
-    )
+    block = torch.tensor([pipe.processor.drawn_picture_ids[:-1]])
 
     def read_back(image, cache):
         """`<im_start>` + the picture's CLIP features into the cache (public model API only)."""
@@ -418,7 +394,7 @@ def bench_interleaved(pipe, args):
                 return
             stream = out[:, :-1]
             # The whole prefix again; the forward reads every complete dream block, the new one is the last.
-            with_block = torch.cat([stream, block[:, : config.num_dream_queries + 2]], dim=1)
+            with_block = torch.cat([stream, block[:, : len(pipe.processor.dream_block_ids)]], dim=1)
             cond = mllm(with_block, pixel_values=pixel_values, logits_to_keep=1).dream_embeddings[-1:]
             image = bare_loop(pipe, cond, uncond, args.steps, args.height, 3.5, index)[0]
             pictures.append(processor.image_processor([image], return_tensors="pt")["pixel_values"])

@@ -35,85 +35,75 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import BitsAndBytesConfig, CLIPImageProcessor
 
 import dreamllm_hf  # noqa: F401
 from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
+from dreamllm_hf import constants as C
 from dreamllm_hf.conversion.original_layout import KNOWN_CLIP_IDS, KNOWN_DIFFUSION_IDS
-from dreamllm_hf.conversion.tokenizer import build_legacy_tokenizer
+from dreamllm_hf.modeling.configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG, VICUNA_7B_TEXT_CONFIG
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.testing_utils import (
+    config_token_ids,
+    tiny_config,
+    tiny_processor,
+    tiny_scheduler,
+    tiny_unet,
+    tiny_vae,
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import PROMPTS, TEXT_TOKEN, batched_scripts, chat_ids, compare_documents, scripted  # noqa: E402
+from bench_pipeline import (  # noqa: E402
+    PROMPTS,
+    TEXT_TOKEN,
+    batched_scripts,
+    chat_ids,
+    compare_documents,
+    fixture_tokenizer,
+    scripted,
+)
 
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "original_tiny"
 SD_DIR = KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"]
 
 
-def tiny_config() -> DreamLLMConfig:
-    return DreamLLMConfig(
+def gpu_config(tiny: bool, tokenizer) -> DreamLLMConfig:
+    """The 7B shapes, or tiny ones with the 7B's vocabulary and picture layout (256 image slots, 64 queries); the
+    special token ids are the tokenizer's, so that the processor lays pictures out as the model reads them."""
+    ids = config_token_ids(tokenizer)
+    if not tiny:
+        return DreamLLMConfig(**ids)
+    return tiny_config(
         text_config=dict(
-            model_type="llama",
-            vocab_size=32008,
+            vocab_size=VICUNA_7B_TEXT_CONFIG["vocab_size"],
+            max_position_embeddings=VICUNA_7B_TEXT_CONFIG["max_position_embeddings"],
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
         ),
         vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=224,
-            patch_size=14,
+            hidden_size=64, intermediate_size=128, image_size=CLIP_VIT_L_14_VISION_CONFIG["image_size"]
         ),
-        num_dream_queries=64,
+        num_dream_queries=C.NUM_DREAM_QUERIES,
         cross_attention_dim=32,
+        **ids,
     )
 
 
 def diffusion_components(tiny: bool, dtype, device):
     if tiny:
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=4,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-        )
+        unet, vae = tiny_unet(32), tiny_vae()
     else:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD_DIR / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD_DIR / "vae"))
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(SD_DIR / "scheduler"))
-    return unet.to(device, dtype), vae.to(device, dtype), scheduler
+    return unet.to(device, dtype), vae.to(device, dtype), tiny_scheduler()
 
 
-def processor_for(config: DreamLLMConfig) -> DreamLLMProcessor:
+def processor_for(config: DreamLLMConfig, tokenizer) -> DreamLLMProcessor:
     # Any legacy tokenizer will do: image mode is fed `prompt_embeds`, decode is fed ids.
-    added = json.loads((FIXTURE / "added_tokens.json").read_text())
-    tokenizer = build_legacy_tokenizer(FIXTURE / "tokenizer.model", added)
     image_processor = CLIPImageProcessor.from_pretrained(KNOWN_CLIP_IDS["openai/clip-vit-large-patch14"])
-    return DreamLLMProcessor(
-        image_processor,
-        tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        num_dream_queries=config.num_dream_queries,
-    )
+    return tiny_processor(config, tokenizer=tokenizer, image_processor=image_processor)
 
 
 def copy_bandwidth(device) -> float:
@@ -228,7 +218,7 @@ def decode_row(mllm_bytes: int, tokens_per_s: float, roofline: float) -> dict:
     }
 
 
-def run_variant(name, checkpoint, config, device, args, bandwidth):
+def run_variant(name, checkpoint, config, tokenizer, device, args, bandwidth):
     """`name`: fp16, int8, nf4, or fp16-static (fp16 decoding with a static cache, compiled; no picture)."""
     load_kwargs = {"dtype": torch.float16 if device.type == "cuda" else torch.float32}
     if name == "int8":
@@ -251,7 +241,7 @@ def run_variant(name, checkpoint, config, device, args, bandwidth):
 
     unet, vae, scheduler = diffusion_components(args.tiny, load_kwargs["dtype"], device)
     pipe = DreamLLMText2ImagePipeline(
-        mllm=mllm, processor=processor_for(config), unet=unet, vae=vae, scheduler=scheduler
+        mllm=mllm, processor=processor_for(config, tokenizer), unet=unet, vae=vae, scheduler=scheduler
     )
     pipe.set_progress_bar_config(disable=True)
     ids = torch.randint(3, 30000, (2, 12), device=device)
@@ -290,12 +280,14 @@ def timed(device, fn):
     return time.perf_counter() - start, result
 
 
-def run_documents(checkpoint, config, device, args, bandwidth):
+def run_documents(checkpoint, config, tokenizer, device, args, bandwidth):
     """`fp16-documents`: `DreamLLMPipeline` documents with `cache_implementation="static"` (see the module doc)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     mllm, mllm_bytes, before = load_mllm(checkpoint, device, {"dtype": dtype})
     unet, vae, scheduler = diffusion_components(args.tiny, dtype, device)
-    pipe = DreamLLMPipeline(mllm=mllm, processor=processor_for(config), unet=unet, vae=vae, scheduler=scheduler)
+    pipe = DreamLLMPipeline(
+        mllm=mllm, processor=processor_for(config, tokenizer), unet=unet, vae=vae, scheduler=scheduler
+    )
     pipe.set_progress_bar_config(disable=True)
     size = unet.config.sample_size * pipe.vae_scale_factor
     eos, dream_start = config.eos_token_id, config.dream_start_token_id
@@ -413,7 +405,8 @@ def main():
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("No CUDA GPU here: run with --tiny to check the script on the CPU.")
-    config = tiny_config() if args.tiny else DreamLLMConfig()
+    tokenizer = fixture_tokenizer()
+    config = gpu_config(args.tiny, tokenizer)
     bandwidth = copy_bandwidth(device)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
@@ -430,10 +423,10 @@ def main():
         results = {}
         for name in args.variants.split(","):
             if name == "fp16-documents":
-                results[name] = run_documents(checkpoint, config, device, args, bandwidth)
+                results[name] = run_documents(checkpoint, config, tokenizer, device, args, bandwidth)
                 gc.collect()
             else:
-                results[name] = run_variant(name, checkpoint, config, device, args, bandwidth)
+                results[name] = run_variant(name, checkpoint, config, tokenizer, device, args, bandwidth)
             print(name, json.dumps(results[name]), flush=True)
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(_null_nans(results), indent=1))

@@ -63,7 +63,7 @@ def written_stream(pipe, recorder: TokenRecorder) -> tuple[list[int], list[int]]
     """The ids the model's context held (a `<dream_start>` becomes its dream and image blocks) and, for every
     sampled token, the position whose logits chose it."""
     config = pipe.mllm.config
-    block = pipe.processor.dream_block_ids + pipe.processor.image_block_ids
+    block = pipe.processor.drawn_picture_ids
     stream, chosen_at = list(recorder.prompt), []
     for token in recorder.sampled:
         chosen_at.append(len(stream) - 1)

@@ -24,13 +24,7 @@ from dreamllm_hf.conversion import original_layout as L
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "original_tiny"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two contending ones on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_fixture(dest: pathlib.Path) -> pathlib.Path:

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_pipeline import FAST, load_pipeline, picture, seeded
+from test_pipeline import FAST, CollectStreamer, load_pipeline, picture, seeded
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dreamllm_hf.pipelines import DocumentEvent, DreamLLMPipeline, StopReason
@@ -147,20 +147,6 @@ def test_batch_equals_single_sampled_with_one_generator_per_document(pipe, scrip
     assert again.text == batch.text[:2]
 
 
-def test_num_images_per_prompt_gives_independent_documents(pipe, scripts):
-    _, free = scripts
-    out = pipe(
-        "Tell a story",
-        num_images_per_prompt=3,
-        generator=[seeded(i) for i in range(3)],
-        generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])},
-        do_sample=True,
-        max_new_tokens=8,
-        **FAST,
-    )
-    assert len(out.documents) == 3 and len(set(out.text)) > 1
-
-
 def test_stream_events_tell_the_output(pipe, scripts):
     plans, _ = scripts
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, **FAST)
@@ -238,8 +224,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
     batches = [rows for rows, _ in widths.steps]
     assert batches[0] == 3 and batches[-1] == 1 and batches == sorted(batches, reverse=True)  # "Hi" ends at once
     # The cache is never longer than the longest document: pictures leave no padding blocks in the other rows.
-    config = pipe.mllm.config
-    block = config.num_dream_queries + 2 + config.num_image_tokens + 2
+    block = len(pipe.processor.drawn_picture_ids)
     streams = []
     for prompt, images, plan in zip(PROMPTS, IMAGES, plans.values()):
         prompt_length = pipe._tokenize([pipe.format_chat_prompt(prompt)], [images] if images else None, "cpu")[0]
@@ -256,18 +241,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
 
 def test_legacy_streamer_follows_one_document(pipe, scripts):
     plans, _ = scripts
-
-    class Collect:
-        def __init__(self):
-            self.puts, self.ended = [], 0
-
-        def put(self, value):
-            self.puts.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended += 1
-
-    streamer = Collect()
+    streamer = CollectStreamer()
     out = pipe("Tell a story", generation_kwargs=scripted(plans), streamer=streamer, generator=seeded(), **FAST)
     assert streamer.ended == 1 and len(streamer.puts) == 1 + 5  # the prompt, then a, b, <dream_start>, c, </s>
     assert len(out.images[0]) == 1

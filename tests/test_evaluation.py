@@ -23,13 +23,7 @@ from dreamllm_hf.evaluation.vqa import normalize_answer, read_vqa_examples, scor
 from dreamllm_hf.shapes_world.world import COLOURS, SHAPES, draw_shape, sample_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A shorter training than the command's 300 steps: colours are learnt first, which the checks below need.

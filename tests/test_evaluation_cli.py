@@ -14,13 +14,7 @@ from dreamllm_hf.evaluation.text_to_image import picture_seed
 from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FEW_STEPS = ["--steps", "2", "--guidance", "2", "--resolution", "32"]

@@ -2,10 +2,7 @@
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -18,7 +15,6 @@ from dreamllm_hf.pipelines.cli import add_generate_parser
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = "--steps 2 --max-new-tokens 6 --max-images 1 --guidance-scale 1"
 RECORD_KEYS = ["id", "index", "prompt", "seed", "segments", "text", "images", "stop_reason", "html"]
 
@@ -196,37 +192,14 @@ def test_a_saved_dataset_as_input(saved_pipeline, tmp_path):
         generate(saved_pipeline, f"--prompts {tmp_path / 'bad'} --output-dir {output} {TINY}")
 
 
-def test_accelerate_launch_two_processes_share_the_documents(saved_pipeline, tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip("the accelerate launcher is not installed next to this Python")
+def test_accelerate_launch_two_processes_share_the_documents(saved_pipeline, tmp_path, accelerate_launch):
     prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": f"Story number {i}"} for i in range(5)])
     output = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [
-        str(accelerate),
-        "launch",
-        "--config_file",
-        str(REPO / "examples/accelerate/cpu_2proc.yaml"),
-        "--main_process_port",
-        "29563",
-        "-m",
-        "dreamllm_hf.cli",
-        "generate",
-        "--model",
-        str(saved_pipeline),
-        "--prompts",
-        str(prompts),
-        "--output-dir",
-        str(output),
-        "--batch-size",
-        "2",
-        *TINY.split(),
-    ]
+    arguments = ["-m", "dreamllm_hf.cli", "generate", "--model", saved_pipeline, "--prompts", prompts]
+    arguments += ["--output-dir", output, "--batch-size", 2, *TINY.split()]
 
     def launch() -> list[int]:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run = accelerate_launch(29563, *arguments, cwd=tmp_path)
         written = re.findall(r"process (\d)/2: wrote (\d+) document", run.stderr)
         assert sorted(process for process, _ in written) == ["0", "1"], run.stderr[-3000:]
         return [int(count) for _, count in written]

@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import ModelCard, constants
 
@@ -31,12 +30,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "original_tiny"
 TOKEN = "hf_fake_write_token"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

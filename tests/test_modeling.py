@@ -1,62 +1,26 @@
-"""Behaviour of DreamLLMConfig / DreamLLMModel / DreamLLMForConditionalGeneration on tiny random models."""
+"""Behaviour of DreamLLMConfig / DreamLLMModel / DreamLLMForConditionalGeneration on tiny random models (the checks
+every model is held to, save/load, dict vs tuple, batching, generation, compiled decode, are in test_contracts.py)."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.cache_utils import DynamicCache
 
-import dreamllm_hf  # noqa: F401  (registers the Auto classes)
 from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMModel
 from dreamllm_hf import constants as C
+from dreamllm_hf.testing_utils import tiny_config, tiny_model
 
 
-N_IMG, Q = 4, 3  # image tokens (28 px / patch 14) and dream queries of the tiny model
-BOS, EOS, PAD = 1, 2, 100
-IM_START, IM_PATCH, IM_END, DREAM_START, DREAM_END = 101, 102, 103, 104, 105
-
-
-def tiny_config(**overrides) -> DreamLLMConfig:
-    kwargs = dict(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=108,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        ),
-        num_dream_queries=Q,
-        cross_attention_dim=8,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        image_start_token_id=IM_START,
-        image_patch_token_id=IM_PATCH,
-        image_end_token_id=IM_END,
-        dream_start_token_id=DREAM_START,
-        dream_end_token_id=DREAM_END,
-        image_token_id=106,
-        dream_token_id=107,
-    )
-    kwargs.update(overrides)
-    return DreamLLMConfig(**kwargs)
+CONFIG = tiny_config()
+N_IMG, Q = CONFIG.num_image_tokens, CONFIG.num_dream_queries
+HIDDEN = CONFIG.text_config.hidden_size
+BOS, EOS = CONFIG.bos_token_id, CONFIG.eos_token_id
+IM_START, IM_PATCH, IM_END = CONFIG.image_start_token_id, CONFIG.image_patch_token_id, CONFIG.image_end_token_id
+DREAM_START, DREAM_END = CONFIG.dream_start_token_id, CONFIG.dream_end_token_id
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DreamLLMForConditionalGeneration(tiny_config()).eval()
+    return tiny_model(CONFIG)
 
 
 def image_block():
@@ -68,7 +32,8 @@ def dream_block():
 
 
 def pixels(n, seed=0):
-    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+    size = CONFIG.vision_config.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_default_config_is_the_released_7b():
@@ -90,20 +55,6 @@ def test_default_config_is_the_released_7b():
         assert config.special_token_ids[token] == token_id
 
 
-def test_auto_classes_round_trip(model, tmp_path):
-    model.save_pretrained(tmp_path)
-    assert isinstance(AutoConfig.from_pretrained(tmp_path), DreamLLMConfig)
-    ids = torch.tensor([[BOS, 5, 6] + image_block() + [7, 8]])
-    expected = model(input_ids=ids, pixel_values=pixels(1)).logits
-    for auto_class in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        loaded = auto_class.from_pretrained(tmp_path).eval()
-        assert type(loaded) is DreamLLMForConditionalGeneration
-        torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels(1)).logits, expected)
-    backbone = AutoModel.from_pretrained(tmp_path)
-    assert type(backbone) is DreamLLMModel
-    torch.testing.assert_close(backbone.dream_queries.weight, model.model.dream_queries.weight)
-
-
 def test_image_features_go_after_im_start_not_on_every_patch(model):
     """Dream slots use <im_patch> too: they must get the queries, never image features."""
     ids = torch.tensor([[BOS, 5] + dream_block() + image_block() + [6]])
@@ -120,8 +71,8 @@ def test_image_features_go_after_im_start_not_on_every_patch(model):
 def test_dream_outputs_for_every_block_in_reading_order(model):
     ids = torch.tensor([[BOS, 5] + dream_block() + image_block() + [6, 7] + dream_block() + image_block() + [EOS]])
     out = model(input_ids=ids, pixel_values=pixels(2))
-    assert out.dream_hidden_states.shape == (2, Q, 32)
-    assert out.dream_embeddings.shape == (2, Q, 8)
+    assert out.dream_hidden_states.shape == (2, Q, HIDDEN)
+    assert out.dream_embeddings.shape == (2, Q, CONFIG.cross_attention_dim)
     first = model.get_dream_embeddings(torch.tensor([[BOS, 5]]))
     torch.testing.assert_close(out.dream_embeddings[:1], first, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out.dream_embeddings[0], out.dream_embeddings[1])
@@ -178,88 +129,20 @@ def test_dream_embeddings_continue_a_cache_without_recomputing(model):
     assert cache.get_seq_length() == context.shape[1] + Q + 2
 
 
-def test_generate_uses_cache_and_runs_vision_once(model):
-    ids = torch.tensor([[BOS, 5] + image_block() + [6, 7]])
-    calls = []
-    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        cached = model.generate(input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False)
-    finally:
-        hook.remove()
-    assert len(calls) == 1  # the original ran a dummy CLIP pass at every decode step
-    uncached = model.generate(
-        input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False, use_cache=False
-    )
-    assert torch.equal(cached, uncached)
-
-
-def test_batched_left_padding_generates_as_one_by_one(model):
-    prompts = [[BOS, 5] + image_block() + [6, 7, 8, 9], [BOS] + image_block() + [10]]
-    images = pixels(2)
-    singles = [
-        model.generate(input_ids=torch.tensor([p]), pixel_values=images[i : i + 1], max_new_tokens=5, do_sample=False)[
-            0, len(p) :
-        ]
-        for i, p in enumerate(prompts)
-    ]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    batched = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=5, do_sample=False, pad_token_id=PAD
-    )
-    for row, single in zip(batched[:, width:], singles):
-        assert torch.equal(row, single)
-
-
-def test_static_cache_decode_compiles_as_one_graph(model):
-    # What `generate(cache_implementation="static")` does on a GPU: compile the decode step. A graph break (e.g. from
-    # reading the static cache's on-device length) would cost a sync per token and the CUDA graph.
-    from transformers import CompileConfig
-
-    ids = torch.tensor([[BOS, 5] + image_block() + [6, 7]])
-    expected = model.generate(input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False)
-    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
-    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = model.generate(
-        input_ids=ids,
-        pixel_values=pixels(1),
-        max_new_tokens=6,
-        do_sample=False,
-        cache_implementation="static",
-        compile_config=compile_config,
-    )
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert torch.equal(compiled, expected)
-
-
 def test_dream_queries_live_in_a_module(model):
     assert isinstance(model.model.dream_queries, torch.nn.Module)
     names = dict(model.named_parameters())
     assert "model.dream_queries.weight" in names
-    assert names["model.dream_queries.weight"].shape == (Q, 32)
+    assert names["model.dream_queries.weight"].shape == (Q, HIDDEN)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # transformers' conventions: dict vs tuple, the `cache` argument, what the base class does for us
 
 
-def test_return_dict_false_gives_the_dict_outputs_tuple(model):
+def test_config_return_dict_false_gives_a_tuple(model):
+    """The contract layer checks `return_dict=False`; a composite config's `return_dict` must work the same way."""
     ids = torch.tensor([[BOS, 5] + dream_block() + image_block() + [6, EOS]])
-    inputs = dict(input_ids=ids, pixel_values=pixels(1), labels=ids)
-    for module, kwargs in ((model, inputs), (model.model, {k: v for k, v in inputs.items() if k != "labels"})):
-        as_dict = module(**kwargs)
-        as_tuple = module(**kwargs, return_dict=False)
-        assert isinstance(as_tuple, tuple) and not isinstance(as_dict, tuple)
-        expected = as_dict.to_tuple()
-        assert len(as_tuple) == len(expected)
-        for got, want in zip(as_tuple, expected):
-            if isinstance(want, torch.Tensor):
-                torch.testing.assert_close(got, want)
-        # The first entries are those of every transformers model: (loss, logits, ...) or (last_hidden_state, ...).
-        torch.testing.assert_close(as_tuple[0], as_dict[0])
     # `config.return_dict=False` on the composite config turns the outer output into a tuple; the language model
     # inside still hands back a ModelOutput (its own config is untouched).
     model.config.return_dict = False
@@ -281,7 +164,9 @@ def test_outputs_build_on_the_library_multimodal_outputs(model):
     ids = torch.tensor([[BOS, 5] + image_block() + [6] + dream_block()])
     out = model(input_ids=ids, pixel_values=pixels(1))
     torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(pixels(1)))
-    assert out.dream_embeddings.shape == (1, Q, 8) and out.cache.get_seq_length() == ids.shape[1]
+    assert (
+        out.dream_embeddings.shape == (1, Q, CONFIG.cross_attention_dim) and out.cache.get_seq_length() == ids.shape[1]
+    )
     text_only = model(input_ids=torch.tensor([[BOS, 5, 6]]))
     assert text_only.image_outputs is None and text_only.dream_embeddings is None
 
@@ -323,8 +208,8 @@ def test_what_the_base_class_does_is_not_repeated(model, tmp_path):
     embed_tokens = model.model.language_model.embed_tokens
     assert model.get_input_embeddings() is embed_tokens and model.model.get_input_embeddings() is embed_tokens
     assert model.get_output_embeddings() is model.lm_head
-    fresh = DreamLLMForConditionalGeneration(tiny_config())
-    replacement = torch.nn.Embedding(108, 32)
+    fresh = DreamLLMForConditionalGeneration(CONFIG)
+    replacement = torch.nn.Embedding(CONFIG.text_config.vocab_size, HIDDEN)
     fresh.set_input_embeddings(replacement)
     assert fresh.model.language_model.embed_tokens is replacement
     # `_no_split_modules` is collected from the sub-models when the model is built.

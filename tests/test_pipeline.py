@@ -1,4 +1,5 @@
-"""DreamLLMPipeline behaviour on the tiny converted checkpoint (random weights, 16x16 pictures, 2 steps)."""
+"""DreamLLMPipeline behaviour on the tiny converted checkpoint (random weights, 16x16 pictures, 2 steps); the checks
+every pipeline is held to (save/load, batching, copies, callbacks, offload, from_pipe) are in test_contracts.py."""
 
 import json
 
@@ -6,26 +7,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from dreamllm_hf import DreamLLMForConditionalGeneration
-from dreamllm_hf.modeling.processing_dreamllm import DreamLLMProcessor
+from dreamllm_hf.modeling import DreamLLMProcessor
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, StopReason
+from dreamllm_hf.testing_utils import tiny_pipeline_components
 
 
 FAST = dict(num_inference_steps=2, guidance_scale=3.5)
 
 
 def load_pipeline(converted) -> DreamLLMPipeline:
-    pipe = DreamLLMPipeline(
-        mllm=DreamLLMForConditionalGeneration.from_pretrained(converted / "mllm", dtype=torch.float32).eval(),
-        processor=DreamLLMProcessor.from_pretrained(converted / "processor"),
-        unet=UNet2DConditionModel.from_pretrained(converted / "unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(converted / "vae", torch_dtype=torch.float32),
-        scheduler=DDPMScheduler.from_pretrained(converted / "scheduler"),
-    )
+    """The converted checkpoint in fp32 (it is stored in bf16)."""
+    pipe = DreamLLMPipeline.from_pretrained(converted, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -84,26 +79,6 @@ class CountTokens:
         return sum(length for _, length in self.calls)
 
 
-def test_save_load_round_trip(shared_pipe, tmp_path):
-    shared_pipe.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["mllm"] == ["dreamllm_hf.modeling.modeling_dreamllm", "DreamLLMForConditionalGeneration"]
-    assert index["processor"] == ["dreamllm_hf.modeling.processing_dreamllm", "DreamLLMProcessor"]
-    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
-    loaded = DreamLLMPipeline.from_pretrained(tmp_path)
-    loaded.set_progress_bar_config(disable=True)
-    documents = [
-        p("Tell a story", generation_kwargs=scripted([5, 1003, 2]), generator=seeded(), output_type="np", **FAST)
-        for p in (shared_pipe, loaded)
-    ]
-    assert documents[0].text == documents[1].text
-    np.testing.assert_array_equal(documents[0].images[0][0], documents[1].images[0][0])
-    answers = [
-        p("Hello <image>", images=picture(), allow_images=False, max_new_tokens=5).text for p in (shared_pipe, loaded)
-    ]
-    assert answers[0] == answers[1]
-
-
 def test_saved_folder_loads_the_ways_people_try_first(shared_pipe, tmp_path):
     """`DiffusionPipeline.from_pretrained` after `import dreamllm_hf`, and the mllm folder as a transformers repo."""
     import diffusers
@@ -154,35 +129,6 @@ def test_text_only_pipeline_saves_and_loads_without_diffusion_parts(shared_pipe,
         loaded("Tell a story")
 
 
-def test_model_cpu_offload_runs_on_cpu(pipe):
-    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
-    reference = t2i("a red bird", generator=seeded(), output_type="np", **FAST).images
-    story = pipe(
-        "Tell a story",
-        generation_kwargs=scripted([5, 7, 1003, 9, 2]),
-        generator=seeded(),
-        output_type="np",
-        **FAST,
-    )
-    if not torch.cuda.is_available():  # diffusers 0.42 wants an accelerator unless the device is named
-        with pytest.raises(RuntimeError, match="requires accelerator"):
-            pipe.enable_model_cpu_offload()
-    pipe.enable_model_cpu_offload(device="cpu")
-    assert pipe._execution_device.type == "cpu" and pipe._all_hooks  # offload hooks are in place
-    t2i.enable_model_cpu_offload(device="cpu")
-    offloaded = t2i("a red bird", generator=seeded(), output_type="np", **FAST).images
-    np.testing.assert_array_equal(offloaded, reference)
-    again = pipe(
-        "Tell a story",
-        generation_kwargs=scripted([5, 7, 1003, 9, 2]),
-        generator=seeded(),
-        output_type="np",
-        **FAST,
-    )
-    assert again.text == story.text
-    np.testing.assert_array_equal(again.images[0][0], story.images[0][0])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Text
 
@@ -211,32 +157,29 @@ def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
     assert verbatim.text == conversation.text == out.text
 
 
-def test_text_mode_batch_equals_one_by_one_and_stops_at_eos(shared_pipe):
-    prompts = ["Hi", "Describe <image> and <image> in detail please"]
-    images = [[], [picture(1), picture(2)]]
-    batch = shared_pipe(prompts, images=images, allow_images=False, max_new_tokens=5)
-    for index, prompt in enumerate(prompts):
-        single = shared_pipe(prompt, images=images[index], allow_images=False, max_new_tokens=5)
-        assert single.text[0] == batch.text[index]
+def test_text_mode_stops_at_eos(shared_pipe):
     eos = shared_pipe("Hi", allow_images=False, max_new_tokens=5, generation_kwargs=scripted([5, 2]))
     assert eos.stop_reasons == [StopReason.EOS]
     assert eos.text == [shared_pipe.tokenizer.decode([5])]
 
 
+class CollectStreamer(BaseStreamer):
+    """What a `generate` streamer receives: every `put` (the prompt, then each sampled token) and the `end`s."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended += 1
+
+
 def test_text_streamer_receives_the_tokens(shared_pipe):
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.tokens, self.ended = [], 0
-
-        def put(self, value):
-            self.tokens.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended += 1
-
-    streamer = Collect()
+    streamer = CollectStreamer()
     shared_pipe("Hi", allow_images=False, max_new_tokens=3, streamer=streamer)
-    assert len(streamer.tokens) == 1 + 3 and streamer.ended == 1  # the prompt, then each new token
+    assert len(streamer.puts) == 1 + 3 and streamer.ended == 1  # the prompt, then each new token
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,7 +280,7 @@ def test_interleaved_stops_at_max_new_tokens(pipe):
 
 def test_interleaved_stops_at_the_context_limit(pipe):
     config = pipe.mllm.config
-    picture_cost = config.num_dream_queries + 2 + config.num_image_tokens + 2
+    picture_cost = len(pipe.processor.drawn_picture_ids)  # a dream block and the picture read back
     prompt_len = pipe._tokenize([pipe.format_chat_prompt("Write")], None, torch.device("cpu"))[0].shape[1]
     # Room for the first picture (after one text token) but not for a second one.
     config.text_config.max_position_embeddings = prompt_len + 1 + picture_cost + 1 + picture_cost - 1
@@ -349,29 +292,6 @@ def test_interleaved_stops_at_the_context_limit(pipe):
     text = pipe("Write", generation_kwargs=scripted([5]), max_new_tokens=50, **FAST)
     assert text.stop_reasons == [StopReason.CONTEXT_LIMIT]
     assert text.text == [pipe.tokenizer.decode([5, 5, 5])]
-
-
-def test_interleaved_batches_and_copies(pipe):
-    out = pipe(
-        ["Write", "Tell me more please"],
-        num_images_per_prompt=2,
-        generation_kwargs={"logits_processor": LogitsProcessorList([AlwaysDreamThenStop()])},
-        generator=[seeded(i) for i in range(4)],
-        output_type="np",
-        **FAST,
-    )
-    assert len(out.documents) == 4 and out.stop_reasons == [StopReason.EOS] * 4
-    assert all(len(images) == 1 for images in out.images)
-    assert not np.allclose(out.images[0][0], out.images[1][0])  # each document has its own generator
-
-
-class AlwaysDreamThenStop(LogitsProcessor):
-    """A picture first, then `</s>`, for every document (decided from the tokens so far, so it needs no state)."""
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, 2 if (input_ids == 1005).any() else 1003] = 0
-        return forced
 
 
 def test_rendering_to_html_and_markdown(pipe, tmp_path):
@@ -441,6 +361,18 @@ def test_small_pictures_are_shown_scaled_up_crisply(size, shown):
 def test_bad_inputs_are_value_errors_that_say_what_to_change(shared_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         shared_pipe(**kwargs, **{k: v for k, v in FAST.items() if k not in kwargs})
+
+
+def test_a_processor_that_lays_pictures_out_otherwise_than_the_model_is_refused():
+    """The engine writes pictures in the processor's layout and the model reads them in its own: they must agree."""
+    components = tiny_pipeline_components()
+    components["processor"].num_dream_queries += 1
+    with pytest.raises(ValueError, match="4 query slots.*reads 4 and 3"):
+        DreamLLMPipeline(**components)("Hi", allow_images=False, max_new_tokens=2)
+    components = tiny_pipeline_components()
+    components["processor"].special_token_ids["<im_end>"] = 7
+    with pytest.raises(ValueError, match="special token ids differ.*'<im_end>': \\(7, "):
+        DreamLLMPipeline(**components)("Hi", allow_images=False, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("allow_images", [True, False])

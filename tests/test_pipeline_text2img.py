@@ -1,5 +1,6 @@
 """DreamLLMText2ImagePipeline on the tiny converted checkpoint (random weights, 16x16 pictures, 2 steps): shaped like
-StableDiffusionPipeline; the golden parity is in test_pipeline_parity.py."""
+StableDiffusionPipeline; the golden parity is in test_pipeline_parity.py, the checks every pipeline is held to
+(save/load, dict vs tuple, batching, num_images_per_prompt, callbacks, offload, from_pipe) in test_contracts.py."""
 
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, ImagePipelineOutput
 from test_pipeline import FAST, CountTokens, load_pipeline, picture, seeded
 
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMPipelineOutput, DreamLLMText2ImagePipeline, StopReason
+from dreamllm_hf.pipelines import DreamLLMPipelineOutput, DreamLLMText2ImagePipeline, StopReason
 
 
 @pytest.fixture
@@ -50,37 +51,6 @@ def test_same_seed_same_bytes(shared_t2i):
     assert first.tobytes() != other.tobytes()
 
 
-def test_dict_output_equals_tuple_output(shared_t2i):
-    as_dict = shared_t2i("a red bird", generator=seeded(), output_type="np", **FAST)
-    as_tuple = shared_t2i("a red bird", generator=seeded(), output_type="np", return_dict=False, **FAST)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1  # (images,), as Stable Diffusion without a checker
-    np.testing.assert_array_equal(as_tuple[0], as_dict.images)
-
-
-def test_batch_of_different_lengths_equals_one_by_one(shared_t2i):
-    prompts = ["a red bird", "a small blue house on a green hill next to the sea"]
-    batch = shared_t2i(prompts, generator=[seeded(1), seeded(2)], output_type="np", **FAST).images
-    for index, prompt in enumerate(prompts):
-        single = shared_t2i(prompt, generator=seeded(index + 1), output_type="np", **FAST)
-        np.testing.assert_allclose(batch[index], single.images[0], atol=1e-5)
-    with_negative = shared_t2i(
-        prompts,
-        negative_prompt=["blurry", "dark and noisy"],
-        generator=[seeded(1), seeded(2)],
-        output_type="latent",
-        **FAST,
-    ).images
-    for index, prompt in enumerate(prompts):
-        single = shared_t2i(
-            prompt,
-            negative_prompt=["blurry", "dark and noisy"][index],
-            generator=seeded(index + 1),
-            output_type="latent",
-            **FAST,
-        )
-        torch.testing.assert_close(with_negative[index], single.images[0], atol=1e-5, rtol=0)
-
-
 def test_cond_and_uncond_go_through_the_language_model_in_one_pass(t2i):
     counter = CountTokens(t2i.mllm)
     t2i(["a red bird", "a cat"], output_type="latent", **FAST)
@@ -96,40 +66,6 @@ def test_guidance_at_most_one_disables_the_unconditional(t2i):
     unet_batches.clear()
     t2i("a red bird", num_inference_steps=2, guidance_scale=2.0, output_type="latent")
     assert unet_batches == [2, 2]
-
-
-def test_num_images_per_prompt(shared_t2i):
-    out = shared_t2i(
-        ["a red bird", "a cat"],
-        num_images_per_prompt=3,
-        generator=seeded(),
-        output_type="np",
-        **FAST,
-    )
-    assert out.images.shape == (6, 16, 16, 3)
-    assert not np.allclose(out.images[0], out.images[1])  # different noise for each picture
-    with pytest.raises(ValueError, match="generators"):
-        shared_t2i("a red bird", num_images_per_prompt=2, generator=[seeded()], **FAST)
-
-
-def test_callback_can_change_latents(shared_t2i):
-    seen = []
-
-    def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
-        seen.append((step, int(timestep), set(callback_kwargs)))
-        if step == pipeline.num_timesteps - 1:
-            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
-        return {}
-
-    out = shared_t2i(
-        "a red bird",
-        output_type="latent",
-        callback_on_step_end=zero_at_last_step,
-        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-        **FAST,
-    )
-    assert torch.count_nonzero(out.images) == 0
-    assert [s for s, _, _ in seen] == [0, 1] and seen[0][2] == {"latents", "prompt_embeds"}
 
 
 def test_other_schedulers_are_accepted(t2i):
@@ -148,19 +84,6 @@ def test_prompt_with_a_picture_conditions_the_drawing(shared_t2i):
         **FAST,
     ).images
     assert with_picture.shape == plain.shape and not torch.allclose(with_picture, plain)
-
-
-def test_from_pipe_shares_components_and_both_load_from_one_folder(shared_t2i, tmp_path):
-    documents = DreamLLMPipeline.from_pipe(shared_t2i)
-    assert documents.mllm is shared_t2i.mllm and documents.unet is shared_t2i.unet
-    documents.save_pretrained(tmp_path)
-    loaded = DreamLLMText2ImagePipeline.from_pretrained(tmp_path)
-    loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded, DreamLLMText2ImagePipeline)
-    np.testing.assert_array_equal(
-        loaded("a red bird", generator=seeded(), output_type="np", **FAST).images,
-        shared_t2i("a red bird", generator=seeded(), output_type="np", **FAST).images,
-    )
 
 
 def test_deprecated_generation_mode_warns_and_gives_the_same_results(converted_tiny):
@@ -207,16 +130,3 @@ def test_prompt_longer_than_the_context(t2i):
     t2i.mllm.config.text_config.max_position_embeddings = 40
     with pytest.raises(ValueError, match="context is 40 positions"):
         t2i("word " * 60, **FAST)
-
-
-def test_from_pipe_keeps_dtypes_and_shares_modules(converted_tiny):
-    pipe = load_pipeline(converted_tiny)
-    pipe.unet.to(torch.float16)
-    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
-    assert t2i.unet is pipe.unet and t2i.unet.dtype == torch.float16  # diffusers' default would cast to float32
-    replaced = DreamLLMText2ImagePipeline.from_pipe(
-        pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    )
-    assert isinstance(replaced.scheduler, EulerDiscreteScheduler) and replaced.mllm is pipe.mllm
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        DreamLLMText2ImagePipeline.from_pipe(pipe, text_encoder=None)

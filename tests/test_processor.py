@@ -170,6 +170,8 @@ def test_placeholders_expand_into_blocks(
     assert processor(text=C.IMAGE_PLACEHOLDER, images=raw_images[0])["input_ids"] == [[bos, *image]]
     assert processor(text=C.DREAM_PLACEHOLDER, images=raw_images[0])["input_ids"] == [[bos, *dream, *image]]
     assert len(image) == num_image_tokens + 2 and len(dream) == num_dream_queries + 2
+    assert (processor.image_block_ids, processor.dream_block_ids) == (image, dream)
+    assert processor.drawn_picture_ids == [*dream, *image]  # what the pipeline writes for a picture it draws
 
 
 def test_expansion_reproduces_the_original_training_layout(processor, goldens_json):
@@ -357,3 +359,15 @@ def test_processor_round_trips_through_auto_processor(processor, raw_images, tmp
         # AutoImageProcessor picks the torchvision backend when it is installed, which resizes differently.
         if type(reloaded.image_processor) is type(original.image_processor):
             torch.testing.assert_close(before["pixel_values"], after["pixel_values"], atol=0.0, rtol=0.0)
+
+
+def test_check_model_config_refuses_a_model_that_reads_pictures_otherwise():
+    from dreamllm_hf.testing_utils import tiny_config, tiny_processor
+
+    processor = tiny_processor()
+    processor.check_model_config(tiny_config())  # the same layout: nothing to say
+    with pytest.raises(ValueError, match="4 image slots and a dream into 3 query slots.*reads 16 and 3"):
+        processor.check_model_config(tiny_config(vision_config={"image_size": 56}))
+    dream_start = processor.special_token_ids[C.DREAM_START_TOKEN]
+    with pytest.raises(ValueError, match=rf"special token ids differ.*'<dream_start>': \({dream_start}, 7\)"):
+        processor.check_model_config(tiny_config(dream_start_token_id=7))

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from test_modeling import IM_END, IM_PATCH, IM_START, tiny_config
 from transformers import BitsAndBytesConfig
 
 from dreamllm_hf import DreamLLMForConditionalGeneration
+from dreamllm_hf.testing_utils import tiny_config, tiny_model
 
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -16,47 +16,32 @@ FULL_PRECISION = ("model.multi_modal_projector", "model.condition_projector", "l
 def quantizable_config():
     # bitsandbytes on AVX512-BF16 CPUs needs in_features % 64 == 0 and out_features % 32 == 0 for 4-bit layers.
     return tiny_config(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        ),
+        text_config=dict(hidden_size=64, intermediate_size=128),
+        vision_config=dict(hidden_size=64, intermediate_size=128),
         cross_attention_dim=32,
     )
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DreamLLMForConditionalGeneration(quantizable_config()).eval()
+    model = tiny_model(quantizable_config())
     path = tmp_path_factory.mktemp("quant") / "mllm"
     model.save_pretrained(path)
     return model, path
 
 
 def inputs():
-    ids = torch.tensor([[1, 5, 6, IM_START] + [IM_PATCH] * 4 + [IM_END, 7, 8]])
-    return ids, torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    config = quantizable_config()
+    image_block = [config.image_start_token_id, *[config.image_patch_token_id] * config.num_image_tokens]
+    ids = torch.tensor([[config.bos_token_id, 5, 6, *image_block, config.image_end_token_id, 7, 8]])
+    size = config.vision_config.image_size
+    return ids, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize(
     "quantization, layer_class, tolerance",
     [
-        # Observed on this tiny random model: 4-bit NF4 max |Δlogit| 0.073, 8-bit 0.006 (logits up to ~0.6).
+        # Observed on this tiny random model: 4-bit NF4 max |Δlogit| 0.071, 8-bit 0.007 (logits up to ~0.7).
         (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
             "Linear4bit",

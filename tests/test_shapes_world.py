@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from dreamllm_hf.shapes_world import (
@@ -215,3 +216,21 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
     assert len(call["prompts"]) == settings.num_stories and call["do_sample"]
     seeds = [generator.initial_seed() for generator in call["generator"]]
     assert seeds == [settings.seed * 10_000 + i for i in range(settings.num_stories)]
+
+
+def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
+    """One captioning and one drawing metric: the recipe's checks call the evaluation's, whatever they decide."""
+    from dreamllm_hf.shapes_world import demo_training, evaluation
+
+    assert evaluation.caption_is_right("A Red circle.", "red", "circle")
+    assert evaluation.caption_is_right("a circle that is red", "red", "circle")
+    assert not evaluation.caption_is_right("a red square", "red", "circle")
+    assert evaluation.drawing_is_right(_picture("blue", "triangle"), "blue", "triangle")
+    assert not evaluation.drawing_is_right(_picture("blue", "triangle"), "blue", "square")
+    assert not evaluation.drawing_is_right(Image.new("RGB", (32, 32), (255, 255, 255)), None, None)
+
+    judged = []
+    monkeypatch.setattr(evaluation, "drawing_is_right", lambda picture, *want: judged.append(want) or True)
+    decoded = torch.zeros(2, 3, 32, 32)
+    assert demo_training._judge_all(decoded, [("red", "circle"), ("blue", "square")]) == 1.0
+    assert judged == [("red", "circle"), ("blue", "square")]

@@ -1,67 +1,22 @@
 """`accelerate launch` with two CPU processes (DDP over gloo) runs the training script end to end."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-from PIL import Image
+from dreamllm_hf.shapes_world.data import write_pairs_folder
 
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _toy_pairs(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    rows = []
-    colors = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "white": (250, 250, 250)}
-    for name, color in colors.items():
-        Image.new("RGB", (20, 24), color).save(folder / f"{name}.png")
-        rows.append(json.dumps({"file_name": f"{name}.png", "text": f"a {name} picture"}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
-def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path):
+def test_accelerate_launch_two_cpu_processes(converted_tiny, tmp_path, accelerate_launch):
     """Batch size 1 of pairs: every step leaves the dream path or the image projector unused on some rank, which DDP
     (no `find_unused_parameters`) only survives because the loss keeps every trainable module in the graph."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip("the accelerate launcher is not installed next to this Python")
-    data = _toy_pairs(tmp_path / "pairs")
+    data = write_pairs_folder(tmp_path / "pairs", 4, seed=0)
     output = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [
-        str(accelerate),
-        "launch",
-        "--config_file",
-        str(REPO / "examples/accelerate/cpu_2proc.yaml"),
-        "--main_process_port",
-        "29561",
-        str(REPO / "examples/train_lora.py"),
-        "--model",
-        str(converted_tiny),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(output),
-        "--max-steps",
-        "3",
-        "--seed",
-        "0",
-        "--batch-size",
-        "1",
-        "--checkpointing-steps",
-        "2",
-        "--dtype",
-        "float32",
-        "--cache-dir",
-        str(tmp_path / "hf-cache"),
-    ]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    arguments = [REPO / "examples/train_lora.py", "--model", converted_tiny, "--data", data, "--output-dir", output]
+    arguments += ["--max-steps", 3, "--seed", 0, "--batch-size", 1, "--checkpointing-steps", 2, "--dtype", "float32"]
+    run = accelerate_launch(29561, *arguments, "--cache-dir", tmp_path / "hf-cache")
     assert run.stdout.count("Trained 3 steps") == 1  # printed by the main process only
     log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [1, 2, 3]  # written once, by the main process

@@ -16,6 +16,16 @@ DREAM_START_TOKEN = "<dream_start>"  # the token the model emits to ask for a pi
 DREAM_END_TOKEN = "<dream_end>"
 IMAGE_PLACEHOLDER = "<image>"  # text placeholder, expanded by the processor into an image block
 DREAM_PLACEHOLDER = "<dream>"  # text placeholder, expanded into a dream block followed by an image block
+# The format's own tokens, which every DreamLLM tokenizer adds (with `[PAD]`): the block tokens and the placeholders.
+FORMAT_TOKENS = (
+    IMAGE_START_TOKEN,
+    IMAGE_PATCH_TOKEN,
+    IMAGE_END_TOKEN,
+    DREAM_START_TOKEN,
+    DREAM_END_TOKEN,
+    IMAGE_PLACEHOLDER,
+    DREAM_PLACEHOLDER,
+)
 
 # Ids fixed by the released tokenizer (`added_tokens.json` of RunpeiDong/dreamllm-7b-chat-v1.0); not in list order.
 RELEASE_ADDED_TOKEN_IDS = {

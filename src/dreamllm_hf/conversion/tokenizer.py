@@ -19,16 +19,7 @@ from .. import constants as C
 
 SPIECE_UNDERLINE = "▁"
 _SENTENCEPIECE_BPE = 2  # `ModelProto.TrainerSpec.ModelType.BPE`
-_DREAMLLM_ADDED_TOKENS = (
-    C.PAD_TOKEN,
-    C.IMAGE_START_TOKEN,
-    C.IMAGE_PATCH_TOKEN,
-    C.IMAGE_END_TOKEN,
-    C.DREAM_START_TOKEN,
-    C.DREAM_END_TOKEN,
-    C.IMAGE_PLACEHOLDER,
-    C.DREAM_PLACEHOLDER,
-)
+_DREAMLLM_ADDED_TOKENS = (C.PAD_TOKEN, *C.FORMAT_TOKENS)
 
 
 def build_legacy_tokenizer(

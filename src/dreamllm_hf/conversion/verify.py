@@ -436,12 +436,3 @@ def verify_conversion(
         )
     report.seconds = time.perf_counter() - start
     return report
-
-
-def read_report(converted_dir: str | Path) -> VerificationReport | None:
-    """The verification recorded in a converted folder's `conversion.json`, if any."""
-    path = Path(converted_dir) / "conversion.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text()).get("verification")
-    return None if data is None else VerificationReport.from_dict(data)

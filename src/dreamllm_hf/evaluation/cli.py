@@ -25,6 +25,7 @@ from ..dtypes import DTYPE_NAMES, parse_dtype
 
 
 DEMO_MODEL = "demo"  # --model demo: the shipped demo model
+SCORES_FILE = "scores.json"  # the figures of every command, beside its other outputs
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -131,8 +132,8 @@ def _finish(result: dict, output_dir: Path) -> int:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, ensure_ascii=False)
-    write_atomically(output_dir / "scores.json", lambda path: path.write_text(text + "\n", encoding="utf-8"))
-    print(f"wrote {output_dir / 'scores.json'}", file=sys.stderr)
+    write_atomically(output_dir / SCORES_FILE, lambda path: path.write_text(text + "\n", encoding="utf-8"))
+    print(f"wrote {output_dir / SCORES_FILE}", file=sys.stderr)
     print(text, flush=True)
     return 0
 
@@ -371,9 +372,10 @@ def _draw_and_score(args, model: str, seeds: list[int], records) -> int:
 
 def _score_fid(args, records, seeds, device, settings: dict, timings: dict) -> int:
     from .clip_score import CLIPScorer
+    from .data import open_pictures
     from .features import load_feature_network
     from .fid import FIDScorer, load_reference, save_statistics
-    from .text_to_image import SELECTION_FILE, open_pictures, read_generated, select_pictures
+    from .text_to_image import SELECTION_FILE, read_generated, select_pictures
 
     started = time.perf_counter()
     device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

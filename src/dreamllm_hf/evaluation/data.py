@@ -16,7 +16,7 @@ re-run finds what is already done.
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,12 +117,19 @@ def check_ids(entry: dict, skip: Iterable[str], scalars_only: bool = False) -> d
 
 
 def open_picture(image: Path | PIL.Image.Image) -> PIL.Image.Image:
+    """A picture file (or a PIL image) as an RGB image, the file closed again."""
     from ..modeling.processing_dreamllm import rgb_picture
 
     if isinstance(image, PIL.Image.Image):
         return rgb_picture(image)
     with PIL.Image.open(image) as picture:
         return rgb_picture(picture)
+
+
+def open_pictures(files: Iterable[Path]) -> Iterator[PIL.Image.Image]:
+    """`open_picture` of each file, one at a time (a set of pictures is never held in memory at once)."""
+    for path in files:
+        yield open_picture(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -308,6 +315,7 @@ __all__ = [
     "InputError",
     "caption_id",
     "open_picture",
+    "open_pictures",
     "parse_seeds",
     "read_captioning_examples",
     "read_captions",

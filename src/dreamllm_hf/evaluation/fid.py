@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import open_pictures
 from .features import fit_to_resolution, pictures_to_uint8
 
 
@@ -104,7 +105,7 @@ class FIDScorer:
         self._add(pictures, real=True, total=total, desc="FID: reference")
 
     def add_reference_files(self, files: Sequence[Path]) -> None:
-        self.add_reference(_open_all(files), total=len(files))
+        self.add_reference(open_pictures(files), total=len(files))
 
     def set_reference_statistics(self, mu: np.ndarray, sigma: np.ndarray) -> None:
         """Puts `mu`/`sigma` into torchmetrics' running sums so that its `compute` reads them back."""
@@ -144,12 +145,6 @@ class FIDScorer:
             if count < 2:
                 raise SystemExit(f"error: the {name} set has {count} picture(s); FID needs at least 2.")
         return float(self.metric.compute())
-
-
-def _open_all(files: Iterable[Path]) -> Iterable[PIL.Image.Image]:
-    for path in files:
-        with PIL.Image.open(path) as picture:
-            yield picture.convert("RGB")
 
 
 def load_reference(scorer: FIDScorer, reference: Path) -> dict:

@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from ..pipelines.prompt_files import batches, write_atomically
 from .clip_score import CLIPScorer, select_best
-from .data import CaptionRecord
+from .data import CaptionRecord, open_picture
 
 
 # The paper's MS-COCO FID settings (see the module docstring); the command's defaults.
@@ -35,7 +34,6 @@ DEFAULT_SEEDS = "42"  # one picture per caption, no selection (the LN-COCO row)
 PICTURES_DIR = "pictures"
 SELECTION_FILE = "selected.jsonl"
 GENERATION_FILE = "generation.json"
-SCORES_FILE = "scores.json"
 
 
 # torch's CPU generator keeps only the low 32 bits of a seed. seed * _SEED_STRIDE + index, modulo 2**32, differs for
@@ -116,11 +114,6 @@ def draw_pictures(
             on_batch(len(batch))
 
 
-def _open(path: Path) -> PIL.Image.Image:
-    with PIL.Image.open(path) as picture:
-        return picture.convert("RGB")
-
-
 def select_pictures(
     records: Sequence[CaptionRecord], seeds: Sequence[int], output_dir: Path, scorer: CLIPScorer | None
 ) -> list[dict]:
@@ -137,7 +130,7 @@ def select_pictures(
         scores = None
         chosen = 0
         if len(seeds) > 1:
-            scores = scorer.scores([_open(path) for path in files], [record.caption] * len(files))
+            scores = scorer.scores([open_picture(path) for path in files], [record.caption] * len(files))
             chosen = select_best(scores)
         rows.append(
             {
@@ -182,11 +175,6 @@ def read_generated(path: Path) -> tuple[list[Path], list[str] | None]:
     if len(files) < 2:
         raise SystemExit(f"error: {metadata} lists {len(files)} picture(s); FID needs at least 2.")
     return files, (captions if all(caption is not None for caption in captions) else None)
-
-
-def open_pictures(files: Sequence[Path]):
-    for path in files:
-        yield _open(path)
 
 
 __all__ = [

@@ -61,22 +61,13 @@ class DreamLLMProcessor(ProcessorMixin):
 
     @staticmethod
     def _lookup_special_token_ids(tokenizer) -> dict[str, int]:
-        tokens = (
-            C.IMAGE_START_TOKEN,
-            C.IMAGE_PATCH_TOKEN,
-            C.IMAGE_END_TOKEN,
-            C.DREAM_START_TOKEN,
-            C.DREAM_END_TOKEN,
-            C.IMAGE_PLACEHOLDER,
-            C.DREAM_PLACEHOLDER,
-        )
         vocab = tokenizer.get_vocab()
-        missing = [token for token in tokens if token not in vocab]
+        missing = [token for token in C.FORMAT_TOKENS if token not in vocab]
         if missing:
             raise ValueError(
                 f"The tokenizer lacks the DreamLLM special tokens {missing}; build it with the release's added tokens."
             )
-        return {token: vocab[token] for token in tokens}
+        return {token: vocab[token] for token in C.FORMAT_TOKENS}
 
     @property
     def image_block_ids(self) -> list[int]:
@@ -89,6 +80,38 @@ class DreamLLMProcessor(ProcessorMixin):
         """`<dream_start>` + `<im_patch>` x num_dream_queries + `<dream_end>` (without the image block that follows)."""
         ids = self.special_token_ids
         return [ids[C.DREAM_START_TOKEN], *[ids[C.IMAGE_PATCH_TOKEN]] * self.num_dream_queries, ids[C.DREAM_END_TOKEN]]
+
+    @property
+    def drawn_picture_ids(self) -> list[int]:
+        """A drawn picture in the token stream (what `<dream>` expands to): its dream block, then the image block it
+        is read back through."""
+        return self.dream_block_ids + self.image_block_ids
+
+    def check_model_config(self, config) -> None:
+        """
+        Raises `ValueError` unless the model of `config` reads pictures in this processor's layout: the same image and
+        dream slots, the same special token ids (a pipeline writes drawn pictures with the processor's ids into what
+        the model reads).
+
+        Args:
+            config ([`DreamLLMConfig`]): the model's configuration.
+        """
+        slots = (self.num_image_tokens, self.num_dream_queries)
+        if slots != (config.num_image_tokens, config.num_dream_queries):
+            raise ValueError(
+                f"The processor expands a picture into {slots[0]} image slots and a dream into {slots[1]} query "
+                f"slots, but the model reads {config.num_image_tokens} and {config.num_dream_queries}; use the "
+                "processor saved with this model."
+            )
+        model_ids = config.special_token_ids
+        different = {
+            token: (i, model_ids[token]) for token, i in self.special_token_ids.items() if model_ids[token] != i
+        }
+        if different:
+            raise ValueError(
+                f"The processor's special token ids differ from the model's (token: (processor, model)): {different}; "
+                "use the processor saved with this model."
+            )
 
     def __call__(
         self,
@@ -153,13 +176,13 @@ class DreamLLMProcessor(ProcessorMixin):
     def expand_placeholders(self, ids: list[int]) -> list[int]:
         """Replaces every `<image>` id by an image block and every `<dream>` id by a dream block + an image block."""
         image_id, dream_id = self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER]
-        image_block, dream_block = self.image_block_ids, self.dream_block_ids
+        image_block, drawn_picture = self.image_block_ids, self.drawn_picture_ids
         expanded = []
         for token_id in ids:
             if token_id == image_id:
                 expanded.extend(image_block)
             elif token_id == dream_id:
-                expanded.extend(dream_block + image_block)
+                expanded.extend(drawn_picture)
             else:
                 expanded.append(token_id)
         return expanded

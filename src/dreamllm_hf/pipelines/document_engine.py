@@ -99,15 +99,14 @@ class DocumentEngine:
         self.dream_start = config.dream_start_token_id
         self.pad = config.pad_token_id
         self.context = pipe.max_context_length
-        self.block_length = config.num_dream_queries + 2 + config.num_image_tokens + 2
+        # The processor owns the token layout; the model must read pictures with the same one.
+        pipe.processor.check_model_config(config)
+        drawn_picture = pipe.processor.drawn_picture_ids
+        self.block_length = pipe.image_block_length
+        self.dream_block_length = len(pipe.processor.dream_block_ids)
+        self.image_start, self.image_end = pipe.processor.image_block_ids[0], drawn_picture[-1]
         # A drawn picture's tokens in the stream, but its final `<im_end>`, which is fed by the next decode step.
-        self.picture_ids = torch.tensor(
-            [config.dream_start_token_id]
-            + [config.image_patch_token_id] * config.num_dream_queries
-            + [config.dream_end_token_id, config.image_start_token_id]
-            + [config.image_patch_token_id] * config.num_image_tokens,
-            device=self.device,
-        )
+        self.picture_ids = torch.tensor(drawn_picture[:-1], device=self.device)
         self.static = settings.cache_implementation == "static"
         self.step_call = self.mllm
 
@@ -464,10 +463,10 @@ class DocumentEngine:
         onload(mllm)
         pixel_values = pipe.processor.image_processor(as_pil, return_tensors="pt")["pixel_values"].to(self.device)
         features = mllm.get_image_features(pixel_values)
-        start_ids = torch.full((count, 1), self.config.image_start_token_id, device=self.device)
+        start_ids = torch.full((count, 1), self.image_start, device=self.device)
         start = mllm.get_input_embeddings()(start_ids)
         inputs_embeds = torch.cat([start, features.to(start.dtype)], dim=1)
-        added = self.config.num_dream_queries + 2 + inputs_embeds.shape[1]
+        added = self.dream_block_length + inputs_embeds.shape[1]
         mask = torch.cat([mask, mask.new_ones(count, added)], dim=1)
         mllm(inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
 
@@ -477,7 +476,7 @@ class DocumentEngine:
             document.pictures += 1
             document.length += added
             document.stream_length += added + 1
-            document.pending = self.config.image_end_token_id
+            document.pending = self.image_end
             yield DocumentEvent(type="picture", document=document.index, image=shown[i], index=document.pictures - 1)
             self._check_budget(document)
 

@@ -121,8 +121,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     @property
     def image_block_length(self) -> int:
         """Positions one drawn picture takes: its dream block (Q + 2) and its CLIP block (N + 2)."""
-        config = self.mllm.config
-        return config.num_dream_queries + 2 + config.num_image_tokens + 2
+        return len(self.processor.drawn_picture_ids)
 
     def format_chat_prompt(self, prompt: str | list[dict], images: list | None = None) -> str:
         """

@@ -421,10 +421,11 @@ DIAGNOSTIC_SEED = 2_000_003  # held out: no training set uses it
 
 
 def _judge_all(decoded: torch.Tensor, wanted: list[tuple[str, str]]) -> float:
-    from .classifier import classify_shape_image
+    """Share of decoded pictures (`[N, 3, H, W]` in [-1, 1]) that meet the drawing metric of the demo's evaluation."""
+    from .evaluation import drawing_is_right
 
     arrays = ((decoded.permute(0, 2, 3, 1).float().numpy() + 1.0) * 127.5).clip(0, 255).round().astype(np.uint8)
-    return sum(classify_shape_image(array) == want for array, want in zip(arrays, wanted)) / len(wanted)
+    return sum(drawing_is_right(array, *want) for array, want in zip(arrays, wanted)) / len(wanted)
 
 
 @torch.no_grad()
@@ -481,8 +482,9 @@ def dream_drawing_accuracy(mllm, processor, unet, vae, noise_scheduler, guidance
 
 @torch.no_grad()
 def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
-    """Greedy captions (`<s> <image>` prompt) of held-out pictures; right when colour and shape are both named."""
-    from .evaluation import named_colour_and_shape
+    """Greedy captions (`<s> <image>` prompt) of held-out pictures, scored by the captioning metric of the demo's
+    evaluation (right when colour and shape are both named)."""
+    from .evaluation import caption_is_right
 
     was_training = mllm.training
     mllm.eval()
@@ -491,7 +493,7 @@ def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
     output = mllm.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     right = sum(
-        named_colour_and_shape(answer) == (colour, shape)
+        caption_is_right(answer, colour, shape)
         for answer, colour, shape in zip(answers, pictures["colour"], pictures["shape"])
     )
     mllm.train(was_training)

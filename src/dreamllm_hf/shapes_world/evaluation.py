@@ -48,6 +48,17 @@ def named_colour_and_shape(text: str) -> tuple[str | None, str | None]:
     return colour, shape
 
 
+def caption_is_right(caption: str, colour: str, shape: str) -> bool:
+    """The captioning metric: `caption` names the picture's colour and shape (its first colour and shape words)."""
+    return named_colour_and_shape(caption) == (colour, shape)
+
+
+def drawing_is_right(picture, colour: str | None, shape: str | None) -> bool:
+    """The drawing metric: the judge (`classify_shape_image`) reads `picture` (PIL, `[H, W, 3]` array) as the colour
+    and shape asked for (a request that names none of them is never met)."""
+    return None not in (colour, shape) and classify_shape_image(picture) == (colour, shape)
+
+
 def _last_sentence(text: str) -> str:
     sentences = [part for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part]
     return sentences[-1] if sentences else ""
@@ -79,9 +90,9 @@ def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 3
             [[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy
         )
         for answer, chat_answer, colour, shape in zip(out.text, chat.text, rows["colour"], rows["shape"]):
-            ok = named_colour_and_shape(answer) == (colour, shape)
+            ok = caption_is_right(answer, colour, shape)
             right += ok
-            chat_right += named_colour_and_shape(chat_answer) == (colour, shape)
+            chat_right += caption_is_right(chat_answer, colour, shape)
             if len(examples) < 6:
                 examples.append({"truth": f"{colour} {shape}", "caption": answer.strip(), "ok": ok})
     return {
@@ -103,7 +114,7 @@ def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
     ).images
     per_caption = dict.fromkeys(captions, 0)
     for prompt, image in zip(prompts, images):
-        if classify_shape_image(image) == named_colour_and_shape(prompt):
+        if drawing_is_right(image, *named_colour_and_shape(prompt)):
             per_caption[prompt] += 1
     right = sum(per_caption.values())
     return {
@@ -140,7 +151,7 @@ def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
             drawn += 1
             asked = named_colour_and_shape(_last_sentence(last_text))
             seen = classify_shape_image(segment)
-            ok = None not in asked and seen == asked
+            ok = drawing_is_right(segment, *asked)
             matched += ok
             record.append(f"[picture: {seen[0]} {seen[1]}{'' if ok else ' (mismatch)'}]")
             last_text = ""  # a second picture right after the first has no sentence of its own
@@ -184,6 +195,8 @@ __all__ = [
     "HELD_OUT_SEED",
     "DemoEvaluationSettings",
     "caption_accuracy",
+    "caption_is_right",
+    "drawing_is_right",
     "evaluate_pipeline",
     "interleaved_match",
     "load_demo_pipeline",

@@ -260,7 +260,7 @@ class DreamLLMSampleBuilder:
         order = sorted(range(len(images)), key=lambda k: (matched_text_index[k], k))
         images = [images[k] for k in order]
         segments = merge_text_list([text.strip() for text in text_list], [matched_text_index[k] for k in order])
-        block = [*self.dream_block, *self.image_block]
+        block = self.processor.drawn_picture_ids
         body, pictures, skipped = [], [], []
         for index, segment in enumerate(segments):
             segment_ids = self.tokenize(segment)

@@ -255,15 +255,7 @@ def load_training_components(
     mllm = load_mllm(root, dtype=dtype, load_in_4bit=args.load_in_4bit, device_map=device_map)
     processor = DreamLLMProcessor.from_pretrained(root / "processor")
     config = mllm.config
-    if (processor.num_image_tokens, processor.num_dream_queries) != (
-        config.num_image_tokens,
-        config.num_dream_queries,
-    ):
-        raise ValueError(
-            f"processor/ expands pictures into {processor.num_image_tokens} image slots and "
-            f"{processor.num_dream_queries} dream slots, but mllm/ expects {config.num_image_tokens} and "
-            f"{config.num_dream_queries}."
-        )
+    processor.check_model_config(config)  # processor/ and mllm/ lay pictures out alike
     unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
     check_decoder(unet.config, config, vae.config)  # before training starts: the width, and what else unet/ reads

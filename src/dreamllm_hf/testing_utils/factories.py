@@ -1,0 +1,316 @@
+"""Tiny DreamLLM components for tests and benchmarks: built here, offline, seeded, in a fraction of a second.
+
+Every factory takes keyword overrides; nested configs (`text_config`, `vision_config`) are merged into the tiny
+defaults, so `tiny_config(text_config={"hidden_size": 64})` keeps the other tiny sizes. The tokenizer is the shapes
+world's LLaMA-style SentencePiece model (`dreamllm_hf.shapes_world.tokenizer`), trained in milliseconds, with the 8
+DreamLLM tokens after its pieces in the release's order; `tiny_config()` carries those ids without building it.
+
+The sizes: a 2-layer LLaMA 32 wide, a 2-layer CLIP tower 16 wide on 28 px pictures (patch 14: 4 image tokens), 3
+dream queries projected to 8, and a UNet / VAE drawing 16 px pictures (VAE factor 2) with the release's DDPM schedule.
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import constants as C
+from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
+from ..shapes_world.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer, release_ordered_added_tokens
+
+
+TINY_TOKENIZER_PIECES = DEMO_VOCAB_SIZE  # SentencePiece pieces; the DreamLLM tokens follow
+TINY_VOCAB_SIZE = TINY_TOKENIZER_PIECES + len(C.RELEASE_ADDED_TOKEN_IDS)
+TINY_IMAGE_SIZE = 28  # CLIP input; patch 14 -> 4 image tokens
+TINY_NUM_DREAM_QUERIES = 3
+TINY_CROSS_ATTENTION_DIM = 8
+TINY_TEXT_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
+TINY_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": TINY_IMAGE_SIZE,
+    "patch_size": 14,
+}
+
+# The `DreamLLMConfig` argument that holds each special token's id.
+_CONFIG_TOKEN_ARGUMENTS = {
+    C.BOS_TOKEN: "bos_token_id",
+    C.EOS_TOKEN: "eos_token_id",
+    C.PAD_TOKEN: "pad_token_id",
+    C.IMAGE_START_TOKEN: "image_start_token_id",
+    C.IMAGE_PATCH_TOKEN: "image_patch_token_id",
+    C.IMAGE_END_TOKEN: "image_end_token_id",
+    C.DREAM_START_TOKEN: "dream_start_token_id",
+    C.DREAM_END_TOKEN: "dream_end_token_id",
+    C.IMAGE_PLACEHOLDER: "image_token_id",
+    C.DREAM_PLACEHOLDER: "dream_token_id",
+}
+
+
+def config_token_ids(tokenizer=None) -> dict[str, int]:
+    """
+    The token-id arguments of a [`DreamLLMConfig`] (`bos_token_id`, ..., `dream_token_id`) for a tokenizer.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): a DreamLLM tokenizer (with the 8 added tokens). Defaults to
+            the ids of `tiny_tokenizer()`, which is not built for this.
+    """
+    if tokenizer is None:
+        vocab = {
+            C.BOS_TOKEN: C.RELEASE_BOS_TOKEN_ID,  # the SentencePiece layout of LLaMA: <unk> 0, <s> 1, </s> 2
+            C.EOS_TOKEN: C.RELEASE_EOS_TOKEN_ID,
+            **release_ordered_added_tokens(TINY_TOKENIZER_PIECES),
+        }
+    else:
+        vocab = tokenizer.get_vocab()
+    missing = [token for token in _CONFIG_TOKEN_ARGUMENTS if token not in vocab]
+    if missing:
+        raise ValueError(f"`tokenizer` lacks the DreamLLM tokens {missing}; give a tokenizer that has all of them.")
+    return {argument: vocab[token] for token, argument in _CONFIG_TOKEN_ARGUMENTS.items()}
+
+
+def tiny_config(**overrides) -> DreamLLMConfig:
+    """
+    A tiny [`DreamLLMConfig`] whose token ids are those of `tiny_tokenizer()`.
+
+    Args:
+        **overrides: any `DreamLLMConfig` argument. `text_config` and `vision_config` dicts are merged into the tiny
+            sub-configs (`TINY_TEXT_CONFIG`, `TINY_VISION_CONFIG`); pass `config_token_ids(tokenizer)` to match
+            another tokenizer.
+    """
+    text_config = {**TINY_TEXT_CONFIG, **overrides.pop("text_config", {})}
+    vision_config = {**TINY_VISION_CONFIG, **overrides.pop("vision_config", {})}
+    kwargs = {
+        "num_dream_queries": TINY_NUM_DREAM_QUERIES,
+        "cross_attention_dim": TINY_CROSS_ATTENTION_DIM,
+        **config_token_ids(),
+        **overrides,
+    }
+    return DreamLLMConfig(text_config=text_config, vision_config=vision_config, **kwargs)
+
+
+def _seeded(seed: int, build):
+    """`build()` with the global RNG seeded, and the global RNG left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_model(config: DreamLLMConfig | None = None, seed: int = 0, **config_overrides):
+    """
+    A randomly initialised [`DreamLLMForConditionalGeneration`] in eval mode.
+
+    Args:
+        config (`DreamLLMConfig`, *optional*): defaults to `tiny_config(**config_overrides)`.
+        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
+        **config_overrides: passed to `tiny_config` when `config` is not given.
+    """
+    if config is None:
+        config = tiny_config(**config_overrides)
+    elif config_overrides:
+        raise ValueError(f"Give `config` or config overrides, not both; got both and {sorted(config_overrides)}.")
+    return _seeded(seed, lambda: DreamLLMForConditionalGeneration(config)).eval()
+
+
+def tiny_tokenizer(**kwargs):
+    """
+    The tiny DreamLLM tokenizer: the shapes world's SentencePiece BPE (`TINY_TOKENIZER_PIECES` pieces, byte fallback,
+    so any text tokenizes) as the project's legacy-exact fast tokenizer, with the 8 DreamLLM tokens after it.
+
+    Args:
+        **kwargs: passed to `build_demo_tokenizer` (`model_max_length`).
+    """
+    with tempfile.TemporaryDirectory() as work_dir:
+        return build_demo_tokenizer(work_dir, vocab_size=TINY_TOKENIZER_PIECES, **kwargs)
+
+
+def tiny_image_processor(image_size: int = TINY_IMAGE_SIZE, **overrides):
+    """
+    CLIP preprocessing at `image_size` (resize the short side, centre crop, OpenAI mean and std).
+
+    Args:
+        image_size (`int`, defaults to 28): the vision tower's input size.
+        **overrides: any `CLIPImageProcessor` argument.
+    """
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    kwargs = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    return CLIPImageProcessorPil(**{**kwargs, **overrides})
+
+
+def tiny_processor(config: DreamLLMConfig | None = None, tokenizer=None, image_processor=None) -> DreamLLMProcessor:
+    """
+    A [`DreamLLMProcessor`] that expands pictures as `config` reads them.
+
+    Args:
+        config (`DreamLLMConfig`, *optional*): gives the image and dream slots; defaults to `tiny_config()`.
+        tokenizer (*optional*): defaults to `tiny_tokenizer()`.
+        image_processor (*optional*): defaults to `tiny_image_processor` at the vision tower's size.
+    """
+    config = config if config is not None else tiny_config()
+    return DreamLLMProcessor(
+        image_processor=image_processor or tiny_image_processor(config.vision_config.image_size),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        num_image_tokens=config.num_image_tokens,
+        num_dream_queries=config.num_dream_queries,
+    )
+
+
+def tiny_unet(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, seed: int = 0, **overrides):
+    """
+    A two-level `UNet2DConditionModel` on 8x8 latents, cross-attending to the dream embeddings.
+
+    Args:
+        cross_attention_dim (`int`, defaults to 8): the width of the conditioning (`config.cross_attention_dim`).
+        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
+        **overrides: any `UNet2DConditionModel` argument.
+    """
+    from diffusers import UNet2DConditionModel
+
+    kwargs = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "attention_head_dim": (2, 4),
+        "norm_num_groups": 8,
+        "use_linear_projection": True,
+        "cross_attention_dim": cross_attention_dim,
+        **overrides,
+    }
+    return _seeded(seed, lambda: UNet2DConditionModel(**kwargs)).eval()
+
+
+def tiny_vae(seed: int = 0, **overrides):
+    """
+    An `AutoencoderKL` between 16x16 pictures and 4x8x8 latents (VAE factor 2).
+
+    Args:
+        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
+        **overrides: any `AutoencoderKL` argument.
+    """
+    from diffusers import AutoencoderKL
+
+    kwargs = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+        **overrides,
+    }
+    return _seeded(seed, lambda: AutoencoderKL(**kwargs)).eval()
+
+
+def tiny_scheduler(**overrides):
+    """
+    The release's sampler: `DDPMScheduler` on Stable Diffusion 2.1-base's schedule (the converter's scheduler).
+
+    Args:
+        **overrides: any `DDPMScheduler` config entry.
+    """
+    from diffusers import DDPMScheduler
+
+    from ..conversion.original_layout import KNOWN_DIFFUSION_IDS
+
+    folder = KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"] / "scheduler"
+    return DDPMScheduler.from_config(DDPMScheduler.load_config(folder), **overrides)
+
+
+def tiny_pipeline_components(
+    config: DreamLLMConfig | None = None, tokenizer=None, seed: int = 0, **config_overrides
+) -> dict:
+    """
+    The components of a DreamLLM pipeline (`mllm`, `processor`, `unet`, `vae`, `scheduler`), consistent with each
+    other: the UNet cross-attends at `config.cross_attention_dim`, the processor expands pictures as the model reads
+    them.
+
+    Args:
+        config (`DreamLLMConfig`, *optional*): defaults to `tiny_config(**config_overrides)` (with the token ids of
+            `tokenizer` when one is given).
+        tokenizer (*optional*): defaults to `tiny_tokenizer()`.
+        seed (`int`, defaults to 0): seeds every initialisation.
+        **config_overrides: passed to `tiny_config` when `config` is not given.
+    """
+    if config is None:
+        ids = config_token_ids(tokenizer) if tokenizer is not None else {}
+        config = tiny_config(**{**ids, **config_overrides})
+    elif config_overrides:
+        raise ValueError(f"Give `config` or config overrides, not both; got both and {sorted(config_overrides)}.")
+    return {
+        "mllm": tiny_model(config, seed=seed),
+        "processor": tiny_processor(config, tokenizer=tokenizer),
+        "unet": tiny_unet(config.cross_attention_dim, seed=seed),
+        "vae": tiny_vae(seed=seed),
+        "scheduler": tiny_scheduler(),
+    }
+
+
+def tiny_pipeline(pipeline_class=None, **kwargs):
+    """
+    A tiny pipeline in fp32 on the CPU, progress bars off.
+
+    Args:
+        pipeline_class (*optional*): `DreamLLMPipeline` (default) or `DreamLLMText2ImagePipeline`.
+        **kwargs: passed to `tiny_pipeline_components`.
+    """
+    if pipeline_class is None:
+        from ..pipelines import DreamLLMPipeline as pipeline_class
+    pipe = pipeline_class(**tiny_pipeline_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(folder: str | Path, **kwargs) -> Path:
+    """
+    Writes a tiny `DreamLLMPipeline` folder (`model_index.json`, `mllm/`, `processor/`, `unet/`, `vae/`,
+    `scheduler/`), as `from_pretrained` and the command line read it; returns the folder.
+
+    Args:
+        folder (`str` or `Path`): where to write it.
+        **kwargs: passed to `tiny_pipeline_components`.
+    """
+    tiny_pipeline(**kwargs).save_pretrained(folder)
+    return Path(folder)
+
+
+__all__ = [
+    "TINY_CROSS_ATTENTION_DIM",
+    "TINY_IMAGE_SIZE",
+    "TINY_NUM_DREAM_QUERIES",
+    "TINY_TEXT_CONFIG",
+    "TINY_TOKENIZER_PIECES",
+    "TINY_VISION_CONFIG",
+    "TINY_VOCAB_SIZE",
+    "config_token_ids",
+    "save_tiny_pipeline",
+    "tiny_config",
+    "tiny_image_processor",
+    "tiny_model",
+    "tiny_pipeline",
+    "tiny_pipeline_components",
+    "tiny_processor",
+    "tiny_scheduler",
+    "tiny_tokenizer",
+    "tiny_unet",
+    "tiny_vae",
+]

@@ -1,0 +1,363 @@
+"""The behaviours transformers and diffusers hold their own models and pipelines to, as mixins of our own.
+
+Neither library ships its test mixins (`ModelTesterMixin`, `GenerationTesterMixin`, `PipelineTesterMixin`) in its
+wheel, so this is a small layer shaped like them: a test class names its component factory and its inputs, and
+inherits every check. `ModelContract` runs against a model config (`get_config`); `PipelineContract` against a
+pipeline class, the other pipeline that shares its components (`from_pipe`), the components (`get_dummy_components`)
+and one call's arguments (`get_dummy_inputs`). The tests that bind them live in `test_contracts.py`.
+"""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, CompileConfig
+
+import dreamllm_hf  # noqa: F401  (registers the Auto classes)
+from dreamllm_hf import DreamLLMConfig, DreamLLMModel
+from dreamllm_hf.testing_utils import tiny_config, tiny_model, tiny_pipeline_components
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def assert_same_output(actual, expected, atol: float = 0.0, path: str = "output") -> None:
+    """Equal structure and values: outputs, tuples, lists, dicts, arrays, tensors, pictures and plain values."""
+    if isinstance(expected, BaseOutput):
+        assert isinstance(actual, type(expected)), f"{path}: {type(actual).__name__} is not {type(expected).__name__}"
+        assert list(actual.keys()) == list(expected.keys()), f"{path}: fields {list(actual)} != {list(expected)}"
+        for key in expected:
+            assert_same_output(actual[key], expected[key], atol, f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{path}: lengths differ"
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_output(a, e, atol, f"{path}[{index}]")
+    elif isinstance(expected, (np.ndarray, torch.Tensor, PIL.Image.Image)):
+        a, e = (np.asarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x) for x in (actual, expected))
+        assert a.shape == e.shape, f"{path}: shape {a.shape} != {e.shape}"
+        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), atol=atol, rtol=0, err_msg=path)
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def differs(actual, expected) -> bool:
+    try:
+        assert_same_output(actual, expected, atol=1e-6)
+    except AssertionError:
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class ModelContract:
+    """
+    Shaped like transformers' `ModelTesterMixin` and `GenerationTesterMixin`, for [`DreamLLMForConditionalGeneration`]
+    built from `get_config()` (a tiny config by default; another backbone overrides it).
+    """
+
+    auto_classes = (AutoModelForCausalLM, AutoModelForImageTextToText)
+    atol = 1e-5  # fp32 rounding between a batch and its rows
+
+    @classmethod
+    def get_config(cls) -> DreamLLMConfig:
+        return tiny_config()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model(cls):
+        return tiny_model(cls.get_config())
+
+    # Token streams in the model's own layout (the model knows no processor).
+    @staticmethod
+    def image_block(config) -> list[int]:
+        return [config.image_start_token_id, *[config.image_patch_token_id] * config.num_image_tokens] + [
+            config.image_end_token_id
+        ]
+
+    @staticmethod
+    def dream_block(config) -> list[int]:
+        return [config.dream_start_token_id, *[config.image_patch_token_id] * config.num_dream_queries] + [
+            config.dream_end_token_id
+        ]
+
+    @staticmethod
+    def pixels(config, count: int, seed: int = 0) -> torch.Tensor:
+        size = config.vision_config.image_size
+        return torch.randn(count, 3, size, size, generator=seeded(seed))
+
+    def prompt(self, config, words: list[int]) -> list[int]:
+        """BOS, `words`, a picture to read, two more words: what a prompt about a picture looks like."""
+        return [config.bos_token_id, *words, *self.image_block(config), 7, 8]
+
+    # -- ModelTesterMixin ---------------------------------------------------------------------------------------------
+
+    def test_save_load_round_trip_through_the_auto_classes(self, model, tmp_path):
+        config = model.config
+        model.save_pretrained(tmp_path)
+        assert isinstance(AutoConfig.from_pretrained(tmp_path), DreamLLMConfig)
+        ids = torch.tensor([self.prompt(config, [5, 6])])
+        with torch.no_grad():
+            expected = model(input_ids=ids, pixel_values=self.pixels(config, 1)).logits
+            for auto_class in self.auto_classes:
+                loaded = auto_class.from_pretrained(tmp_path).eval()
+                assert type(loaded) is type(model)
+                torch.testing.assert_close(loaded(input_ids=ids, pixel_values=self.pixels(config, 1)).logits, expected)
+        backbone = AutoModel.from_pretrained(tmp_path)
+        assert type(backbone) is DreamLLMModel
+        torch.testing.assert_close(backbone.dream_queries.weight, model.model.dream_queries.weight)
+
+    @pytest.mark.parametrize("head", [True, False], ids=["for_conditional_generation", "model"])
+    def test_dict_and_tuple_outputs_are_equal(self, model, head):
+        """`return_dict=False` returns the output's fields as a tuple (`to_tuple()`), for the head and the backbone."""
+        config = model.config
+        ids = torch.tensor([[config.bos_token_id, 5, *self.dream_block(config), *self.image_block(config), 6]])
+        kwargs = dict(input_ids=ids, pixel_values=self.pixels(config, 1), use_cache=False)
+        if head:
+            module, kwargs["labels"] = model, ids
+        else:
+            module = model.model
+        with torch.no_grad():
+            as_dict = module(**kwargs)
+            as_tuple = module(**kwargs, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        assert_same_output(as_tuple, as_dict.to_tuple())
+
+    def test_batch_equals_each_row_alone(self, model):
+        """Rows of one batch (each with a picture read and a dream block) give what each gives alone."""
+        config = model.config
+        rows = [
+            [config.bos_token_id, 5, 6, *self.dream_block(config), *self.image_block(config), 9],
+            [config.bos_token_id, 10, 11, *self.dream_block(config), *self.image_block(config), 12],
+        ]
+        pixels = self.pixels(config, 2, seed=3)
+        with torch.no_grad():
+            batch = model(input_ids=torch.tensor(rows), pixel_values=pixels)
+            for index, row in enumerate(rows):
+                alone = model(input_ids=torch.tensor([row]), pixel_values=pixels[index : index + 1])
+                torch.testing.assert_close(batch.logits[index], alone.logits[0], atol=self.atol, rtol=self.atol)
+                torch.testing.assert_close(
+                    batch.dream_embeddings[index], alone.dream_embeddings[0], atol=self.atol, rtol=self.atol
+                )
+
+    # -- GenerationTesterMixin ----------------------------------------------------------------------------------------
+
+    def test_generate_uses_the_cache_and_reads_pictures_once(self, model):
+        config = model.config
+        ids = torch.tensor([self.prompt(config, [5])])
+        calls = []
+        hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            cached = model.generate(
+                input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False
+            )
+        finally:
+            hook.remove()
+        assert len(calls) == 1  # the original ran a dummy CLIP pass at every decode step
+        uncached = model.generate(
+            input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False, use_cache=False
+        )
+        assert torch.equal(cached, uncached)
+
+    def test_left_padded_batch_generates_as_each_row_alone(self, model):
+        config = model.config
+        prompts = [self.prompt(config, [5, 6, 7, 8, 9]), self.prompt(config, [10])]
+        images = self.pixels(config, 2)
+        singles = [
+            model.generate(
+                input_ids=torch.tensor([p]), pixel_values=images[i : i + 1], max_new_tokens=5, do_sample=False
+            )[0, len(p) :]
+            for i, p in enumerate(prompts)
+        ]
+        width = max(map(len, prompts))
+        pad = config.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        batched = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=images,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for row, single in zip(batched[:, width:], singles):
+            assert torch.equal(row, single)
+
+    def test_static_cache_decode_compiles_as_one_graph(self, model):
+        """What `generate(cache_implementation="static")` does on a GPU: compile the decode step. A graph break (e.g.
+        from reading the static cache's on-device length) would cost a sync per token and the CUDA graph."""
+        config = model.config
+        ids = torch.tensor([self.prompt(config, [5])])
+        expected = model.generate(
+            input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False
+        )
+        compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = model.generate(
+            input_ids=ids,
+            pixel_values=self.pixels(config, 1),
+            max_new_tokens=6,
+            do_sample=False,
+            cache_implementation="static",
+            compile_config=compile_config,
+        )
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        assert torch.equal(compiled, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipelines
+
+
+class PipelineContract:
+    """
+    Shaped like diffusers' `PipelineTesterMixin`. A test class sets `pipeline_class`, `other_pipeline_class` (the
+    pipeline `from_pipe` makes from this one), `get_dummy_inputs(pipe, seed)` (one call: a prompt, a `generator`,
+    2 steps, `output_type="np"`) and `items(output)` (one comparable entry per picture or document).
+    """
+
+    pipeline_class = None
+    other_pipeline_class = None
+    batch_prompts = ("a red circle", "Tell me a story about a small blue square and a green triangle.")
+    negative_prompts = ("blurry", "dark and noisy")
+    atol = 1e-5  # fp32 rounding between a batch and its rows, on pictures in [0, 1]
+
+    @classmethod
+    def get_dummy_components(cls) -> dict:
+        return tiny_pipeline_components()
+
+    def get_dummy_inputs(self, pipe, seed: int = 0) -> dict:
+        raise NotImplementedError
+
+    def items(self, output) -> list:
+        raise NotImplementedError
+
+    @classmethod
+    def make(cls):
+        pipe = cls.pipeline_class(**cls.get_dummy_components())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def pipe(cls):
+        """One pipeline for the checks that leave it as they found it."""
+        return cls.make()
+
+    @pytest.fixture
+    def fresh_pipe(self):
+        """A pipeline of its own, for the checks that add offload hooks or change a dtype."""
+        return self.make()
+
+    def test_save_load_round_trip(self, pipe, tmp_path):
+        expected = pipe(**self.get_dummy_inputs(pipe))
+        pipe.save_pretrained(tmp_path)
+        index = json.loads((tmp_path / "model_index.json").read_text())
+        assert index["_class_name"] == self.pipeline_class.__name__
+        assert index["mllm"] == ["dreamllm_hf.modeling.modeling_dreamllm", "DreamLLMForConditionalGeneration"]
+        assert index["processor"] == ["dreamllm_hf.modeling.processing_dreamllm", "DreamLLMProcessor"]
+        assert index["scheduler"] == ["diffusers", type(pipe.scheduler).__name__]
+        loaded = self.pipeline_class.from_pretrained(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        assert_same_output(loaded(**self.get_dummy_inputs(loaded)), expected)
+        # The other pipeline loads from the same folder and gives what `from_pipe` gives.
+        other = self.other_pipeline_class.from_pretrained(tmp_path)
+        assert isinstance(other, self.other_pipeline_class)
+        assert_same_output(
+            self.pipeline_class.from_pipe(other)(**self.get_dummy_inputs(loaded)), expected
+        )  # the round trip through the other class changes nothing
+
+    def test_dict_and_tuple_outputs_are_equal(self, pipe):
+        as_dict = pipe(**self.get_dummy_inputs(pipe))
+        as_tuple = pipe(**self.get_dummy_inputs(pipe), return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        assert_same_output(as_tuple, as_dict.to_tuple())
+
+    @pytest.mark.parametrize("with_negative_prompts", [False, True])
+    def test_batch_equals_each_prompt_alone(self, pipe, with_negative_prompts):
+        """Prompts of different lengths (left-padded in one batch), one generator each: the same as one by one."""
+        inputs = self.get_dummy_inputs(pipe)
+        prompts, negatives = list(self.batch_prompts), list(self.negative_prompts)
+        if with_negative_prompts:
+            inputs["negative_prompt"] = negatives
+        inputs.update(prompt=prompts, generator=[seeded(1), seeded(2)])
+        batch = self.items(pipe(**inputs))
+        assert len(batch) == len(prompts)
+        for index, prompt in enumerate(prompts):
+            inputs.update(prompt=prompt, generator=[seeded(index + 1)])
+            if with_negative_prompts:
+                inputs["negative_prompt"] = negatives[index]
+            assert_same_output(batch[index], self.items(pipe(**inputs))[0], atol=self.atol)
+
+    def test_num_images_per_prompt(self, pipe):
+        inputs = self.get_dummy_inputs(pipe)
+        inputs.update(prompt=list(self.batch_prompts), num_images_per_prompt=2)
+        inputs["generator"] = [seeded(i) for i in range(4)]
+        items = self.items(pipe(**inputs))
+        assert len(items) == 4
+        assert differs(items[0], items[1]) and differs(items[2], items[3])  # each copy has its own generator
+        inputs["generator"] = [seeded(0)]
+        with pytest.raises(ValueError, match="generators"):
+            pipe(**inputs)
+
+    def test_callback_on_step_end_gets_its_tensor_inputs_and_can_change_latents(self, pipe):
+        names = list(self.pipeline_class._callback_tensor_inputs)
+        seen = []
+
+        def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
+            seen.append((step, {k: type(v) for k, v in callback_kwargs.items()}))
+            if step == pipeline.num_timesteps - 1:
+                return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+            return {}
+
+        outputs = []
+        for seed in (0, 1):
+            inputs = self.get_dummy_inputs(pipe, seed)
+            outputs.append(
+                pipe(**inputs, callback_on_step_end=zero_at_last_step, callback_on_step_end_tensor_inputs=names)
+            )
+        assert [step for step, _ in seen] == [0, 1, 0, 1]
+        assert all(kinds == dict.fromkeys(names, torch.Tensor) for _, kinds in seen)
+        # The pictures are decoded from zero latents: the seed no longer shows, and they differ from a plain call.
+        assert_same_output(self.items(outputs[1]), self.items(outputs[0]))
+        assert differs(self.items(pipe(**self.get_dummy_inputs(pipe, 0))), self.items(outputs[0]))
+
+    def test_model_cpu_offload_runs_twice(self, fresh_pipe):
+        pipe = fresh_pipe
+        expected = pipe(**self.get_dummy_inputs(pipe))
+        if not torch.cuda.is_available():  # diffusers 0.42 wants an accelerator unless the device is named
+            with pytest.raises(RuntimeError, match="requires accelerator"):
+                pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device="cpu")
+        assert pipe._execution_device.type == "cpu" and pipe._all_hooks  # offload hooks are in place
+        for _ in range(2):  # the hooks put every model back where it was after a call
+            assert_same_output(pipe(**self.get_dummy_inputs(pipe)), expected)
+
+    def test_from_pipe_shares_components_and_keeps_dtypes(self, fresh_pipe):
+        pipe = fresh_pipe
+        expected = pipe(**self.get_dummy_inputs(pipe))
+        other = self.other_pipeline_class.from_pipe(pipe)
+        assert isinstance(other, self.other_pipeline_class)
+        for name in pipe.components:
+            assert getattr(other, name) is getattr(pipe, name), name
+        back = self.pipeline_class.from_pipe(other)
+        assert_same_output(back(**self.get_dummy_inputs(back)), expected)
+        replaced = self.other_pipeline_class.from_pipe(
+            pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        )
+        assert isinstance(replaced.scheduler, EulerDiscreteScheduler) and replaced.mllm is pipe.mllm
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            self.other_pipeline_class.from_pipe(pipe, text_encoder=None)
+        pipe.unet.to(torch.float16)
+        half = self.other_pipeline_class.from_pipe(pipe)
+        assert half.unet is pipe.unet and half.unet.dtype == torch.float16  # diffusers' default would cast to fp32
