@@ -181,7 +181,7 @@ def test_dream_embeddings_continue_a_cache_without_recomputing(model):
 def test_generate_uses_cache_and_runs_vision_once(model):
     ids = torch.tensor([[BOS, 5] + image_block() + [6, 7]])
     calls = []
-    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    hook = model.model.vision_tower.embeddings.register_forward_hook(lambda *args: calls.append(1))  # once a pass
     try:
         cached = model.generate(input_ids=ids, pixel_values=pixels(1), max_new_tokens=6, do_sample=False)
     finally:

@@ -1,4 +1,8 @@
-"""DreamLLM configuration: a LLaMA text model, a CLIP vision tower, and the dream-query / diffusion-conditioning glue."""
+"""DreamLLM configuration: a text model, a vision tower, and the dream-query / diffusion-conditioning glue.
+
+The defaults are the release (LLaMA, CLIP ViT-L/14); `text_config` may be any decoder-only LLM that `AutoModel` builds
+(Llama, Qwen2/3, Mistral, Gemma 2/3, ...) and `vision_config` a CLIP or SigLIP vision tower.
+"""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -44,9 +48,13 @@ class DreamLLMConfig(PreTrainedConfig):
     (`RunpeiDong/dreamllm-7b-chat-v1.0`) exactly.
 
     Args:
-        text_config (`dict` or `LlamaConfig`): the language model (Vicuna-7B v1.1, vocabulary 32008).
-        vision_config (`dict` or `CLIPVisionConfig`): the vision tower (CLIP ViT-L/14, 224 px, so 256 image tokens).
-        vision_feature_layer (`int`, defaults to -2): which CLIP hidden state feeds the projector (CLS dropped).
+        text_config (`dict` or `PreTrainedConfig`): the language model, any decoder-only LLM (defaults to Vicuna-7B
+            v1.1, LLaMA, vocabulary 32008).
+        vision_config (`dict` or `PreTrainedConfig`): the vision tower, CLIP or SigLIP (defaults to CLIP ViT-L/14 at
+            224 px, so 256 image tokens).
+        vision_feature_layer (`int`, defaults to -2): which of the tower's hidden states (as `output_hidden_states`
+            numbers them: 0 is the patch embedding, -1 the last layer) feeds the projector; its patch tokens only
+            (CLIP's CLS token is dropped). The layers after it are not run.
         num_dream_queries (`int`, defaults to 64): learned queries placed after every `<dream_start>`.
         cross_attention_dim (`int`, defaults to 1024): size of the diffusion conditioning, i.e. the UNet's
             `cross_attention_dim` (SD 2.1-base).
@@ -54,7 +62,9 @@ class DreamLLMConfig(PreTrainedConfig):
         image_token_id, dream_token_id (`int`): ids of `<im_start>`, `<im_patch>`, `<im_end>`, `<dream_start>`,
             `<dream_end>` and the text placeholders `<image>`, `<dream>`.
         bos_token_id, eos_token_id, pad_token_id (`int`): 1, 2 and 32000 (the release's `config.json` says 0, 1, -1,
-            which is wrong; the converter corrects it).
+            which is wrong; the converter corrects it). `bos_token_id` is `None` for an LLM without one (Qwen).
+        tie_word_embeddings (`bool`): whether `lm_head` shares the input embeddings; follows `text_config` (an LLM that
+            ties them, e.g. Gemma or Qwen2.5-0.5B, keeps them tied).
     """
 
     model_type = "dreamllm"
@@ -82,10 +92,36 @@ class DreamLLMConfig(PreTrainedConfig):
     pad_token_id: int | None = C.RELEASE_ADDED_TOKEN_IDS[C.PAD_TOKEN]
     tie_word_embeddings: bool = False
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # As Llava: an LLM that ties its output embeddings to its input embeddings says so in its own config.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        num_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if num_layers is not None and not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:
+            raise ValueError(
+                f"`vision_feature_layer` is {self.vision_feature_layer}, but the vision tower has {num_layers} layers: "
+                f"give a hidden-state index from {-(num_layers + 1)} to {num_layers} (0 is the patch embedding, -1 "
+                "the last layer)."
+            )
+
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per picture: one per CLIP patch (CLS dropped), e.g. (224 // 14) ** 2 = 256."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        """Image tokens per picture: one per patch of the vision tower, e.g. (224 // 14) ** 2 = 256 for CLIP ViT-L/14
+        (its CLS token is not one) or (384 // 14) ** 2 = 729 for SigLIP at 384 px."""
+        vision = self.vision_config
+        if getattr(vision, "image_size", None) is None or getattr(vision, "patch_size", None) is None:
+            raise ValueError(
+                f"The vision config ({vision.model_type}) has no `image_size` and `patch_size` to count its patches; "
+                "DreamLLM takes ViT towers with a fixed input size (CLIP, SigLIP)."
+            )
+        return (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        """`vision_feature_layer` counted from the patch embedding (0): the number of tower layers that are run."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision_config.num_hidden_layers + 1 + layer
 
     @property
     def special_token_ids(self) -> dict[str, int]:

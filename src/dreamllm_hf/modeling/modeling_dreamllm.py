@@ -1,7 +1,12 @@
-"""DreamLLM as a transformers model: LLaMA + CLIP vision tower (comprehension) + learned dream queries (creation).
+"""DreamLLM as a transformers model: an LLM + a vision tower (comprehension) + learned dream queries (creation).
 
-The language model and the vision tower are stock transformers models built with `AutoModel.from_config`; this file
-only writes image features and dream queries into the token embeddings, by position, and reads the conditioning back.
+The language model (LLaMA in the release; any decoder-only LLM) and the vision tower (CLIP or SigLIP) are stock
+transformers models built with `AutoModel.from_config`; this file only writes image features and dream queries into
+the token embeddings, by position, and reads the conditioning back.
+
+Image features and dream queries live where token embeddings do: in the output space of the LLM's input-embedding
+module, which is what its layers read. Gemma scales its embeddings by sqrt(hidden_size) inside that module, so there the
+features are written after the scaling and are not scaled again.
 """
 
 from dataclasses import dataclass
@@ -82,7 +87,8 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     output_modalities = ("text",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The decoder and encoder layers of whatever LLM and tower are inside are gathered from them by `post_init`.
+    _no_split_modules = []
     # The small parts DreamLLM learned on top of its backbones stay precise: upcast when loading in fp16, and never
     # quantized by bitsandbytes (the lm_head is left out of quantization by transformers' default rule).
     _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries"]
@@ -92,10 +98,15 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, DreamQueries):
-            std = self.config.text_config.initializer_range
+            std = getattr(self.config.get_text_config(), "initializer_range", None) or 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
         else:
             super()._init_weights(module)
+
+
+# Vision towers whose forward is `embeddings -> [pre_layrnorm] -> encoder.layers -> ...`, so that they can stop at the
+# layer that is read; any other tower runs whole and the hidden state is picked from its outputs.
+_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def _block_starts(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +150,31 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Projected CLIP features, `(batch, num_image_tokens, text_hidden_size)`: the vectors written after `<im_start>`."""
-        dtype = self.vision_tower.dtype
-        vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-        selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
-        return self.multi_modal_projector(selected.to(self.multi_modal_projector.weight.dtype))
+        """Projected vision features, `(batch, num_image_tokens, text_hidden_size)`: the vectors written after
+        `<im_start>`. The tower runs up to `vision_feature_layer` only; its patch tokens are kept (CLIP's CLS dropped)."""
+        hidden = self._vision_feature_states(pixel_values.to(self.vision_tower.dtype))
+        num_tokens = self.config.num_image_tokens
+        if hidden.shape[1] < num_tokens:
+            raise ValueError(
+                f"The vision tower gave {hidden.shape[1]} tokens per picture but the config counts {num_tokens} "
+                "patches; check `vision_config.image_size`/`patch_size` and the image processor's output size."
+            )
+        patches = hidden[:, hidden.shape[1] - num_tokens :]  # CLIP puts its CLS token first; SigLIP has none
+        return self.multi_modal_projector(patches.to(self.multi_modal_projector.weight.dtype))
+
+    def _vision_feature_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's hidden state number `vision_feature_layer`, running no layer after it."""
+        tower = self.vision_tower
+        if tower.config.model_type not in _VIT_TOWERS:
+            return tower(pixel_values, output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
+        # What the tower's forward does up to that hidden state, with the same modules (so the same weights, hooks,
+        # device placement and activation checkpointing): embeddings, CLIP's pre-norm, the first layers.
+        hidden = tower.embeddings(pixel_values)
+        if hasattr(tower, "pre_layrnorm"):
+            hidden = tower.pre_layrnorm(hidden)
+        for layer in tower.encoder.layers[: self.config.vision_feature_layer_index]:
+            hidden = layer(hidden, None)
+        return hidden
 
     def _position_ids(self, attention_mask, cache, batch_size, seq_len, device):
         """Positions that skip padding, so a left-padded row gets the same positions as the row alone."""
@@ -317,6 +348,8 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
     """DreamLLM with its language-model head: comprehension and text generation, plus the dream conditioning."""
 
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # Tied only when the config says so (an LLM that ties its embeddings, e.g. Gemma; never the release).
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: DreamLLMConfig):
         super().__init__(config)
@@ -338,6 +371,14 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         return self.model.get_image_features(pixel_values)
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head, with the final logit soft-capping of LLMs that have one (Gemma 2: tanh(x / 30) * 30)."""
+        logits = self.lm_head(hidden_states)
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def get_dream_embeddings(self, input_ids, attention_mask=None, **kwargs) -> torch.FloatTensor:
         return self.model.get_dream_embeddings(input_ids, attention_mask=attention_mask, **kwargs)
@@ -367,7 +408,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self._logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = next_token_loss(logits, labels)
