@@ -572,3 +572,31 @@ def test_from_components_in_python_equals_init_from_folders(built):
     )
     assert config.text_config.vocab_size == expected.text_config.vocab_size
     assert pipe.tokenizer.get_vocab() == from_folders.tokenizer.get_vocab()
+
+
+def test_a_multimodal_gemma3_gives_its_language_model():
+    """Of a Gemma 3 vision-language checkpoint only the language model (and its tied head) is taken."""
+    from transformers import AutoConfig, Gemma3ForConditionalGeneration
+
+    tokenizer = B.tiny_tokenizer("gemma3")
+    siglip = dict(model_type="siglip_vision_model", image_size=28, **B.TINY_VISION)
+    config = AutoConfig.for_model(
+        "gemma3",
+        text_config=B.tiny_llm_config("gemma3", tokenizer).to_dict(),
+        vision_config=siglip,
+        mm_tokens_per_image=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+    )
+    torch.manual_seed(0)
+    gemma = Gemma3ForConditionalGeneration(config).eval()
+    known = len(tokenizer)
+    ids = tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = gemma(input_ids=ids).logits
+    vision, image_processor = B.tiny_vision("clip")
+    mllm, _, info = build_dreamllm(
+        gemma, vision, tokenizer=tokenizer, image_processor=image_processor, cross_attention_dim=8, num_dream_queries=Q
+    )
+    assert info.llm_type == "gemma3_text" and mllm.lm_head.weight is mllm.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(mllm(input_ids=ids).logits[..., :known], expected[..., :known])

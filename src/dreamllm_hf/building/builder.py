@@ -2,7 +2,9 @@
 
 What is taken as it is: the LLM (its decoder and LM head, tied or not, its tokenizer and chat template), the vision
 tower (from a vision model, or the vision part of a full CLIP/SigLIP model) and its image processor, the UNet, VAE and
-scheduler. What is added, and how it starts:
+scheduler. Of a multimodal LLM checkpoint (Gemma 3 from 4B up) only the language model is taken: its own image tokens,
+`token_type_ids` and bidirectional attention over its images belong to its own vision path, which DreamLLM replaces
+(its pictures are read causally, as the release reads them). What is added, and how it starts:
 
 * The DreamLLM format's tokens (`constants.py`) are added to the tokenizer as special tokens, in the release's order,
   wherever they land (after the vocabulary, or in the unused rows an LLM like Qwen keeps at the end of its embedding

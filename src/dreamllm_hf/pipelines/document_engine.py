@@ -317,8 +317,9 @@ class DocumentEngine:
             self.cache = caches[0][2]
         else:
             for index, layer in enumerate(self.cache.layers):
-                parts = [(rows, width, *_held_columns(c.layers[index], width)) for rows, width, c in caches]
-                keys, values = (self._merged_rows([(r, w, p[i], f) for r, w, *p, f in parts], length) for i in (0, 1))
+                held = [(rows, width, _held_columns(c.layers[index], width)) for rows, width, c in caches]
+                keys = self._merged_rows([(rows, width, k, first) for rows, width, (k, _, first) in held], length)
+                values = self._merged_rows([(rows, width, v, first) for rows, width, (_, v, first) in held], length)
                 layer.lazy_initialization(keys, values)
                 _hold_columns(layer, keys, values, 0, length)
         self.end = length
