@@ -600,3 +600,17 @@ def test_a_multimodal_gemma3_gives_its_language_model():
     assert info.llm_type == "gemma3_text" and mllm.lm_head.weight is mllm.get_input_embeddings().weight
     with torch.no_grad():
         torch.testing.assert_close(mllm(input_ids=ids).logits[..., :known], expected[..., :known])
+
+
+def test_an_llm_without_a_chat_template_gets_the_releases_ended_by_its_own_eos():
+    llm, tokenizer = B.tiny_llm("mistral")
+    tokenizer.chat_template = None  # a base model (Llama 2, Mistral base)
+    vision, image_processor = B.tiny_vision("clip")
+    _, processor, info = build_dreamllm(
+        llm, vision, tokenizer=tokenizer, image_processor=image_processor, cross_attention_dim=8, num_dream_queries=Q
+    )
+    assert info.chat_template == "vicuna" and processor.chat_template == C.vicuna_chat_template("</s>")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "Hi <image>"}, {"role": "assistant", "content": "<dream>"}], tokenize=False
+    )
+    assert text.endswith("USER: Hi <image> ASSISTANT:<dream></s>")
