@@ -153,7 +153,7 @@ class ModelContract:
         config = model.config
         ids = torch.tensor([self.prompt(config, [5])])
         calls = []
-        hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+        hook = model.model.vision_tower.embeddings.register_forward_hook(lambda *args: calls.append(1))
         try:
             cached = model.generate(
                 input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False

@@ -39,7 +39,7 @@ class ModelSpy:
         self.calls = []
         modules = {
             "language_model": pipe.mllm.model.language_model,
-            "vision_tower": pipe.mllm.model.vision_tower,
+            "vision_tower": pipe.mllm.model.vision_tower.embeddings,  # the first module of every tower pass
             "unet": pipe.unet,
             "vae.decoder": pipe.vae.decoder,
         }

@@ -253,7 +253,10 @@ def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(p
     handles = [
         pipe.unet.register_forward_hook(lambda module, args, output: unet.append(args[0].shape[0])),
         pipe.vae.decoder.register_forward_hook(lambda module, args, output: vae.append(args[0].shape[0])),
-        pipe.mllm.model.vision_tower.register_forward_hook(lambda module, args, output: clip.append(args[0].shape[0])),
+        # The tower stops at the layer it reads; its patch embedding runs once per pass.
+        pipe.mllm.model.vision_tower.embeddings.register_forward_hook(
+            lambda module, args, output: clip.append(args[0].shape[0])
+        ),
     ]
     try:
         out = pipe(

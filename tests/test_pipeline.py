@@ -215,7 +215,7 @@ def test_interleaved_text_image_text_without_recomputing(pipe):
 
 def test_interleaved_reads_prompt_pictures_once_and_each_drawn_picture_once(pipe):
     clip_batches = []
-    pipe.mllm.model.vision_tower.register_forward_hook(
+    pipe.mllm.model.vision_tower.embeddings.register_forward_hook(  # once per tower pass
         lambda module, args, output: clip_batches.append(args[0].shape[0])
     )
     out = pipe(

@@ -1,5 +1,5 @@
-"""`dreamllm-hf`: generate documents, convert the original release and publish it, fine-tune, run, train and
-evaluate the demo model."""
+"""`dreamllm-hf`: generate documents, convert the original release and publish it, build a DreamLLM from other
+backbones, fine-tune, run, train and evaluate the demo model."""
 
 import argparse
 import sys
@@ -35,6 +35,7 @@ def _run_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .building.cli import add_init_parser
     from .conversion.cli import add_convert_parser, add_push_parser
     from .evaluation.cli import add_evaluate_parser
     from .pipelines.cli import add_generate_parser
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_convert_parser(subparsers)
     add_push_parser(subparsers)
+    add_init_parser(subparsers)
     add_train_parser(subparsers)
     _add_demo_parser(subparsers)
     add_demo_parsers(subparsers)

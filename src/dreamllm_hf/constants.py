@@ -52,22 +52,31 @@ VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-VICUNA_CHAT_TEMPLATE = (
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "' %}{% endif %}"
-    "{{ system + ' ' }}"
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = namespace(v='') %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}"
-    "{% set text.v = text.v + ('<dream>' if message['role'] == 'assistant' else '<image>') %}"
-    "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
-    "{% endfor %}{% set text = text.v %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' + text + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ 'ASSISTANT:' + ('' if text.startswith('<dream>') else ' ') + text + '</s>' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+
+
+def vicuna_chat_template(eos_token: str = EOS_TOKEN) -> str:
+    """The Vicuna v1.1 chat template, its assistant turns ended by `eos_token` (`</s>` for the release; a model built
+    from an LLM that has no chat template of its own uses it with that LLM's end-of-sequence token)."""
+    eos = eos_token.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "' %}{% endif %}"
+        "{{ system + ' ' }}"
+        "{% for message in messages %}"
+        "{% if message['content'] is string %}{% set text = message['content'] %}"
+        "{% else %}{% set text = namespace(v='') %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}"
+        "{% set text.v = text.v + ('<dream>' if message['role'] == 'assistant' else '<image>') %}"
+        "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
+        "{% endfor %}{% set text = text.v %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + text + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ 'ASSISTANT:' + ('' if text.startswith('<dream>') else ' ') + text + '" + eos + "' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+VICUNA_CHAT_TEMPLATE = vicuna_chat_template()

@@ -1,4 +1,8 @@
-"""DreamLLM configuration: a LLaMA text model, a CLIP vision tower, and the dream-query / diffusion-conditioning glue."""
+"""DreamLLM configuration: a text model, a vision tower, and the dream-query / diffusion-conditioning glue.
+
+The defaults are the release (LLaMA, CLIP ViT-L/14); `text_config` may be any decoder-only LLM that `AutoModel` builds
+(Llama, Qwen2/3, Mistral, Gemma 2/3, ...) and `vision_config` a CLIP or SigLIP vision tower.
+"""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -44,12 +48,14 @@ class DreamLLMConfig(PreTrainedConfig):
     (`RunpeiDong/dreamllm-7b-chat-v1.0`) exactly.
 
     Args:
-        text_config (`dict` or `LlamaConfig`, *optional*):
-            The language model (Vicuna-7B v1.1, vocabulary 32008).
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The vision tower (CLIP ViT-L/14 at 224 px, so 256 image tokens).
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The language model, any decoder-only LLM (by default Vicuna-7B v1.1: LLaMA, vocabulary 32008).
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            The vision tower, CLIP or SigLIP (by default CLIP ViT-L/14 at 224 px, so 256 image tokens).
         vision_feature_layer (`int`, *optional*, defaults to -2):
-            Which CLIP hidden state feeds the image projector (its CLS token dropped).
+            Which of the tower's hidden states (numbered as `output_hidden_states` numbers them: 0 is the patch
+            embedding, -1 the last layer) feeds the image projector, its patch tokens only (CLIP's CLS token is
+            dropped). The layers after it are not run.
         num_dream_queries (`int`, *optional*, defaults to 64):
             Learned queries placed after every `<dream_start>`.
         cross_attention_dim (`int`, *optional*, defaults to 1024):
@@ -74,13 +80,15 @@ class DreamLLMConfig(PreTrainedConfig):
         dream_token_id (`int`, *optional*, defaults to 32007):
             Id of the text placeholder `<dream>`, which the processor expands into a dream block and an image block.
         bos_token_id (`int`, *optional*, defaults to 1):
-            Id of `<s>` (the release's `config.json` says 0, which is wrong; the converter corrects it).
+            Id of `<s>` (the release's `config.json` says 0, which is wrong; the converter corrects it). `None` for an
+            LLM without one (Qwen).
         eos_token_id (`int`, *optional*, defaults to 2):
             Id of `</s>` (the release's `config.json` says 1).
         pad_token_id (`int`, *optional*, defaults to 32000):
             Id of `[PAD]` (the release's `config.json` says -1).
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
-            Whether `lm_head` shares the input embeddings' weight (it does not in LLaMA-1 / Vicuna).
+            Whether `lm_head` shares the input embeddings' weight (it does not in LLaMA-1 / Vicuna). Follows
+            `text_config`: an LLM that ties them (Gemma, Qwen2.5-0.5B) keeps them tied.
     """
 
     model_type = "dreamllm"
@@ -109,10 +117,36 @@ class DreamLLMConfig(PreTrainedConfig):
     pad_token_id: int | None = C.RELEASE_ADDED_TOKEN_IDS[C.PAD_TOKEN]
     tie_word_embeddings: bool = False
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # As Llava: an LLM that ties its output embeddings to its input embeddings says so in its own config.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        num_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if num_layers is not None and not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:
+            raise ValueError(
+                f"`vision_feature_layer` is {self.vision_feature_layer}, but the vision tower has {num_layers} layers: "
+                f"give a hidden-state index from {-(num_layers + 1)} to {num_layers} (0 is the patch embedding, -1 "
+                "the last layer)."
+            )
+
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per picture: one per CLIP patch (CLS dropped), e.g. (224 // 14) ** 2 = 256."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        """Image tokens per picture: one per patch of the vision tower, e.g. (224 // 14) ** 2 = 256 for CLIP ViT-L/14
+        (its CLS token is not one) or (384 // 14) ** 2 = 729 for SigLIP at 384 px."""
+        vision = self.vision_config
+        if getattr(vision, "image_size", None) is None or getattr(vision, "patch_size", None) is None:
+            raise ValueError(
+                f"The vision config ({vision.model_type}) has no `image_size` and `patch_size` to count its patches; "
+                "DreamLLM takes ViT towers with a fixed input size (CLIP, SigLIP)."
+            )
+        return (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        """`vision_feature_layer` counted from the patch embedding (0): the number of tower layers that are run."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision_config.num_hidden_layers + 1 + layer
 
     @property
     def special_token_ids(self) -> dict[str, int]:

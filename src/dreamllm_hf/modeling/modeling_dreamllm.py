@@ -1,7 +1,12 @@
-"""DreamLLM as a transformers model: LLaMA + CLIP vision tower (comprehension) + learned dream queries (creation).
+"""DreamLLM as a transformers model: an LLM + a vision tower (comprehension) + learned dream queries (creation).
 
-The language model and the vision tower are stock transformers models built with `AutoModel.from_config`; this file
-only writes image features and dream queries into the token embeddings, by position, and reads the conditioning back.
+The language model (LLaMA in the release; any decoder-only LLM) and the vision tower (CLIP or SigLIP) are stock
+transformers models built with `AutoModel.from_config`; this file only writes image features and dream queries into
+the token embeddings, by position, and reads the conditioning back.
+
+Image features and dream queries live where token embeddings do: in the output space of the LLM's input-embedding
+module, which is what its layers read. Gemma scales its embeddings by sqrt(hidden_size) inside that module, so there the
+features are written after the scaling and are not scaled again.
 """
 
 from dataclasses import dataclass
@@ -116,10 +121,15 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, DreamQueries):
-            std = self.config.text_config.initializer_range
+            std = getattr(self.config.get_text_config(), "initializer_range", None) or 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
         else:
             super()._init_weights(module)
+
+
+# Vision towers whose forward is `embeddings -> [pre_layrnorm] -> encoder.layers -> ...`, so that they can stop at the
+# layer that is read; any other tower runs whole and the hidden state is picked from its outputs.
+_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def _block_starts(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,17 +210,23 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         self.post_init()
 
     def _encode_images(self, pixel_values: torch.FloatTensor) -> BaseModelOutputWithPooling:
-        """The vision tower's output, with the projected features of the selected layer as `pooler_output`."""
-        dtype = self.vision_tower.dtype
-        vision_outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-        selected = vision_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop CLS
-        features = self.multi_modal_projector(selected.to(self.multi_modal_projector.weight.dtype))
-        return BaseModelOutputWithPooling(last_hidden_state=vision_outputs.last_hidden_state, pooler_output=features)
+        """The tower's hidden state number `vision_feature_layer` as `last_hidden_state`, and its patch tokens through
+        the image projector as `pooler_output`."""
+        hidden = self._vision_feature_states(pixel_values.to(self.vision_tower.dtype))
+        num_tokens = self.config.num_image_tokens
+        if hidden.shape[1] < num_tokens:
+            raise ValueError(
+                f"The vision tower gave {hidden.shape[1]} tokens per picture but the config counts {num_tokens} "
+                "patches; check `vision_config.image_size`/`patch_size` and the image processor's output size."
+            )
+        patches = hidden[:, hidden.shape[1] - num_tokens :]  # CLIP puts its CLS token first; SigLIP has none
+        features = self.multi_modal_projector(patches.to(self.multi_modal_projector.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         r"""
-        The vectors written after each `<im_start>`: CLIP's `vision_feature_layer` without its CLS token, through the
-        image projector.
+        The vectors written after each `<im_start>`: the tower's `vision_feature_layer` (no later layer is run), its
+        patch tokens only (CLIP's CLS token dropped), through the image projector.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
@@ -221,6 +237,20 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         """
         _check_pixel_values(pixel_values, self.config.vision_config)
         return self._encode_images(pixel_values).pooler_output
+
+    def _vision_feature_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's hidden state number `vision_feature_layer`, running no layer after it."""
+        tower = self.vision_tower
+        if tower.config.model_type not in _VIT_TOWERS:
+            return tower(pixel_values, output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
+        # What the tower's forward does up to that hidden state, with the same modules (so the same weights, hooks,
+        # device placement and activation checkpointing): embeddings, CLIP's pre-norm, the first layers.
+        hidden = tower.embeddings(pixel_values)
+        if hasattr(tower, "pre_layrnorm"):
+            hidden = tower.pre_layrnorm(hidden)
+        for layer in tower.encoder.layers[: self.config.vision_feature_layer_index]:
+            hidden = layer(hidden, None)
+        return hidden
 
     def _position_ids(self, attention_mask, cache, batch_size, seq_len, device):
         """Positions that skip padding, so a left-padded row gets the same positions as the row alone."""
@@ -465,6 +495,8 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
     # The input and output embeddings are found by `PreTrainedModel` itself: through `base_model_prefix` ("model") to
     # the language model's `embed_tokens`, and `lm_head`.
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # Tied only when the config says so (an LLM that ties its embeddings, e.g. Gemma; never the release).
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: DreamLLMConfig):
         super().__init__(config)
@@ -481,6 +513,14 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
                 Pictures as the processor prepares them.
         """
         return self.model.get_image_features(pixel_values)
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head, with the final logit soft-capping of LLMs that have one (Gemma 2: tanh(x / 30) * 30)."""
+        logits = self.lm_head(hidden_states)
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def get_dream_embeddings(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -552,7 +592,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self._logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = next_token_loss(logits, labels)

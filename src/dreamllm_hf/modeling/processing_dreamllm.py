@@ -1,4 +1,5 @@
-"""DreamLLM processor: the legacy LLaMA tokenizer plus CLIP image preprocessing, with the original's block expansion."""
+"""DreamLLM processor: the LLM's tokenizer (the legacy LLaMA one for the release) plus the vision tower's image
+preprocessing (CLIP, SigLIP), with the original's block expansion."""
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ class DreamLLMProcessor(ProcessorMixin):
     r"""
     Turns prompts and pictures into DreamLLM inputs.
 
-    The text is tokenized as the original does (BOS + text, legacy SentencePiece), then every placeholder id is
-    expanded at the id level, as the original's `truncate_and_replace`:
+    The text is tokenized as the original does (BOS + text, legacy SentencePiece for the release; the LLM's own
+    tokenizer for a model built from another LLM), then every placeholder id is expanded at the id level, as the
+    original's `truncate_and_replace`:
 
     * `<image>` -> `<im_start>` + `<im_patch>` x `num_image_tokens` + `<im_end>`;
     * `<dream>` -> `<dream_start>` + `<im_patch>` x `num_dream_queries` + `<dream_end>`, followed by an image block
@@ -37,11 +39,13 @@ class DreamLLMProcessor(ProcessorMixin):
     picture that was created there.
 
     Args:
-        image_processor (`CLIPImageProcessor`): the CLIP preprocessing.
-        tokenizer (`PreTrainedTokenizerFast`): the legacy-exact tokenizer (see `dreamllm_hf.conversion.tokenizer`).
-        num_image_tokens (`int`, defaults to 256): `<im_patch>` slots per picture, one per CLIP patch.
+        image_processor (`CLIPImageProcessor`, `SiglipImageProcessor`, ...): the vision tower's preprocessing.
+        tokenizer (`PreTrainedTokenizerFast`): the legacy-exact tokenizer (see `dreamllm_hf.conversion.tokenizer`), or
+            the LLM's own tokenizer with the DreamLLM tokens added (see `dreamllm_hf.building`).
+        num_image_tokens (`int`, defaults to 256): `<im_patch>` slots per picture, one per patch of the tower.
         num_dream_queries (`int`, defaults to 64): `<im_patch>` slots per dream block, one per dream query.
-        chat_template (`str`, *optional*): defaults to the Vicuna v1.1 template of training.
+        chat_template (`str`, *optional*): defaults to the Vicuna v1.1 template of training (a model built from another
+            LLM keeps that LLM's template).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class DreamLLMProcessor(ProcessorMixin):
         if text is not None:
             prompts = self._as_prompt_list(text)
             token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False, **kwargs)["input_ids"]
+            token_ids = [self._single_bos(prompt, ids) for prompt, ids in zip(prompts, token_ids)]
             placeholder_ids = (
                 self.special_token_ids[C.IMAGE_PLACEHOLDER],
                 self.special_token_ids[C.DREAM_PLACEHOLDER],
@@ -166,12 +171,26 @@ class DreamLLMProcessor(ProcessorMixin):
                 pad_to_multiple_of=pad_to_multiple_of,
                 padding_side=padding_side,
             )
-            data.update(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+            # Explicit dtypes: a batch of empty prompts (an LLM without BOS, e.g. Qwen, on "") would become float.
+            if return_tensors == "pt":
+                input_ids, attention_mask = (torch.tensor(v, dtype=torch.long) for v in (input_ids, attention_mask))
+            elif return_tensors == "np":
+                input_ids, attention_mask = (np.array(v, dtype=np.int64) for v in (input_ids, attention_mask))
+            data.update(input_ids=input_ids, attention_mask=attention_mask)
 
         flat_images = self._flatten_images(images, images_per_prompt)
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _single_bos(self, prompt: str, ids: list[int]) -> list[int]:
+        """One BOS where the tokenizer adds one and the text (a chat template that writes `{{ bos_token }}`, as Llama 3's
+        and Gemma's do) already begins with it: what `apply_chat_template(tokenize=True)` gives."""
+        bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
+        if bos and prompt.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+            return ids[1:]
+        return ids
 
     def expand_placeholders(self, ids: list[int]) -> list[int]:
         """Replaces every `<image>` id by an image block and every `<dream>` id by a dream block + an image block."""

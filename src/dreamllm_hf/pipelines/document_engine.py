@@ -13,6 +13,11 @@ longest document (no padding blocks are left behind in the other rows), at the p
 (and, when it grows, the whole cache) once per picture event. Documents that finish leave the batch with a dynamic
 cache (the cache is trimmed to the longest remaining one); with a static cache they stay, masked, so that every decode
 step keeps the shapes the compiled step was built for.
+
+Sliding-window layers (Mistral, Gemma 2/3, Qwen with `use_sliding_window`) keep only the last columns of the cache;
+every row operation reads and writes a layer through the columns it holds (`_held_columns`, `_hold_columns`), so full
+and sliding layers, dynamic and static, move together. Columns are shared by all rows, and each live document's tokens
+are contiguous at the right of its row, so a window over columns is the window over that document's tokens.
 """
 
 from collections.abc import Iterator
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
 from .dream_diffusion import DiffusionSettings, onload
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
@@ -109,6 +114,7 @@ class DocumentEngine:
         self.picture_ids = torch.tensor(drawn_picture[:-1], device=self.device)
         self.static = settings.cache_implementation == "static"
         self.step_call = self.mllm
+        self._check_cache_layers(DynamicCache(config=config.text_config))
 
     # ----------------------------------------------------------------------------------------------------------------
     # The loop
@@ -312,25 +318,22 @@ class DocumentEngine:
         if len(caches) == 1 and not self.static:
             self.cache = caches[0][2]
         else:
-            for index in range(len(caches[0][2].layers)):
-                keys, values = (
-                    self._merged_rows(
-                        [(rows, width, getattr(c.layers[index], name)) for rows, width, c in caches], length
-                    )
-                    for name in ("keys", "values")
-                )
-                self.cache.update(keys, values, index)
+            for index, layer in enumerate(self.cache.layers):
+                held = [(rows, width, _held_columns(c.layers[index], width)) for rows, width, c in caches]
+                keys = self._merged_rows([(rows, width, k, first) for rows, width, (k, _, first) in held], length)
+                values = self._merged_rows([(rows, width, v, first) for rows, width, (_, v, first) in held], length)
+                layer.lazy_initialization(keys, values)
+                _hold_columns(layer, keys, values, 0, length)
         self.end = length
-        self._check_cache_layers()
         return documents, torch.stack(logits)
 
-    def _merged_rows(self, parts: list[tuple[list[int], int, torch.Tensor]], length: int) -> torch.Tensor:
-        """The rows of every group's `[rows, heads, width, dim]` tensor in one `[batch, heads, length, dim]` tensor,
-        right-aligned (zeros on the left)."""
-        first = parts[0][2]
-        merged = first.new_zeros(len(self.rows), first.shape[1], length, first.shape[3])
-        for rows, width, tensor in parts:
-            merged[torch.tensor(rows, device=merged.device), :, length - width :] = tensor
+    def _merged_rows(self, parts: list[tuple[list[int], int, torch.Tensor, int]], length: int) -> torch.Tensor:
+        """The rows of every group's `[rows, heads, columns, dim]` tensor (holding the group's columns `first` to
+        `width`) in one `[batch, heads, length, dim]` tensor, right-aligned (zeros on the left)."""
+        sample = parts[0][2]
+        merged = sample.new_zeros(len(self.rows), sample.shape[1], length, sample.shape[3])
+        for rows, width, tensor, first in parts:
+            merged[torch.tensor(rows, device=merged.device), :, length - width + first :] = tensor
         return merged
 
     def _static_width(self, prompt_length: int) -> int:
@@ -343,13 +346,16 @@ class DocumentEngine:
         longest = prompt_length + settings.max_new_tokens + pictures * (self.block_length - 1)
         return min(self.context, -(-longest // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
 
-    def _check_cache_layers(self) -> None:
-        for layer in self.cache.layers:
-            if type(layer) not in (DynamicLayer, StaticLayer):
-                raise NotImplementedError(
-                    f"The document engine moves rows of full-attention caches; {type(layer).__name__} layers (sliding "
-                    "window or other) are not supported yet. Use a language model with full attention in every layer."
-                )
+    def _check_cache_layers(self, cache) -> None:
+        layer_types = getattr(self.config.get_text_config(), "layer_types", None) or []
+        unsupported = sorted({t for t in layer_types if t not in _SUPPORTED_LAYER_TYPES})
+        unsupported += sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in _SUPPORTED_LAYERS})
+        if unsupported:
+            raise NotImplementedError(
+                f"The document engine moves rows of full-attention and sliding-window caches; this language model has "
+                f"{', '.join(unsupported)} layers, which it cannot move. Use an LLM whose layers are full or "
+                "sliding-window attention."
+            )
 
     def _decode_step(self) -> torch.Tensor:
         """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
@@ -388,29 +394,23 @@ class DocumentEngine:
         trim = self.end - max(d.length for d in self.rows)
         index = torch.tensor(keep, device=self.device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index.to(layer.keys.device), :, trim:]
-            layer.values = layer.values[index.to(layer.values.device), :, trim:]
+            keys, values, first = _held_columns(layer, self.end)
+            rows = index.to(keys.device)
+            _hold_columns(layer, keys[rows], values[rows], first - trim, self.end - trim)
         self.mask, self.ids = self.mask[index, trim:], self.ids[index, trim:]
         self.end -= trim
 
     def _grow_left(self, columns: int) -> None:
         """Adds `columns` of padding on the left of every row (all content moves right)."""
         end = self.end
+        for layer in self.cache.layers:
+            keys, values, first = _held_columns(layer, end)
+            _hold_columns(layer, keys, values, first + columns, end + columns)
         if self.static:
-            for layer in self.cache.layers:
-                for tensor in (layer.keys, layer.values):
-                    tensor[:, :, columns : end + columns] = tensor[:, :, :end].clone()
-                    tensor[:, :, :columns] = 0
-                layer.cumulative_length.add_(columns)
             for tensor, fill in ((self.mask, 0), (self.ids, self.pad)):
                 tensor[:, columns : end + columns] = tensor[:, :end].clone()
                 tensor[:, :columns] = fill
         else:
-            for layer in self.cache.layers:
-                pad = layer.keys.new_zeros(*layer.keys.shape[:2], columns, layer.keys.shape[-1])
-                layer.keys = torch.cat([pad, layer.keys], dim=2)
-                pad = layer.values.new_zeros(*layer.values.shape[:2], columns, layer.values.shape[-1])
-                layer.values = torch.cat([pad, layer.values], dim=2)
             self.mask = torch.cat([self.mask.new_zeros(len(self.rows), columns), self.mask], dim=1)
             self.ids = torch.cat([self.ids.new_full((len(self.rows), columns), self.pad), self.ids], dim=1)
         self.end += columns
@@ -418,9 +418,12 @@ class DocumentEngine:
     def _rows_cache(self, rows: list[int]) -> DynamicCache:
         """A copy of some rows of the cache (their columns up to `end`), as a cache of their own."""
         cache = DynamicCache(config=self.config.text_config)
-        for index, layer in enumerate(self.cache.layers):
-            select = torch.tensor(rows, device=layer.keys.device)
-            cache.update(layer.keys[select, :, : self.end], layer.values[select, :, : self.end], index)
+        for layer, copy in zip(self.cache.layers, cache.layers):
+            keys, values, first = _held_columns(layer, self.end)
+            select = torch.tensor(rows, device=keys.device)
+            keys, values = keys[select], values[select]
+            copy.lazy_initialization(keys, values)
+            _hold_columns(copy, keys, values, first, self.end)
         return cache
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -486,16 +489,74 @@ class DocumentEngine:
         if max(lengths) > self.end:
             self._grow_left(max(lengths) - self.end)
         end, sub_end = self.end, cache.get_seq_length()
+        held = [
+            (_held_columns(main, end), _held_columns(sub, sub_end))
+            for main, sub in zip(self.cache.layers, cache.layers)
+        ]
         for i, (row, new_length) in enumerate(zip(rows, lengths)):
             old_length = documents[i].length
-            for main, sub in zip(self.cache.layers, cache.layers):
-                main.keys[row, :, end - new_length : end] = sub.keys[i, :, sub_end - new_length :]
-                main.values[row, :, end - new_length : end] = sub.values[i, :, sub_end - new_length :]
+            for (main_keys, main_values, main_first), (sub_keys, sub_values, sub_first) in held:
+                # The row's columns [end - new_length, end) that the layer holds, from the same columns of the copy.
+                start = max(end - new_length, main_first)
+                given = max(start, end - (sub_end - sub_first))  # a sliding copy may hold fewer (out of the window)
+                for main_tensor, sub_tensor in ((main_keys, sub_keys), (main_values, sub_values)):
+                    main_tensor[row, :, start - main_first : given - main_first] = 0
+                    main_tensor[row, :, given - main_first :] = sub_tensor[i, :, given - end + sub_end - sub_first :]
             context_ids = self.ids[row, end - old_length : end].clone()
             self.ids[row, end - new_length : end] = torch.cat([context_ids, self.picture_ids])
             self.ids[row, : end - new_length] = self.pad
             self.mask[row, : end - new_length] = 0
             self.mask[row, end - new_length : end] = 1
+
+
+_SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
+# Chunked attention also uses sliding-window cache layers, but its chunks are aligned to positions, not to columns.
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _held_columns(layer, end: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The keys and values a cache layer holds (views, `[batch, heads, columns, dim]`) and the first column they hold:
+    they are the columns `first` to `end` of the rows. Full layers hold every column, sliding ones the last few."""
+    if isinstance(layer, StaticSlidingWindowLayer):
+        if end >= layer.max_cache_len:  # full: the buffer holds the last `max_cache_len` columns, oldest first
+            return layer.keys, layer.values, end - layer.max_cache_len
+        return layer.keys[:, :, :end], layer.values[:, :, :end], 0
+    if isinstance(layer, StaticLayer):
+        return layer.keys[:, :, :end], layer.values[:, :, :end], 0
+    return layer.keys, layer.values, end - layer.keys.shape[2]
+
+
+def _hold_columns(layer, keys: torch.Tensor, values: torch.Tensor, first: int, end: int) -> None:
+    """Makes a cache layer hold the rows given as their columns `first` to `end` (`[batch, heads, end - first, dim]`;
+    the columns before `first` are padding): all of them for a full layer, the last ones for a sliding one, in the
+    layout its `update` and `get_mask_sizes` expect."""
+    if isinstance(layer, StaticSlidingWindowLayer):
+        start = end - layer.max_cache_len if end >= layer.max_cache_len else 0
+    elif isinstance(layer, DynamicSlidingWindowLayer):
+        start = max(end - layer.sliding_window + 1, 0)
+    else:
+        start = 0
+    keys, values = (_columns_from(tensor, first, start) for tensor in (keys, values))
+    if isinstance(layer, StaticLayer):
+        for buffer, tensor in ((layer.keys, keys), (layer.values, values)):
+            tensor = tensor.clone()  # it may be a view of the buffer it is written into
+            buffer.zero_()
+            buffer[:, :, : tensor.shape[2]] = tensor
+        layer.cumulative_length.fill_(end)
+        if isinstance(layer, StaticSlidingWindowLayer):
+            layer.cumulative_length_int = end
+    else:
+        layer.keys, layer.values = keys, values
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = end
+
+
+def _columns_from(tensor: torch.Tensor, first: int, start: int) -> torch.Tensor:
+    """`tensor` holds columns `first`..; returns columns `start`.. (zeros for the columns before `first`)."""
+    if start >= first:
+        return tensor[:, :, start - first :]
+    pad = tensor.new_zeros(*tensor.shape[:2], first - start, tensor.shape[3])
+    return torch.cat([pad, tensor], dim=2)
 
 
 # A group of prompts is read in one padded forward while its padded size stays within this factor of its real tokens;

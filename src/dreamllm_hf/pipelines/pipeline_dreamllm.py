@@ -20,6 +20,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import LogitsProcessorList
 
 from .. import checks
+from .. import constants as C
 from ..checks import InputTypeError
 from ..modeling.conversation import render_conversation
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
@@ -117,6 +118,31 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         self._check_decoder()
         self.vae_scale_factor = self._vae_scale_factor()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_components(
+        cls, llm, vision, diffusion, num_dream_queries: int = C.NUM_DREAM_QUERIES, **kwargs
+    ) -> "DreamLLMPipeline":
+        r"""
+        An untrained DreamLLM built from parts (what `dreamllm-hf init` writes): any decoder-only causal LM with its
+        tokenizer, a CLIP or SigLIP vision tower with its image processor, and a Stable Diffusion decoder. See
+        `dreamllm_hf.building` for what is added to them and how it starts.
+
+        Args:
+            llm: a causal LM's `save_pretrained` folder, or the model (then pass `tokenizer=`).
+            vision: a CLIP/SigLIP vision model's (or full model's) folder, or the model (then pass `image_processor=`).
+            diffusion: a diffusers pipeline folder with `unet/`, `vae/`, `scheduler/`, or a pipeline or mapping of them.
+            num_dream_queries (`int`, defaults to 64): learned queries per picture.
+            **kwargs: `tokenizer`, `image_processor`, `vision_feature_layer`, `eos_token`, `chat_template`, `dtype`,
+                `seed` (see `dreamllm_hf.building.build_pipeline`).
+        """
+        # Building sits above the pipelines (it assembles one): imported here, not at the top of this module.
+        from ..building import build_pipeline
+
+        pipe = build_pipeline(llm, vision, diffusion, num_dream_queries=num_dream_queries, **kwargs)
+        if not isinstance(pipe, cls):
+            pipe = cls(**pipe.components)
+        return pipe
 
     @property
     def image_block_length(self) -> int:
