@@ -179,7 +179,7 @@ def build(args):
 
     channels = tuple(args.unet_channels)
     unet = tiny_unet(
-        args.cross_attention_dim,
+        cross_attention_dim=args.cross_attention_dim,
         sample_size=args.height // 8,
         block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
@@ -188,9 +188,8 @@ def build(args):
         norm_num_groups=32,
     )
     vae = tiny_vae(
+        num_blocks=4,
         block_out_channels=(64, 128, 128, 128),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=32,
         sample_size=args.height,
     )

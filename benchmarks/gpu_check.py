@@ -93,7 +93,7 @@ def gpu_config(tiny: bool, tokenizer) -> DreamLLMConfig:
 
 def diffusion_components(tiny: bool, dtype, device):
     if tiny:
-        unet, vae = tiny_unet(32), tiny_vae()
+        unet, vae = tiny_unet(cross_attention_dim=32), tiny_vae()
     else:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD_DIR / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD_DIR / "vae"))

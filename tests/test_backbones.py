@@ -1,5 +1,6 @@
 """DreamLLM on other backbones: built by `dreamllm-hf init` from tiny Llama, Qwen2, Mistral, Gemma 2 and Gemma 3 LLMs,
-CLIP and SigLIP towers and an SD-like decoder (`dreamllm_hf.testing_utils.backbones`), then run, saved, trained.
+CLIP and SigLIP towers (`dreamllm_hf.testing_utils.backbones`) and an SD-like decoder (`testing_utils.decoders`),
+then run, saved, trained.
 
 Every LLM x tower combination is built once (module scope) from saved folders through the CLI, and the per-combination
 tests share it; tests that change a model work on a copy.
@@ -12,14 +13,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_pipeline import CollectStreamer, LogitsRecorder, Script, written_stream
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 
 from dreamllm_hf import constants as C
 from dreamllm_hf.building import build_dreamllm
 from dreamllm_hf.cli import main
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, StopReason
 from dreamllm_hf.testing_utils import backbones as B
+from dreamllm_hf.testing_utils import save_tiny_diffusion, tiny_diffusion
 
 
 Q = 3  # dream queries of the built models
@@ -46,7 +48,7 @@ def parts(tmp_path_factory):
             family: B.save_tiny_vision(family, root / "vision" / family, full=FULL_VISION_MODEL[family])
             for family in B.VISION_FAMILIES
         },
-        "diffusion": B.save_tiny_diffusion(root / "sd"),
+        "diffusion": save_tiny_diffusion(root / "sd"),
     }
 
 
@@ -83,42 +85,6 @@ def text_tokens(pipe, count=4) -> list[int]:
     tokenizer = pipe.tokenizer
     ids = tokenizer("the quick brown fox jumps", add_special_tokens=False)["input_ids"]
     return [i for i in ids if i not in tokenizer.all_special_ids][:count]
-
-
-class Script(LogitsProcessor):
-    """Forces `tokens` in order, one per sampled token (one document)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, self.tokens[min(self.step, len(self.tokens) - 1)]] = 0
-        self.step += 1
-        return forced
-
-
-class LogitsRecorder(LogitsProcessor):
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(scores[0].clone())
-        return scores
-
-
-class TokenRecorder(BaseStreamer):
-    def __init__(self):
-        self.prompt, self.sampled = None, []
-
-    def put(self, value):
-        if self.prompt is None:
-            self.prompt = value.flatten().tolist()
-        else:
-            self.sampled.extend(value.flatten().tolist())
-
-    def end(self):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,7 +261,7 @@ def test_the_llm_computes_what_it_did_before(built, parts, llm):
     scale, its windows); a new token's output row starts as the mean known row."""
     _, pipe = built(llm, "clip")
     original = AutoModelForCausalLM.from_pretrained(parts["llm"][llm], dtype=torch.float32).eval()
-    known = len(B.tiny_tokenizer(llm))  # Qwen's spare rows after them now hold the format's tokens
+    known = len(B.tiny_llm_tokenizer(llm))  # Qwen's spare rows after them now hold the format's tokens
     ids = pipe.processor(text="the quick brown fox jumps over the lazy dog " * 2, return_tensors="pt")["input_ids"]
     assert ids.shape[1] > B.SLIDING_WINDOW  # past the window of the sliding families
     with torch.no_grad():
@@ -363,13 +329,15 @@ def test_tokens_land_in_spare_rows_or_new_ones(built):
     """Qwen keeps unused rows at the end of its embeddings: the format's tokens take them (no resize). Llama's matrix
     is exactly its vocabulary: it grows by the tokens added, [PAD] among them (Llama 3 has no pad token)."""
     _, qwen = built("qwen2", "clip")
-    qwen_tokens = len(B.tiny_tokenizer("qwen2"))
-    assert qwen.mllm.config.text_config.vocab_size == B.tiny_llm_config("qwen2", B.tiny_tokenizer("qwen2")).vocab_size
+    qwen_tokens = len(B.tiny_llm_tokenizer("qwen2"))
+    assert (
+        qwen.mllm.config.text_config.vocab_size == B.tiny_llm_config("qwen2", B.tiny_llm_tokenizer("qwen2")).vocab_size
+    )
     assert qwen.mllm.config.image_start_token_id >= qwen_tokens and qwen.mllm.config.bos_token_id is None
     assert qwen.tokenizer.pad_token == "<|endoftext|>"  # its own, distinct from its end of turn
     _, llama = built("llama", "clip")
     added = len(C.RELEASE_ADDED_TOKEN_IDS)  # the 7 format tokens and [PAD]
-    assert llama.mllm.config.text_config.vocab_size == len(B.tiny_tokenizer("llama")) + added
+    assert llama.mllm.config.text_config.vocab_size == len(B.tiny_llm_tokenizer("llama")) + added
     assert llama.tokenizer.pad_token == C.PAD_TOKEN
 
 
@@ -436,16 +404,6 @@ def test_a_full_clip_model_gives_its_vision_part(parts, tmp_path):
 # Sliding windows in the document engine
 
 
-def written_stream(pipe, recorder: TokenRecorder) -> tuple[list[int], list[int]]:
-    """The ids the model's context held and, for every sampled token, the position whose logits chose it."""
-    block = pipe.processor.dream_block_ids + pipe.processor.image_block_ids
-    stream, chosen_at = list(recorder.prompt), []
-    for token in recorder.sampled:
-        chosen_at.append(len(stream) - 1)
-        stream.extend(block if token == pipe.mllm.config.dream_start_token_id else [token])
-    return stream, chosen_at
-
-
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @pytest.mark.parametrize("llm", B.SLIDING_FAMILIES)
 def test_documents_past_the_sliding_window_are_what_one_forward_computes(built, llm, cache_implementation):
@@ -455,7 +413,7 @@ def test_documents_past_the_sliding_window_are_what_one_forward_computes(built, 
     config = pipe.mllm.config
     a, b, c = text_tokens(pipe, 3)
     script = [a, config.dream_start_token_id, b, c, config.dream_start_token_id, a, config.eos_token_id]
-    tokens, logits = TokenRecorder(), LogitsRecorder()
+    tokens, logits = CollectStreamer(), LogitsRecorder()
     out = pipe(
         "Tell <image> a story.",
         images=[picture(3)],
@@ -562,7 +520,7 @@ def test_from_components_in_python_equals_init_from_folders(built):
     llm, tokenizer = B.tiny_llm("gemma3")
     vision, image_processor = B.tiny_vision("siglip", full=FULL_VISION_MODEL["siglip"])
     pipe = DreamLLMPipeline.from_components(
-        llm, vision, B.tiny_diffusion(), tokenizer=tokenizer, image_processor=image_processor, num_dream_queries=Q
+        llm, vision, tiny_diffusion(), tokenizer=tokenizer, image_processor=image_processor, num_dream_queries=Q
     )
     ours, theirs = pipe.mllm.state_dict(), from_folders.mllm.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -578,8 +536,8 @@ def test_a_multimodal_gemma3_gives_its_language_model():
     """Of a Gemma 3 vision-language checkpoint only the language model (and its tied head) is taken."""
     from transformers import AutoConfig, Gemma3ForConditionalGeneration
 
-    tokenizer = B.tiny_tokenizer("gemma3")
-    siglip = dict(model_type="siglip_vision_model", image_size=28, **B.TINY_VISION)
+    tokenizer = B.tiny_llm_tokenizer("gemma3")
+    siglip = dict(model_type="siglip_vision_model", image_size=28, **B.TINY_VISION_SIZES)
     config = AutoConfig.for_model(
         "gemma3",
         text_config=B.tiny_llm_config("gemma3", tokenizer).to_dict(),

@@ -1,24 +1,25 @@
 """Any Stable Diffusion decoder: SD 1.x/2.x UNets of two conditioning widths, an SDXL-like UNet (pooled `text_embeds`
 from the pooled projector, `time_ids` from the picture size) and an `addition_embed_type="text"` UNet, each through
 text-to-image, a document, `get_dream_embeddings`, save/load and a training step; and the clear errors for decoders
-DreamLLM cannot condition. Tiny random components built here (LLaMA 2 x 32, CLIP 2 x 16 at 16 px, 4 dream queries)."""
+DreamLLM cannot condition. Tiny random components from `dreamllm_hf.testing_utils` (LLaMA 2 x 32, CLIP 2 x 16 at
+16 px, 4 dream queries)."""
 
 import numpy as np
 import pytest
 import torch
 from test_pipeline import picture, scripted, seeded
-from transformers import CLIPImageProcessor
 
-from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
-from dreamllm_hf import constants as C
+from dreamllm_hf import DreamLLMProcessor
 from dreamllm_hf.decoder_conditioning import NUM_TIME_IDS
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
-from dreamllm_hf.testing_utils.decoders import (
+from dreamllm_hf.testing_utils import (
     ADDITION_TIME_EMBED_DIM,
+    config_token_ids,
+    tiny_config,
+    tiny_model,
+    tiny_processor,
     tiny_scheduler,
-    tiny_sd_unet,
-    tiny_sdxl_unet,
     tiny_unet,
     tiny_vae,
 )
@@ -26,7 +27,6 @@ from dreamllm_hf.training import DreamLLMTrainingModel
 
 
 Q, CLIP_SIZE, CLIP_PATCH = 4, 16, 8
-N_IMG = (CLIP_SIZE // CLIP_PATCH) ** 2
 POOLED = 16
 FAST = dict(num_inference_steps=2, guidance_scale=3.0)
 
@@ -44,62 +44,39 @@ def tokenizer():
     return DreamLLMProcessor.from_pretrained(DEMO_MODEL_PATH / "processor").tokenizer
 
 
-def tiny_processor(tokenizer) -> DreamLLMProcessor:
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE}
-    )
-    return DreamLLMProcessor(image_processor, tokenizer, num_image_tokens=N_IMG, num_dream_queries=Q)
-
-
-def tiny_mllm(tokenizer, cross_attention_dim: int, pooled_projection_dim: int | None = None, seed: int = 0):
-    ids = tokenizer.get_vocab()
-    config = DreamLLMConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=CLIP_SIZE,
-            patch_size=CLIP_PATCH,
-        ),
+def config_for(tokenizer, cross_attention_dim: int = 32, pooled_projection_dim: int | None = None):
+    """The factory's tiny config on the demo tokenizer, with a 16 px CLIP tower (patch 8) and grouped queries."""
+    ids = config_token_ids(tokenizer)
+    special = {name: ids[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return tiny_config(
+        text_config=dict(vocab_size=len(tokenizer), num_key_value_heads=2, **special),
+        vision_config=dict(image_size=CLIP_SIZE, patch_size=CLIP_PATCH),
         num_dream_queries=Q,
         cross_attention_dim=cross_attention_dim,
         pooled_projection_dim=pooled_projection_dim,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        image_start_token_id=ids[C.IMAGE_START_TOKEN],
-        image_patch_token_id=ids[C.IMAGE_PATCH_TOKEN],
-        image_end_token_id=ids[C.IMAGE_END_TOKEN],
-        dream_start_token_id=ids[C.DREAM_START_TOKEN],
-        dream_end_token_id=ids[C.DREAM_END_TOKEN],
-        image_token_id=ids[C.IMAGE_PLACEHOLDER],
-        dream_token_id=ids[C.DREAM_PLACEHOLDER],
+        **ids,
     )
-    torch.manual_seed(seed)
-    return DreamLLMForConditionalGeneration(config).eval()
+
+
+def mllm_for(tokenizer, cross_attention_dim: int, pooled_projection_dim: int | None = None, seed: int = 0):
+    return tiny_model(config_for(tokenizer, cross_attention_dim, pooled_projection_dim), seed=seed)
+
+
+def processor_for(tokenizer) -> DreamLLMProcessor:
+    return tiny_processor(config_for(tokenizer), tokenizer=tokenizer)
+
+
+def unet_for(name: str):
+    kind, width, pooled, _ = DECODERS[name]
+    return tiny_unet(kind, cross_attention_dim=width, pooled_projection_dim=pooled)
 
 
 def build_pipeline(tokenizer, name: str) -> DreamLLMPipeline:
-    kind, width, pooled, vae_blocks = DECODERS[name]
+    _, width, pooled, vae_blocks = DECODERS[name]
     pipe = DreamLLMPipeline(
-        mllm=tiny_mllm(tokenizer, width, pooled),
-        processor=tiny_processor(tokenizer),
-        unet=tiny_unet(kind, width, pooled_projection_dim=POOLED),
+        mllm=mllm_for(tokenizer, width, pooled),
+        processor=processor_for(tokenizer),
+        unet=unet_for(name),
         vae=tiny_vae(vae_blocks),
         scheduler=tiny_scheduler(),
     )
@@ -290,9 +267,9 @@ def test_sdxl_float16_vae_decodes_in_float32_as_sdxl_does(tokenizer):
 
 
 def test_a_unet_projecting_its_conditioning_takes_the_model_at_encoder_hid_dim(tokenizer):
-    unet = tiny_sd_unet(cross_attention_dim=40, encoder_hid_dim=24)  # `text_proj`: 24 -> 40
+    unet = tiny_unet(cross_attention_dim=40, encoder_hid_dim=24)  # `text_proj`: 24 -> 40
     pipe = DreamLLMText2ImagePipeline(
-        tiny_mllm(tokenizer, 24), tiny_processor(tokenizer), unet, tiny_vae(), tiny_scheduler()
+        mllm_for(tokenizer, 24), processor_for(tokenizer), unet, tiny_vae(), tiny_scheduler()
     )
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", generator=seeded(), output_type="np", **FAST).images.shape == (1, 16, 16, 3)
@@ -302,12 +279,18 @@ def test_a_unet_projecting_its_conditioning_takes_the_model_at_encoder_hid_dim(t
 # Training
 
 
+def training_model(mllm, name: str) -> DreamLLMTrainingModel:
+    """`mllm` with the decoder `name` of `DECODERS`, in training mode."""
+    vae = tiny_vae(num_blocks=DECODERS[name][3])
+    return DreamLLMTrainingModel(mllm, unet_for(name), vae, tiny_scheduler()).train()
+
+
 @pytest.mark.parametrize("name", ["sd-24", "sdxl", "text"])
 def test_a_training_step_reaches_the_dream_queries_and_the_pooled_projector(tokenizer, name):
-    kind, width, pooled, vae_blocks = DECODERS[name]
-    mllm = tiny_mllm(tokenizer, width, pooled).train()
-    unet, vae = tiny_unet(kind, width, pooled_projection_dim=POOLED), tiny_vae(vae_blocks)
-    model = DreamLLMTrainingModel(mllm, unet, vae, tiny_scheduler()).train()
+    _, width, pooled, _ = DECODERS[name]
+    mllm = mllm_for(tokenizer, width, pooled).train()
+    model = training_model(mllm, name)
+    unet = model.unet
     config = mllm.config
     caption = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
     block = [config.dream_start_token_id] + [config.image_patch_token_id] * Q + [config.dream_end_token_id]
@@ -336,8 +319,8 @@ def test_a_training_step_reaches_the_dream_queries_and_the_pooled_projector(toke
 
 
 def test_a_batch_without_pictures_keeps_the_pooled_projector_in_the_graph(tokenizer):
-    mllm = tiny_mllm(tokenizer, 32, POOLED).train()
-    model = DreamLLMTrainingModel(mllm, tiny_sdxl_unet(32, POOLED), tiny_vae(3), tiny_scheduler()).train()
+    mllm = mllm_for(tokenizer, 32, POOLED).train()
+    model = training_model(mllm, "sdxl")
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("a red circle", add_special_tokens=False)["input_ids"]]])
     model(input_ids=ids, labels=ids).loss.backward()
     assert mllm.model.pooled_projector.linear.weight.grad is not None  # a zero gradient, but one (DDP needs it)
@@ -346,10 +329,10 @@ def test_a_batch_without_pictures_keeps_the_pooled_projector_in_the_graph(tokeni
 def test_lora_trains_the_pooled_projector_in_full_and_saves_it(tokenizer, tmp_path):
     from dreamllm_hf.training import apply_lora
 
-    mllm = apply_lora(tiny_mllm(tokenizer, 32, POOLED).train(), rank=4, alpha=8, dropout=0.0)
+    mllm = apply_lora(mllm_for(tokenizer, 32, POOLED).train(), rank=4, alpha=8, dropout=0.0)
     trained = {name for name, param in mllm.named_parameters() if param.requires_grad and "pooled_projector" in name}
     assert trained and all("modules_to_save" in name for name in trained)
-    model = DreamLLMTrainingModel(mllm, tiny_sdxl_unet(32, POOLED), tiny_vae(3), tiny_scheduler()).train()
+    model = training_model(mllm, "sdxl")
     config = mllm.config
     block = [config.dream_start_token_id] + [config.image_patch_token_id] * Q + [config.dream_end_token_id]
     ids = torch.tensor([[config.bos_token_id, *block]])
@@ -380,8 +363,8 @@ UNCONDITIONABLE = {
 @pytest.mark.parametrize("case", list(UNCONDITIONABLE))
 def test_a_decoder_that_cannot_be_conditioned_is_refused_at_construction(tokenizer, case):
     config, message = UNCONDITIONABLE[case]
-    unet = tiny_sd_unet(32, **config)
-    mllm, processor, vae = tiny_mllm(tokenizer, 32), tiny_processor(tokenizer), tiny_vae()
+    unet = tiny_unet(cross_attention_dim=32, **config)
+    mllm, processor, vae = mllm_for(tokenizer, 32), processor_for(tokenizer), tiny_vae()
     for pipeline_class in (DreamLLMPipeline, DreamLLMText2ImagePipeline):
         with pytest.raises(ValueError, match=f"cannot be conditioned by this DreamLLM model: .*{message}"):
             pipeline_class(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=tiny_scheduler())
@@ -391,19 +374,19 @@ def test_a_decoder_that_cannot_be_conditioned_is_refused_at_construction(tokeniz
 
 MISMATCHES = {
     "width": (
-        lambda tok: (tiny_mllm(tok, 24), tiny_sd_unet(40)),
+        lambda tok: (mllm_for(tok, 24), tiny_unet(cross_attention_dim=40)),
         "takes 40-dim conditioning \\(cross_attention_dim\\) but the DreamLLM model gives 24-dim",
     ),
     "no pooled projector": (
-        lambda tok: (tiny_mllm(tok, 32), tiny_sdxl_unet(32, POOLED)),
+        lambda tok: (mllm_for(tok, 32), tiny_unet("sdxl", cross_attention_dim=32, pooled_projection_dim=POOLED)),
         f"reads a pooled `text_embeds` of size {POOLED} .*set pooled_projection_dim={POOLED}",
     ),
     "pooled width": (
-        lambda tok: (tiny_mllm(tok, 32, 12), tiny_sdxl_unet(32, POOLED)),
-        f"size {POOLED} \\(projection_class_embeddings_input_dim {POOLED + 6 * ADDITION_TIME_EMBED_DIM}.*gives 12",
+        lambda tok: (mllm_for(tok, 32, 12), tiny_unet("sdxl", cross_attention_dim=32, pooled_projection_dim=POOLED)),
+        f"size {POOLED} \\(projection_class_embeddings_input_dim {POOLED + NUM_TIME_IDS * ADDITION_TIME_EMBED_DIM}.*gives 12",
     ),
     "pooled projector, no pooled input": (
-        lambda tok: (tiny_mllm(tok, 32, POOLED), tiny_sd_unet(32)),
+        lambda tok: (mllm_for(tok, 32, POOLED), tiny_unet(cross_attention_dim=32)),
         "has a pooled projector \\(pooled_projection_dim=16\\) but the UNet reads no pooled",
     ),
 }
@@ -414,11 +397,11 @@ def test_a_mismatched_decoder_is_refused_naming_both_sides(tokenizer, case):
     build, message = MISMATCHES[case]
     mllm, unet = build(tokenizer)
     with pytest.raises(ValueError, match=message):
-        DreamLLMText2ImagePipeline(mllm, tiny_processor(tokenizer), unet, tiny_vae(), tiny_scheduler())
+        DreamLLMText2ImagePipeline(mllm, processor_for(tokenizer), unet, tiny_vae(), tiny_scheduler())
 
 
 def test_a_mismatched_decoder_is_refused_at_loading(pipelines, tmp_path):
     pipelines["sd-24"].save_pretrained(tmp_path)
-    tiny_sd_unet(40).save_pretrained(tmp_path / "unet")
+    tiny_unet(cross_attention_dim=40).save_pretrained(tmp_path / "unet")
     with pytest.raises(ValueError, match="takes 40-dim conditioning .* gives 24-dim"):
         DreamLLMPipeline.from_pretrained(tmp_path)

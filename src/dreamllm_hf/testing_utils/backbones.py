@@ -6,23 +6,23 @@
   few sentences and a chat template in its family's format. Hidden size 32, 2 layers, grouped-query attention.
 * Vision towers: CLIP (28 px, patch 14: 4 patches and a CLS token) and SigLIP (42 px, patch 14: 9 patches, no CLS),
   with their image processors, as vision models or as the vision part of a full CLIP/SigLIP model.
-* A Stable Diffusion-like decoder: a 2-level cross-attention UNet on 8x8 latents, a 2-level VAE (16 px pictures) and
-  DDPM.
 
-`save_*` write each as the `save_pretrained` folder `dreamllm-hf init` reads.
+`save_*` write each as the `save_pretrained` folder `dreamllm-hf init` reads; the decoder's folder is
+`decoders.save_tiny_diffusion`. The family tokenizer is `tiny_llm_tokenizer(family)` (the DreamLLM tokenizer of the
+release's layout is `factories.tiny_tokenizer()`).
 """
 
 from functools import cache
 from pathlib import Path
 
-import torch
+from ._seeding import seeded
 
 
 LLM_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gemma3")
 VISION_FAMILIES = ("clip", "siglip")
 SLIDING_FAMILIES = ("mistral", "gemma2", "gemma3")
 SLIDING_WINDOW = 12  # smaller than any document the tests write, so that the window is always exceeded
-TINY_LLM = dict(
+TINY_LLM_SIZES = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -30,10 +30,10 @@ TINY_LLM = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+TINY_VISION_SIZES = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14
+)
 VISION_IMAGE_SIZE = {"clip": 28, "siglip": 42}
-CROSS_ATTENTION_DIM = 24
-LATENT_SIZE = 8
 
 _CORPUS = (
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -78,7 +78,7 @@ _QWEN_SPARE_ROWS = 16  # Qwen's embedding matrix has rows no token uses; added t
 
 def _check_family(family: str, families: tuple[str, ...]) -> None:
     if family not in families:
-        raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(families)}.")
+        raise ValueError(f"Unknown `family` {family!r}; choose one of {', '.join(families)}.")
 
 
 @cache
@@ -96,8 +96,14 @@ def _trained_bpe():
     return tokenizer.to_str()
 
 
-def tiny_tokenizer(family: str):
-    """The family's tokenizer: the corpus BPE with the family's special tokens and chat template."""
+def tiny_llm_tokenizer(family: str):
+    """
+    The family's tokenizer: a byte-level BPE trained here on a few sentences, with the family's special tokens and a
+    chat template in its format.
+
+    Args:
+        family (`str`): one of `LLM_FAMILIES`.
+    """
     from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -123,7 +129,14 @@ def tiny_tokenizer(family: str):
 
 
 def tiny_llm_config(family: str, tokenizer, sliding_window: int = SLIDING_WINDOW):
-    """The family's config at the tiny size, its special ids from `tokenizer`."""
+    """
+    The family's config at the tiny size (`TINY_LLM_SIZES`).
+
+    Args:
+        family (`str`): one of `LLM_FAMILIES`.
+        tokenizer (`PreTrainedTokenizerBase`): gives the vocabulary size and the special ids.
+        sliding_window (`int`, defaults to `SLIDING_WINDOW`): the window of the sliding families.
+    """
     from transformers import AutoConfig
 
     _check_family(family, LLM_FAMILIES)
@@ -131,14 +144,14 @@ def tiny_llm_config(family: str, tokenizer, sliding_window: int = SLIDING_WINDOW
     ids["pad_token_id"] = tokenizer.pad_token_id
     vocab_size = len(tokenizer)
     if family == "llama":
-        return AutoConfig.for_model("llama", vocab_size=vocab_size, tie_word_embeddings=False, **ids, **TINY_LLM)
+        return AutoConfig.for_model("llama", vocab_size=vocab_size, tie_word_embeddings=False, **ids, **TINY_LLM_SIZES)
     if family == "qwen2":
         return AutoConfig.for_model(
-            "qwen2", vocab_size=vocab_size + _QWEN_SPARE_ROWS, tie_word_embeddings=True, **ids, **TINY_LLM
+            "qwen2", vocab_size=vocab_size + _QWEN_SPARE_ROWS, tie_word_embeddings=True, **ids, **TINY_LLM_SIZES
         )
     sliding = dict(head_dim=8, sliding_window=sliding_window)
     if family == "mistral":
-        return AutoConfig.for_model("mistral", vocab_size=vocab_size, **sliding, **ids, **TINY_LLM)
+        return AutoConfig.for_model("mistral", vocab_size=vocab_size, **sliding, **ids, **TINY_LLM_SIZES)
     layer_types = ["sliding_attention", "full_attention"]
     if family == "gemma2":
         return AutoConfig.for_model(
@@ -150,7 +163,7 @@ def tiny_llm_config(family: str, tokenizer, sliding_window: int = SLIDING_WINDOW
             attn_logit_softcapping=50.0,
             **sliding,
             **ids,
-            **TINY_LLM,
+            **TINY_LLM_SIZES,
         )
     return AutoConfig.for_model(
         "gemma3_text",
@@ -159,84 +172,83 @@ def tiny_llm_config(family: str, tokenizer, sliding_window: int = SLIDING_WINDOW
         query_pre_attn_scalar=8,
         **sliding,
         **ids,
-        **TINY_LLM,
+        **TINY_LLM_SIZES,
     )
 
 
 def tiny_llm(family: str, seed: int = 0, sliding_window: int = SLIDING_WINDOW):
-    """`(causal LM, tokenizer)` of the family, random weights from `seed`, in eval mode."""
+    """
+    `(causal LM, tokenizer)` of the family, random weights, in eval mode.
+
+    Args:
+        family (`str`): one of `LLM_FAMILIES`.
+        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
+        sliding_window (`int`, defaults to `SLIDING_WINDOW`): the window of the sliding families.
+    """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = tiny_tokenizer(family)
+    tokenizer = tiny_llm_tokenizer(family)
     config = tiny_llm_config(family, tokenizer, sliding_window)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = seeded(seed, lambda: AutoModelForCausalLM.from_config(config)).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
-def tiny_vision(family: str, seed: int = 0, full: bool = False):
-    """`(model, image processor)`: a CLIP or SigLIP vision model, or with `full=True` the whole CLIP/SigLIP model
-    (a tiny text tower beside it) whose vision part DreamLLM takes."""
-    from transformers import AutoConfig, AutoModel
+def tiny_image_processor(family: str = "clip", image_size: int | None = None, **overrides):
+    """
+    The tower's preprocessing: CLIP's (resize the short side, centre crop, OpenAI mean and std) or SigLIP's (resize
+    to a square).
+
+    Args:
+        family (`str`, defaults to `"clip"`): one of `VISION_FAMILIES`.
+        image_size (`int`, *optional*): the tower's input size; defaults to the family's `VISION_IMAGE_SIZE`.
+        **overrides: any argument of the family's image processor.
+    """
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     _check_family(family, VISION_FAMILIES)
-    size = VISION_IMAGE_SIZE[family]
-    vision = dict(image_size=size, **TINY_VISION)
+    size = image_size if image_size is not None else VISION_IMAGE_SIZE[family]
     if family == "clip":
-        processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    else:
-        processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+        kwargs = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+        return CLIPImageProcessorPil(**{**kwargs, **overrides})
+    return SiglipImageProcessorPil(**{"size": {"height": size, "width": size}, **overrides})
+
+
+def tiny_vision(family: str, seed: int = 0, full: bool = False):
+    """
+    `(model, image processor)`: a CLIP or SigLIP vision model at the tiny size (`TINY_VISION_SIZES`), random weights,
+    in eval mode.
+
+    Args:
+        family (`str`): one of `VISION_FAMILIES`.
+        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
+        full (`bool`, defaults to `False`): build the whole CLIP/SigLIP model (a tiny text tower beside it), whose
+            vision part DreamLLM takes.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    _check_family(family, VISION_FAMILIES)
+    vision = dict(image_size=VISION_IMAGE_SIZE[family], **TINY_VISION_SIZES)
     if full:
         text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
         text.update(bos_token_id=0, eos_token_id=1, pad_token_id=2)
         config = AutoConfig.for_model(family, text_config=text, vision_config=vision, projection_dim=8)
     else:
         config = AutoConfig.for_model(f"{family}_vision_model", **vision)
-    torch.manual_seed(seed)
-    return AutoModel.from_config(config).eval(), processor
-
-
-def tiny_sd_unet(cross_attention_dim: int = CROSS_ATTENTION_DIM):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-
-
-def tiny_diffusion(seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_DIM) -> dict:
-    """`{"unet", "vae", "scheduler"}` of a Stable Diffusion-like decoder: 16 px pictures, 8x8x4 latents."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    torch.manual_seed(seed)
-    unet = tiny_sd_unet(cross_attention_dim)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=2 * LATENT_SIZE,
-    )
-    return {"unet": unet.eval(), "vae": vae.eval(), "scheduler": DDPMScheduler(num_train_timesteps=1000)}
+    return seeded(seed, lambda: AutoModel.from_config(config)).eval(), tiny_image_processor(family)
 
 
 def save_tiny_llm(family: str, folder: str | Path, seed: int = 0, sliding_window: int = SLIDING_WINDOW) -> Path:
+    """
+    Writes `tiny_llm(family, ...)` and its tokenizer to `folder` (a causal LM's `save_pretrained` folder); returns it.
+
+    Args:
+        family (`str`): one of `LLM_FAMILIES`.
+        folder (`str` or `Path`): where to write it.
+        seed (`int`, defaults to 0): seeds the initialisation.
+        sliding_window (`int`, defaults to `SLIDING_WINDOW`): the window of the sliding families.
+    """
     model, tokenizer = tiny_llm(family, seed, sliding_window)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -244,33 +256,34 @@ def save_tiny_llm(family: str, folder: str | Path, seed: int = 0, sliding_window
 
 
 def save_tiny_vision(family: str, folder: str | Path, seed: int = 0, full: bool = False) -> Path:
+    """
+    Writes `tiny_vision(family, ...)` and its image processor to `folder`; returns it.
+
+    Args:
+        family (`str`): one of `VISION_FAMILIES`.
+        folder (`str` or `Path`): where to write it.
+        seed (`int`, defaults to 0): seeds the initialisation.
+        full (`bool`, defaults to `False`): write the whole CLIP/SigLIP model.
+    """
     model, processor = tiny_vision(family, seed, full)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
 
 
-def save_tiny_diffusion(folder: str | Path, seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_DIM) -> Path:
-    """The decoder as a diffusers pipeline folder would hold it (`unet/`, `vae/`, `scheduler/`)."""
-    folder = Path(folder)
-    for name, part in tiny_diffusion(seed, cross_attention_dim).items():
-        part.save_pretrained(folder / name) if name != "scheduler" else part.save_config(folder / name)
-    return folder
-
-
 __all__ = [
-    "CROSS_ATTENTION_DIM",
     "LLM_FAMILIES",
     "SLIDING_FAMILIES",
     "SLIDING_WINDOW",
+    "TINY_LLM_SIZES",
+    "TINY_VISION_SIZES",
     "VISION_FAMILIES",
-    "save_tiny_diffusion",
+    "VISION_IMAGE_SIZE",
     "save_tiny_llm",
     "save_tiny_vision",
-    "tiny_diffusion",
+    "tiny_image_processor",
     "tiny_llm",
     "tiny_llm_config",
-    "tiny_sd_unet",
-    "tiny_tokenizer",
+    "tiny_llm_tokenizer",
     "tiny_vision",
 ]

@@ -5,43 +5,36 @@ defaults, so `tiny_config(text_config={"hidden_size": 64})` keeps the other tiny
 world's LLaMA-style SentencePiece model (`dreamllm_hf.shapes_world.tokenizer`), trained in milliseconds, with the 8
 DreamLLM tokens after its pieces in the release's order; `tiny_config()` carries those ids without building it.
 
-The sizes: a 2-layer LLaMA 32 wide, a 2-layer CLIP tower 16 wide on 28 px pictures (patch 14: 4 image tokens), 3
-dream queries projected to 8, and a UNet / VAE drawing 16 px pictures (VAE factor 2) with the release's DDPM schedule.
+The sizes: a 2-layer LLaMA 32 wide (the tiny sizes of `backbones`, with the release's multi-head attention), the
+tiny CLIP tower of `backbones` (28 px pictures, patch 14: 4 image tokens), 3 dream queries projected to 8, and the
+decoder of `decoders` (16 px pictures, VAE factor 2) with the release's DDPM schedule.
 """
 
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .. import constants as C
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
 from ..shapes_world.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer, release_ordered_added_tokens
+from ._seeding import seeded
+from .backbones import TINY_LLM_SIZES, TINY_VISION_SIZES, VISION_IMAGE_SIZE, tiny_image_processor
+from .decoders import TINY_CROSS_ATTENTION_DIM, tiny_scheduler, tiny_unet, tiny_vae
 
 
 TINY_TOKENIZER_PIECES = DEMO_VOCAB_SIZE  # SentencePiece pieces; the DreamLLM tokens follow
 TINY_VOCAB_SIZE = TINY_TOKENIZER_PIECES + len(C.RELEASE_ADDED_TOKEN_IDS)
-TINY_IMAGE_SIZE = 28  # CLIP input; patch 14 -> 4 image tokens
 TINY_NUM_DREAM_QUERIES = 3
-TINY_CROSS_ATTENTION_DIM = 8
 TINY_TEXT_CONFIG = {
     "model_type": "llama",
     "vocab_size": TINY_VOCAB_SIZE,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
+    **TINY_LLM_SIZES,
+    "num_key_value_heads": TINY_LLM_SIZES["num_attention_heads"],  # the release's LLaMA-1 has no grouped queries
     "max_position_embeddings": 256,
 }
 TINY_VISION_CONFIG = {
     "model_type": "clip_vision_model",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": TINY_IMAGE_SIZE,
-    "patch_size": 14,
+    **TINY_VISION_SIZES,
+    "image_size": VISION_IMAGE_SIZE["clip"],
 }
 
 # The `DreamLLMConfig` argument that holds each special token's id.
@@ -101,13 +94,6 @@ def tiny_config(**overrides) -> DreamLLMConfig:
     return DreamLLMConfig(text_config=text_config, vision_config=vision_config, **kwargs)
 
 
-def _seeded(seed: int, build):
-    """`build()` with the global RNG seeded, and the global RNG left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def tiny_model(config: DreamLLMConfig | None = None, seed: int = 0, **config_overrides):
     """
     A randomly initialised [`DreamLLMForConditionalGeneration`] in eval mode.
@@ -121,7 +107,7 @@ def tiny_model(config: DreamLLMConfig | None = None, seed: int = 0, **config_ove
         config = tiny_config(**config_overrides)
     elif config_overrides:
         raise ValueError(f"Give `config` or config overrides, not both; got both and {sorted(config_overrides)}.")
-    return _seeded(seed, lambda: DreamLLMForConditionalGeneration(config)).eval()
+    return seeded(seed, lambda: DreamLLMForConditionalGeneration(config)).eval()
 
 
 def tiny_tokenizer(**kwargs):
@@ -136,20 +122,6 @@ def tiny_tokenizer(**kwargs):
         return build_demo_tokenizer(work_dir, vocab_size=TINY_TOKENIZER_PIECES, **kwargs)
 
 
-def tiny_image_processor(image_size: int = TINY_IMAGE_SIZE, **overrides):
-    """
-    CLIP preprocessing at `image_size` (resize the short side, centre crop, OpenAI mean and std).
-
-    Args:
-        image_size (`int`, defaults to 28): the vision tower's input size.
-        **overrides: any `CLIPImageProcessor` argument.
-    """
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    kwargs = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
-    return CLIPImageProcessorPil(**{**kwargs, **overrides})
-
-
 def tiny_processor(config: DreamLLMConfig | None = None, tokenizer=None, image_processor=None) -> DreamLLMProcessor:
     """
     A [`DreamLLMProcessor`] that expands pictures as `config` reads them.
@@ -157,83 +129,18 @@ def tiny_processor(config: DreamLLMConfig | None = None, tokenizer=None, image_p
     Args:
         config (`DreamLLMConfig`, *optional*): gives the image and dream slots; defaults to `tiny_config()`.
         tokenizer (*optional*): defaults to `tiny_tokenizer()`.
-        image_processor (*optional*): defaults to `tiny_image_processor` at the vision tower's size.
+        image_processor (*optional*): defaults to `tiny_image_processor` of the vision tower's family and size.
     """
     config = config if config is not None else tiny_config()
+    if image_processor is None:
+        family = "siglip" if config.vision_config.model_type.startswith("siglip") else "clip"
+        image_processor = tiny_image_processor(family, config.vision_config.image_size)
     return DreamLLMProcessor(
-        image_processor=image_processor or tiny_image_processor(config.vision_config.image_size),
+        image_processor=image_processor,
         tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
         num_image_tokens=config.num_image_tokens,
         num_dream_queries=config.num_dream_queries,
     )
-
-
-def tiny_unet(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, seed: int = 0, **overrides):
-    """
-    A two-level `UNet2DConditionModel` on 8x8 latents, cross-attending to the dream embeddings.
-
-    Args:
-        cross_attention_dim (`int`, defaults to 8): the width of the conditioning (`config.cross_attention_dim`).
-        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
-        **overrides: any `UNet2DConditionModel` argument.
-    """
-    from diffusers import UNet2DConditionModel
-
-    kwargs = {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": (16, 32),
-        "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "attention_head_dim": (2, 4),
-        "norm_num_groups": 8,
-        "use_linear_projection": True,
-        "cross_attention_dim": cross_attention_dim,
-        **overrides,
-    }
-    return _seeded(seed, lambda: UNet2DConditionModel(**kwargs)).eval()
-
-
-def tiny_vae(seed: int = 0, **overrides):
-    """
-    An `AutoencoderKL` between 16x16 pictures and 4x8x8 latents (VAE factor 2).
-
-    Args:
-        seed (`int`, defaults to 0): seeds the initialisation (the global RNG is left as it was).
-        **overrides: any `AutoencoderKL` argument.
-    """
-    from diffusers import AutoencoderKL
-
-    kwargs = {
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (16, 32),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 16,
-        **overrides,
-    }
-    return _seeded(seed, lambda: AutoencoderKL(**kwargs)).eval()
-
-
-def tiny_scheduler(**overrides):
-    """
-    The release's sampler: `DDPMScheduler` on Stable Diffusion 2.1-base's schedule (the converter's scheduler).
-
-    Args:
-        **overrides: any `DDPMScheduler` config entry.
-    """
-    from diffusers import DDPMScheduler
-
-    from ..conversion.original_layout import KNOWN_DIFFUSION_IDS
-
-    folder = KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"] / "scheduler"
-    return DDPMScheduler.from_config(DDPMScheduler.load_config(folder), **overrides)
 
 
 def tiny_pipeline_components(
@@ -259,7 +166,7 @@ def tiny_pipeline_components(
     return {
         "mllm": tiny_model(config, seed=seed),
         "processor": tiny_processor(config, tokenizer=tokenizer),
-        "unet": tiny_unet(config.cross_attention_dim, seed=seed),
+        "unet": tiny_unet(cross_attention_dim=config.cross_attention_dim, seed=seed),
         "vae": tiny_vae(seed=seed),
         "scheduler": tiny_scheduler(),
     }
@@ -294,8 +201,6 @@ def save_tiny_pipeline(folder: str | Path, **kwargs) -> Path:
 
 
 __all__ = [
-    "TINY_CROSS_ATTENTION_DIM",
-    "TINY_IMAGE_SIZE",
     "TINY_NUM_DREAM_QUERIES",
     "TINY_TEXT_CONFIG",
     "TINY_TOKENIZER_PIECES",
@@ -304,13 +209,9 @@ __all__ = [
     "config_token_ids",
     "save_tiny_pipeline",
     "tiny_config",
-    "tiny_image_processor",
     "tiny_model",
     "tiny_pipeline",
     "tiny_pipeline_components",
     "tiny_processor",
-    "tiny_scheduler",
     "tiny_tokenizer",
-    "tiny_unet",
-    "tiny_vae",
 ]
