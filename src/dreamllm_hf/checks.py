@@ -34,8 +34,10 @@ class NumberRange:
 
     Args:
         integer (`bool`): whole numbers only (`bool` is refused either way).
-        minimum, maximum (*optional*): the bounds (`None`: unbounded).
-        exclusive_minimum, exclusive_maximum (`bool`, defaults to `False`): whether a bound itself is refused.
+        minimum (`float`, *optional*): the lower bound (`None`: unbounded).
+        maximum (`float`, *optional*): the upper bound (`None`: unbounded).
+        exclusive_minimum (`bool`, defaults to `False`): whether `minimum` itself is refused.
+        exclusive_maximum (`bool`, defaults to `False`): whether `maximum` itself is refused.
     """
 
     integer: bool

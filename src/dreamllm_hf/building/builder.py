@@ -330,7 +330,10 @@ def build_dreamllm(
         vision: a CLIP/SigLIP vision model or full model's folder (with its image processor), or a loaded one (then give
             `image_processor`).
         cross_attention_dim (`int`): the size of the diffusion conditioning (the UNet's `cross_attention_dim`).
-        tokenizer, image_processor: for loaded models; they are changed in place (the format's tokens are added).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): the LLM's tokenizer, needed when `llm` is a loaded model;
+            changed in place (the format's tokens are added).
+        image_processor (`BaseImageProcessor`, *optional*): the tower's image processor, needed when `vision` is a
+            loaded model.
         num_dream_queries (`int`, defaults to 64): learned queries per picture.
         vision_feature_layer (`int`, defaults to -2): the tower's hidden state the projector reads.
         eos_token (`str`, *optional*): the token that ends a document, if not the tokenizer's (e.g. `<end_of_turn>`
@@ -442,7 +445,8 @@ def build_pipeline(
     A [`DreamLLMPipeline`] from an LLM, a vision tower and a diffusion decoder (`DreamLLMPipeline.from_components`).
 
     Args:
-        llm, vision: see [`build_dreamllm`].
+        llm (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
+        vision (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
         diffusion: a diffusers pipeline folder with `unet/`, `vae/` and `scheduler/` (other subfolders, e.g. the text
             encoder DreamLLM replaces, are not read), or a pipeline or mapping holding those three.
         num_dream_queries (`int`, defaults to 64): learned queries per picture.

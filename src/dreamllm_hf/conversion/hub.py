@@ -96,7 +96,8 @@ def push_to_hub(
         revision: a branch; created from the default branch if it does not exist.
         update_card: render README.md again for `repo_id` from `conversion.json` (so the snippets name the repo);
             False uploads the folder's README.md as it is. The folder itself is never modified.
-        card_template, card_fields: as in `model_card.build_model_card`.
+        card_template: as in `model_card.build_model_card`.
+        card_fields: as in `model_card.build_model_card`.
     """
     folder = Path(folder)
     files = converted_files(folder)

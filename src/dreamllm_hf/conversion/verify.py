@@ -256,8 +256,10 @@ def verify_conversion(
 
     Args:
         dtype: the dtype the floating-point weights were converted to (None: the one `mllm/config.json` records).
-        compute_dtype, device: where and in what precision both sides run.
-        atol, rtol: tolerance of the output checks (defaults per compute dtype in `DEFAULT_TOLERANCES`).
+        compute_dtype: the precision both sides run in.
+        device: where both sides run.
+        atol: absolute tolerance of the output checks (None: the compute dtype's in `DEFAULT_TOLERANCES`).
+        rtol: relative tolerance of the output checks (None: the compute dtype's in `DEFAULT_TOLERANCES`).
     """
     from ..modeling import DreamLLMForConditionalGeneration  # lazily: the converted side only
 

@@ -39,8 +39,9 @@ PAST_KEY_VALUES_REMOVED_IN = "5.40.0"
 class DreamLLMModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
     dream_hidden_states (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, hidden_size)`, *optional*):
-        Final-norm hidden states at the query slots of every complete dream block in the input, in reading order
-        (row by row, left to right). `None` when the input holds no dream block.
+        The language model's last hidden states (after its final normalization layer, whatever kind the LLM uses) at
+        the query slots of every complete dream block in the input, in reading order (row by row, left to right).
+        `None` when the input holds no dream block.
     dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
         `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`. `None`
         when the input holds no dream block.
@@ -59,8 +60,9 @@ class DreamLLMModelOutputWithPast(MultimodalBaseModelOutputWithPast):
 class DreamLLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
     dream_hidden_states (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, hidden_size)`, *optional*):
-        Final-norm hidden states at the query slots of every complete dream block in the input, in reading order
-        (row by row, left to right). `None` when the input holds no dream block.
+        The language model's last hidden states (after its final normalization layer, whatever kind the LLM uses) at
+        the query slots of every complete dream block in the input, in reading order (row by row, left to right).
+        `None` when the input holds no dream block.
     dream_embeddings (`torch.FloatTensor` of shape `(num_dream_blocks, num_dream_queries, cross_attention_dim)`, *optional*):
         `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`. `None`
         when the input holds no dream block.

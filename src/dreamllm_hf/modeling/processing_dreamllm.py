@@ -130,14 +130,24 @@ class DreamLLMProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """
         Args:
-            text: one prompt or a batch of prompts; `<image>` and `<dream>` mark the pictures.
-            images: PIL images, numpy arrays or tensors (HWC or CHW), or paths/URLs: one, a flat list in reading order
-                over the batch, or one list per prompt. One picture per `<image>` and per `<dream>`.
-            return_tensors: `"pt"`, `"np"` or `None` (lists).
-            padding, padding_side, pad_to_multiple_of, max_length: padding of the expanded ids (`max_length` only
-                pads; nothing is truncated, since a cut would split an image block). Left padding by default, for
-                generation.
-            **kwargs: passed to the tokenizer (for example `add_special_tokens=False`).
+            text (`str` or `list[str]`, *optional*):
+                One prompt or a batch of prompts; `<image>` and `<dream>` mark the pictures.
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those, *optional*):
+                PIL images, numpy arrays or tensors (HWC or CHW), or paths/URLs: one, a flat list in reading order over
+                the batch, or one list per prompt. One picture per `<image>` and per `<dream>`.
+            return_tensors (`str`, *optional*):
+                `"pt"`, `"np"` or `None` (lists).
+            padding (`bool` or `str`, *optional*, defaults to `True`):
+                Pad the expanded ids to the longest row (`True` or `"longest"`) or to `max_length` (`"max_length"`).
+            padding_side (`str`, *optional*, defaults to `"left"`):
+                `"left"` (for generation) or `"right"`.
+            pad_to_multiple_of (`int`, *optional*):
+                Pad each row's length up to a multiple of this.
+            max_length (`int`, *optional*):
+                The length `padding="max_length"` pads to. It only pads: nothing is truncated, since a cut would split
+                an image block.
+            **kwargs:
+                Passed to the tokenizer (for example `add_special_tokens=False`).
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` (when there is text) and `pixel_values` (when there

@@ -337,48 +337,89 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         Writes documents: text, and a picture wherever the model emits `<dream_start>`.
 
         Args:
-            prompt (`str`, a conversation `list[dict]`, or a list of those): a user message (wrapped in the chat
-                template, Vicuna v1.1 ending in `"ASSISTANT:"`), or a conversation of `{"role", "content"}` dicts. A
-                message's content is a string or a list of strings, pictures and `{"type": "text" | "image", ...}`
-                parts (`{"type": "image", "image": picture}` inline); an assistant turn may be a previous output's
-                document as it is (`output.documents[i]`). Pictures in user turns are read; pictures in assistant
-                turns were drawn, and the turn is rebuilt into the token stream the model wrote (dream block, the
-                picture read back, `</s>`), so a conversation continued in a new call reads as one long call. Pass
-                `use_chat_template=False` to give an already formatted prompt string as it is. `<image>` marks where a
-                picture of `images` goes.
-            images: the pictures for the `<image>` placeholders and the `{"type": "image"}` parts without a picture
-                (PIL images, arrays or tensors): for one prompt one picture or a list; for several prompts one list per
-                prompt (empty for a prompt without any).
-            height, width (`int`, *optional*): picture size; defaults to `unet.config.sample_size * vae_scale_factor`.
-                Must be divisible by the VAE factor.
-            num_inference_steps (`int`, defaults to 50), timesteps, sigmas: the denoising schedule of each picture.
-            guidance_scale (`float`, defaults to 7.5): classifier-free guidance; `<= 1` turns guidance off (no
-                unconditional pass). The unconditional is `<s>` alone through the same path (or `negative_prompt`).
-            guidance_rescale (`float`, defaults to 0.0): as in `StableDiffusionPipeline`.
-            negative_prompt (`str` or `list[str]`, *optional*): what the unconditional rows read instead of `""`.
-            num_images_per_prompt (`int`, defaults to 1): independent documents per prompt.
-            eta (`float`): for DDIM-like schedulers; ignored by DDPM (as the original).
-            generator (`torch.Generator` or a list, one per document): a list gives every document its own generator,
-                which seeds both its text sampling and its pictures, so that a document is the same whether it is
-                written alone or in a batch. A single generator (or `None`: the global RNG) is shared by the batch.
-            use_chat_template (`bool`, defaults to `True`): see `prompt`.
-            max_new_tokens (`int`, defaults to 256): tokens the model may sample per document (picture blocks do not
-                count, their `<dream_start>` does).
-            max_images (`int`, *optional*): a document stops when the model asks for one picture more.
-            allow_images (`bool`, defaults to `True`): `False` suppresses `<dream_start>`: a text answer.
-            do_sample, temperature, top_p, top_k, repetition_penalty: text sampling (unset ones come from the model's
-                `generation_config`).
-            generation_kwargs (`dict`, *optional*): any other `GenerationConfig` option, and `logits_processor`.
-            cache_implementation (`str`, *optional*): `"dynamic"` (default; finished documents leave the batch) or
-                `"static"` (a preallocated `StaticCache`; on CUDA the decode step is compiled as one graph).
-            streamer (`BaseStreamer`, *optional*): one document only: receives the prompt, then each sampled token.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`: how pictures are returned.
-            return_dict (`bool`, defaults to `True`): return a [`DreamLLMPipelineOutput`] instead of a tuple.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: called after each denoising step of a batch of
-                pictures, as in `StableDiffusionPipeline` (with `latents`, `prompt_embeds`, `negative_prompt_embeds`).
-            generation_mode (`str`, *optional*): deprecated. `"image"`: use [`DreamLLMText2ImagePipeline`];
-                `"text"`: use `allow_images=False`; `"interleaved"`: leave it out.
-            latents, prompt_embeds, negative_prompt_embeds: deprecated, with `generation_mode="image"` only.
+            prompt (`str`, a conversation `list[dict]`, or a list of those, *optional*):
+                A user message (wrapped in the chat template, Vicuna v1.1 ending in `"ASSISTANT:"`), or a conversation
+                of `{"role", "content"}` dicts. A message's content is a string or a list of strings, pictures and
+                `{"type": "text" | "image", ...}` parts (`{"type": "image", "image": picture}` inline); an assistant
+                turn may be a previous output's document as it is (`output.documents[i]`). Pictures in user turns are
+                read; pictures in assistant turns were drawn, and the turn is rebuilt into the token stream the model
+                wrote (dream block, the picture read back, `</s>`), so a conversation continued in a new call reads as
+                one long call. Pass `use_chat_template=False` to give an already formatted prompt string as it is.
+                `<image>` marks where a picture of `images` goes.
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a list of those, *optional*):
+                The pictures for the `<image>` placeholders and the `{"type": "image"}` parts without a picture: for
+                one prompt one picture or a list; for several prompts one list per prompt (empty for a prompt without
+                any).
+            height (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The height in pixels of every picture, a multiple of `self.vae_scale_factor`.
+            width (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The width in pixels of every picture, a multiple of `self.vae_scale_factor`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps of each picture; ignored when `timesteps` or `sigmas` are given.
+            timesteps (`list[int]`, *optional*):
+                Custom timesteps, in descending order, for a scheduler whose `set_timesteps` takes `timesteps`.
+            sigmas (`list[float]`, *optional*):
+                Custom sigmas, for a scheduler whose `set_timesteps` takes `sigmas`.
+            guidance_scale (`float`, *optional*, defaults to 7.5):
+                Classifier-free guidance; `<= 1` turns guidance off (no unconditional pass). The unconditional is
+                `<s>` alone through the same path (or `negative_prompt`).
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                Rescales the guided noise prediction, as in `StableDiffusionPipeline` (0 turns it off).
+            negative_prompt (`str` or `list[str]`, *optional*):
+                What the unconditional rows read instead of `""`.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Independent documents per prompt.
+            eta (`float`, *optional*, defaults to 0.0):
+                For DDIM-like schedulers; ignored by DDPM (as the original).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A list gives every document its own generator, which seeds both its text sampling and its pictures, so
+                that a document is the same whether it is written alone or in a batch. A single generator (or `None`:
+                the global RNG) is shared by the batch.
+            use_chat_template (`bool`, *optional*, defaults to `True`):
+                Wrap `prompt` in the chat template; `False` takes an already formatted prompt string as it is.
+            max_new_tokens (`int`, *optional*, defaults to 256):
+                Tokens the model may sample per document (picture blocks do not count, their `<dream_start>` does).
+            max_images (`int`, *optional*):
+                A document stops when the model asks for one picture more.
+            allow_images (`bool`, *optional*, defaults to `True`):
+                `False` suppresses `<dream_start>`: a text answer.
+            do_sample (`bool`, *optional*):
+                Sample the text instead of greedy decoding; defaults to the model's `generation_config`.
+            temperature (`float`, *optional*):
+                Text sampling temperature, `> 0`; defaults to the model's `generation_config`.
+            top_p (`float`, *optional*):
+                Nucleus sampling, in `(0, 1]`; defaults to the model's `generation_config`.
+            top_k (`int`, *optional*):
+                Top-k sampling, `>= 0` (0 turns it off); defaults to the model's `generation_config`.
+            repetition_penalty (`float`, *optional*):
+                Text repetition penalty, `> 0`; defaults to the model's `generation_config`.
+            generation_kwargs (`dict`, *optional*):
+                Any other `GenerationConfig` option, and `logits_processor`.
+            cache_implementation (`str`, *optional*):
+                `"dynamic"` (default; finished documents leave the batch) or `"static"` (a preallocated `StaticCache`;
+                on CUDA the decode step is compiled as one graph).
+            streamer (`BaseStreamer`, *optional*):
+                One document only: receives the prompt, then each sampled token.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"` or `"pt"`: how pictures are returned.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`DreamLLMPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each denoising step of a batch of pictures as
+                `callback_on_step_end(self, step, timestep, callback_kwargs)`, as in `StableDiffusionPipeline`; the
+                tensors it returns replace those of the loop.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                The tensors put in `callback_kwargs`, from `self._callback_tensor_inputs` (`latents`,
+                `prompt_embeds`, `negative_prompt_embeds`).
+            generation_mode (`str`, *optional*):
+                Deprecated. `"image"`: use [`DreamLLMText2ImagePipeline`]; `"text"`: use `allow_images=False`;
+                `"interleaved"`: leave it out.
+            latents (`torch.Tensor`, *optional*):
+                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
 
         Examples:
 

@@ -204,29 +204,58 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         Draws pictures of captions.
 
         Args:
-            prompt (`str` or `list[str]`): the caption(s), tokenized as BOS + caption with no chat template (as the
-                original). `<image>` marks where a picture of `images` goes.
-            images: pictures for the `<image>` placeholders: for one prompt one picture or a list; for several prompts
-                one list per prompt.
-            height, width (`int`, *optional*): picture size; defaults to `unet.config.sample_size * vae_scale_factor`.
-            num_inference_steps (`int`, defaults to 50), timesteps, sigmas: the denoising schedule.
-            guidance_scale (`float`, defaults to 7.5): classifier-free guidance; `<= 1` turns it off. The original's
-                scripts use 2.0 to 7.5 (3.5 for the aesthetic model).
-            guidance_rescale (`float`, defaults to 0.0): as in `StableDiffusionPipeline`.
-            negative_prompt (`str` or `list[str]`, *optional*): what the unconditional rows read instead of `""`.
-            num_images_per_prompt (`int`, defaults to 1): pictures per prompt.
-            eta (`float`): for DDIM-like schedulers; ignored by DDPM (as the original).
-            generator (`torch.Generator` or a list, one per picture): seeds the noise.
-            latents (`torch.Tensor`, *optional*): initial latents instead of drawing them.
-            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): UNet `encoder_hidden_states`
-                `[batch, Q, cross_attention_dim]` (after the condition projector), instead of `prompt`.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
-            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: called after each denoising step, as in
-                `StableDiffusionPipeline` (with `latents`, `prompt_embeds`, `negative_prompt_embeds`).
-            pooled_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): with an SDXL-style
-                decoder, the pooled conditioning `[batch, pooled_projection_dim]` (the UNet's `text_embeds`) that goes
-                with `prompt_embeds` / `negative_prompt_embeds`, as in `StableDiffusionXLPipeline`.
+            prompt (`str` or `list[str]`, *optional*):
+                The caption(s), tokenized as BOS + caption with no chat template (as the original). `<image>` marks
+                where a picture of `images` goes. Give `prompt` or `prompt_embeds`.
+            images (`PIL.Image.Image`, `list` or `list[list]`, *optional*):
+                Pictures for the `<image>` placeholders: for one prompt one picture or a list; for several prompts one
+                list per prompt.
+            height (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The height in pixels of the pictures, a multiple of `self.vae_scale_factor`.
+            width (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The width in pixels of the pictures, a multiple of `self.vae_scale_factor`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps; ignored when `timesteps` or `sigmas` are given.
+            timesteps (`list[int]`, *optional*):
+                Custom timesteps, in descending order, for a scheduler whose `set_timesteps` takes `timesteps`.
+            sigmas (`list[float]`, *optional*):
+                Custom sigmas, for a scheduler whose `set_timesteps` takes `sigmas`.
+            guidance_scale (`float`, *optional*, defaults to 7.5):
+                Classifier-free guidance; `<= 1` turns it off. The original's scripts use 2.0 to 7.5 (3.5 for the
+                aesthetic model).
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                Rescales the guided noise prediction, as in `StableDiffusionPipeline` (0 turns it off).
+            negative_prompt (`str` or `list[str]`, *optional*):
+                What the unconditional rows read instead of `""`.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Pictures per prompt.
+            eta (`float`, *optional*, defaults to 0.0):
+                For DDIM-like schedulers; ignored by DDPM (as the original).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Seeds the noise; a list gives one generator per picture.
+            latents (`torch.Tensor`, *optional*):
+                Initial latents `[batch * num_images_per_prompt, C, h, w]` instead of drawing them.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                The UNet's `encoder_hidden_states` `[batch, Q, cross_attention_dim]` (after the condition projector),
+                instead of `prompt`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                The unconditional rows' `encoder_hidden_states`, shaped as `prompt_embeds`, instead of
+                `negative_prompt`.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each denoising step as `callback_on_step_end(self, step, timestep, callback_kwargs)`, as
+                in `StableDiffusionPipeline`; the tensors it returns replace those of the loop.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                The tensors put in `callback_kwargs`, from `self._callback_tensor_inputs` (`latents`,
+                `prompt_embeds`, `negative_prompt_embeds`).
+            pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                With an SDXL-style decoder, the pooled conditioning `[batch, pooled_projection_dim]` (the UNet's
+                `text_embeds`) that goes with `prompt_embeds`, as in `StableDiffusionXLPipeline`.
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                The pooled conditioning that goes with `negative_prompt_embeds`.
 
         Examples:
 
