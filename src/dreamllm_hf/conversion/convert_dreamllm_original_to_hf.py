@@ -36,6 +36,7 @@ from transformers import CLIPImageProcessor, GenerationConfig
 from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
+from ..pipelines import DreamLLMPipeline
 from ..pipelines.dream_diffusion import save_processor_with_model
 from . import checkpoint_io as io
 from . import original_layout as L
@@ -115,27 +116,6 @@ def build_processor(original_dir: Path, components: L.OriginalComponents, config
 
 def write_model_index(folder: Path, mllm, processor, unet, vae, scheduler) -> None:
     """`model_index.json` as `DreamLLMPipeline(...).save_pretrained` writes it (the weights are written apart)."""
-    try:
-        from ..pipelines import DreamLLMPipeline
-    except ImportError as error:  # the pipeline package is optional while it is being built
-        import diffusers
-
-        logger.warning("DreamLLMPipeline is not importable (%s); writing model_index.json by hand.", error)
-        index = {"_class_name": "DreamLLMPipeline", "_diffusers_version": diffusers.__version__}
-        for name, module in (
-            ("mllm", mllm),
-            ("processor", processor),
-            ("scheduler", scheduler),
-            ("unet", unet),
-            ("vae", vae),
-        ):
-            library = type(module).__module__
-            index[name] = [
-                library.split(".")[0] if library.startswith(("diffusers.", "transformers.")) else library,
-                type(module).__name__,
-            ]
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return
     # The models are on the meta device: `save_config` records the component classes only, as `save_pretrained`
     # does first before saving each component.
     DreamLLMPipeline(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler).save_config(folder)
@@ -218,8 +198,14 @@ def convert_original_checkpoint(
         max_shard_size: largest safetensors file per component ("5GB", "500MB" or bytes).
         verify: compare the converted model with an independent reading of the original tensors before the output is
             moved into place (see `verify.verify_conversion`); a failure raises `VerificationError`, leaving no output.
-        verify_dtype, verify_device, verify_atol, verify_rtol: how the verification computes and what it tolerates.
-        repo_id, base_model, card_template, card_fields: what the model card (README.md) says; see `model_card`.
+        verify_dtype: the precision the verification computes in (defaults to float32).
+        verify_device: where the verification runs (defaults to the CPU).
+        verify_atol: the verification's absolute tolerance (None: the default of `verify_dtype`).
+        verify_rtol: the verification's relative tolerance (None: the default of `verify_dtype`).
+        repo_id: the Hub repository the model card's snippets name (None: the output folder's name).
+        base_model: the model card's `base_model` entry.
+        card_template: a model card template to render instead of the built-in one; see `model_card`.
+        card_fields: extra fields for the model card template; see `model_card`.
         progress: show a progress bar over the bytes written (None: only on a terminal).
     """
     start = time.perf_counter()

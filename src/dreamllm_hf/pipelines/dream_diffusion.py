@@ -219,7 +219,7 @@ class DreamLLMDiffusionMixin:
                 f"The prompt takes {longest} positions and {what} needs {reserve} more, but the model's context is "
                 f"{self.max_context_length} positions (`text_config.max_position_embeddings`). Shorten the prompt or "
                 "pass fewer images (each `<image>` takes "
-                f"{self.mllm.config.num_image_tokens + 2} positions)."
+                f"{len(self.processor.image_block_ids)} positions)."
             )
 
     def _dream_embeddings(
@@ -228,7 +228,7 @@ class DreamLLMDiffusionMixin:
         """Dream embeddings after BOS + each text, and their pooled conditioning (`None` without a pooled projector),
         all rows in one left-padded language-model pass (no logits)."""
         input_ids, attention_mask, pixel_values = self._tokenize(texts, images, device)
-        self._check_prompt_length(attention_mask, self.mllm.config.num_dream_queries + 2, "the dream block")
+        self._check_prompt_length(attention_mask, len(self.processor.dream_block_ids), "the dream block")
         onload(self.mllm)
         return self.mllm.get_dream_embeddings(
             input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_pooled=True
