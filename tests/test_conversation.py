@@ -5,8 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor
-from transformers.generation.streamers import BaseStreamer
+from test_pipeline import CollectStreamer, LogitsRecorder, written_stream
 
 from dreamllm_hf import constants as C
 from dreamllm_hf.modeling.conversation import render_conversation
@@ -30,45 +29,6 @@ def pipe():
 
 def picture(colour="red", shape="circle", seed=0):
     return draw_shape(sample_spec(random.Random(seed), colour=colour, shape=shape))
-
-
-class TokenRecorder(BaseStreamer):
-    """The prompt ids, then every sampled token, as the engine feeds them to a streamer."""
-
-    def __init__(self):
-        self.prompt, self.sampled = None, []
-
-    def put(self, value):
-        if self.prompt is None:
-            self.prompt = value.flatten().tolist()
-        else:
-            self.sampled.extend(value.flatten().tolist())
-
-    def end(self):
-        pass
-
-
-class LogitsRecorder(LogitsProcessor):
-    """The scores of every decode step, as the engine computed them (before any processor changes them)."""
-
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(scores[0].clone())
-        return scores
-
-
-def written_stream(pipe, recorder: TokenRecorder) -> tuple[list[int], list[int]]:
-    """The ids the model's context held (a `<dream_start>` becomes its dream and image blocks) and, for every
-    sampled token, the position whose logits chose it."""
-    config = pipe.mllm.config
-    block = pipe.processor.drawn_picture_ids
-    stream, chosen_at = list(recorder.prompt), []
-    for token in recorder.sampled:
-        chosen_at.append(len(stream) - 1)
-        stream.extend(block if token == config.dream_start_token_id else [token])
-    return stream, chosen_at
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,7 +87,7 @@ def test_bad_conversations_say_what_to_change(conversation, images, message):
 def test_a_document_given_back_as_an_assistant_turn_rebuilds_the_stream_the_model_wrote(pipe, seed):
     """The next call's prompt holds exactly the ids the model's context held, and the model computes the same logits
     there as when it wrote them: a conversation continued in a new call is the same as one long call."""
-    tokens, logits = TokenRecorder(), LogitsRecorder()
+    tokens, logits = CollectStreamer(), LogitsRecorder()
     first = pipe(
         "Tell me a story.",
         do_sample=True,

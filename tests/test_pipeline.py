@@ -175,6 +175,38 @@ class CollectStreamer(BaseStreamer):
     def end(self):
         self.ended += 1
 
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt ids (the first `put`)."""
+        return self.puts[0]
+
+    @property
+    def sampled(self) -> list[int]:
+        """Every sampled token, in order (the later `put`s)."""
+        return [token for put in self.puts[1:] for token in put]
+
+
+class LogitsRecorder(LogitsProcessor):
+    """The scores of every decode step, as the engine computed them (before any processor changes them)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores[0].clone())
+        return scores
+
+
+def written_stream(pipe, streamer: CollectStreamer) -> tuple[list[int], list[int]]:
+    """The ids the model's context held (a `<dream_start>` becomes its dream and image blocks) and, for every
+    sampled token, the position whose logits chose it."""
+    block = pipe.processor.drawn_picture_ids
+    stream, chosen_at = list(streamer.prompt), []
+    for token in streamer.sampled:
+        chosen_at.append(len(stream) - 1)
+        stream.extend(block if token == pipe.mllm.config.dream_start_token_id else [token])
+    return stream, chosen_at
+
 
 def test_text_streamer_receives_the_tokens(shared_pipe):
     streamer = CollectStreamer()
