@@ -3,9 +3,10 @@
 import re
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
 from .. import constants as C
+from ..conversion.model_card import render_model_card
 from .builder import BuildInfo
 
 
@@ -19,7 +20,7 @@ def _hub_ids(*names: str | None) -> list[str]:
 
 def build_model_card(info: BuildInfo, version: str) -> ModelCard:
     """The card of a DreamLLM built by `dreamllm_hf` `version` (`dreamllm-hf init`) as `info` records it."""
-    data = ModelCardData(
+    metadata = dict(
         library_name="diffusers",
         pipeline_tag="any-to-any",
         tags=["dreamllm", "untrained", "multimodal", info.llm_type, info.vision_type],
@@ -89,7 +90,8 @@ pipe = DreamLLMPipeline.from_pretrained("path/to/this/folder", dtype=torch.bfloa
 
 Train it first: until then its text is the LLM's and its pictures are noise.
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    # The project's one card generator; the body is written above, so the template only places it.
+    return render_model_card(metadata, "---\n{{ card_data }}\n---\n{{ body }}", {"body": body})
 
 
 __all__ = ["build_model_card"]
