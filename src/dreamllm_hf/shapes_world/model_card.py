@@ -61,8 +61,8 @@ over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML wi
 
 | part | what | parameters |
 | --- | --- | --- |
-| `mllm/` | `DreamLLMForConditionalGeneration`: LLaMA 4 layers x 128 (4 heads, MLP 256), vocabulary {vocab} (SentencePiece BPE {sp_vocab} + the 8 DreamLLM tokens in the release's order); CLIP ViT 3 x 64 on 32 px, patch 4 (64 image tokens, layer -2 read); {queries} dream queries; linear projectors | {mllm_params} |
-| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `CLIPImageProcessor` at 32 px | - |
+| `mllm/` | `DreamLLMForConditionalGeneration`: {llm}, vocabulary {vocab} (SentencePiece BPE {sp_vocab} + the 8 DreamLLM tokens in the release's order); {tower}; {queries} dream queries; linear projectors | {mllm_params} |
+| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `{image_processor}` at 32 px | - |
 | `unet/` | `UNet2DConditionModel` on 4x8x8 latents, blocks (32, 64), cross-attention on the {queries} x {cross_dim} dream embeddings plus the stock `addition_embed_type="text"` pooled path; v-prediction | {unet_params} |
 | `vae/` | `AutoencoderKL`, 32x32x3 <-> 4x8x8, blocks (16, 16, 32), `scaling_factor` {scaling:.4f} | {vae_params} |
 | `scheduler/` | `DDIMScheduler` (trailing timesteps) on the training schedule: 1000 steps, `squaredcos_cap_v2`, v-prediction | - |
@@ -78,7 +78,8 @@ the DreamLLM tokenizer by `build_legacy_tokenizer`.
 | --- | --- | --- | --- | --- |
 {stages}
 
-Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
+Stages I to III are configurations of the one trainer (`dreamllm-hf train`), each stage's output folder the next one's
+model. Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
 only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
 forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{creation_llm}; and a
@@ -99,6 +100,9 @@ Checks along the way (held-out pictures, judged by `classify_shape_image`):
 * Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.
 * Stories are short (one to three pictures, as in its training data) and their sentences follow a few templates.
 """
+
+
+_FAMILY = {"llama": "LLaMA", "qwen2": "Qwen2", "clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP ViT"}
 
 
 def _stage_rows(report: dict) -> str:
@@ -122,7 +126,7 @@ def _stage_rows(report: dict) -> str:
         ),
         (
             "I comprehension",
-            "CLIP tower, image projector, LLM",
+            "vision tower, image projector, LLM",
             "image -> caption, LM loss",
             recipe["comprehension_steps"],
             recipe["comprehension_batch_size"],
@@ -198,6 +202,8 @@ def write_demo_model_card(model_dir: str | Path, report: dict | None = None, eva
     size = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
     counts = report.get("parameters", {})
     mllm_config = json.loads((model_dir / "mllm" / "config.json").read_text())
+    processor_config = json.loads((model_dir / "processor" / "processor_config.json").read_text())
+    text, vision = mllm_config["text_config"], mllm_config["vision_config"]
     vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
     load = report.get("load_average_at_start") or report.get("load_average_at_end") or ["?"]
     card = CARD_TEMPLATE.format(
@@ -208,8 +214,20 @@ def write_demo_model_card(model_dir: str | Path, report: dict | None = None, eva
         load=", ".join(f"{value:.2f}" if isinstance(value, float) else str(value) for value in load),
         seed=report["recipe"]["seed"],
         evaluation=_evaluation(evaluation),
-        vocab=mllm_config["text_config"]["vocab_size"],
-        sp_vocab=mllm_config["text_config"]["vocab_size"] - 8,
+        llm=(
+            f"{_FAMILY.get(text['model_type'], text['model_type'])} {text['num_hidden_layers']} layers x "
+            f"{text['hidden_size']} ({text['num_attention_heads']} heads, {text['num_key_value_heads']} key/value "
+            f"heads, MLP {text['intermediate_size']})"
+        ),
+        tower=(
+            f"{_FAMILY.get(vision['model_type'], vision['model_type'])} vision tower {vision['num_hidden_layers']} x "
+            f"{vision['hidden_size']} on {vision['image_size']} px, patch {vision['patch_size']} "
+            f"({processor_config.get('num_image_tokens', '?')} image tokens, layer {mllm_config['vision_feature_layer']} "
+            "read)"
+        ),
+        image_processor=processor_config.get("image_processor", {}).get("image_processor_type", "image processor"),
+        vocab=text["vocab_size"],
+        sp_vocab=text["vocab_size"] - 8,
         queries=mllm_config["num_dream_queries"],
         cross_dim=mllm_config["cross_attention_dim"],
         mllm_params=f"{counts.get('mllm', 0) / 1e6:.2f} M",
