@@ -254,6 +254,24 @@ def test_stage_presets_and_overrides():
         DreamLLMTrainingArguments(model="m", data=["a", "b"], data_weights=[1.0])
 
 
+def test_a_folder_without_model_index_gets_one(converted_tiny, data, tmp_path):
+    """A folder assembled by hand (no `model_index.json`) still gives a pipeline folder that loads."""
+    import shutil
+
+    from dreamllm_hf.pipelines import DreamLLMPipeline
+    from dreamllm_hf.training import train
+
+    source = tmp_path / "by-hand"
+    shutil.copytree(converted_tiny, source, ignore=shutil.ignore_patterns("model_index.json"))
+    assert not (source / "model_index.json").exists()
+    result = train(_args(source, [data["pairs"]], tmp_path / "out", data["cache"], stage=1, max_steps=1))
+    index = json.loads((result.pipeline_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "DreamLLMPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert DreamLLMPipeline.from_pretrained(result.pipeline_dir).mllm is not None
+    with pytest.raises(ValueError, match="`output_dir`.*is the `model` folder"):
+        train(_args(source, [data["pairs"]], source, data["cache"], stage=1, max_steps=1))
+
+
 def test_nothing_to_train_is_refused(converted_tiny, data, tmp_path):
     from dreamllm_hf.training import train
 

@@ -341,19 +341,22 @@ def write_pipeline_folder(output_dir: str | os.PathLike, source: str | os.PathLi
         shutil.copyfile(source / "model_index.json", output_dir / "model_index.json")
     else:  # a folder assembled by hand: record the classes as `DreamLLMPipeline.save_pretrained` does
         import diffusers
+        from accelerate import init_empty_weights
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         from ..modeling import DreamLLMProcessor
         from ..pipelines import DreamLLMPipeline
 
         scheduler_config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
-        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+        with init_empty_weights():  # only their classes are recorded
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
         DreamLLMPipeline(
             mllm=mllm,
             processor=DreamLLMProcessor.from_pretrained(source / "processor"),
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae")),
-            scheduler=scheduler,
+            unet=unet,
+            vae=vae,
+            scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
         ).save_config(str(output_dir))
     return output_dir
 
