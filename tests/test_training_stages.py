@@ -125,6 +125,28 @@ def test_stage1_aligns_with_the_llm_frozen(stage1, converted_tiny):
     assert [record["step"] for record in log] == [1, 2, 3, 4]
 
 
+def test_a_trained_vision_tower_gets_a_gradient_in_every_parameter(converted_tiny):
+    """DDP (without `find_unused_parameters`) needs a gradient for every trained parameter at every step: the layers
+    of a trained tower after the one read, and the whole tower in a batch without pictures, get exact zeros."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dreamllm_hf.training import DreamLLMTrainingModel, apply_trainable_parts, load_mllm, trainable_parts
+
+    mllm = load_mllm(converted_tiny)
+    apply_trainable_parts(mllm, trainable_parts(1, vision_tower="full"))
+    model = DreamLLMTrainingModel(
+        mllm,
+        UNet2DConditionModel.from_pretrained(converted_tiny / "unet"),
+        AutoencoderKL.from_pretrained(converted_tiny / "vae"),
+        DDPMScheduler.from_pretrained(converted_tiny / "scheduler"),
+    ).train()
+    ids = mllm.config.special_token_ids
+    text_only = torch.tensor([[ids["<s>"], 5, 6, 7, ids["</s>"]]])
+    model(input_ids=text_only, labels=text_only).loss.backward()
+    tower = list(mllm.model.vision_tower.parameters())
+    assert all(param.grad is not None and not param.grad.any() for param in tower)
+
+
 def test_stage2_full_on_documents_and_pairs_loads_stage1(stage1, data, tmp_path):
     """The stage-I folder is stage II's model; the LLM trains in full, the vision tower stays frozen; the batches
     come from the two sources in the given shares; the output loads as a pipeline and runs."""
