@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""LoRA fine-tuning of a converted DreamLLM on both losses (next-token + 10 x diffusion), with `accelerate`.
+"""Training a DreamLLM on both losses (next-token + 10 x diffusion) with `accelerate`: LoRA fine-tuning of a converted
+model by default, the paper's stages with `--stage 1|2|3`.
 
 The same as `dreamllm-hf train`; a plain script so that `accelerate launch` can start it on any setup:
 

@@ -91,55 +91,138 @@ def test_demo_tokenizer_is_deterministic_and_llama_like(tmp_path):
     assert tokenizer.decode(tokenizer("zebra 42")["input_ids"], skip_special_tokens=True) == "zebra 42"  # bytes
 
 
-def test_demo_recipe_runs_end_to_end_at_toy_step_counts(tmp_path):
-    """Every stage of `train-demo` for a few steps on a few pictures: the code path, not the quality."""
+TOY_RECIPE = dict(
+    num_pictures=64,
+    num_stories=16,
+    num_conversations=16,
+    vae_steps=2,
+    vae_batch_size=8,
+    unet_steps=2,
+    unet_batch_size=8,
+    comprehension_steps=2,
+    comprehension_batch_size=4,
+    creation_steps=2,
+    creation_batch_size=4,
+    joint_steps=2,
+    joint_batch_size=4,
+    instruction_steps=2,
+    instruction_batch_size=4,
+    logging_steps=1,
+    check_pictures=12,
+    check_per_caption=1,
+    check_steps=2,
+    num_threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_demo(tmp_path_factory):
+    """One `train_demo` run at toy step counts (one thread): its folder and its report."""
+    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
+
+    folder = tmp_path_factory.mktemp("toy-demo") / "demo"
+    return folder, train_demo(folder, DemoRecipe(**TOY_RECIPE), log=lambda line: None)
+
+
+def test_demo_recipe_runs_end_to_end_at_toy_step_counts(toy_demo):
+    """Every stage of `train-demo` for a few steps on a few pictures: the code path, not the quality. Stages I to III
+    run through the one trainer, each stage's pipeline folder the next one's model."""
     import json
 
     from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
-    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, continue_demo_training, train_demo
 
-    recipe = DemoRecipe(
-        num_pictures=64,
-        num_stories=16,
-        vae_steps=2,
-        vae_batch_size=8,
-        unet_steps=2,
-        unet_batch_size=8,
-        comprehension_steps=2,
-        comprehension_batch_size=4,
-        creation_steps=2,
-        creation_batch_size=4,
-        joint_steps=2,
-        joint_batch_size=4,
-        instruction_steps=2,
-        instruction_batch_size=4,
-    )
-    report = train_demo(tmp_path / "demo", recipe, log=lambda line: None)
+    folder, report = toy_demo
     assert set(report["timings_s"]) >= {
         "stage 0a autoencoder",
         "stage 0b diffusion decoder",
+        "stage I comprehension",
+        "stage I creation",
         "stage II joint",
         "stage III instruction",
     }
-    with pytest.raises(ValueError, match="already went through stage III"):
-        continue_demo_training(tmp_path / "demo", tmp_path / "again", recipe, log=lambda line: None)
-    assert json.loads((tmp_path / "demo" / "training_report.json").read_text())["recipe"]["joint_steps"] == 2
-    assert not (tmp_path / "demo" / ".work").exists()
-    pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(tmp_path / "demo"))
+    stages = {stage["name"]: stage["arguments"] for stage in report["stages"]}
+    assert stages["I-comprehension"]["stage"] == "alignment" and stages["III-instruction"]["stage"] == "instruction"
+    assert stages["II-joint"]["data"] == ["stories", "pairs"] and stages["II-joint"]["data_weights"] == [0.75, 0.25]
+    steps = [(record["stage"], record["step"]) for record in report["history"] if "step" in record]
+    for name in ("I-comprehension", "I-creation", "II-joint", "III-instruction"):
+        assert [step for stage, step in steps if stage == name] == [1, 2], name
+    assert {record["stage"] for record in report["history"] if "check" in record} >= set(stages)
+    assert json.loads((folder / "training_report.json").read_text())["recipe"]["joint_steps"] == 2
+    assert not (folder / ".work").exists()
+    assert not (folder / "train_log.jsonl").exists()  # the stages' logs are in the report
+    config = json.loads((folder / "mllm" / "config.json").read_text())
+    assert "_name_or_path" not in config and "dtype" not in config["text_config"]
+    pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=2).images[0]
     assert image.size == (32, 32)
 
 
-def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
-    import pytest
+def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_demo, tmp_path):
+    """Same seed and thread count, same run: a run through stage II, then `continue_demo_training`, gives the very
+    weights of the whole run; a model that went through stage III is refused."""
+    import dataclasses
+    import json
 
+    from safetensors.torch import load_file
+
+    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, continue_demo_training, train_demo
+
+    folder, _ = toy_demo
+    recipe = DemoRecipe(**TOY_RECIPE)
+    with pytest.raises(ValueError, match="already went through stage III"):
+        continue_demo_training(folder, tmp_path / "again", recipe, log=lambda line: None)
+    train_demo(tmp_path / "until-2", dataclasses.replace(recipe, instruction_steps=0), log=lambda line: None)
+    report = continue_demo_training(tmp_path / "until-2", tmp_path / "continued", recipe, log=lambda line: None)
+    assert report["timings_s"]["stage III instruction"] > 0
+    whole = load_file(folder / "mllm" / "model.safetensors")
+    continued = load_file(tmp_path / "continued" / "mllm" / "model.safetensors")
+    assert whole.keys() == continued.keys() and all(torch.equal(whole[key], continued[key]) for key in whole)
+    assert json.loads((folder / "mllm" / "config.json").read_text()) == json.loads(
+        (tmp_path / "continued" / "mllm" / "config.json").read_text()
+    )
+
+
+@pytest.mark.parametrize("backbone", ["llama-clip", "qwen2-siglip"])
+def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, backbone):
+    """`--backbone`: LLaMA + CLIP or Qwen2 + SigLIP, of the same sizes; the processor expands a picture into as many
+    slots as the model reads features, and one training step of the model runs."""
+    from dreamllm_hf.modeling import DreamLLMForConditionalGeneration
+    from dreamllm_hf.shapes_world.demo_training import DEMO_BACKBONES, demo_mllm_config, demo_processor
+    from dreamllm_hf.shapes_world.tokenizer import build_demo_tokenizer
+    from dreamllm_hf.shapes_world.world import IMAGE_SIZE
+
+    assert set(DEMO_BACKBONES) == {"llama-clip", "qwen2-siglip"}
+    tokenizer = build_demo_tokenizer(tmp_path)
+    config = demo_mllm_config(tokenizer, backbone)
+    text_type, vision_type = {
+        "llama-clip": ("llama", "clip_vision_model"),
+        "qwen2-siglip": ("qwen2", "siglip_vision_model"),
+    }[backbone]
+    assert (config.text_config.model_type, config.vision_config.model_type) == (text_type, vision_type)
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (128, 4)
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (64, 3)
+    processor = demo_processor(tokenizer, backbone, config.num_image_tokens)
+    torch.manual_seed(0)
+    model = DreamLLMForConditionalGeneration(config)
+    picture = draw_shape(sample_spec(random.Random(0)), IMAGE_SIZE)
+    inputs = processor(text=["<image> a picture"], images=[picture], return_tensors="pt")
+    features = model.get_image_features(inputs["pixel_values"])
+    assert features.shape[1] == processor.num_image_tokens
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     from dreamllm_hf.cli import main
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not empty.*--overwrite"):
         main(["train-demo", "--output", str(tmp_path)])
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(SystemExit, match="`backbone` must be one of \\['llama-clip', 'qwen2-siglip'\\], got 'gpt'"):
+        main(["train-demo", "--output", str(tmp_path / "new"), "--backbone", "gpt"])
 
 
 class _StubPipe:

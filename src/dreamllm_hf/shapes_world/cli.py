@@ -18,12 +18,20 @@ def add_demo_parsers(subparsers) -> None:
         help="Train the tiny shapes-world DreamLLM from scratch on the CPU (the shipped demo model's recipe).",
         description=(
             "Trains the demo model end to end (tokenizer, autoencoder, diffusion decoder, then DreamLLM stages I to "
-            "III) and writes a DreamLLMPipeline folder. About 20 minutes on two CPU cores."
+            "III through the one trainer, `dreamllm-hf train`) and writes a DreamLLMPipeline folder. About 20 "
+            "minutes on two CPU cores."
         ),
     )
     train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
     train.add_argument(
         "--seed", type=checks.SEED.parse, default=0, help="Seeds the data, the initialisation and the noise."
+    )
+    train.add_argument(
+        "--backbone",
+        default=None,
+        metavar="NAME",
+        help="The LLM and vision tower: llama-clip (the shipped model's, default) or qwen2-siglip (a Qwen2 LLM with "
+        "a SigLIP tower, the same sizes otherwise).",
     )
     train.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
     train.add_argument(
@@ -101,7 +109,13 @@ def _run_train_demo(args) -> int:
             "the pipeline files in it (other files are left alone)."
         )
     overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
-    recipe = DemoRecipe(**{**overrides, "seed": args.seed, "num_threads": args.threads})
+    chosen = {"seed": args.seed, "num_threads": args.threads}
+    if args.backbone is not None:
+        chosen["backbone"] = args.backbone
+    try:
+        recipe = DemoRecipe(**{**overrides, **chosen})
+    except ValueError as error:  # an unknown backbone: the message lists the known ones
+        raise SystemExit(f"train-demo: {error}") from error
     report = train_demo(args.output, recipe)
     for stage, seconds in report["timings_s"].items():
         print(f"{stage:>28}: {seconds:7.1f} s")

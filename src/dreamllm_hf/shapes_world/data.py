@@ -1,9 +1,10 @@
 """The shapes world as training data, in the layouts `dreamllm-hf train` reads.
 
 * pairs: an image folder with `metadata.jsonl` (`file_name`, `text`), as `datasets`' imagefolder;
-* stories: JSON Lines in the MMC4 schema (`text_list`, `image_info: [{image_name, matched_text_index}]`), images
-  beside;
-* conversations (`sample_conversation`): chat turns with pictures in (a question about a picture) and out (a story).
+* stories: JSON Lines in the MMC4 schema (`text_list`, `image_info: [{image_name, matched_text_index}]`, optionally
+  the story `instruction` each answers), images beside;
+* conversations (`sample_conversation`): chat turns with pictures in (a question about a picture) and out (a story);
+  as JSON Lines of `messages` (text and image parts, images beside).
 
 `pairs_dataset` / `stories_dataset` give the same samples as in-memory `datasets.Dataset`s.
 """
@@ -108,13 +109,51 @@ def write_pairs_folder(out_dir: str | Path, num_samples: int, seed: int = 0, ima
 
 
 def write_stories_folder(
-    out_dir: str | Path, num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, pictures=(1, 3)
+    out_dir: str | Path,
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    pictures=(1, 3),
+    instructions: tuple[str, ...] | None = None,
 ) -> Path:
+    """The stories of `stories_dataset` as MMC4 JSON Lines; with `instructions`, each story answers one of them
+    (drawn with its own seeded generator, so the stories are the same either way)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    chooser = random.Random(f"instructions/{seed}")
     with open(out_dir / "stories.jsonl", "w") as lines:
         for row in _story_rows(num_samples, seed, image_size, pictures):
             for image, info in zip(row["images"], row["image_info"]):
                 image.save(out_dir / info["image_name"])
-            lines.write(json.dumps({"text_list": row["text_list"], "image_info": row["image_info"]}) + "\n")
+            record = {"text_list": row["text_list"], "image_info": row["image_info"]}
+            if instructions:
+                record["instruction"] = chooser.choice(instructions)
+            lines.write(json.dumps(record) + "\n")
+    return out_dir
+
+
+def write_conversations_folder(
+    out_dir: str | Path, num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, pictures=(1, 3)
+) -> Path:
+    """`num_samples` conversations (`sample_conversation`, conversation k drawn from its own seeded generator) as
+    `conversations.jsonl`: one `{"messages": [...]}` per line, contents as text and image parts, pictures beside."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "conversations.jsonl", "w") as lines:
+        for index in range(num_samples):
+            messages = sample_conversation(random.Random(f"{seed}/{index}"), image_size, pictures)
+            count = 0
+            for message in messages:
+                items = message["content"] if isinstance(message["content"], list) else [message["content"]]
+                parts = []
+                for item in items:
+                    if isinstance(item, str):
+                        parts.append({"type": "text", "text": item})
+                        continue
+                    name = f"conversation{index:06d}_{count}.png"
+                    item.save(out_dir / name)
+                    parts.append({"type": "image", "image": name})
+                    count += 1
+                message["content"] = parts
+            lines.write(json.dumps({"messages": messages}) + "\n")
     return out_dir

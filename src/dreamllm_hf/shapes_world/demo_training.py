@@ -1,8 +1,8 @@
 """The recipe that trains the shipped demo model: a tiny DreamLLM on the shapes world, on a CPU, from scratch.
 
-Everything is small (a 4-layer LLaMA, a 3-layer CLIP vision tower, a UNet and a VAE of about a million parameters
-each), so the whole recipe runs in minutes on two CPU cores. The stages follow the paper (arXiv 2309.11499, section
-7 of docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pretrained:
+Everything is small (a 4-layer LLM, a 3-layer vision tower, a UNet and a VAE of about a million parameters each), so
+the whole recipe runs in minutes on two CPU cores. The stages follow the paper (arXiv 2309.11499, section 7 of
+docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pretrained:
 
 * **Stage 0a, the autoencoder.** A small `AutoencoderKL`, 32x32x3 pictures -> 4x8x8 latents (L1 + L2 reconstruction,
   a very small KL weight); its `scaling_factor` is set so that the latents have unit variance.
@@ -13,28 +13,30 @@ each), so the whole recipe runs in minutes on two CPU cores. The stages follow t
   (measured: with epsilon prediction the pictures followed their noise seed, not the caption): **v-prediction** on a
   zero-terminal-SNR cosine schedule, and the stock UNet's `addition_embed_type="text"` pooled conditioning next to
   its cross-attention (both read only `encoder_hidden_states`, i.e. the dream embeddings later).
-* **Stage I, alignment, UNet and VAE frozen** (the two halves of the paper's stage I, run one after the other):
-  *comprehension* (image -> caption pairs, LM loss; the CLIP tower, the image projector and the LLM train, because
-  nothing here is pretrained), then *creation* (caption -> image pairs, diffusion loss through the frozen UNet into
-  the condition projector, the dream queries and the LLM). A fraction of the creation samples has no caption
-  (`<s>` + dream block): that is what classifier-free guidance reads as its unconditional, so it must mean "any
-  picture".
-* **Stage II, I-GPT joint training:** illustrated stories (MMC4 layout, behind the Vicuna chat prompt of a story
-  instruction, which is masked from the loss) + pairs both ways, `loss = lm + 10 x diffusion` with
-  [`DreamLLMTrainingModel`]; the CLIP tower is frozen as in the paper.
+* **Stages I to III are configurations of the one trainer** (`dreamllm_hf.training.train`, what `dreamllm-hf train`
+  runs; `demo_stage_configs` lists them), on data the shapes world writes in the layouts it reads (a Parquet shard of
+  pairs, MMC4 JSON Lines of stories, JSON Lines of conversations). Each stage's output folder is the next one's model.
+  **Stage I, alignment, UNet and VAE frozen,** in the paper's two halves: *comprehension* (image -> caption pairs, LM
+  loss; the vision tower, the image projector and the LLM train, because nothing here is pretrained), then *creation*
+  (caption -> image pairs, diffusion loss through the frozen UNet into the condition projector, the dream queries and
+  the LLM), a share of the captions dropped (`caption_dropout`: `<s>` + dream block is what classifier-free guidance
+  reads as its unconditional, so it must mean "any picture"). **Stage II, I-GPT:** illustrated stories (each the
+  answer to a story instruction, whose chat prompt is not learned) and pairs both ways, three batches of stories to
+  one of pairs, `lm + 10 x diffusion`, the vision tower frozen as in the paper. **Stage III, instruction tuning:**
+  conversations whose turns hold pictures in (a question about a picture) and out (a story the assistant
+  illustrates), tokenized exactly as the pipeline reads a conversation, mixed with pairs.
 
-The samples are built by the project's `DreamLLMSampleBuilder` / `DreamLLMDataset` / `DreamLLMDataCollator` and the
-losses computed by `diffusion_loss` and `DreamLLMTrainingModel`; the loop itself is a plain AdamW loop, because
-`dreamllm_hf.training.train` fine-tunes a converted checkpoint with a LoRA adapter, while this trains every part in
-full from random initialisation, with different trainable parts per stage.
+`--backbone` chooses the LLM and the vision tower (`DEMO_BACKBONES`): a LLaMA with a CLIP tower (the shipped model) or
+a Qwen2 with a SigLIP tower, the same sizes otherwise.
 """
 
 import json
 import math
 import os
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from .. import constants as C
-from .data import pairs_dataset, sample_conversation, stories_dataset
+from .data import pairs_dataset, write_conversations_folder, write_stories_folder
 from .model_card import write_demo_model_card
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
 from .world import COLOURS, IMAGE_SIZE, SHAPES
@@ -51,7 +53,9 @@ from .world import COLOURS, IMAGE_SIZE, SHAPES
 
 NUM_DREAM_QUERIES = 8
 CROSS_ATTENTION_DIM = 64
-CLIP_PATCH_SIZE = 4  # 32 px / 4 = 8x8 = 64 image tokens (patch 8 captioned only ~70 % in the same budget)
+PATCH_SIZE = 4  # 32 px / 4 = 8x8 = 64 image tokens (patch 8 captioned only ~70 % in the same budget)
+TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -65,8 +69,10 @@ class DemoRecipe:
 
     seed: int = 0
     num_threads: int | None = None  # None: torch's default (all cores)
-    num_pictures: int = 4096  # stage 0 pictures and stage I/II pairs
+    backbone: str = "llama-clip"  # a key of DEMO_BACKBONES
+    num_pictures: int = 4096  # stage 0 pictures and stage I/II/III pairs
     num_stories: int = 1024
+    num_conversations: int = 4096
     story_pictures: tuple[int, int] = (1, 3)
     # stage 0a: autoencoder
     vae_steps: int = 800
@@ -104,6 +110,15 @@ class DemoRecipe:
     # several times faster than two on a loaded machine (no spin-waiting) when the shipped model was trained.
     instruction_threads: int | None = 1
     warmup_fraction: float = 0.05
+    logging_steps: int = 50
+    # the checks after each stage: held-out pictures captioned, drawings per caption and their DDIM steps
+    check_pictures: int = 96
+    check_per_caption: int = 8
+    check_steps: int = 25
+
+    def __post_init__(self):
+        if self.backbone not in DEMO_BACKBONES:
+            raise ValueError(f"`backbone` must be one of {sorted(DEMO_BACKBONES)}, got {self.backbone!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,44 +129,67 @@ class DemoRecipe:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def demo_mllm_config(tokenizer):
-    """The demo's [`DreamLLMConfig`]: LLaMA 4 x 128, CLIP ViT 3 x 64 on 32 px (patch 4), 8 dream queries -> 64-d."""
+def _special_token_ids(tokenizer) -> dict:
+    return dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
+def _llama_clip(tokenizer):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=TEXT_SIZES["num_attention_heads"],
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **TEXT_SIZES,
+        **_special_token_ids(tokenizer),
+    )
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZES)
+    # CLIP preprocessing at the world's 32 px (OpenAI mean/std)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return text, vision, image_processor
+
+
+def _qwen2_siglip(tokenizer):
+    from transformers import Qwen2Config, SiglipImageProcessor, SiglipVisionConfig
+
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=TEXT_SIZES["num_attention_heads"] // 2,  # grouped-query attention, as Qwen2's own sizes
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **TEXT_SIZES,
+        **_special_token_ids(tokenizer),
+    )
+    vision = SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION_SIZES)  # no CLS token
+    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})  # mean/std 0.5
+    return text, vision, image_processor
+
+
+# name -> tokenizer -> (text config, vision config, image processor): tiny configs of transformers' own classes.
+DEMO_BACKBONES: dict[str, Callable] = {"llama-clip": _llama_clip, "qwen2-siglip": _qwen2_siglip}
+
+
+def demo_mllm_config(tokenizer, backbone: str = "llama-clip"):
+    """The demo's [`DreamLLMConfig`]: an LLM of 4 x 128 and a vision tower of 3 x 64 on 32 px (patch 4) from
+    `DEMO_BACKBONES[backbone]`, 8 dream queries -> 64-d."""
     from ..modeling import DreamLLMConfig
 
+    text, vision, _ = DEMO_BACKBONES[backbone](tokenizer)
     vocab = tokenizer.get_vocab()
     ids = {token: vocab[token] for token in C.RELEASE_ADDED_TOKEN_IDS}
     return DreamLLMConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,  # the projector reads layer -2, so the last layer only exists for the format
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=CLIP_PATCH_SIZE,
-            projection_dim=64,
-        ),
-        vision_feature_layer=-2,
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        vision_feature_layer=-2,  # the projector reads layer -2: the tower's last layer only exists for the format
         num_dream_queries=NUM_DREAM_QUERIES,
         cross_attention_dim=CROSS_ATTENTION_DIM,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         image_start_token_id=ids[C.IMAGE_START_TOKEN],
         image_patch_token_id=ids[C.IMAGE_PATCH_TOKEN],
         image_end_token_id=ids[C.IMAGE_END_TOKEN],
@@ -160,22 +198,20 @@ def demo_mllm_config(tokenizer):
         image_token_id=ids[C.IMAGE_PLACEHOLDER],
         dream_token_id=ids[C.DREAM_PLACEHOLDER],
         tie_word_embeddings=False,
+        **_special_token_ids(tokenizer),
     )
 
 
-def demo_processor(tokenizer):
-    """CLIP preprocessing at the world's 32 px (OpenAI mean/std) + the tokenizer, 64 image slots, 8 dream slots."""
-    from transformers import CLIPImageProcessor
-
+def demo_processor(tokenizer, backbone: str = "llama-clip", num_image_tokens: int | None = None):
+    """The backbone's image processor at the world's 32 px + the tokenizer, 8 dream slots, and one image slot per
+    patch (`num_image_tokens`: default 64, the model config's count)."""
     from ..modeling import DreamLLMProcessor
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    _, _, image_processor = DEMO_BACKBONES[backbone](tokenizer)
     return DreamLLMProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_image_tokens=(IMAGE_SIZE // CLIP_PATCH_SIZE) ** 2,
+        num_image_tokens=num_image_tokens or (IMAGE_SIZE // PATCH_SIZE) ** 2,
         num_dream_queries=NUM_DREAM_QUERIES,
     )
 
@@ -259,100 +295,7 @@ class StandInCaptionEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Samples (the project's builder, plus the two things the shapes world adds)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def story_prompt(processor, instruction: str) -> str:
-    """The Vicuna v1.1 prompt that asks for a story, exactly as the pipeline formats it ("... ASSISTANT:")."""
-    conversation = [{"role": "user", "content": instruction}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-
-
-def _shapes_builder_class():
-    from ..training.data import IGNORE_INDEX, DreamLLMSampleBuilder
-
-    class ShapesSampleBuilder(DreamLLMSampleBuilder):
-        """[`DreamLLMSampleBuilder`] with an unconditional share of text-to-image pairs and instruction-led stories.
-
-        * A pair that becomes text-to-image loses its caption with probability `unconditional_probability`
-          (`<s> DREAM </s>`): classifier-free guidance reads `<s>` alone through the dream path as "any picture".
-        * A story is preceded by the chat prompt of a story instruction (drawn per sample), whose tokens are masked
-          from the LM loss, as the original's instruction-interleaved data (`mmc4_instruct`).
-        """
-
-        def __init__(self, *args, unconditional_probability: float = 0.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.unconditional_probability = unconditional_probability
-            self.story_prompts = [story_prompt(self.processor, text) for text in STORY_INSTRUCTIONS]
-
-        def pair(self, image, text, rng, base_dir=None):
-            from ..training.data import load_image
-
-            image = load_image(image, base_dir)
-            if rng.random() < self.i2t_probability:
-                return self.image_to_text(image, text)
-            if rng.random() < self.unconditional_probability:
-                text = ""
-            return self.text_to_image(image, text, rng)
-
-        def document(self, text_list, images, matched_text_index, rng, base_dir=None):
-            prompt = self.story_prompts[int(rng.integers(len(self.story_prompts)))]
-            text_list = list(text_list)
-            text_list[0] = f"{prompt} {text_list[0].strip()}"
-            sample = super().document(text_list, images, matched_text_index, rng, base_dir)
-            prompt_ids = [self.bos_token_id, *self.tokenize(prompt)]
-            if sample["input_ids"][: len(prompt_ids)] != prompt_ids:
-                raise ValueError("The story prompt does not tokenize to a prefix of the story.")
-            sample["labels"][: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
-            return sample
-
-    return ShapesSampleBuilder
-
-
-class ConversationSamples(torch.utils.data.Dataset):
-    """Shapes-world conversations (`sample_conversation`) as training samples, drawn from (seed, epoch, index)."""
-
-    def __init__(self, builder, num_samples: int, seed: int):
-        self.builder, self.num_samples, self.seed, self.epoch = builder, num_samples, seed, 0
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, index: int) -> dict:
-        messages = sample_conversation(random.Random(f"{self.seed}/{self.epoch}/{index}"))
-        return self.builder.conversation(messages, self.builder.rng(index, self.epoch))
-
-
-def _batches(dataset, batch_size: int, collator, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches; the per-sample randomness changes with the epoch (as the trainer does)."""
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collator([dataset[index] for index in order[start : start + batch_size]])
-        epoch += 1
-
-
-class _MixedBatches:
-    """Batches drawn from two endless streams, the first with probability `fraction` (seeded)."""
-
-    def __init__(self, first: Iterator[dict], second: Iterator[dict], fraction: float, seed: int):
-        self.first, self.second, self.fraction = first, second, fraction
-        self.rng = random.Random(seed)
-
-    def __iter__(self):
-        while True:
-            yield next(self.first) if self.rng.random() < self.fraction else next(self.second)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The loop
+# Stage 0: the demo-only loop (the decoder the original takes pretrained)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -399,13 +342,6 @@ def _run_steps(
             log(json.dumps(record))
             sums, count = {}, 0
     return history
-
-
-def _freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> list[nn.Parameter]:
-    model.requires_grad_(False)
-    for module in trainable:
-        module.requires_grad_(True)
-    return [param for param in model.parameters() if param.requires_grad]
 
 
 def _pictures_tensor(dataset) -> torch.Tensor:
@@ -464,7 +400,16 @@ def conditioned_drawing_accuracy(
 
 
 @torch.no_grad()
-def dream_drawing_accuracy(mllm, processor, unet, vae, noise_scheduler, guidance_scale: float, per_caption: int = 8):
+def dream_drawing_accuracy(
+    mllm,
+    processor,
+    unet,
+    vae,
+    noise_scheduler,
+    guidance_scale: float,
+    per_caption: int = 8,
+    num_inference_steps: int = 25,
+):
     """`conditioned_drawing_accuracy` with the conditioning of the dream path (`<s> caption` + dream block; the
     unconditional is `<s>` alone), as the pipeline's image mode computes it."""
     was_training = mllm.training
@@ -474,7 +419,7 @@ def dream_drawing_accuracy(mllm, processor, unet, vae, noise_scheduler, guidance
     embeddings = mllm.get_dream_embeddings(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     wanted = [tuple(caption.split()[1:]) for caption in captions]
     accuracy = conditioned_drawing_accuracy(
-        unet, vae, noise_scheduler, embeddings[1:], embeddings[:1], wanted, guidance_scale
+        unet, vae, noise_scheduler, embeddings[1:], embeddings[:1], wanted, guidance_scale, num_inference_steps
     )
     mllm.train(was_training)
     return accuracy
@@ -569,127 +514,232 @@ def train_diffusion_decoder(
     )
     unet.eval().requires_grad_(False)
     with torch.no_grad():
-        captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES] * 8
+        captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES] * recipe.check_per_caption
         conditioning = encoder(encoder.encode(tokenizer, captions))
         unconditional = encoder(unconditional_ids)
     wanted = [tuple(caption.split()[1:]) for caption in captions]
     for scale in (2.0, 4.0):
-        accuracy = conditioned_drawing_accuracy(unet, vae, noise_scheduler, conditioning, unconditional, wanted, scale)
+        accuracy = conditioned_drawing_accuracy(
+            unet, vae, noise_scheduler, conditioning, unconditional, wanted, scale, recipe.check_steps
+        )
         history.append({"stage": "0b-diffusion", "check": f"stand_in_t2i_accuracy@{scale:g}", "value": accuracy})
         log(json.dumps(history[-1]))
     return unet, history
 
 
-def _stage_dataset(sources, processor, builder_kwargs: dict, seed: int):
-    from ..training.data import DreamLLMDataset
+# --------------------------------------------------------------------------------------------------------------------
+# Stages I to III: configurations of the one trainer
+# --------------------------------------------------------------------------------------------------------------------
 
-    builder = _shapes_builder_class()(processor, diffusion_resolution=IMAGE_SIZE, seed=seed, **builder_kwargs)
-    return DreamLLMDataset(sources, builder)
-
-
-def _dreamllm_loss_fn(training_model, batches: Iterator[dict], seed: int):
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss_fn(step):
-        out = training_model(**next(batches), generator=generator)
-        return {"loss": out.loss, "lm": out.lm_loss.detach(), "vm": out.vm_loss.detach()}
-
-    return loss_fn
+DEMO_DATA = ("pairs", "stories", "conversations")  # the folders `write_demo_data` writes
 
 
-def instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, recipe: DemoRecipe, log) -> list[dict]:
-    """Stage III, the paper's instruction tuning: conversations whose turns hold pictures in and out
-    (`sample_conversation`), mixed with pairs; the LLM, projectors and queries learn `lm + 10 x diffusion`."""
-    from ..training.data import DreamLLMDataCollator
-    from ..training.losses import DreamLLMTrainingModel
+def write_demo_data(
+    data_dir: str | Path, recipe: DemoRecipe, kinds: tuple[str, ...] = DEMO_DATA, pairs=None
+) -> dict[str, str]:
+    """The shapes world in layouts `dreamllm-hf train` reads: `pairs/` (a Parquet shard, the pictures embedded: the
+    same pairs as stage 0's, `pairs` when given), `stories/stories.jsonl` (MMC4, each story the answer to a story
+    instruction) and `conversations/conversations.jsonl`. Returns the data path of each kind."""
+    from ..training.data import source_from_dataset, write_parquet_shards
 
-    seed = recipe.seed + 8
-    threads = torch.get_num_threads()
-    if recipe.instruction_threads:
-        torch.set_num_threads(recipe.instruction_threads)
-    builder = _shapes_builder_class()(processor, diffusion_resolution=IMAGE_SIZE, seed=seed)
-    conversations = ConversationSamples(builder, recipe.num_stories, seed)
-    pairs = _stage_dataset(
-        [pair_source],
-        processor,
-        {"i2t_probability": 0.5, "unconditional_probability": recipe.unconditional_probability},
-        seed + 1,
-    )
-    collator = DreamLLMDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
-    streams = _MixedBatches(
-        _batches(conversations, recipe.instruction_batch_size, collator, seed),
-        _batches(pairs, recipe.instruction_batch_size, collator, seed + 1),
-        recipe.instruction_conversation_fraction,
-        seed + 2,
-    )
-    core = mllm.model
-    mllm.train()
-    training_model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler, 1.0, recipe.loss_weight_vm)
-    training_model.train()
-    trainable = [core.multi_modal_projector, core.language_model, mllm.lm_head, core.dream_queries]
-    parameters = _freeze_all_but(mllm, [*trainable, core.condition_projector])
-    loss_fn = _dreamllm_loss_fn(training_model, iter(streams), seed + 2)
-    records = _run_steps(
-        "III-instruction",
-        parameters,
-        recipe.instruction_steps,
-        recipe.instruction_lr,
-        loss_fn,
-        recipe.warmup_fraction,
-        log,
-    )
-    checks = {
-        "caption_accuracy": lambda: captioning_accuracy(mllm, processor),
-        "dream_t2i_accuracy@2": lambda: dream_drawing_accuracy(mllm, processor, unet, vae, noise_scheduler, 2.0),
-    }
-    for check, fn in checks.items():
-        records.append({"stage": "III-instruction", "check": check, "value": fn()})
-        log(json.dumps(records[-1]))
-    torch.set_num_threads(threads)
-    return records
+    data_dir = Path(data_dir)
+    paths = {}
+    if "pairs" in kinds:
+        # Parquet rather than an image folder: `datasets` resolves an image folder's files pattern by pattern, which
+        # took ~10 s a stage for these 4096 pictures on a loaded 2-core machine; a shard loads at once.
+        pairs = pairs if pairs is not None else pairs_dataset(recipe.num_pictures, seed=recipe.seed)
+        write_parquet_shards(source_from_dataset(pairs), data_dir / "pairs")
+        paths["pairs"] = str(data_dir / "pairs")
+    if "stories" in kinds:
+        folder = write_stories_folder(
+            data_dir / "stories",
+            recipe.num_stories,
+            seed=recipe.seed + 1,
+            pictures=recipe.story_pictures,
+            instructions=STORY_INSTRUCTIONS,
+        )
+        paths["stories"] = str(folder / "stories.jsonl")
+    if "conversations" in kinds:
+        folder = write_conversations_folder(
+            data_dir / "conversations", recipe.num_conversations, seed=recipe.seed + 8, pictures=recipe.story_pictures
+        )
+        paths["conversations"] = str(folder / "conversations.jsonl")
+    return paths
 
 
-def continue_demo_training(
-    model_dir: str | Path, output_dir: str | Path, recipe: DemoRecipe | None = None, log=print
-) -> dict:
-    """Stage III alone, on a demo pipeline trained through stage II (`model_dir`, with its `training_report.json`);
-    writes the result to `output_dir` with the report extended. The same as a full `train_demo` run with the same
-    recipe: stage III seeds its own data and noise."""
+@dataclass
+class DemoStage:
+    """One trainer run of the recipe: its name in the history, its key in the timings, the `DreamLLMTrainingArguments`
+    fields (all but `model` and `output_dir`) and the torch threads it runs on (None: as set)."""
+
+    name: str
+    timing: str
+    arguments: dict
+    threads: int | None = None
+
+
+def demo_stage_configs(recipe: DemoRecipe, data: dict[str, str], cache_dir: str | None = None) -> list[DemoStage]:
+    """Stages I to III of the recipe as configurations of `dreamllm_hf.training.train` (stages with 0 steps left out);
+    `data` maps "pairs", "stories" and "conversations" to their paths (`write_demo_data`)."""
+
+    def common(steps, batch_size, lr, seed):
+        return dict(
+            max_steps=steps,
+            per_device_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler="cosine",
+            warmup_steps=max(1, int(steps * recipe.warmup_fraction)),
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=seed,
+            dtype="float32",
+            mixed_precision="no",
+            checkpointing_steps=0,
+            logging_steps=recipe.logging_steps,
+            cache_dir=cache_dir,
+        )
+
+    mixed_pairs = dict(i2t_probability=0.5, caption_dropout=recipe.unconditional_probability)
+    stages = [
+        DemoStage(
+            "I-comprehension",
+            "stage I comprehension",
+            dict(
+                stage="alignment",
+                language_model="full",  # nothing is pretrained here: the LLM and the tower learn to read
+                vision_tower="full",
+                train_condition_projector=False,
+                train_dream_queries=False,
+                data=[data["pairs"]],
+                i2t_probability=1.0,
+                loss_weight_lm=1.0,
+                loss_weight_vm=0.0,
+                **common(
+                    recipe.comprehension_steps,
+                    recipe.comprehension_batch_size,
+                    recipe.comprehension_lr,
+                    recipe.seed + 3,
+                ),
+            ),
+        ),
+        DemoStage(
+            "I-creation",
+            "stage I creation",
+            dict(
+                stage="alignment",
+                language_model="full" if recipe.creation_train_llm else "frozen",
+                train_image_projector=False,
+                data=[data["pairs"]],
+                i2t_probability=recipe.creation_i2t_probability,
+                caption_dropout=recipe.unconditional_probability,
+                loss_weight_lm=1.0 if recipe.creation_i2t_probability else 0.0,
+                loss_weight_vm=1.0,
+                **common(recipe.creation_steps, recipe.creation_batch_size, recipe.creation_lr, recipe.seed + 4),
+            ),
+        ),
+        DemoStage(
+            "II-joint",
+            "stage II joint",
+            dict(
+                stage="pretraining",
+                data=[data["stories"], data["pairs"]],
+                data_weights=[recipe.joint_story_fraction, 1.0 - recipe.joint_story_fraction],
+                loss_weight_lm=1.0,
+                loss_weight_vm=recipe.loss_weight_vm,
+                **mixed_pairs,
+                **common(recipe.joint_steps, recipe.joint_batch_size, recipe.joint_lr, recipe.seed + 5),
+            ),
+        ),
+        DemoStage(
+            "III-instruction",
+            "stage III instruction",
+            dict(
+                stage="instruction",
+                data=[data["conversations"], data["pairs"]],
+                data_weights=[
+                    recipe.instruction_conversation_fraction,
+                    1.0 - recipe.instruction_conversation_fraction,
+                ],
+                loss_weight_lm=1.0,
+                loss_weight_vm=recipe.loss_weight_vm,
+                **mixed_pairs,
+                **common(
+                    recipe.instruction_steps, recipe.instruction_batch_size, recipe.instruction_lr, recipe.seed + 8
+                ),
+            ),
+            threads=recipe.instruction_threads,
+        ),
+    ]
+    return [stage for stage in stages if stage.arguments["max_steps"] > 0]
+
+
+def stage_checks(model_dir: str | Path, stage: str, recipe: DemoRecipe, with_drawing: bool = True) -> list[dict]:
+    """The checks after a stage, on its output folder: held-out captions, and drawings through the dream path."""
     from ..pipelines import DreamLLMPipeline
-    from ..training.data import source_from_dataset
 
-    recipe = recipe or DemoRecipe()
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
-    report = json.loads((model_dir / "training_report.json").read_text())
-    if any(record.get("stage") == "III-instruction" for record in report["history"]):
-        raise ValueError(f"{model_dir} already went through stage III; start from a model trained through stage II.")
-    started = time.perf_counter()
     pipe = DreamLLMPipeline.from_pretrained(model_dir, dtype=torch.float32)
-    noise_scheduler = demo_noise_scheduler()
-    pair_source = source_from_dataset(pairs_dataset(recipe.num_pictures, seed=recipe.seed))
-    history = instruction_stage(
-        pipe.mllm,
-        pipe.unet.requires_grad_(False),
-        pipe.vae.requires_grad_(False),
-        noise_scheduler,
-        pipe.processor,
-        pair_source,
-        recipe,
-        log,
-    )
-    pipe.mllm.requires_grad_(False).eval()
-    pipe.save_pretrained(output_dir)
+    checks = {"caption_accuracy": lambda: captioning_accuracy(pipe.mllm, pipe.processor, recipe.check_pictures)}
+    if with_drawing:
+        noise_scheduler = demo_noise_scheduler()
+        checks["dream_t2i_accuracy@2"] = lambda: dream_drawing_accuracy(
+            pipe.mllm,
+            pipe.processor,
+            pipe.unet,
+            pipe.vae,
+            noise_scheduler,
+            2.0,
+            per_caption=recipe.check_per_caption,
+            num_inference_steps=recipe.check_steps,
+        )
+    return [{"stage": stage, "check": check, "value": fn()} for check, fn in checks.items()]
+
+
+def run_demo_stage(
+    stage: DemoStage, model_dir: str | Path, output_dir: str | Path, recipe: DemoRecipe, log
+) -> list[dict]:
+    """Trains one stage with `dreamllm_hf.training.train` (a complete pipeline folder in `output_dir`), then runs its
+    checks. Returns the stage's history: its logged steps and its checks."""
+    from ..training import DreamLLMTrainingArguments, train
+
+    threads = torch.get_num_threads()
+    if stage.threads:
+        torch.set_num_threads(stage.threads)
+    try:
+        args = DreamLLMTrainingArguments(model=str(model_dir), output_dir=str(output_dir), **stage.arguments)
+        result = train(args)
+    finally:
+        torch.set_num_threads(threads)
+    history = []
+    for line in result.log_path.read_text().splitlines():
+        record = json.loads(line)
+        history.append(
+            {
+                "stage": stage.name,
+                "step": record["step"],
+                **{key: record[key] for key in ("loss", "lm_loss", "vm_loss", "lr", "elapsed_s")},
+            }
+        )
+        log(json.dumps(history[-1]))
+    for record in stage_checks(output_dir, stage.name, recipe, with_drawing=stage.arguments["loss_weight_vm"] != 0):
+        history.append(record)
+        log(json.dumps(record))
+    return history
+
+
+PIPELINE_FILES = ("model_index.json", "mllm", "processor", "scheduler", "unet", "vae")
+
+
+def _publish(stage_dir: Path, output_dir: Path) -> None:
+    """Copies the pipeline of a stage folder (not its log, arguments or checkpoints) into `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_FILES:
+        source, target = stage_dir / name, output_dir / name
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
     _drop_load_records(output_dir)
-    elapsed = round(time.perf_counter() - started, 1)
-    report["recipe"] = recipe.to_dict()
-    report["history"] += history
-    report["timings_s"]["stage III instruction"] = elapsed
-    report["total_s"] = round(report["total_s"] + elapsed, 1)
-    (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_demo_model_card(output_dir, report)
-    return report
 
 
 def _drop_load_records(model_dir: Path) -> None:
@@ -713,12 +763,10 @@ def train_demo(
     """Runs every stage and saves the pipeline to `output_dir` (`DreamLLMPipeline.save_pretrained` layout, plus
     `training_report.json`). Returns the report: the recipe, the wall time of every stage and the loss history.
 
-    `reuse_decoder` (for experiments on stages I and II): a pipeline folder whose `vae/` and `unet/` replace stage 0.
+    `reuse_decoder` (for experiments on stages I to III): a pipeline folder whose `vae/` and `unet/` replace stage 0.
     """
     from ..modeling import DreamLLMForConditionalGeneration
     from ..pipelines import DreamLLMPipeline
-    from ..training.data import DreamLLMDataCollator, source_from_dataset
-    from ..training.losses import DreamLLMTrainingModel
 
     recipe = recipe or DemoRecipe()
     if recipe.num_threads:
@@ -743,11 +791,13 @@ def train_demo(
 
     # Data and tokenizer ------------------------------------------------------------------------------------------
     work_dir = output_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
     tokenizer = build_demo_tokenizer(work_dir)
-    processor = demo_processor(tokenizer)
+    config = demo_mllm_config(tokenizer, recipe.backbone)
+    processor = demo_processor(tokenizer, recipe.backbone, config.num_image_tokens)
     pairs = pairs_dataset(recipe.num_pictures, seed=recipe.seed)
-    stories = stories_dataset(recipe.num_stories, seed=recipe.seed + 1, pictures=recipe.story_pictures)
     pictures = _pictures_tensor(pairs)
+    data = write_demo_data(work_dir / "data", recipe, pairs=pairs)
     lap("data")
 
     # Stage 0: the decoder --------------------------------------------------------------------------------------
@@ -764,139 +814,116 @@ def train_demo(
         vae = AutoencoderKL.from_pretrained(Path(reuse_decoder) / "vae").eval().requires_grad_(False)
         unet = UNet2DConditionModel.from_pretrained(Path(reuse_decoder) / "unet").eval().requires_grad_(False)
         history.append({"stage": "0", "reused_decoder": str(reuse_decoder)})
-    noise_scheduler = demo_noise_scheduler()
 
-    # Stages I and II: the multimodal LLM -------------------------------------------------------------------------
+    # The untrained DreamLLM, saved as the pipeline stage I starts from -------------------------------------------
     torch.manual_seed(recipe.seed + 2)
-    mllm = DreamLLMForConditionalGeneration(demo_mllm_config(tokenizer))
+    mllm = DreamLLMForConditionalGeneration(config)
     mllm.generation_config.pad_token_id = tokenizer.pad_token_id
-    mllm.train()
-    core = mllm.model
-    collator = DreamLLMDataCollator(pad_token_id=tokenizer.pad_token_id)
-    pair_source, story_source = source_from_dataset(pairs), source_from_dataset(stories)
+    scheduler = demo_sampling_scheduler(demo_noise_scheduler())  # the trainer trains with DDPM on its schedule
+    model_dir = work_dir / "stage-0"
+    DreamLLMPipeline(mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=scheduler).save_pretrained(
+        model_dir
+    )
+    parameters = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in (("mllm", mllm), ("unet", unet), ("vae", vae))
+    }
+    del mllm
 
-    def dreamllm_stage(name, trainable, streams, steps, lr, loss_weight_lm, loss_weight_vm, seed):
-        training_model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler, loss_weight_lm, loss_weight_vm)
-        training_model.train()
-        parameters = _freeze_all_but(mllm, trainable)
-        loss_fn = _dreamllm_loss_fn(training_model, iter(streams), seed)
-        records = _run_steps(name, parameters, steps, lr, loss_fn, recipe.warmup_fraction, log)
-        checks = {"caption_accuracy": lambda: captioning_accuracy(mllm, processor)}
-        if loss_weight_vm:
-            checks["dream_t2i_accuracy@2"] = lambda: dream_drawing_accuracy(
-                mllm, processor, unet, vae, noise_scheduler, 2.0
-            )
-        for check, fn in checks.items():
-            records.append({"stage": name, "check": check, "value": fn()})
-            log(json.dumps(records[-1]))
-        return records
-
-    comprehension = _stage_dataset([pair_source], processor, {"i2t_probability": 1.0}, recipe.seed + 3)
-    history += dreamllm_stage(
-        "I-comprehension",
-        [core.vision_tower, core.multi_modal_projector, core.language_model, mllm.lm_head],
-        _batches(comprehension, recipe.comprehension_batch_size, collator, recipe.seed + 3),
-        recipe.comprehension_steps,
-        recipe.comprehension_lr,
-        1.0,
-        0.0,
-        recipe.seed + 3,
-    )
-    lap("stage I comprehension")
-
-    creation = _stage_dataset(
-        [pair_source],
-        processor,
-        {
-            "i2t_probability": recipe.creation_i2t_probability,
-            "unconditional_probability": recipe.unconditional_probability,
-        },
-        recipe.seed + 4,
-    )
-    history += dreamllm_stage(
-        "I-creation",
-        [core.dream_queries, core.condition_projector]
-        + ([core.language_model, mllm.lm_head] if recipe.creation_train_llm else []),
-        _batches(creation, recipe.creation_batch_size, collator, recipe.seed + 4),
-        recipe.creation_steps,
-        recipe.creation_lr,
-        1.0 if recipe.creation_i2t_probability else 0.0,
-        1.0,
-        recipe.seed + 4,
-    )
-    lap("stage I creation")
-
-    joint_pairs = _stage_dataset(
-        [pair_source],
-        processor,
-        {"i2t_probability": 0.5, "unconditional_probability": recipe.unconditional_probability},
-        recipe.seed + 5,
-    )
-    joint_stories = _stage_dataset([story_source], processor, {}, recipe.seed + 6)
-    streams = _MixedBatches(
-        _batches(joint_stories, recipe.joint_batch_size, collator, recipe.seed + 6),
-        _batches(joint_pairs, recipe.joint_batch_size, collator, recipe.seed + 5),
-        recipe.joint_story_fraction,
-        recipe.seed + 7,
-    )
-    history += dreamllm_stage(
-        "II-joint",
-        [core.multi_modal_projector, core.language_model, mllm.lm_head, core.dream_queries, core.condition_projector],
-        streams,
-        recipe.joint_steps,
-        recipe.joint_lr,
-        1.0,
-        recipe.loss_weight_vm,
-        recipe.seed + 7,
-    )
-    lap("stage II joint")
-
-    history += instruction_stage(mllm, unet, vae, noise_scheduler, processor, pair_source, recipe, log)
-    lap("stage III instruction")
+    # Stages I to III: the one trainer ----------------------------------------------------------------------------
+    stages = demo_stage_configs(recipe, data, cache_dir=str(work_dir / "hf-cache"))
+    for stage in stages:
+        stage_dir = work_dir / stage.name
+        history += run_demo_stage(stage, model_dir, stage_dir, recipe, log)
+        model_dir = stage_dir
+        lap(stage.timing)
 
     # Save ------------------------------------------------------------------------------------------------------
-    mllm.requires_grad_(False).eval()
-    pipe = DreamLLMPipeline(
-        mllm=mllm, processor=processor, unet=unet, vae=vae, scheduler=demo_sampling_scheduler(noise_scheduler)
-    )
-    pipe.save_pretrained(output_dir)
+    _publish(model_dir, output_dir)
     lap("save")
     report = {
         "recipe": recipe.to_dict(),
+        "stages": [asdict(stage) | {"arguments": _portable(stage.arguments)} for stage in stages],
         "timings_s": timings,
         "total_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load_at_start,
         "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
-        "parameters": {
-            name: sum(p.numel() for p in module.parameters())
-            for name, module in (("mllm", mllm), ("unet", unet), ("vae", vae))
-        },
+        "parameters": parameters,
         "history": history,
     }
     (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_demo_model_card(output_dir, report)
-    for leftover in sorted(work_dir.glob("*")):
-        leftover.unlink()
-    work_dir.rmdir()
+    shutil.rmtree(work_dir)
+    return report
+
+
+def _portable(arguments: dict) -> dict:
+    """A stage's arguments as the report keeps them: data paths by their folder name (the work folder is removed)."""
+    named = dict(arguments)
+    named["data"] = [Path(path).parent.name if path.endswith(".jsonl") else Path(path).name for path in named["data"]]
+    named.pop("cache_dir", None)
+    return named
+
+
+def continue_demo_training(
+    model_dir: str | Path, output_dir: str | Path, recipe: DemoRecipe | None = None, log=print
+) -> dict:
+    """Stage III alone, on a demo pipeline trained through stage II (`model_dir`, with its `training_report.json`);
+    writes the result to `output_dir` with the report extended. The same as a full `train_demo` run with the same
+    recipe: stage III seeds its own data and noise."""
+    recipe = recipe or DemoRecipe()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    report = json.loads((model_dir / "training_report.json").read_text())
+    if any(record.get("stage") == "III-instruction" for record in report["history"]):
+        raise ValueError(f"{model_dir} already went through stage III; start from a model trained through stage II.")
+    started = time.perf_counter()
+    work_dir = output_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    data = write_demo_data(work_dir / "data", recipe, kinds=("pairs", "conversations"))
+    data["stories"] = ""  # not used by stage III
+    stage = next(
+        stage
+        for stage in demo_stage_configs(recipe, data, cache_dir=str(work_dir / "hf-cache"))
+        if stage.name == "III-instruction"
+    )
+    history = run_demo_stage(stage, model_dir, work_dir / stage.name, recipe, log)
+    _publish(work_dir / stage.name, output_dir)
+    shutil.rmtree(work_dir)
+    elapsed = round(time.perf_counter() - started, 1)
+    report["recipe"] = recipe.to_dict()
+    report["history"] += history
+    report.setdefault("stages", []).append(asdict(stage) | {"arguments": _portable(stage.arguments)})
+    report["timings_s"][stage.timing] = elapsed
+    report["total_s"] = round(report["total_s"] + elapsed, 1)
+    (output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_demo_model_card(output_dir, report)
     return report
 
 
 __all__ = [
+    "DEMO_BACKBONES",
     "DemoRecipe",
+    "DemoStage",
     "StandInCaptionEncoder",
+    "captioning_accuracy",
+    "conditioned_drawing_accuracy",
+    "continue_demo_training",
     "demo_mllm_config",
     "demo_noise_scheduler",
     "demo_processor",
     "demo_sampling_scheduler",
+    "demo_stage_configs",
     "demo_unet",
     "demo_vae",
-    "story_prompt",
-    "conditioned_drawing_accuracy",
-    "continue_demo_training",
-    "instruction_stage",
+    "dream_drawing_accuracy",
     "reconstruction_accuracy",
+    "run_demo_stage",
+    "stage_checks",
     "train_autoencoder",
     "train_demo",
     "train_diffusion_decoder",
+    "write_demo_data",
 ]

@@ -73,7 +73,7 @@ over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML wi
 | part | what | parameters |
 | --- | --- | --- |
 | `mllm/` | `DreamLLMForConditionalGeneration`: {{ language_model }} (SentencePiece BPE {{ sp_vocab }} + the {{ num_added_tokens }} DreamLLM tokens in the release's order); {{ vision_tower }}; {{ queries }} dream queries; linear projectors; and the processor's files | {{ mllm_params }} |
-| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `CLIPImageProcessor` at {{ image_size }} px | - |
+| `processor/` | `DreamLLMProcessor`: the legacy-exact fast tokenizer + `{{ image_processor }}` at {{ image_size }} px | - |
 | `unet/` | {{ unet }} | {{ unet_params }} |
 | `vae/` | {{ vae }} | {{ vae_params }} |
 | `scheduler/` | {{ scheduler }} | - |
@@ -89,7 +89,8 @@ the DreamLLM tokenizer by `build_legacy_tokenizer`.
 | --- | --- | --- | --- | --- |
 {{ stages }}
 
-Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
+Stages I to III are configurations of the one trainer (`dreamllm-hf train`), each stage's output folder the next one's
+model. Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
 only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
 forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{{ creation_llm }}; and a
@@ -110,6 +111,9 @@ Checks along the way (held-out pictures, judged by `classify_shape_image`):
 * Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.
 * Stories are short (one to three pictures, as in its training data) and their sentences follow a few templates.
 """
+
+
+_FAMILY = {"llama": "LLaMA", "qwen2": "Qwen2", "clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP ViT"}
 
 
 def _stage_rows(report: dict) -> str:
@@ -133,7 +137,7 @@ def _stage_rows(report: dict) -> str:
         ),
         (
             "I comprehension",
-            "CLIP tower, image projector, LLM",
+            "vision tower, image projector, LLM",
             "image -> caption, LM loss",
             recipe["comprehension_steps"],
             recipe["comprehension_batch_size"],
@@ -261,6 +265,9 @@ def demo_card_variables(model_dir: str | Path, report: dict, evaluation: dict | 
         "num_added_tokens": len(C.RELEASE_ADDED_TOKEN_IDS),
         "queries": facts["num_dream_queries"],
         "image_size": facts["image_size"],
+        "image_processor": json.loads((Path(model_dir) / "processor" / "processor_config.json").read_text())
+        .get("image_processor", {})
+        .get("image_processor_type", "image processor"),
         "picture_size": facts["picture_size"],
         "mllm_params": f"{counts['mllm'] / 1e6:.2f} M",
         "unet_params": f"{counts['unet'] / 1e6:.2f} M",

@@ -5,6 +5,7 @@ imports it. `peft`, `datasets` and `bitsandbytes` (the `train`/`quant` extras) a
 """
 
 from .data import (
+    CONVERSATIONS,
     DOCUMENTS,
     IGNORE_INDEX,
     PAIRS,
@@ -21,10 +22,15 @@ from .data import (
     write_parquet_shards,
 )
 from .lora import (
+    CONDITION_PROJECTOR_MODULE,
+    DREAM_QUERIES_MODULE,
     FORMAT_TOKENS,
     FULLY_TRAINED_MODULES,
+    IMAGE_PROJECTOR_MODULE,
+    LANGUAGE_MODEL_MODULES,
     LLM_LINEAR_LAYERS_REGEX,
     QLORA_SKIP_MODULES,
+    VISION_TOWER_MODULE,
     apply_lora,
     dreamllm_lora_config,
     format_token_ids,
@@ -42,26 +48,48 @@ from .losses import (
     dreamllm_loss,
     encode_latents,
 )
+from .sampling import SourceMixtureBatchSampler
+from .stages import (
+    LANGUAGE_MODEL_MODES,
+    STAGES,
+    VISION_TOWER_MODES,
+    TrainableParts,
+    apply_trainable_parts,
+    resolve_stage,
+    trainable_parts,
+)
 from .trainer import (
     DreamLLMTrainingArguments,
     TrainOutput,
     find_latest_checkpoint,
+    load_trained_parameters,
     load_training_components,
     read_config_file,
     train,
+    trained_parameters,
+    write_pipeline_folder,
 )
 
 
 __all__ = [
+    "CONDITION_PROJECTOR_MODULE",
+    "CONVERSATIONS",
     "DEFAULT_LOSS_WEIGHT_LM",
     "DEFAULT_LOSS_WEIGHT_VM",
     "DOCUMENTS",
+    "DREAM_QUERIES_MODULE",
     "FORMAT_TOKENS",
     "FULLY_TRAINED_MODULES",
     "IGNORE_INDEX",
+    "IMAGE_PROJECTOR_MODULE",
+    "LANGUAGE_MODEL_MODES",
+    "LANGUAGE_MODEL_MODULES",
     "LLM_LINEAR_LAYERS_REGEX",
     "PAIRS",
     "QLORA_SKIP_MODULES",
+    "STAGES",
+    "VISION_TOWER_MODES",
+    "VISION_TOWER_MODULE",
     "DataSource",
     "DiffusionImageTransform",
     "DiffusionLossOutput",
@@ -71,8 +99,11 @@ __all__ = [
     "DreamLLMSampleBuilder",
     "DreamLLMTrainingArguments",
     "DreamLLMTrainingModel",
+    "SourceMixtureBatchSampler",
     "TrainOutput",
+    "TrainableParts",
     "apply_lora",
+    "apply_trainable_parts",
     "build_training_dataset",
     "diffusion_loss",
     "dreamllm_lora_config",
@@ -86,9 +117,14 @@ __all__ = [
     "load_mllm",
     "load_training_components",
     "merge_text_list",
+    "load_trained_parameters",
     "read_config_file",
+    "resolve_stage",
     "source_from_dataset",
     "train",
+    "trainable_parts",
+    "trained_parameters",
     "upcast_trainable_parameters",
     "write_parquet_shards",
+    "write_pipeline_folder",
 ]

@@ -1,7 +1,13 @@
-"""`dreamllm-hf train`: LoRA fine-tuning of a converted DreamLLM on both losses.
+"""`dreamllm-hf train`: trains a DreamLLM on both losses - the paper's three stages, LoRA or full fine-tuning.
 
     dreamllm-hf train --model DIR --data PATH [--data PATH ...] --output-dir DIR --max-steps N --seed S [options]
+    dreamllm-hf train --stage 1|2|3 --model DIR --data PATH ... --output-dir DIR [--language-model lora ...]
     accelerate launch [--config_file CFG.yaml] -m dreamllm_hf.training.cli --model DIR --data PATH ... [options]
+
+Without `--stage` it fine-tunes with a LoRA adapter; `--stage 1` (alignment: the LLM frozen), `2` (I-GPT
+pretraining: the LLM in full) and `3` (instruction tuning: the LLM in full) set what trains, each part overridable
+(`--language-model`, `--vision-tower`, `--[no-]train-*`). A run whose LLM is not LoRA-wrapped (or `--merge-lora`)
+writes a complete pipeline folder, the next stage's `--model`.
 
 Options can also come from a YAML or JSON file (`--config FILE`, keys = option names with `_` or `-`); flags given on
 the command line win over the file, which wins over the defaults. peft, datasets and diffusers load only when a run
@@ -15,10 +21,11 @@ from ..dtypes import DTYPE_NAMES
 
 
 _HELP = {
-    "model": "Converted DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` writes.",
+    "model": "DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` or a previous "
+    "stage writes it.",
     "data": "Data source, repeatable: an image folder with metadata.jsonl (pairs), MMC4 JSON Lines (documents), "
-    "Parquet shards, or webdataset .tar shards of pairs.",
-    "output_dir": "Where the adapter, train_log.jsonl and checkpoint-STEP/ folders go.",
+    "JSON Lines of `messages` (conversations), Parquet shards, or webdataset .tar shards of pairs.",
+    "output_dir": "Where the adapter or the pipeline, train_log.jsonl and checkpoint-STEP/ folders go.",
     "max_steps": "Optimizer steps to run.",
     "seed": "Seed of the adapter init, the data order and choices, and the diffusion noise.",
 }
@@ -33,6 +40,41 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--output-dir", dest="output_dir", default=S, help=_HELP["output_dir"])
     parser.add_argument("--max-steps", dest="max_steps", type=int, default=S, help=_HELP["max_steps"])
     parser.add_argument("--seed", type=int, default=S, help=_HELP["seed"])
+
+    parts = parser.add_argument_group("what trains (a stage preset, then per-part overrides)")
+    parts.add_argument(
+        "--stage",
+        default=S,
+        metavar="STAGE",
+        help="1 / alignment (LLM frozen), 2 / pretraining (I-GPT, LLM full), 3 / instruction (LLM full); "
+        "default: LoRA fine-tuning.",
+    )
+    parts.add_argument(
+        "--language-model",
+        dest="language_model",
+        choices=["frozen", "lora", "full"],
+        default=S,
+        help="The LLM: frozen, LoRA-wrapped or trained in full (default: the stage's).",
+    )
+    parts.add_argument(
+        "--vision-tower",
+        dest="vision_tower",
+        choices=["frozen", "full"],
+        default=S,
+        help="The vision tower (default: frozen).",
+    )
+    for name, what in (
+        ("image-projector", "the image projector"),
+        ("condition-projector", "the condition projector"),
+        ("dream-queries", "the dream queries"),
+    ):
+        parts.add_argument(
+            f"--train-{name}",
+            dest=f"train_{name.replace('-', '_')}",
+            action=argparse.BooleanOptionalAction,
+            default=S,
+            help=f"Train {what} in full (default on).",
+        )
 
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-rank", dest="lora_rank", type=int, default=S, help="LoRA rank r (default 16).")
@@ -52,7 +94,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         dest="train_format_tokens",
         action=argparse.BooleanOptionalAction,
         default=S,
-        help="Train the embedding (and lm_head) rows of the format tokens (default on).",
+        help="Train the embedding (and lm_head) rows of the format tokens, when the LLM is not trained in full "
+        "(default on).",
+    )
+    lora.add_argument(
+        "--merge-lora",
+        dest="merge_lora",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="After a LoRA run, also write the complete pipeline with the adapter merged in.",
     )
     lora.add_argument(
         "--load-in-4bit",
@@ -127,6 +177,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="Chance a pair is image-to-text rather than text-to-image (default 0.5).",
     )
     data.add_argument(
+        "--caption-dropout",
+        dest="caption_dropout",
+        type=float,
+        default=S,
+        help="Chance a text-to-image pair loses its caption, the guidance unconditional (default 0).",
+    )
+    data.add_argument(
+        "--data-weights",
+        dest="data_weights",
+        type=float,
+        nargs="+",
+        default=S,
+        metavar="W",
+        help="One weight per --data source: each batch comes from one source, with these shares of the batches "
+        "(default: sources mixed in proportion to their sizes).",
+    )
+    data.add_argument(
         "--random-flip",
         dest="random_flip",
         action=argparse.BooleanOptionalAction,
@@ -183,7 +250,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `train` on a `dreamllm-hf` sub-command parser."""
     parser = subparsers.add_parser(
         "train",
-        help="Fine-tune a converted DreamLLM with a LoRA adapter on both losses (accelerate-ready).",
+        help="Train a DreamLLM: the paper's stages (--stage 1|2|3), LoRA or full fine-tuning (accelerate-ready).",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -220,7 +287,8 @@ def run_train(namespace: argparse.Namespace) -> int:
     summary = ", ".join(
         f"{key} {record[key]:.4f}" for key in ("loss", "lm_loss", "vm_loss") if record.get(key) is not None
     )
-    print(f"Trained {result.global_step} steps -> {result.output_dir} ({summary})")
+    written = "pipeline" if result.pipeline_dir is not None else "adapter"
+    print(f"Trained {result.global_step} steps -> {written} in {result.output_dir} ({summary})")
     return 0
 
 

@@ -13,7 +13,15 @@ Two kinds of sources, told apart by their columns:
   image block (the picture re-read by CLIP):
   `<s> text <dream_start> <im_patch>*Q <dream_end> <im_start> <im_patch>*N <im_end> text ... </s>`.
   Everything but `<im_patch>`, `<im_start>`, `<im_end>` and `<dream_end>` is learned (so the text, `<dream_start>` and
-  `</s>`). Text segments that would pass `max_length` end the document, as in the original.
+  `</s>`). Text segments that would pass `max_length` end the document, as in the original. A document may carry an
+  `instruction` (the original's instruction-led `mmc4_instruct` data): it goes first, as the chat prompt of a user
+  turn asking for the document, and is context only (not learned).
+* **conversations** (`messages`: chat turns, each `{"role", "content"}`, the content a string or a list of
+  `{"type": "text", "text"}` / `{"type": "image", "image": PATH}` parts; optionally an `images` column that fills
+  `{"type": "image"}` parts without a path, in reading order): tokenized by the processor's chat template exactly as
+  the pipeline reads a conversation (`DreamLLMSampleBuilder.conversation`). A picture in a user turn is read (an
+  image block), a picture in an assistant turn is drawn (a dream block, its diffusion target, then read back). Every
+  assistant turn is learned; the system prompt and the user turns are context.
 
 Every picture is prepared twice: at the CLIP size by the processor's image processor (`pixel_values`, one per
 `<im_start>`) and at the diffusion size (`diffusion_pixel_values`, one per `<dream_start>`): resize the shorter edge
@@ -22,7 +30,8 @@ Every picture is prepared twice: at the CLIP size by the processor's image proce
 Local layouts, in the ecosystem's conventions (`load_data_source` tells them apart):
 
 * a folder with `metadata.jsonl` (`file_name` + `text`): `datasets`' `imagefolder` -> pairs;
-* JSON Lines in the MMC4 schema (a `.jsonl` file, or a folder of them), `image_name` relative to the file's folder;
+* JSON Lines in the MMC4 schema or of conversations (a `.jsonl` file, or a folder of them), picture paths relative to
+  the file's folder;
 * Parquet shards (a `.parquet` file, a folder of them, or a glob) with either schema and the pictures embedded
   (`write_parquet_shards` writes them from any of the above);
 * webdataset tar shards of pairs (`.tar`), through `datasets`' `webdataset` loader.
@@ -58,10 +67,12 @@ logger = logging.getLogger(__name__)
 
 PAIRS = "pairs"
 DOCUMENTS = "documents"
+CONVERSATIONS = "conversations"
 IGNORE_INDEX = -100
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 TEXT_COLUMNS = ("text", "caption", "txt")
 DOCUMENT_COLUMNS = ("text_list", "image_info")
+CONVERSATION_COLUMN = "messages"
 # Tokens of the format whose labels are -100 in every sample: the slots, the image delimiters and `<dream_end>`.
 UNLEARNED_TOKENS = (C.IMAGE_PATCH_TOKEN, C.IMAGE_START_TOKEN, C.IMAGE_END_TOKEN, C.DREAM_END_TOKEN)
 # What opening a missing, truncated or hostile picture file raises (PIL plugins raise SyntaxError on some).
@@ -159,6 +170,8 @@ class DreamLLMSampleBuilder:
             1 or 0 force one task (the original's comprehension-only / creation-only stage I).
         random_flip (`bool`, defaults to True): random horizontal flip of the diffusion pictures.
         seed (`int`, defaults to 0): seeds the per-sample generator, with the epoch and the sample index.
+        caption_dropout (`float`, defaults to 0): chance that a text-to-image pair loses its caption (`<s>` + the
+            dream block): what classifier-free guidance reads as its unconditional then means "any picture".
     """
 
     def __init__(
@@ -169,6 +182,7 @@ class DreamLLMSampleBuilder:
         i2t_probability: float = 0.5,
         random_flip: bool = True,
         seed: int = 0,
+        caption_dropout: float = 0.0,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -177,6 +191,9 @@ class DreamLLMSampleBuilder:
         if not 0.0 <= i2t_probability <= 1.0:
             raise ValueError(f"`i2t_probability` must be in [0, 1], got {i2t_probability}.")
         self.i2t_probability = i2t_probability
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"`caption_dropout` must be in [0, 1], got {caption_dropout}.")
+        self.caption_dropout = caption_dropout
         self.random_flip = random_flip
         self.seed = seed
         ids = processor.special_token_ids
@@ -240,10 +257,13 @@ class DreamLLMSampleBuilder:
         }
 
     def pair(self, image, text: str, rng: np.random.Generator, base_dir=None) -> dict:
-        """A pair as image-to-text (probability `i2t_probability`) or text-to-image."""
+        """A pair as image-to-text (probability `i2t_probability`) or text-to-image (its caption dropped with
+        probability `caption_dropout`)."""
         image = load_image(image, base_dir)
         if rng.random() < self.i2t_probability:
             return self.image_to_text(image, text)
+        if self.caption_dropout and rng.random() < self.caption_dropout:  # no draw when off: same samples as before
+            text = ""
         return self.text_to_image(image, text, rng)
 
     def document(
@@ -253,10 +273,14 @@ class DreamLLMSampleBuilder:
         matched_text_index: Sequence[int],
         rng: np.random.Generator,
         base_dir=None,
+        instruction: str | None = None,
     ) -> dict:
         """An interleaved document; `images[k]` (anything `load_image` reads) goes after sentence
         `matched_text_index[k]`. Pictures that cannot be read are left out (with their blocks), as in the original;
-        the sample then lists them in `skipped_pictures` (which picture, and why)."""
+        the sample then lists them in `skipped_pictures` (which picture, and why). With an `instruction`, the document
+        is the answer to it: the chat prompt of a user turn asking it comes first and is not learned."""
+        if instruction:
+            return self._instructed_document(text_list, images, matched_text_index, rng, base_dir, instruction)
         order = sorted(range(len(images)), key=lambda k: (matched_text_index[k], k))
         images = [images[k] for k in order]
         segments = merge_text_list([text.strip() for text in text_list], [matched_text_index[k] for k in order])
@@ -288,16 +312,32 @@ class DreamLLMSampleBuilder:
             sample["skipped_pictures"] = skipped
         return sample
 
-    def conversation(self, messages: Sequence[dict], rng: np.random.Generator) -> dict:
+    def _instructed_document(self, text_list, images, matched_text_index, rng, base_dir, instruction: str) -> dict:
+        prompt = self.processor.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        )
+        text_list = list(text_list) or [""]
+        text_list[0] = f"{prompt} {text_list[0].strip()}"
+        sample = self.document(text_list, images, matched_text_index, rng, base_dir)
+        prompt_ids = [self.bos_token_id, *self.tokenize(prompt)]
+        if sample["input_ids"][: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"The chat prompt of instruction {instruction!r} does not tokenize to a prefix.")
+        sample["labels"][: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
+        return sample
+
+    def conversation(
+        self, messages: Sequence[dict], rng: np.random.Generator, base_dir=None, images: Sequence | None = None
+    ) -> dict:
         """
         A conversation, tokenized exactly as the pipeline reads one (the processor's chat template; see
         `dreamllm_hf.modeling.conversation`): a picture in a user turn is read (its CLIP block), a picture in an
         assistant turn is drawn (its dream block's diffusion target, then read back). Every assistant turn, `</s>`
-        included, is learned (but the block tokens); the system prompt and the user turns are context.
+        included, is learned (but the block tokens); the system prompt and the user turns are context. Picture paths
+        are taken from `base_dir`; `images` fills the `{"type": "image"}` parts that name no picture, in order.
         """
         from ..modeling.conversation import render_conversation
 
-        rendered, pictures = render_conversation(list(messages))
+        rendered, pictures = render_conversation(list(messages), list(images) if images is not None else None)
         chat = self.processor.apply_chat_template
         input_ids = self._expanded_ids(chat(rendered, tokenize=False))
         if len(input_ids) > self.max_length:
@@ -316,7 +356,7 @@ class DreamLLMSampleBuilder:
                     f"Turn {index} does not tokenize to a prefix of the conversation; check the chat template."
                 )
             labels[start : len(through)] = self.labels_for(input_ids[start : len(through)])
-        pictures = [load_image(picture) for picture in pictures]
+        pictures = [load_image(picture, base_dir) for picture in pictures]
         # In reading order, every image block is a read picture unless a dream block comes right before it.
         dream_end = self.dream_block[-1]
         starts = [i for i, token in enumerate(input_ids) if token == self.image_block[0]]
@@ -360,6 +400,8 @@ def _first_present(columns, candidates) -> str | None:
 def source_from_dataset(dataset, base_dir=None, path=None) -> DataSource:
     """Wraps a `datasets.Dataset` whose columns say what it is (pairs or MMC4-style documents)."""
     columns = set(dataset.column_names)
+    if CONVERSATION_COLUMN in columns:
+        return DataSource(dataset, CONVERSATIONS, base_dir=base_dir, path=path)
     if all(name in columns for name in DOCUMENT_COLUMNS):
         return DataSource(dataset, DOCUMENTS, base_dir=base_dir, path=path)
     image_column, text_column = _first_present(columns, IMAGE_COLUMNS), _first_present(columns, TEXT_COLUMNS)
@@ -368,7 +410,7 @@ def source_from_dataset(dataset, base_dir=None, path=None) -> DataSource:
     raise ValueError(
         f"Cannot tell what {path or 'the dataset'} holds from its columns {sorted(columns)}: pairs need an image "
         f"column ({', '.join(IMAGE_COLUMNS)}) and a text column ({', '.join(TEXT_COLUMNS)}); documents need "
-        f"{' and '.join(DOCUMENT_COLUMNS)} (the MMC4 schema)."
+        f"{' and '.join(DOCUMENT_COLUMNS)} (the MMC4 schema); conversations need {CONVERSATION_COLUMN}."
     )
 
 
@@ -382,7 +424,8 @@ def load_data_source(path: str | os.PathLike, cache_dir: str | None = None) -> D
 
     * a folder with `metadata.jsonl` / `metadata.csv` -> `imagefolder` (pairs);
     * `.parquet` file(s), a folder of them or a glob -> `parquet` (pairs or documents, pictures embedded);
-    * `.jsonl` / `.json` file(s) or a folder of them -> `json` (MMC4 documents; `image_name` relative to the folder);
+    * `.jsonl` / `.json` file(s) or a folder of them -> `json` (MMC4 documents or conversations; picture paths
+      relative to the folder);
     * `.tar` file(s) or a folder of them -> `webdataset` (pairs, e.g. `jpg` + `txt`).
     """
     from datasets import load_dataset
@@ -508,8 +551,14 @@ class DreamLLMDataset(torch.utils.data.Dataset):
                     f"{where}: its picture {_describe_picture(image)} cannot be opened ({error})."
                 ) from error
             return self.builder.pair(image, text, rng, source.base_dir)
+        if source.kind == CONVERSATIONS:
+            return self.builder.conversation(
+                record[CONVERSATION_COLUMN], rng, source.base_dir, images=record.get("images")
+            )
         text_list, images, matched = _document_parts(record, where)
-        sample = self.builder.document(text_list, images, matched, rng, source.base_dir)
+        sample = self.builder.document(
+            text_list, images, matched, rng, source.base_dir, instruction=record.get("instruction")
+        )
         for reason in sample.get("skipped_pictures", ()):
             logger.warning("%s: left out %s", where, reason)
         return sample
@@ -524,6 +573,7 @@ def build_training_dataset(
     random_flip: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
+    caption_dropout: float = 0.0,
 ) -> DreamLLMDataset:
     """Every source of `data` (paths as `load_data_source` reads them, or `DataSource`s) as one training dataset."""
     sources = [item if isinstance(item, DataSource) else load_data_source(item, cache_dir) for item in data]
@@ -534,6 +584,7 @@ def build_training_dataset(
         i2t_probability=i2t_probability,
         random_flip=random_flip,
         seed=seed,
+        caption_dropout=caption_dropout,
     )
     return DreamLLMDataset(sources, builder)
 
@@ -643,6 +694,7 @@ def write_parquet_shards(
 
 
 __all__ = [
+    "CONVERSATIONS",
     "DOCUMENTS",
     "IGNORE_INDEX",
     "PAIRS",

@@ -29,14 +29,20 @@ LLM_LINEAR_LAYERS_REGEX = (
     r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
 )
 LM_HEAD_REGEX = r"lm_head"
-FULLY_TRAINED_MODULES = ("model.dream_queries", "model.multi_modal_projector", "model.condition_projector")
-POOLED_PROJECTOR = "model.pooled_projector"  # trained in full too, when the model has one (SDXL-style decoders)
+# The parts of a DreamLLMForConditionalGeneration, by module name (what training freezes, wraps or trains).
+LANGUAGE_MODEL_MODULES = ("model.language_model", "lm_head")
+VISION_TOWER_MODULE = "model.vision_tower"
+IMAGE_PROJECTOR_MODULE = "model.multi_modal_projector"
+CONDITION_PROJECTOR_MODULE = "model.condition_projector"
+DREAM_QUERIES_MODULE = "model.dream_queries"
+FULLY_TRAINED_MODULES = (DREAM_QUERIES_MODULE, IMAGE_PROJECTOR_MODULE, CONDITION_PROJECTOR_MODULE)
+POOLED_PROJECTOR = "model.pooled_projector"  # trained with the condition projector, when the model has one (SDXL)
 FORMAT_TOKENS = (C.IMAGE_START_TOKEN, C.IMAGE_PATCH_TOKEN, C.IMAGE_END_TOKEN, C.DREAM_START_TOKEN, C.DREAM_END_TOKEN)
 QLORA_SKIP_MODULES = (
     "lm_head",
-    "model.vision_tower",
-    "model.multi_modal_projector",
-    "model.condition_projector",
+    VISION_TOWER_MODULE,
+    IMAGE_PROJECTOR_MODULE,
+    CONDITION_PROJECTOR_MODULE,
     POOLED_PROJECTOR,
 )
 
@@ -176,11 +182,16 @@ def load_adapter(mllm, adapter_dir: str | os.PathLike, merge: bool = False, is_t
 
 
 __all__ = [
+    "CONDITION_PROJECTOR_MODULE",
+    "DREAM_QUERIES_MODULE",
     "FORMAT_TOKENS",
     "FULLY_TRAINED_MODULES",
+    "IMAGE_PROJECTOR_MODULE",
+    "LANGUAGE_MODEL_MODULES",
     "LLM_LINEAR_LAYERS_REGEX",
     "POOLED_PROJECTOR",
     "QLORA_SKIP_MODULES",
+    "VISION_TOWER_MODULE",
     "apply_lora",
     "dreamllm_lora_config",
     "format_token_ids",

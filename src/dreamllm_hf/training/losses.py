@@ -269,12 +269,13 @@ class DreamLLMTrainingModel(nn.Module):
 
         DistributedDataParallel (without `find_unused_parameters`) fails when a rank's batch leaves a trainable
         parameter unused: an all-image-to-text batch (or `loss_weight_vm=0`) never reaches the condition projector
-        and maybe not the dream queries; an all-text-to-image batch never reaches the image projector. (The original
-        did the same with its dummy CLIP and diffusion passes.) This runs inside the forward, where FSDP has the
-        parameters gathered. The result is 0.
+        and maybe not the dream queries; an all-text-to-image batch never reaches the image projector; a trained vision
+        tower's layers after the one read (and its pooling head) never reach the loss. (The original did the same with
+        its dummy CLIP and diffusion passes.) This runs inside the forward, where FSDP has the parameters gathered. The
+        result is 0.
         """
         model = _base_mllm(self.mllm).model
-        modules = []
+        modules = [model.vision_tower]  # adds nothing while the tower is frozen
         if no_dream_blocks:
             modules += [model.dream_queries, model.condition_projector]
             if getattr(model, "pooled_projector", None) is not None:

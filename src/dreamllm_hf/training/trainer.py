@@ -1,19 +1,27 @@
-"""The LoRA fine-tuning loop: `accelerate` runs it unchanged on one device, under DDP, FSDP or DeepSpeed.
+"""The one training loop: `accelerate` runs it unchanged on one device, under DDP, FSDP or DeepSpeed.
 
-`train(DreamLLMTrainingArguments(...))` loads a converted DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`,
-`scheduler/`), puts a PEFT LoRA adapter on the language model (`lora.py`), builds the data (`data.py`) and optimizes
-the DreamLLM loss (`losses.py`). Nothing here is distributed by hand: `accelerate launch` (or a plain `python`) decides
-the processes, and `Accelerator` wraps the model, optimizer, data loader and scheduler.
+`train(DreamLLMTrainingArguments(...))` loads a DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`,
+`scheduler/`: what `dreamllm-hf convert` and `DreamLLMPipeline.save_pretrained` write), sets what is trained, frozen
+or LoRA-wrapped (`stages.py`: a stage preset of the paper, or plain LoRA fine-tuning, with per-part overrides),
+builds the data (`data.py`) and optimizes the DreamLLM loss (`losses.py`). Nothing here is distributed by hand:
+`accelerate launch` (or a plain `python`) decides the processes, and `Accelerator` wraps the model, optimizer, data
+loader and scheduler.
 
 Output folder:
 
-* `adapter_config.json`, `adapter_model.safetensors`: the final adapter (`PeftModel.from_pretrained(mllm, OUTPUT_DIR)`);
+* a LoRA run: `adapter_config.json`, `adapter_model.safetensors`, the final adapter
+  (`PeftModel.from_pretrained(mllm, OUTPUT_DIR)`); with `merge_lora`, also the complete pipeline below, the adapter
+  merged in;
+* any other run (a frozen or fully trained language model): the complete pipeline, `model_index.json`, `mllm/` (the
+  trained model) and `processor/`, `unet/`, `vae/`, `scheduler/` (copied from `model`), which
+  `DreamLLMPipeline.from_pretrained(OUTPUT_DIR)` and the next stage's `model` load;
 * `train_log.jsonl`: one JSON object per logged step (`step`, `loss`, `lm_loss`, `vm_loss`, `lr`, `epoch`,
   `skipped_pictures`), each loss averaged over the micro-batches (of every process) that had it since the last line;
   `null` when none had it (no language-model targets, or no picture to draw); `skipped_pictures` counts the pictures
   of documents left out since the last line because they could not be opened (see `data.py`);
-* `checkpoint-STEP/`: every `checkpointing_steps` steps, the adapter plus the optimizer, scheduler, data-sampler and
-  RNG states (`--resume` continues from the latest one, bit for bit on the same setup);
+* `checkpoint-STEP/`: every `checkpointing_steps` steps, the trained weights (the adapter, or the trained parameters
+  of the model) plus the optimizer, scheduler, data-sampler and RNG states (`--resume` continues from the latest one,
+  bit for bit on the same setup);
 * `training_args.json`, `trainer_state.json`.
 """
 
@@ -34,6 +42,7 @@ from ..decoder_conditioning import vae_scale_factor
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
+from .stages import TrainableParts, resolve_stage, trainable_parts
 
 
 logger = logging.getLogger(__name__)
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 TRAIN_LOG_NAME = "train_log.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
+TRAINED_WEIGHTS_NAME = "trained_parameters.safetensors"  # a checkpoint's trained parameters (runs without LoRA)
+PIPELINE_PARTS = ("processor", "unet", "vae", "scheduler")  # copied as they are into a run's pipeline folder
 CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BELOW_ONE = checks.NumberRange(integer=False, minimum=0, maximum=1, exclusive_maximum=True)
@@ -65,6 +76,7 @@ ARGUMENT_RANGES = {
     "gradient_accumulation_steps": (checks.POSITIVE_INT, False),
     "max_length": (checks.POSITIVE_INT, True),
     "i2t_probability": (checks.PROBABILITY, False),
+    "caption_dropout": (checks.PROBABILITY, False),
     "num_workers": (checks.NON_NEGATIVE_INT, False),
     "checkpointing_steps": (checks.NON_NEGATIVE_INT, False),
     "checkpoints_total_limit": (checks.POSITIVE_INT, True),
@@ -78,12 +90,22 @@ class DreamLLMTrainingArguments:
     Everything `train` needs. The command line (`dreamllm-hf train`) and config files (YAML or JSON) use the same names.
 
     Args:
-        model: converted DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`, `scheduler/`).
-        data: data sources (image folders, MMC4 JSON Lines, Parquet shards, webdataset tars; see `data.py`).
-        output_dir: where the adapter, the log and the checkpoints go.
+        model: DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`, `scheduler/`), converted or written by a
+            previous stage.
+        data: data sources (image folders, MMC4 or conversation JSON Lines, Parquet shards, webdataset tars; see
+            `data.py`).
+        output_dir: where the adapter or the pipeline, the log and the checkpoints go.
         max_steps: optimizer steps to run (a step is `gradient_accumulation_steps` micro-batches on every process).
         seed: seeds the adapter init, the data order and per-sample choices, and the diffusion noise.
-        lora_rank, lora_alpha, lora_dropout, lora_lm_head, train_format_tokens: the adapter (see `lora.py`).
+        stage: a preset of what is trained (`stages.py`): 1 / "alignment", 2 / "pretraining", 3 / "instruction", or
+            None for plain LoRA fine-tuning. The six settings below override it where they are not None.
+        language_model: "frozen", "lora" or "full".
+        vision_tower: "frozen" or "full".
+        train_image_projector, train_condition_projector, train_dream_queries: train these in full, or freeze them.
+        train_format_tokens: train the embedding and `lm_head` rows of the format tokens (when the language model is
+            not trained in full).
+        lora_rank, lora_alpha, lora_dropout, lora_lm_head: the adapter of a LoRA run (see `lora.py`).
+        merge_lora: after a LoRA run, also write the complete pipeline with the adapter merged in.
         loss_weight_lm, loss_weight_vm: the two loss weights (1 and 10, as the original stages II and III).
         learning_rate, lr_scheduler, warmup_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm:
             AdamW and its schedule (any `transformers.get_scheduler` name).
@@ -95,6 +117,9 @@ class DreamLLMTrainingArguments:
         activation_checkpointing: recompute activations in the backward pass (LLM and CLIP layers, and the UNet).
         max_length: longest sample in tokens (default: the tokenizer's `model_max_length`).
         i2t_probability: chance that a pair is used for image-to-text rather than text-to-image.
+        caption_dropout: chance that a text-to-image pair loses its caption (the guidance unconditional).
+        data_weights: one weight per `data` source: each batch then comes from one source, the sources taking these
+            shares of the batches (`sampling.py`); None mixes the sources in proportion to their sizes.
         random_flip: random horizontal flip of the diffusion pictures.
         num_workers: data-loader worker processes.
         checkpointing_steps: save a resumable checkpoint every N steps (0: never).
@@ -110,11 +135,18 @@ class DreamLLMTrainingArguments:
     output_dir: str = "outputs/dreamllm-lora"
     max_steps: int = 1000
     seed: int = 0
+    stage: str | None = None
+    language_model: str | None = None
+    vision_tower: str | None = None
+    train_image_projector: bool | None = None
+    train_condition_projector: bool | None = None
+    train_dream_queries: bool | None = None
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_lm_head: bool = False
     train_format_tokens: bool = True
+    merge_lora: bool = False
     loss_weight_lm: float = DEFAULT_LOSS_WEIGHT_LM
     loss_weight_vm: float = DEFAULT_LOSS_WEIGHT_VM
     learning_rate: float = 2e-4
@@ -133,6 +165,8 @@ class DreamLLMTrainingArguments:
     activation_checkpointing: bool = False
     max_length: int | None = None
     i2t_probability: float = 0.5
+    caption_dropout: float = 0.0
+    data_weights: list[float] | None = None
     random_flip: bool = True
     num_workers: int = 0
     checkpointing_steps: int = 500
@@ -154,6 +188,36 @@ class DreamLLMTrainingArguments:
             raise ValueError(f"`dtype` must be 'auto' or one of {list(DTYPE_NAMES)}; got {self.dtype!r}.")
         for name, (kind, optional) in ARGUMENT_RANGES.items():
             kind.check(name, getattr(self, name), optional=optional)
+        self.stage = resolve_stage(self.stage)
+        parts = self.trainable_parts()  # checks the modes
+        if self.load_in_4bit and parts.language_model != "lora":
+            raise ValueError(
+                f"`load_in_4bit` (QLoRA) needs `language_model='lora'`, got {parts.language_model!r}: 4-bit weights "
+                "can be adapted, not trained or kept frozen here."
+            )
+        if self.data_weights is not None:
+            if isinstance(self.data_weights, (int, float)):
+                self.data_weights = [self.data_weights]
+            self.data_weights = [float(weight) for weight in self.data_weights]
+            for index, weight in enumerate(self.data_weights):
+                checks.POSITIVE_NUMBER.check(f"data_weights[{index}]", weight)
+            if len(self.data_weights) != len(self.data):
+                raise ValueError(
+                    f"`data_weights` has {len(self.data_weights)} weight(s) for {len(self.data)} data source(s); "
+                    "give one weight per `data` source, in the same order."
+                )
+
+    def trainable_parts(self) -> TrainableParts:
+        """What this run trains: the `stage` preset with this run's overrides."""
+        return trainable_parts(
+            self.stage,
+            language_model=self.language_model,
+            vision_tower=self.vision_tower,
+            image_projector=self.train_image_projector,
+            condition_projector=self.train_condition_projector,
+            dream_queries=self.train_dream_queries,
+            format_tokens=self.train_format_tokens,
+        )
 
     def weight_dtype(self, mixed_precision: str | None = None) -> torch.dtype:
         """The frozen weights' dtype; "auto" follows `mixed_precision` (the one the accelerator runs with)."""
@@ -175,13 +239,15 @@ class DreamLLMTrainingArguments:
 
 @dataclass
 class TrainOutput:
-    """What `train` did: the last step, where things are, and the last logged record."""
+    """What `train` did: the last step, where things are, and the last logged record. `pipeline_dir` is the complete
+    pipeline folder the run wrote (its `output_dir`), None for a LoRA run without `merge_lora`."""
 
     global_step: int
     output_dir: Path
     log_path: Path
     last_record: dict | None
     is_main_process: bool = True
+    pipeline_dir: Path | None = None
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -264,24 +330,85 @@ def load_training_components(
     return mllm, processor, unet, vae, noise_scheduler
 
 
+def trained_parameters(mllm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of `mllm` that train, by name (what a checkpoint of a run without LoRA holds)."""
+    return {name: param.detach().contiguous() for name, param in mllm.named_parameters() if param.requires_grad}
+
+
+def load_trained_parameters(mllm: torch.nn.Module, weights: dict[str, torch.Tensor], source) -> None:
+    """Puts `trained_parameters` back in place; they must be exactly the parameters of `mllm` that train."""
+    params = {name: param for name, param in mllm.named_parameters() if param.requires_grad}
+    if weights.keys() != params.keys():
+        missing, unexpected = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+        raise ValueError(
+            f"{source} does not fit this run's trained parameters (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); resume with the options of the run that wrote it."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+
+
+def write_pipeline_folder(output_dir: str | os.PathLike, source: str | os.PathLike, mllm, state_dict=None) -> Path:
+    """
+    A complete DreamLLM pipeline folder in `output_dir`: `mllm` saved to `mllm/` (with `state_dict` when given, as
+    gathered from FSDP or DeepSpeed), and `processor/`, `unet/`, `vae/`, `scheduler/` and `model_index.json` copied
+    from the `source` folder (training leaves them as they are).
+    """
+    output_dir, source = Path(output_dir), Path(source)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mllm.save_pretrained(str(output_dir / "mllm"), state_dict=state_dict)
+    for part in PIPELINE_PARTS:
+        shutil.copytree(source / part, output_dir / part, dirs_exist_ok=True)
+    if (source / "model_index.json").exists():
+        shutil.copyfile(source / "model_index.json", output_dir / "model_index.json")
+    else:  # a folder assembled by hand: record the classes as `DreamLLMPipeline.save_pretrained` does
+        import diffusers
+        from accelerate import init_empty_weights
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from ..modeling import DreamLLMProcessor
+        from ..pipelines import DreamLLMPipeline
+
+        scheduler_config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+        with init_empty_weights():  # only their classes are recorded
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
+        DreamLLMPipeline(
+            mllm=mllm,
+            processor=DreamLLMProcessor.from_pretrained(source / "processor"),
+            unet=unet,
+            vae=vae,
+            scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
+        ).save_config(str(output_dir))
+    return output_dir
+
+
 def train(args: DreamLLMTrainingArguments) -> TrainOutput:
-    """Fine-tunes a converted DreamLLM with a LoRA adapter on both losses; see the module docstring."""
+    """Trains a DreamLLM on both losses, the parts `args` says (a paper stage, LoRA or full); see the module
+    docstring."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from .data import DreamLLMDataCollator, build_training_dataset
-    from .lora import apply_lora
+    from .lora import apply_lora, load_adapter, load_mllm
     from .losses import DreamLLMTrainingModel
+    from .sampling import SourceMixtureBatchSampler
+    from .stages import apply_trainable_parts
 
     if not args.model:
-        raise ValueError("Give the converted model folder (`model`).")
+        raise ValueError("Give the DreamLLM folder to train (`model`).")
     if not args.data:
         raise ValueError("Give at least one data source (`data`).")
     output_dir = Path(args.output_dir)
+    if output_dir.resolve() == Path(args.model).resolve():
+        raise ValueError(f"`output_dir` ({output_dir}) is the `model` folder; write the run to another folder.")
+    parts = args.trainable_parts()
+    is_lora = parts.language_model == "lora"
     accelerator = Accelerator(
         # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
         cpu=not torch.accelerator.is_available(),
@@ -300,15 +427,22 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     set_seed(args.seed)
     weight_dtype = args.weight_dtype(accelerator.mixed_precision)
     mllm, processor, unet, vae, noise_scheduler = load_training_components(args, accelerator.device, weight_dtype)
-    mllm = apply_lora(
-        mllm,
-        rank=args.lora_rank,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        lora_lm_head=args.lora_lm_head,
-        train_format_tokens=args.train_format_tokens,
-        activation_checkpointing=args.activation_checkpointing,
-    )
+    partially_trained = []  # parameters of which only some rows train (kept out of weight decay)
+    if is_lora:
+        mllm = apply_lora(
+            mllm,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            lora_lm_head=args.lora_lm_head,
+            train_format_tokens=parts.format_tokens,
+            train_modules=parts.fully_trained_modules(mllm.config),
+            activation_checkpointing=args.activation_checkpointing,
+        )
+    else:
+        if args.activation_checkpointing:
+            mllm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        partially_trained = apply_trainable_parts(mllm, parts)
     if args.activation_checkpointing:
         unet.enable_gradient_checkpointing()
     model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler, args.loss_weight_lm, args.loss_weight_vm)
@@ -324,21 +458,33 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         random_flip=args.random_flip,
         seed=args.seed,
         cache_dir=args.cache_dir,
+        caption_dropout=args.caption_dropout,
     )
     collator = DreamLLMDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    mixture = None
+    if args.data_weights is not None:
+        mixture = SourceMixtureBatchSampler(
+            [len(source) for source in dataset.sources], args.data_weights, args.per_device_batch_size, args.seed
+        )
+        batching = {"batch_sampler": mixture}
+    else:
+        batching = {"batch_size": args.per_device_batch_size, "shuffle": True}
     dataloader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=args.per_device_batch_size,
-        shuffle=True,
         collate_fn=collator,
         num_workers=args.num_workers,
         # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, which the
         # diffusion noise uses, so a resumed run (a new iterator mid-epoch) draws the same noise as an unbroken one.
         generator=torch.Generator().manual_seed(args.seed),
+        **batching,
     )
     trainable = [param for param in model.parameters() if param.requires_grad]
+    partial_ids = {id(param) for param in partially_trained}
+    param_groups = [{"params": [param for param in trainable if id(param) not in partial_ids]}]
+    if partially_trained:  # weight decay would move the rows that do not train
+        param_groups.append({"params": partially_trained, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(
-        trainable,
+        param_groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -355,28 +501,38 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     engine_saves_model = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def save_adapter_hook(models, weights, checkpoint_dir):
-        # Checkpoints hold the adapter, not the frozen multi-GB base (FSDP and DeepSpeed save through their engines).
+    def save_trained_hook(models, weights, checkpoint_dir):
+        # Checkpoints hold what trains (the adapter, or the trained parameters), not the frozen multi-GB rest (FSDP
+        # and DeepSpeed save through their engines).
         if engine_saves_model:
             return
         if accelerator.is_main_process:
             for wrapped in models:
-                accelerator.unwrap_model(wrapped).mllm.save_pretrained(checkpoint_dir)
+                inner = accelerator.unwrap_model(wrapped).mllm
+                if is_lora:
+                    inner.save_pretrained(checkpoint_dir)
+                else:
+                    weights_cpu = {name: value.cpu() for name, value in trained_parameters(inner).items()}
+                    save_file(weights_cpu, os.path.join(checkpoint_dir, TRAINED_WEIGHTS_NAME))
         while weights:
             weights.pop()
 
-    def load_adapter_hook(models, checkpoint_dir):
+    def load_trained_hook(models, checkpoint_dir):
         if engine_saves_model:
             return
-        adapter_weights = load_file(os.path.join(checkpoint_dir, "adapter_model.safetensors"))
+        name = "adapter_model.safetensors" if is_lora else TRAINED_WEIGHTS_NAME
+        saved = load_file(os.path.join(checkpoint_dir, name))
         while models:
             inner = accelerator.unwrap_model(models.pop()).mllm
-            result = set_peft_model_state_dict(inner, adapter_weights)
+            if not is_lora:
+                load_trained_parameters(inner, saved, checkpoint_dir)
+                continue
+            result = set_peft_model_state_dict(inner, saved)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"Checkpoint {checkpoint_dir} does not fit the adapter: {result.unexpected_keys[:5]}")
 
-    accelerator.register_save_state_pre_hook(save_adapter_hook)
-    accelerator.register_load_state_pre_hook(load_adapter_hook)
+    accelerator.register_save_state_pre_hook(save_trained_hook)
+    accelerator.register_load_state_pre_hook(load_trained_hook)
 
     global_step = 0
     if args.resume:
@@ -434,6 +590,8 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     while global_step < args.max_steps:
         dataset.set_epoch(epoch)
         dataloader.set_epoch(epoch)
+        if mixture is not None:  # under several processes accelerate wraps it and does not reach it
+            mixture.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:
@@ -491,12 +649,18 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    pipeline_dir = output_dir if not is_lora or args.merge_lora else None
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).mllm
         prefix = "mllm."
-        inner.save_pretrained(
-            str(output_dir), state_dict={k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        )
+        mllm_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if is_lora:
+            inner.save_pretrained(str(output_dir), state_dict=mllm_state)
+            if args.merge_lora:  # onto a fresh full-precision base: also right after QLoRA, and under FSDP/DeepSpeed
+                merged = load_adapter(load_mllm(args.model, dtype=weight_dtype), output_dir, merge=True)
+                write_pipeline_folder(output_dir, args.model, merged)
+        else:
+            write_pipeline_folder(output_dir, args.model, inner, state_dict=mllm_state)
         state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
         (output_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -507,6 +671,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         log_path=log_path,
         last_record=last_record,
         is_main_process=accelerator.is_main_process,
+        pipeline_dir=pipeline_dir,
     )
 
 
@@ -514,7 +679,10 @@ __all__ = [
     "DreamLLMTrainingArguments",
     "TrainOutput",
     "find_latest_checkpoint",
+    "load_trained_parameters",
     "load_training_components",
     "read_config_file",
     "train",
+    "trained_parameters",
+    "write_pipeline_folder",
 ]
