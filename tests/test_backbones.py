@@ -1,8 +1,8 @@
 """DreamLLM on other backbones: built by `dreamllm-hf init` from tiny Llama, Qwen2, Mistral, Gemma 2 and Gemma 3 LLMs,
-CLIP and SigLIP towers (`dreamllm_hf.testing_utils.backbones`) and an SD-like decoder (`testing_utils.decoders`),
-then run, saved, trained.
+CLIP and SigLIP towers (`dreamllm_hf.testing_utils.backbones`) and SD-like and SDXL-like decoders
+(`testing_utils.decoders`), then run, saved, trained.
 
-Every LLM x tower combination is built once (module scope) from saved folders through the CLI, and the per-combination
+Every LLM x tower x decoder combination is built once (module scope) from saved folders through the CLI, and the per-combination
 tests share it; tests that change a model work on a copy.
 """
 
@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 from dreamllm_hf import constants as C
 from dreamllm_hf.building import build_dreamllm
 from dreamllm_hf.cli import main
+from dreamllm_hf.decoder_conditioning import pooled_width
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, StopReason
 from dreamllm_hf.testing_utils import backbones as B
 from dreamllm_hf.testing_utils import save_tiny_diffusion, tiny_diffusion
@@ -26,7 +27,10 @@ from dreamllm_hf.testing_utils import save_tiny_diffusion, tiny_diffusion
 
 Q = 3  # dream queries of the built models
 FAST = dict(num_inference_steps=2, guidance_scale=2.0)
-COMBINATIONS = [(llm, vision) for llm in B.LLM_FAMILIES for vision in B.VISION_FAMILIES]
+DECODERS = ("sd", "sdxl")  # an SD 1.x/2.x-like UNet, and an SDXL-like one that also reads a pooled conditioning
+COMBINATIONS = [
+    (llm, vision, decoder) for llm in B.LLM_FAMILIES for vision in B.VISION_FAMILIES for decoder in DECODERS
+]
 FULL_VISION_MODEL = {"clip": False, "siglip": True}  # SigLIP is saved as a whole model: its vision part is taken
 
 
@@ -48,7 +52,7 @@ def parts(tmp_path_factory):
             family: B.save_tiny_vision(family, root / "vision" / family, full=FULL_VISION_MODEL[family])
             for family in B.VISION_FAMILIES
         },
-        "diffusion": save_tiny_diffusion(root / "sd"),
+        "diffusion": {kind: save_tiny_diffusion(root / kind, kind=kind) for kind in DECODERS},
     }
 
 
@@ -57,16 +61,16 @@ def built(parts, tmp_path_factory):
     """`(folder, pipeline)` of a combination: written by `dreamllm-hf init`, loaded back (cached)."""
     root, cache = tmp_path_factory.mktemp("built"), {}
 
-    def get(llm: str, vision: str):
-        if (llm, vision) not in cache:
-            folder = root / f"{llm}-{vision}"
+    def get(llm: str, vision: str, decoder: str = "sd"):
+        if (llm, vision, decoder) not in cache:
+            folder = root / f"{llm}-{vision}-{decoder}"
             argv = ["init", "--llm", str(parts["llm"][llm]), "--vision", str(parts["vision"][vision])]
-            argv += ["--diffusion", str(parts["diffusion"]), "--num-dream-queries", str(Q), "--output", str(folder)]
-            assert main(argv) == 0
+            argv += ["--diffusion", str(parts["diffusion"][decoder]), "--num-dream-queries", str(Q)]
+            assert main([*argv, "--output", str(folder)]) == 0
             pipe = DreamLLMPipeline.from_pretrained(folder, dtype=torch.float32)
             pipe.set_progress_bar_config(disable=True)
-            cache[llm, vision] = folder, pipe
-        return cache[llm, vision]
+            cache[llm, vision, decoder] = folder, pipe
+        return cache[llm, vision, decoder]
 
     return get
 
@@ -91,9 +95,9 @@ def text_tokens(pipe, count=4) -> list[int]:
 # Every combination
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_init_writes_a_pipeline_folder_that_says_what_it_is(built, parts, llm, vision):
-    folder, pipe = built(llm, vision)
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_init_writes_a_pipeline_folder_that_says_what_it_is(built, parts, llm, vision, decoder):
+    folder, pipe = built(llm, vision, decoder)
     config, tokenizer = pipe.mllm.config, pipe.tokenizer
     index = json.loads((folder / "model_index.json").read_text())
     assert index["mllm"] == ["dreamllm_hf.modeling.modeling_dreamllm", "DreamLLMForConditionalGeneration"]
@@ -112,11 +116,14 @@ def test_init_writes_a_pipeline_folder_that_says_what_it_is(built, parts, llm, v
     assert max(vocab.values()) < config.text_config.vocab_size == pipe.mllm.get_input_embeddings().weight.shape[0]
     assert config.num_image_tokens == pipe.processor.num_image_tokens == (B.VISION_IMAGE_SIZE[vision] // 14) ** 2
     assert config.cross_attention_dim == pipe.unet.config.cross_attention_dim and config.num_dream_queries == Q
+    # An SDXL-like decoder also reads a pooled conditioning: the config's size is what its UNet takes besides the time ids.
+    pooled = pooled_width(pipe.unet.config)
+    assert config.pooled_projection_dim == pooled and (pooled is None) == (decoder == "sd")
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_forward_with_pictures_and_dream_embeddings(built, llm, vision):
-    _, pipe = built(llm, vision)
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_forward_with_pictures_and_dream_embeddings(built, llm, vision, decoder):
+    _, pipe = built(llm, vision, decoder)
     mllm, processor = pipe.mllm, pipe.processor
     inputs = processor(text="a story <dream> with <image> end", images=[picture(1), picture(2)], return_tensors="pt")
     with torch.no_grad():
@@ -134,11 +141,18 @@ def test_forward_with_pictures_and_dream_embeddings(built, llm, vision):
     with torch.no_grad():
         two_pass = mllm.get_dream_embeddings(context)
     torch.testing.assert_close(two_pass, out.dream_embeddings, atol=1e-5, rtol=1e-5)
+    if decoder == "sdxl":
+        assert out.dream_pooled_embeddings.shape == (1, mllm.config.pooled_projection_dim)
+        with torch.no_grad():
+            _, pooled = mllm.get_dream_embeddings(context, return_pooled=True)
+        torch.testing.assert_close(pooled, out.dream_pooled_embeddings, atol=1e-5, rtol=1e-5)
+    else:
+        assert out.dream_pooled_embeddings is None
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_pipeline_text_picture_and_document(built, llm, vision):
-    _, pipe = built(llm, vision)
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_pipeline_text_picture_and_document(built, llm, vision, decoder):
+    _, pipe = built(llm, vision, decoder)
     config = pipe.mllm.config
     # Text: the pipeline's answer is `generate` on the LLM's own chat template.
     answer = pipe("<image>What is it?", images=picture(), allow_images=False, max_new_tokens=4)
@@ -170,9 +184,9 @@ def test_pipeline_text_picture_and_document(built, llm, vision):
     assert [isinstance(part, str) for part in document.documents[0]] == [True, False, True]
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_save_load_round_trip(built, llm, vision, tmp_path):
-    _, pipe = built(llm, vision)
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_save_load_round_trip(built, llm, vision, decoder, tmp_path):
+    _, pipe = built(llm, vision, decoder)
     pipe.save_pretrained(tmp_path)
     loaded = DreamLLMPipeline.from_pretrained(tmp_path, dtype=torch.float32)
     saved, reloaded = pipe.mllm.state_dict(), loaded.mllm.state_dict()
@@ -214,31 +228,30 @@ def train_one_step(pipe, mllm) -> dict:
     return before
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_full_training_step(built, llm, vision):
-    _, pipe = built(llm, vision)
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_full_training_step(built, llm, vision, decoder):
+    _, pipe = built(llm, vision, decoder)
     mllm = copy.deepcopy(pipe.mllm)
     mllm.model.vision_tower.requires_grad_(False)
     before = train_one_step(pipe, mllm)
     after = dict(mllm.named_parameters())
     tied = mllm.config.tie_word_embeddings
     head = "model.language_model.embed_tokens.weight" if tied else "lm_head.weight"  # one name for a tied pair
-    for name in (
-        "model.dream_queries.weight",
-        "model.condition_projector.weight",
-        "model.multi_modal_projector.weight",
-    ):
+    trained = ["model.dream_queries.weight", "model.condition_projector.weight", "model.multi_modal_projector.weight"]
+    if decoder == "sdxl":
+        trained.append("model.pooled_projector.linear.weight")
+    for name in trained:
         assert not torch.equal(before[name], after[name]), name
     assert not torch.equal(before[head], after[head])
     assert any(not torch.equal(before[n], after[n]) for n in before if ".language_model.layers." in n)
     assert (mllm.lm_head.weight is mllm.get_input_embeddings().weight) == mllm.config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("llm, vision", COMBINATIONS)
-def test_lora_training_step(built, llm, vision):
+@pytest.mark.parametrize("llm, vision, decoder", COMBINATIONS)
+def test_lora_training_step(built, llm, vision, decoder):
     from dreamllm_hf.training import apply_lora
 
-    _, pipe = built(llm, vision)
+    _, pipe = built(llm, vision, decoder)
     peft_model = apply_lora(copy.deepcopy(pipe.mllm), rank=2, alpha=4, dropout=0.0)
     lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
     assert len(lora_layers) == 7 * pipe.mllm.config.text_config.num_hidden_layers
@@ -311,14 +324,14 @@ def test_tied_embeddings_stay_tied(parts, llm):
 
     original = AutoModelForCausalLM.from_pretrained(parts["llm"][llm])
     assert original.config.tie_word_embeddings
-    pipe = DreamLLMPipeline.from_components(parts["llm"][llm], parts["vision"]["clip"], parts["diffusion"])
+    pipe = DreamLLMPipeline.from_components(parts["llm"][llm], parts["vision"]["clip"], parts["diffusion"]["sd"])
     mllm = pipe.mllm
     assert mllm.config.tie_word_embeddings and mllm.lm_head.weight is mllm.get_input_embeddings().weight
     mllm.resize_token_embeddings(mllm.config.text_config.vocab_size + 3)
     assert mllm.lm_head.weight is mllm.get_input_embeddings().weight
     assert mllm.lm_head.weight.shape[0] == mllm.config.text_config.vocab_size
-    pipe.save_pretrained(parts["diffusion"].parent / f"tied-{llm}")
-    weights = parts["diffusion"].parent / f"tied-{llm}" / "mllm" / "model.safetensors"
+    pipe.save_pretrained(parts["diffusion"]["sd"].parent / f"tied-{llm}")
+    weights = parts["diffusion"]["sd"].parent / f"tied-{llm}" / "mllm" / "model.safetensors"
     with safe_open(weights, "pt") as f:
         assert "lm_head.weight" not in f.keys()
     loaded = DreamLLMPipeline.from_pretrained(weights.parent.parent).mllm
@@ -479,7 +492,7 @@ def test_sliding_window_documents_in_a_batch_equal_each_alone(built, llm):
 
 
 def test_bad_parts_are_clear_errors(parts, tmp_path):
-    llm, vision, diffusion = parts["llm"]["llama"], parts["vision"]["clip"], parts["diffusion"]
+    llm, vision, diffusion = parts["llm"]["llama"], parts["vision"]["clip"], parts["diffusion"]["sd"]
     with pytest.raises(ValueError, match="CLIP or SigLIP vision tower"):
         build_dreamllm(llm, llm, cross_attention_dim=8)
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
@@ -572,3 +585,59 @@ def test_an_llm_without_a_chat_template_gets_the_releases_ended_by_its_own_eos()
         [{"role": "user", "content": "Hi <image>"}, {"role": "assistant", "content": "<dream>"}], tokenize=False
     )
     assert text.endswith("USER: Hi <image> ASSISTANT:<dream></s>")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's three stages through `dreamllm-hf train` on a built model
+
+
+@pytest.mark.parametrize("llm, vision, decoder", [("qwen2", "siglip", "sdxl"), ("gemma2", "clip", "sd")])
+def test_three_stages_through_the_trainer_on_a_built_model(built, llm, vision, decoder, tmp_path):
+    """Stage I (the LLM frozen), II (in full, documents + pairs) and III (conversations) with the command line, each
+    stage's output the next one's `--model`. Qwen2 has no `<s>`: no sample may carry one (or a `None`)."""
+    from dreamllm_hf.shapes_world.data import write_conversations_folder, write_pairs_folder, write_stories_folder
+    from dreamllm_hf.training import DreamLLMSampleBuilder, load_data_source
+
+    folder, pipe = built(llm, vision, decoder)
+    pairs = write_pairs_folder(tmp_path / "pairs", 4, seed=0, image_size=20)
+    stories = write_stories_folder(tmp_path / "stories", 2, seed=0, image_size=20, pictures=(1, 2))
+    chats = write_conversations_folder(tmp_path / "chats", 2, seed=0, image_size=20, pictures=(1, 1))
+    builder = DreamLLMSampleBuilder(pipe.processor, diffusion_resolution=16)
+    rng = np.random.default_rng(0)
+    samples = [builder.image_to_text(picture(), "a red circle"), builder.text_to_image(picture(), "a red circle", rng)]
+    samples.append(
+        builder.conversation(load_data_source(str(chats / "conversations.jsonl")).dataset[0]["messages"], rng, chats)
+    )
+    for sample in samples:
+        assert all(isinstance(token, int) for token in sample["input_ids"])
+        assert (sample["input_ids"][0] == pipe.tokenizer.bos_token_id) == (pipe.tokenizer.bos_token_id is not None)
+    common = ["--max-steps", "2", "--per-device-batch-size", "2", "--lr", "1e-3", "--dtype", "float32"]
+    common += ["--checkpointing-steps", "0", "--cache-dir", str(tmp_path / "cache")]
+    runs = [
+        ("1", [pairs]),
+        ("2", [stories / "stories.jsonl", pairs]),
+        ("3", [chats / "conversations.jsonl"]),
+    ]
+    model = folder
+    for stage, data in runs:
+        output = tmp_path / f"stage{stage}"
+        argv = [
+            "train",
+            "--stage",
+            stage,
+            "--model",
+            str(model),
+            "--data",
+            *map(str, data),
+            "--output-dir",
+            str(output),
+        ]
+        assert main([*argv, *common]) == 0
+        log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+        assert log and all(np.isfinite(entry["loss"]) for entry in log)
+        model = output
+    trained = DreamLLMPipeline.from_pretrained(model, dtype=torch.float32)
+    assert (trained.mllm.config.pooled_projection_dim is not None) == (decoder == "sdxl")
+    first = pipe.mllm.state_dict()
+    last = trained.mllm.state_dict()
+    assert any(not torch.equal(first[key], last[key]) for key in first if ".language_model.layers." in key)

@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 
 from .. import constants as C
+from ..decoder_conditioning import conditioning_width, pooled_width
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
 
 
@@ -313,6 +314,7 @@ def build_dreamllm(
     vision,
     *,
     cross_attention_dim: int,
+    pooled_projection_dim: int | None = None,
     tokenizer=None,
     image_processor=None,
     num_dream_queries: int = C.NUM_DREAM_QUERIES,
@@ -330,6 +332,8 @@ def build_dreamllm(
         vision: a CLIP/SigLIP vision model or full model's folder (with its image processor), or a loaded one (then give
             `image_processor`).
         cross_attention_dim (`int`): the size of the diffusion conditioning (the UNet's `cross_attention_dim`).
+        pooled_projection_dim (`int`, *optional*): the size of the pooled conditioning an SDXL-style UNet reads
+            (`text_embeds`); `None` for UNets that read none.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): the LLM's tokenizer, needed when `llm` is a loaded model;
             changed in place (the format's tokens are added).
         image_processor (`BaseImageProcessor`, *optional*): the tower's image processor, needed when `vision` is a
@@ -376,6 +380,7 @@ def build_dreamllm(
         vision_feature_layer=vision_feature_layer,
         num_dream_queries=num_dream_queries,
         cross_attention_dim=cross_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
         image_start_token_id=ids[C.IMAGE_START_TOKEN],
         image_patch_token_id=ids[C.IMAGE_PATCH_TOKEN],
         image_end_token_id=ids[C.IMAGE_END_TOKEN],
@@ -453,21 +458,23 @@ def build_pipeline(
         return_info (`bool`): also return the [`BuildInfo`] (what the model card is written from).
         dtype (`torch.dtype`, *optional*): cast every component (default: as stored).
         **kwargs: the other arguments of [`build_dreamllm`] (`tokenizer`, `image_processor`, `vision_feature_layer`,
-            `eos_token`, `chat_template`, `seed`); `cross_attention_dim` comes from the UNet.
+            `eos_token`, `chat_template`, `seed`); `cross_attention_dim` (and an SDXL-style UNet's
+            `pooled_projection_dim`) come from the UNet.
     """
     from ..pipelines import DreamLLMPipeline
 
     parts, diffusion_name = load_diffusion(diffusion, dtype)
-    cross_attention_dim = parts["unet"].config.cross_attention_dim
-    if not isinstance(cross_attention_dim, int):
+    cross_attention_dim, _ = conditioning_width(parts["unet"].config)
+    if cross_attention_dim is None:
         raise ValueError(
-            f"The UNet's `cross_attention_dim` is {cross_attention_dim!r}, one per block; DreamLLM conditions every "
-            "block with the same dream embeddings, so it needs a single size."
+            f"The UNet's `cross_attention_dim` is {parts['unet'].config.cross_attention_dim!r}, one per block; DreamLLM "
+            "conditions every block with the same dream embeddings, so it needs a single size."
         )
     mllm, processor, info = build_dreamllm(
         llm,
         vision,
         cross_attention_dim=cross_attention_dim,
+        pooled_projection_dim=pooled_width(parts["unet"].config),
         num_dream_queries=num_dream_queries,
         dtype=dtype,
         **kwargs,

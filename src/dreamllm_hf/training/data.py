@@ -198,6 +198,8 @@ class DreamLLMSampleBuilder:
         self.seed = seed
         ids = processor.special_token_ids
         self.bos_token_id = self.tokenizer.bos_token_id
+        # What opens every sample: `<s>`, or nothing for an LLM without one (Qwen).
+        self.bos = [] if self.bos_token_id is None else [self.bos_token_id]
         self.eos_token_id = self.tokenizer.eos_token_id
         self.image_block = processor.image_block_ids
         self.dream_block = processor.dream_block_ids
@@ -212,7 +214,7 @@ class DreamLLMSampleBuilder:
     def tokenize(self, text: str) -> list[int]:
         """A text segment's ids without BOS, as the original (`tokenizer(text).input_ids[1:]`)."""
         ids = self.tokenizer(text)["input_ids"]
-        if ids and ids[0] == self.bos_token_id:
+        if ids and self.bos_token_id is not None and ids[0] == self.bos_token_id:
             ids = ids[1:]
         return list(ids)
 
@@ -236,7 +238,7 @@ class DreamLLMSampleBuilder:
         """`<s> IMG caption </s>`; the caption and `</s>` are learned."""
         room = self.max_length - len(self.image_block) - 2
         caption = self.tokenize(text)[: max(room, 0)]
-        input_ids = [self.bos_token_id, *self.image_block, *caption, self.eos_token_id]
+        input_ids = [*self.bos, *self.image_block, *caption, self.eos_token_id]
         return {
             "input_ids": input_ids,
             "labels": self.labels_for(input_ids),
@@ -248,7 +250,7 @@ class DreamLLMSampleBuilder:
         """`<s> caption DREAM </s>`; every label -100, the picture is the dream block's diffusion target."""
         room = self.max_length - len(self.dream_block) - 2
         caption = self.tokenize(text)[: max(room, 0)]
-        input_ids = [self.bos_token_id, *caption, *self.dream_block, self.eos_token_id]
+        input_ids = [*self.bos, *caption, *self.dream_block, self.eos_token_id]
         return {
             "input_ids": input_ids,
             "labels": [IGNORE_INDEX] * len(input_ids),
@@ -301,7 +303,7 @@ class DreamLLMSampleBuilder:
                     continue
                 body.extend(block)
                 pictures.append(picture)
-        input_ids = [self.bos_token_id, *body, self.eos_token_id]
+        input_ids = [*self.bos, *body, self.eos_token_id]
         sample = {
             "input_ids": input_ids,
             "labels": self.labels_for(input_ids),
@@ -319,7 +321,7 @@ class DreamLLMSampleBuilder:
         text_list = list(text_list) or [""]
         text_list[0] = f"{prompt} {text_list[0].strip()}"
         sample = self.document(text_list, images, matched_text_index, rng, base_dir)
-        prompt_ids = [self.bos_token_id, *self.tokenize(prompt)]
+        prompt_ids = [*self.bos, *self.tokenize(prompt)]
         if sample["input_ids"][: len(prompt_ids)] != prompt_ids:
             raise ValueError(f"The chat prompt of instruction {instruction!r} does not tokenize to a prefix.")
         sample["labels"][: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
