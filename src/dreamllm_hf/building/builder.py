@@ -32,6 +32,7 @@ import torch
 from .. import constants as C
 from ..decoder_conditioning import conditioning_width, pooled_width
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
+from ..modeling.configuration_dreamllm import token_ids_from_tokenizer
 
 
 # The vision towers DreamLLM runs layer by layer (see `DreamLLMModel.get_image_features`), and the full models whose
@@ -372,8 +373,6 @@ def build_dreamllm(
     _resize_and_init_rows(causal_lm, known_ids, list(added.values()), max(vocab_before, len(tokenizer)))
     text_config.vocab_size = causal_lm.get_input_embeddings().weight.shape[0]
 
-    vocab = tokenizer.get_vocab()
-    ids = {token: vocab[token] for token in FORMAT_TOKENS if token != C.PAD_TOKEN}
     config = DreamLLMConfig(
         text_config=text_config,
         vision_config=tower.config,
@@ -381,18 +380,10 @@ def build_dreamllm(
         num_dream_queries=num_dream_queries,
         cross_attention_dim=cross_attention_dim,
         pooled_projection_dim=pooled_projection_dim,
-        image_start_token_id=ids[C.IMAGE_START_TOKEN],
-        image_patch_token_id=ids[C.IMAGE_PATCH_TOKEN],
-        image_end_token_id=ids[C.IMAGE_END_TOKEN],
-        dream_start_token_id=ids[C.DREAM_START_TOKEN],
-        dream_end_token_id=ids[C.DREAM_END_TOKEN],
-        image_token_id=ids[C.IMAGE_PLACEHOLDER],
-        dream_token_id=ids[C.DREAM_PLACEHOLDER],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        **token_ids_from_tokenizer(tokenizer),
     )
+    ids = {token: config.special_token_ids[token] for token in FORMAT_TOKENS if token != C.PAD_TOKEN}
     query_std = _embedding_std(causal_lm.get_input_embeddings(), known_ids)
     mllm = _assemble(
         config,

@@ -40,6 +40,46 @@ CLIP_VIT_L_14_VISION_CONFIG = {
     "layer_norm_eps": 1e-5,
 }
 SD21_BASE_CROSS_ATTENTION_DIM = 1024
+# The config field that holds each token's id: the sequence tokens, then the format's.
+TOKEN_ID_FIELDS = {
+    C.BOS_TOKEN: "bos_token_id",
+    C.EOS_TOKEN: "eos_token_id",
+    C.PAD_TOKEN: "pad_token_id",
+    C.IMAGE_START_TOKEN: "image_start_token_id",
+    C.IMAGE_PATCH_TOKEN: "image_patch_token_id",
+    C.IMAGE_END_TOKEN: "image_end_token_id",
+    C.DREAM_START_TOKEN: "dream_start_token_id",
+    C.DREAM_END_TOKEN: "dream_end_token_id",
+    C.IMAGE_PLACEHOLDER: "image_token_id",
+    C.DREAM_PLACEHOLDER: "dream_token_id",
+}
+SEQUENCE_TOKEN_ATTRIBUTES = {
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+
+
+def token_ids_from_tokenizer(tokenizer) -> dict[str, int | None]:
+    """
+    The token-id arguments of a [`DreamLLMConfig`] as `tokenizer` has them: the format's tokens wherever they landed in
+    its vocabulary, and its own beginning (`None` for an LLM without one), end of sequence and padding.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): a tokenizer holding the DreamLLM format's tokens.
+    """
+    vocab = tokenizer.get_vocab()
+    format_fields = {
+        token: field for token, field in TOKEN_ID_FIELDS.items() if field not in SEQUENCE_TOKEN_ATTRIBUTES
+    }
+    missing = [token for token in format_fields if token not in vocab]
+    if missing:
+        raise ValueError(
+            f"The tokenizer lacks the DreamLLM tokens {missing}; add them first (`dreamllm-hf init` does)."
+        )
+    ids = {field: vocab[token] for token, field in format_fields.items()}
+    ids.update({field: getattr(tokenizer, attribute) for field, attribute in SEQUENCE_TOKEN_ATTRIBUTES.items()})
+    return ids
 
 
 class DreamLLMConfig(PreTrainedConfig):
@@ -165,4 +205,4 @@ class DreamLLMConfig(PreTrainedConfig):
         }
 
 
-__all__ = ["DreamLLMConfig"]
+__all__ = ["TOKEN_ID_FIELDS", "DreamLLMConfig", "token_ids_from_tokenizer"]

@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import constants as C
 from .data import pairs_dataset, write_conversations_folder, write_stories_folder
 from .model_card import write_demo_model_card
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
@@ -180,25 +179,17 @@ def demo_mllm_config(tokenizer, backbone: str = "llama-clip"):
     """The demo's [`DreamLLMConfig`]: an LLM of 4 x 128 and a vision tower of 3 x 64 on 32 px (patch 4) from
     `DEMO_BACKBONES[backbone]`, 8 dream queries -> 64-d."""
     from ..modeling import DreamLLMConfig
+    from ..modeling.configuration_dreamllm import token_ids_from_tokenizer
 
     text, vision, _ = DEMO_BACKBONES[backbone](tokenizer)
-    vocab = tokenizer.get_vocab()
-    ids = {token: vocab[token] for token in C.RELEASE_ADDED_TOKEN_IDS}
     return DreamLLMConfig(
         text_config=text.to_dict(),
         vision_config=vision.to_dict(),
         vision_feature_layer=-2,  # the projector reads layer -2: the tower's last layer only exists for the format
         num_dream_queries=NUM_DREAM_QUERIES,
         cross_attention_dim=CROSS_ATTENTION_DIM,
-        image_start_token_id=ids[C.IMAGE_START_TOKEN],
-        image_patch_token_id=ids[C.IMAGE_PATCH_TOKEN],
-        image_end_token_id=ids[C.IMAGE_END_TOKEN],
-        dream_start_token_id=ids[C.DREAM_START_TOKEN],
-        dream_end_token_id=ids[C.DREAM_END_TOKEN],
-        image_token_id=ids[C.IMAGE_PLACEHOLDER],
-        dream_token_id=ids[C.DREAM_PLACEHOLDER],
         tie_word_embeddings=False,
-        **_special_token_ids(tokenizer),
+        **token_ids_from_tokenizer(tokenizer),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import constants as C
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
+from ..modeling.configuration_dreamllm import TOKEN_ID_FIELDS, token_ids_from_tokenizer
 from ..shapes_world.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer, release_ordered_added_tokens
 from ._seeding import seeded
 from .backbones import TINY_LLM_SIZES, TINY_VISION_SIZES, VISION_IMAGE_SIZE, tiny_image_processor
@@ -37,20 +38,6 @@ TINY_VISION_CONFIG = {
     "image_size": VISION_IMAGE_SIZE["clip"],
 }
 
-# The `DreamLLMConfig` argument that holds each special token's id.
-_CONFIG_TOKEN_ARGUMENTS = {
-    C.BOS_TOKEN: "bos_token_id",
-    C.EOS_TOKEN: "eos_token_id",
-    C.PAD_TOKEN: "pad_token_id",
-    C.IMAGE_START_TOKEN: "image_start_token_id",
-    C.IMAGE_PATCH_TOKEN: "image_patch_token_id",
-    C.IMAGE_END_TOKEN: "image_end_token_id",
-    C.DREAM_START_TOKEN: "dream_start_token_id",
-    C.DREAM_END_TOKEN: "dream_end_token_id",
-    C.IMAGE_PLACEHOLDER: "image_token_id",
-    C.DREAM_PLACEHOLDER: "dream_token_id",
-}
-
 
 def config_token_ids(tokenizer=None) -> dict[str, int]:
     """
@@ -60,18 +47,14 @@ def config_token_ids(tokenizer=None) -> dict[str, int]:
         tokenizer (`PreTrainedTokenizerBase`, *optional*): a DreamLLM tokenizer (with the 8 added tokens). Defaults to
             the ids of `tiny_tokenizer()`, which is not built for this.
     """
-    if tokenizer is None:
-        vocab = {
-            C.BOS_TOKEN: C.RELEASE_BOS_TOKEN_ID,  # the SentencePiece layout of LLaMA: <unk> 0, <s> 1, </s> 2
-            C.EOS_TOKEN: C.RELEASE_EOS_TOKEN_ID,
-            **release_ordered_added_tokens(TINY_TOKENIZER_PIECES),
-        }
-    else:
-        vocab = tokenizer.get_vocab()
-    missing = [token for token in _CONFIG_TOKEN_ARGUMENTS if token not in vocab]
-    if missing:
-        raise ValueError(f"`tokenizer` lacks the DreamLLM tokens {missing}; give a tokenizer that has all of them.")
-    return {argument: vocab[token] for token, argument in _CONFIG_TOKEN_ARGUMENTS.items()}
+    if tokenizer is not None:
+        return token_ids_from_tokenizer(tokenizer)
+    vocab = {
+        C.BOS_TOKEN: C.RELEASE_BOS_TOKEN_ID,  # the SentencePiece layout of LLaMA: <unk> 0, <s> 1, </s> 2
+        C.EOS_TOKEN: C.RELEASE_EOS_TOKEN_ID,
+        **release_ordered_added_tokens(TINY_TOKENIZER_PIECES),
+    }
+    return {field: vocab[token] for token, field in TOKEN_ID_FIELDS.items()}
 
 
 def tiny_config(**overrides) -> DreamLLMConfig:
