@@ -89,8 +89,7 @@ the DreamLLM tokenizer by `build_legacy_tokenizer`.
 | --- | --- | --- | --- | --- |
 {{ stages }}
 
-Stages I to III are configurations of the one trainer (`dreamllm-hf train`), each stage's output folder the next one's
-model. Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
+{{ stages_how }} Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
 only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
 forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{{ creation_llm }}; and a
@@ -274,6 +273,14 @@ def demo_card_variables(model_dir: str | Path, report: dict, evaluation: dict | 
         "vae_params": f"{counts['vae'] / 1e6:.2f} M",
         **_diffusion_rows(facts),
         "stages": _stage_rows(report),
+        # A report with `stages` records the trainer configurations it ran; an earlier one, the recipe's own loops.
+        "stages_how": (
+            "Stages I to III are configurations of the one trainer (`dreamllm-hf train`), each stage's output folder\n"
+            "the next one's model."
+            if "stages" in report
+            else "Stages I to III ran in the recipe's own loops, before the one trainer existed; `train-demo` now runs\n"
+            "them through `dreamllm-hf train` (another model of the same recipe, not these bytes)."
+        ),
         "uncond": f"{report['recipe']['unconditional_probability']:.0%}",
         "checks": _checks(report),
         "steps": DEMO_NUM_INFERENCE_STEPS,
