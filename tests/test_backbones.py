@@ -8,13 +8,14 @@ tests share it; tests that change a model work on a copy.
 
 import copy
 import json
+import re
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from test_pipeline import CollectStreamer, LogitsRecorder, Script, written_stream
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from dreamllm_hf import constants as C
 from dreamllm_hf.building import build_dreamllm
@@ -491,7 +492,7 @@ def test_sliding_window_documents_in_a_batch_equal_each_alone(built, llm):
 # Bad parts
 
 
-def test_bad_parts_are_clear_errors(parts, tmp_path):
+def test_bad_parts_are_clear_errors(parts, tmp_path, capsys):
     llm, vision, diffusion = parts["llm"]["llama"], parts["vision"]["clip"], parts["diffusion"]["sd"]
     with pytest.raises(ValueError, match="CLIP or SigLIP vision tower"):
         build_dreamllm(llm, llm, cross_attention_dim=8)
@@ -517,6 +518,18 @@ def test_bad_parts_are_clear_errors(parts, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         main(argv + ["--output", str(tmp_path / "out")])
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    # The command line: a bad number or a part that does not fit is argparse's one-line error, exit code 2.
+    for extra, message in (
+        (["--num-dream-queries", "0"], "argument --num-dream-queries: .*positive integer"),
+        (["--seed", "-1"], "argument --seed: "),
+        (["--dtype", "float64"], "argument --dtype: invalid choice"),
+        (["--vision-feature-layer", "-4"], "`vision_feature_layer` is -4, but the vision tower has 2 layers"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--output", str(tmp_path / "bad"), *extra])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), extra
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eos_token_can_be_the_chat_turn_end(parts):
@@ -635,6 +648,7 @@ def test_three_stages_through_the_trainer_on_a_built_model(built, llm, vision, d
         assert main([*argv, *common]) == 0
         log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
         assert log and all(np.isfinite(entry["loss"]) for entry in log)
+        assert type(AutoProcessor.from_pretrained(output / "mllm")).__name__ == "DreamLLMProcessor"
         model = output
     trained = DreamLLMPipeline.from_pretrained(model, dtype=torch.float32)
     assert (trained.mllm.config.pooled_projection_dim is not None) == (decoder == "sdxl")

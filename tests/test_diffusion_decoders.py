@@ -272,7 +272,14 @@ def test_a_unet_projecting_its_conditioning_takes_the_model_at_encoder_hid_dim(t
         mllm_for(tokenizer, 24), processor_for(tokenizer), unet, tiny_vae(), tiny_scheduler()
     )
     pipe.set_progress_bar_config(disable=True)
-    assert pipe("a red circle", generator=seeded(), output_type="np", **FAST).images.shape == (1, 16, 16, 3)
+    drawn = pipe("a red circle", generator=seeded(), output_type="np", **FAST).images
+    assert drawn.shape == (1, 16, 16, 3)
+    # Precomputed conditioning is the model's width (24), not the UNet's attention width (40).
+    embeds, negative = pipe.encode_prompt("a red circle", torch.device("cpu"), 1, True)
+    again = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=seeded(), output_type="np", **FAST)
+    np.testing.assert_allclose(again.images, drawn, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`prompt_embeds` has shape .*expected \[batch, \d+, 24\]"):
+        pipe(prompt_embeds=torch.zeros(1, embeds.shape[1], 40), output_type="np", **FAST)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

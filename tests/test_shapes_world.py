@@ -317,3 +317,10 @@ def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
     decoded = torch.zeros(2, 3, 32, 32)
     assert demo_training._judge_all(decoded, [("red", "circle"), ("blue", "square")]) == 1.0
     assert judged == [("red", "circle"), ("blue", "square")]
+
+
+def test_renamed_patch_size_keeps_working_with_a_future_warning():
+    from dreamllm_hf.shapes_world import demo_training
+
+    with pytest.warns(FutureWarning, match="use `PATCH_SIZE`"):
+        assert demo_training.CLIP_PATCH_SIZE == demo_training.PATCH_SIZE

@@ -464,3 +464,14 @@ def test_source_mixture_batches_keep_shares_and_never_repeat_within_an_epoch():
     with pytest.raises(ValueError, match="at least one > 0"):
         SourceMixtureBatchSampler([1, 2], [0, 0], batch_size=1)
     np.testing.assert_allclose(SourceMixtureBatchSampler([8, 8], [1, 0], 2).batches_per_source, [4, 0])
+
+
+def test_a_zero_data_weight_leaves_a_source_out_but_not_every_source():
+    from dreamllm_hf.training import DreamLLMTrainingArguments
+
+    args = DreamLLMTrainingArguments(model="m", data=["a", "b"], data_weights=[1, 0], output_dir="o")
+    assert args.data_weights == [1.0, 0.0]
+    with pytest.raises(ValueError, match="at least one weight > 0"):
+        DreamLLMTrainingArguments(model="m", data=["a", "b"], data_weights=[0, 0], output_dir="o")
+    with pytest.raises(ValueError, match=r"data_weights\[1\]"):
+        DreamLLMTrainingArguments(model="m", data=["a", "b"], data_weights=[1, -1], output_dir="o")

@@ -1,6 +1,6 @@
 """The floating-point dtypes that every `--dtype` option and `dtype="..."` string names: one table for the package.
 
-Names only, so that a command's `--help` does not import torch; `parse_dtype` turns a name into the torch dtype.
+Names only, so that the table itself needs no torch; `parse_dtype` turns a name into the torch dtype.
 """
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

@@ -33,15 +33,16 @@ from .. import constants as C
 from ..decoder_conditioning import conditioning_width, pooled_width
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
 from ..modeling.configuration_dreamllm import token_ids_from_tokenizer
+from ..modeling.modeling_dreamllm import VIT_TOWER_TYPES
 
 
 # The vision towers DreamLLM runs layer by layer (see `DreamLLMModel.get_image_features`), and the full models whose
 # vision part is one of them.
-VISION_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
+VISION_TOWER_TYPES = VIT_TOWER_TYPES
 FULL_VISION_MODEL_TYPES = ("clip", "siglip")
 DIFFUSION_COMPONENTS = ("unet", "vae", "scheduler")
 # The format's tokens in the release's id order ([PAD] first: it is added only when needed).
-FORMAT_TOKENS = tuple(sorted(C.RELEASE_ADDED_TOKEN_IDS, key=C.RELEASE_ADDED_TOKEN_IDS.get))
+ADDED_TOKENS = tuple(sorted(C.RELEASE_ADDED_TOKEN_IDS, key=C.RELEASE_ADDED_TOKEN_IDS.get))  # in the release order
 _MEAN_CHUNK = 8192  # embedding rows summed at a time (a 150k x 4k bf16 matrix is not copied to fp32 at once)
 _STD_SAMPLE = 4096  # token embeddings the dream queries' scale is measured on
 
@@ -65,6 +66,7 @@ class BuildInfo:
     num_dream_queries: int = 0
     vision_feature_layer: int = -2
     cross_attention_dim: int = 0
+    pooled_projection_dim: int | None = None
     chat_template: str = ""  # "llm" (the LLM's own) or "vicuna" (the release's, for an LLM without one) or "given"
     seed: int = 0
 
@@ -200,7 +202,7 @@ def _add_format_tokens(tokenizer, eos_token: str | None) -> dict[str, int]:
         raise ValueError("The LLM's tokenizer has no end-of-sequence token; name one with `eos_token`.")
     vocab = tokenizer.get_vocab()
     needs_pad = tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id
-    new = [t for t in FORMAT_TOKENS if t not in vocab and (needs_pad or t != C.PAD_TOKEN)]
+    new = [t for t in ADDED_TOKENS if t not in vocab and (needs_pad or t != C.PAD_TOKEN)]
     if needs_pad:
         tokenizer.add_special_tokens({"pad_token": C.PAD_TOKEN})
     others = [t for t in new if t != C.PAD_TOKEN]
@@ -383,7 +385,7 @@ def build_dreamllm(
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         **token_ids_from_tokenizer(tokenizer),
     )
-    ids = {token: config.special_token_ids[token] for token in FORMAT_TOKENS if token != C.PAD_TOKEN}
+    ids = {token: config.special_token_ids[token] for token in ADDED_TOKENS if token != C.PAD_TOKEN}
     query_std = _embedding_std(causal_lm.get_input_embeddings(), known_ids)
     mllm = _assemble(
         config,
@@ -421,6 +423,7 @@ def build_dreamllm(
         num_dream_queries=num_dream_queries,
         vision_feature_layer=vision_feature_layer,
         cross_attention_dim=cross_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
         chat_template=template_source,
         seed=seed,
     )
@@ -477,7 +480,7 @@ def build_pipeline(
 
 __all__ = [
     "BuildInfo",
-    "FORMAT_TOKENS",
+    "ADDED_TOKENS",
     "build_dreamllm",
     "build_pipeline",
     "load_diffusion",

@@ -2,8 +2,8 @@
 
 import argparse
 
-
-DTYPES = ("float32", "bfloat16", "float16")
+from .. import checks
+from ..dtypes import DTYPE_NAMES, parse_dtype
 
 
 def add_init_parser(subparsers) -> None:
@@ -31,7 +31,7 @@ def add_init_parser(subparsers) -> None:
     parser.add_argument("--output", required=True, help="The pipeline folder to write.")
     parser.add_argument(
         "--num-dream-queries",
-        type=int,
+        type=checks.POSITIVE_INT.parse,
         default=C.NUM_DREAM_QUERIES,
         help=f"Learned queries per picture (default {C.NUM_DREAM_QUERIES}, as the release).",
     )
@@ -46,31 +46,36 @@ def add_init_parser(subparsers) -> None:
         default=None,
         help="The token that ends a document, if not the tokenizer's end of sequence (e.g. <end_of_turn> for Gemma).",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="Cast every component (default: as stored).")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the initialisation of the new parts (default 0).")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default=None, help="Cast every component (default: as stored)."
+    )
+    parser.add_argument(
+        "--seed", type=checks.SEED.parse, default=0, help="Seeds the initialisation of the new parts (default 0)."
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace a non-empty output folder (once the new one is complete)."
     )
-    parser.set_defaults(func=_run_init)
+    parser.set_defaults(func=_run_init, parser=parser)
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    import torch
-
     from .save import build_and_save
 
-    output = build_and_save(
-        llm=args.llm,
-        vision=args.vision,
-        diffusion=args.diffusion,
-        output=args.output,
-        overwrite=args.overwrite,
-        num_dream_queries=args.num_dream_queries,
-        vision_feature_layer=args.vision_feature_layer,
-        eos_token=args.eos_token,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        seed=args.seed,
-    )
+    try:
+        output = build_and_save(
+            llm=args.llm,
+            vision=args.vision,
+            diffusion=args.diffusion,
+            output=args.output,
+            overwrite=args.overwrite,
+            num_dream_queries=args.num_dream_queries,
+            vision_feature_layer=args.vision_feature_layer,
+            eos_token=args.eos_token,
+            dtype=parse_dtype(args.dtype, "--dtype"),
+            seed=args.seed,
+        )
+    except ValueError as error:  # parts that do not fit (a layer the tower lacks, ...): one line, exit code 2
+        checks.usage_error(args, str(error))
     print(output)
     return 0
 

@@ -39,13 +39,17 @@ def build_model_card(info: BuildInfo, version: str) -> ModelCard:
         f"| {roles[role]} | {f'`{token}`' if token else 'none'} | {'' if token_id is None else token_id} |"
         for role, (token, token_id) in info.sequence_tokens.items()
     )
+    pooled, pooled_size = "", ""
+    if info.pooled_projection_dim is not None:  # an SDXL-style UNet also reads a pooled conditioning
+        pooled = ", the pooled projector (SDXL's `text_embeds`)"
+        pooled_size = f", pooled `text_embeds` {info.pooled_projection_dim}"
     body = f"""
 # An untrained DreamLLM built from {info.llm}, {info.vision} and {info.diffusion}
 
 This is a [DreamLLM](https://arxiv.org/abs/2309.11499) assembled by `dreamllm-hf init` (`dreamllm_hf` {version}). **It
 has not been trained.** Its language model, vision tower and diffusion decoder are the given ones, unchanged; the parts
-DreamLLM adds - the image projector, the dream queries, the condition projector and the embedding rows of the new
-tokens - start untrained, so it reads and draws pictures only once it has been trained (`dreamllm-hf train`, the
+DreamLLM adds - the image projector, the dream queries, the condition projector{pooled} and the embedding rows of the
+new tokens - start untrained, so it reads and draws pictures only once it has been trained (`dreamllm-hf train`, the
 paper's stages I to III).
 
 ## Parts
@@ -54,7 +58,7 @@ paper's stages I to III).
 |---|---|---|
 | language model | `{info.llm}` | {info.llm_type}; vocabulary {info.vocab_size[0]} -> {info.vocab_size[1]} rows, {tie} |
 | vision tower | `{info.vision}` | {info.vision_type}; hidden state {info.vision_feature_layer}, {info.num_image_tokens} tokens per picture |
-| diffusion decoder | `{info.diffusion}` | UNet (`cross_attention_dim` {info.cross_attention_dim}), VAE, scheduler |
+| diffusion decoder | `{info.diffusion}` | UNet (`cross_attention_dim` {info.cross_attention_dim}{pooled_size}), VAE, scheduler |
 
 ## What was added
 

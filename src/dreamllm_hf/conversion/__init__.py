@@ -1,6 +1,6 @@
 """Original DreamLLM release -> Hugging Face layout, its verification, model card and upload.
 
-The names are imported on first use, so `dreamllm-hf --help` does not pay for torch, transformers and diffusers.
+The names are imported on first use.
 """
 
 import importlib

@@ -252,8 +252,8 @@ def model_facts(folder: str | os.PathLike) -> dict:
     Args:
         folder (`str` or `os.PathLike`): a pipeline folder (`mllm/`, and `unet/`, `vae/`, `scheduler/` when present).
     """
+    from ..decoder_conditioning import vae_scale_factor
     from ..modeling import DreamLLMConfig
-    from ..pipelines.dream_diffusion import vae_scale_factor
 
     folder = Path(folder)
     config = DreamLLMConfig.from_pretrained(folder / "mllm")

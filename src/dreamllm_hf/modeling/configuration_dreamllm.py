@@ -53,11 +53,7 @@ TOKEN_ID_FIELDS = {
     C.IMAGE_PLACEHOLDER: "image_token_id",
     C.DREAM_PLACEHOLDER: "dream_token_id",
 }
-SEQUENCE_TOKEN_ATTRIBUTES = {
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-}
+SEQUENCE_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # the tokenizer's attributes of these names
 
 
 def token_ids_from_tokenizer(tokenizer) -> dict[str, int | None]:
@@ -69,16 +65,14 @@ def token_ids_from_tokenizer(tokenizer) -> dict[str, int | None]:
         tokenizer (`PreTrainedTokenizerBase`): a tokenizer holding the DreamLLM format's tokens.
     """
     vocab = tokenizer.get_vocab()
-    format_fields = {
-        token: field for token, field in TOKEN_ID_FIELDS.items() if field not in SEQUENCE_TOKEN_ATTRIBUTES
-    }
+    format_fields = {token: field for token, field in TOKEN_ID_FIELDS.items() if field not in SEQUENCE_TOKEN_FIELDS}
     missing = [token for token in format_fields if token not in vocab]
     if missing:
         raise ValueError(
             f"The tokenizer lacks the DreamLLM tokens {missing}; add them first (`dreamllm-hf init` does)."
         )
     ids = {field: vocab[token] for token, field in format_fields.items()}
-    ids.update({field: getattr(tokenizer, attribute) for field, attribute in SEQUENCE_TOKEN_ATTRIBUTES.items()})
+    ids.update({field: getattr(tokenizer, field) for field in SEQUENCE_TOKEN_FIELDS})
     return ids
 
 

@@ -131,7 +131,7 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
 
 # Vision towers whose forward is `embeddings -> [pre_layrnorm] -> encoder.layers -> ...`, so that they can stop at the
 # layer that is read; any other tower runs whole and the hidden state is picked from its outputs.
-_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
+VIT_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
 def _block_starts(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +243,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
     def _vision_feature_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's hidden state number `vision_feature_layer`, running no layer after it."""
         tower = self.vision_tower
-        if tower.config.model_type not in _VIT_TOWERS:
+        if tower.config.model_type not in VIT_TOWER_TYPES:
             return tower(pixel_values, output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
         # What the tower's forward does up to that hidden state, with the same modules (so the same weights, hooks,
         # device placement and activation checkpointing): embeddings, CLIP's pre-norm, the first layers.
@@ -451,7 +451,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, num_dream_queries, cross_attention_dim)` (`hidden_size` with
-            `project=False`).
+            `project=False`); with `return_pooled=True`, a pair of it and the pooled conditioning (or `None`).
         """
         cached = int(cache.get_seq_length()) if cache is not None else 0
         _check_token_ids(input_ids, attention_mask, self.config.text_config.vocab_size, cached)
@@ -536,7 +536,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for tokens, 0 for padding.
             **kwargs:
-                `pixel_values`, `cache`, `project` and what goes to the language model.
+                `pixel_values`, `cache`, `project`, `return_pooled` and what goes to the language model.
         """
         return self.model.get_dream_embeddings(input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -21,9 +21,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from .. import checks
 from ..checks import usage_error
+from ..decoder_conditioning import vae_scale_factor
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..modeling.processing_dreamllm import rgb_picture
-from .dream_diffusion import size_multiple
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DreamLLMPipelineOutput, StopReason
@@ -172,7 +172,7 @@ def check_picture_size(args: argparse.Namespace, model: str | Path) -> None:
         vae_config = json.loads((Path(model) / "vae" / "config.json").read_text())
     except (OSError, ValueError):
         return  # a folder without one: the pipeline says what is missing
-    multiple = size_multiple(vae_config)
+    multiple = vae_scale_factor(vae_config)
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and value % multiple:

@@ -44,12 +44,6 @@ class DiffusionSettings:
     callback_on_step_end_tensor_inputs: list[str]
 
 
-def size_multiple(vae_config) -> int:
-    """What a picture's height and width must be multiples of: the VAE's factor (8 for Stable Diffusion), as diffusers
-    asks. The UNet needs no more: it resizes its upsampling to latents that its levels do not halve evenly."""
-    return vae_scale_factor(vae_config)
-
-
 def onload(module: torch.nn.Module) -> None:
     """Moves a CPU-offloaded model to the execution device before calling a method that is not `forward`.
 
@@ -380,13 +374,14 @@ class DreamLLMDiffusionMixin:
     def _check_condition(self, name: str, embeds, batch_sizes: tuple[int, ...] | None = None) -> None:
         """`prompt_embeds` / `negative_prompt_embeds`: `[batch, num_dream_queries, cross_attention_dim]`, `batch` one
         of `batch_sizes` (None: any but 0)."""
-        queries, width = self.mllm.config.num_dream_queries, self.unet.config.cross_attention_dim
+        # The model's width, which `check_decoder` matched to what the UNet reads (`encoder_hid_dim` with `text_proj`).
+        queries, width = self.mllm.config.num_dream_queries, self.mllm.config.cross_attention_dim
         self._check_tensor(name, embeds, 3, f"[batch, {queries}, {width}]")
         batch, length, channels = embeds.shape
         if length != queries or channels != width:
             raise ValueError(
                 f"`{name}` has shape {tuple(embeds.shape)}, expected [batch, {queries}, {width}]: one row per "
-                f"prompt of the mllm's {queries} dream queries through its condition projector, the UNet's "
+                f"prompt of the mllm's {queries} dream queries through its condition projector, its "
                 f"cross_attention_dim {width} wide."
             )
         if batch == 0:
@@ -643,6 +638,5 @@ __all__ = [
     "OUTPUT_TYPES",
     "is_conversation",
     "onload",
-    "size_multiple",
     "vae_scale_factor",
 ]

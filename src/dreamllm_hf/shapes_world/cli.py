@@ -18,7 +18,7 @@ def add_demo_parsers(subparsers) -> None:
         help="Train the tiny shapes-world DreamLLM from scratch on the CPU (the shipped demo model's recipe).",
         description=(
             "Trains the demo model end to end (tokenizer, autoencoder, diffusion decoder, then DreamLLM stages I to "
-            "III through the one trainer, `dreamllm-hf train`) and writes a DreamLLMPipeline folder. About 20 "
+            "III through the one trainer, `dreamllm-hf train`) and writes a DreamLLMPipeline folder. About 23 "
             "minutes on two CPU cores."
         ),
     )

@@ -894,6 +894,20 @@ def continue_demo_training(
     return report
 
 
+def __getattr__(name: str):
+    # Renamed names keep working for a release.
+    if name == "CLIP_PATCH_SIZE":
+        import warnings
+
+        warnings.warn(
+            "`CLIP_PATCH_SIZE` is deprecated: the tower may be SigLIP too; use `PATCH_SIZE`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return PATCH_SIZE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEMO_BACKBONES",
     "DemoRecipe",

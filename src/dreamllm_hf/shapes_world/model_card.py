@@ -92,7 +92,7 @@ the DreamLLM tokenizer by `build_legacy_tokenizer`.
 {{ stages_how }} Stage 0 stands in for what the original takes pretrained (SD 2.1's VAE and UNet, trained with its text encoder): the
 UNet first learns to draw from a throw-away caption encoder, with caption dropout, so that later the dream queries
 only have to learn to speak to a decoder that already listens. Stages I to III follow the paper, with deviations
-forced by the scale: nothing is pretrained, so the CLIP tower and the LLM train in stage I too{{ creation_llm }}; and a
+forced by the scale: nothing is pretrained, so the vision tower and the LLM train in stage I too{{ creation_llm }}; and a
 share ({{ uncond }}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
 classifier-free-guidance unconditional of DreamLLM - means "any picture". Stories are preceded by the chat prompt of
 a story instruction (masked from the loss), as the original's instruction-interleaved data. Stage III is the paper's
@@ -110,9 +110,6 @@ Checks along the way (held-out pictures, judged by `classify_shape_image`):
 * Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.
 * Stories are short (one to three pictures, as in its training data) and their sentences follow a few templates.
 """
-
-
-_FAMILY = {"llama": "LLaMA", "qwen2": "Qwen2", "clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP ViT"}
 
 
 def _stage_rows(report: dict) -> str:

@@ -168,7 +168,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--max-length", dest="max_length", type=int, default=S, help="Longest sample (default 2048).")
+    data.add_argument(
+        "--max-length",
+        dest="max_length",
+        type=int,
+        default=S,
+        help="Longest sample in tokens (default: the tokenizer's `model_max_length`).",
+    )
     data.add_argument(
         "--i2t-probability",
         dest="i2t_probability",

@@ -200,7 +200,9 @@ class DreamLLMTrainingArguments:
                 self.data_weights = [self.data_weights]
             self.data_weights = [float(weight) for weight in self.data_weights]
             for index, weight in enumerate(self.data_weights):
-                checks.POSITIVE_NUMBER.check(f"data_weights[{index}]", weight)
+                checks.NON_NEGATIVE_NUMBER.check(f"data_weights[{index}]", weight)  # 0 leaves a source out
+            if not any(self.data_weights):
+                raise ValueError(f"`data_weights` must have at least one weight > 0, got {self.data_weights}.")
             if len(self.data_weights) != len(self.data):
                 raise ValueError(
                     f"`data_weights` has {len(self.data_weights)} weight(s) for {len(self.data)} data source(s); "
@@ -311,8 +313,9 @@ def load_training_components(
     for part in ("mllm", "processor", "unet", "vae", "scheduler"):
         if not (root / part).is_dir():
             raise FileNotFoundError(
-                f"{root} is not a converted DreamLLM folder: {part}/ is missing (expected mllm/, processor/, unet/, "
-                "vae/, scheduler/, as `dreamllm-hf convert` writes)."
+                f"{root} is not a DreamLLM pipeline folder: {part}/ is missing (expected mllm/, processor/, unet/, "
+                "vae/, scheduler/, as `dreamllm-hf convert`, `dreamllm-hf init` and a stage of `dreamllm-hf train` "
+                "write)."
             )
     dtype = dtype or args.weight_dtype()
     device_map = None
@@ -349,15 +352,19 @@ def load_trained_parameters(mllm: torch.nn.Module, weights: dict[str, torch.Tens
             param.copy_(weights[name])
 
 
-def write_pipeline_folder(output_dir: str | os.PathLike, source: str | os.PathLike, mllm, state_dict=None) -> Path:
+def write_pipeline_folder(
+    output_dir: str | os.PathLike, source: str | os.PathLike, mllm, processor, state_dict=None
+) -> Path:
     """
     A complete DreamLLM pipeline folder in `output_dir`: `mllm` saved to `mllm/` (with `state_dict` when given, as
-    gathered from FSDP or DeepSpeed), and `processor/`, `unet/`, `vae/`, `scheduler/` and `model_index.json` copied
-    from the `source` folder (training leaves them as they are).
+    gathered from FSDP or DeepSpeed) with the `processor`'s files, so that it is a complete transformers repository,
+    and `processor/`, `unet/`, `vae/`, `scheduler/` and `model_index.json` copied from the `source` folder (training
+    leaves them as they are).
     """
     output_dir, source = Path(output_dir), Path(source)
     output_dir.mkdir(parents=True, exist_ok=True)
     mllm.save_pretrained(str(output_dir / "mllm"), state_dict=state_dict)
+    processor.save_pretrained(str(output_dir / "mllm"))  # as the pipelines' `save_pretrained` does
     for part in PIPELINE_PARTS:
         shutil.copytree(source / part, output_dir / part, dirs_exist_ok=True)
     if (source / "model_index.json").exists():
@@ -656,11 +663,13 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         mllm_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if is_lora:
             inner.save_pretrained(str(output_dir), state_dict=mllm_state)
-            if args.merge_lora:  # onto a fresh full-precision base: also right after QLoRA, and under FSDP/DeepSpeed
+            if (
+                args.merge_lora
+            ):  # onto a freshly loaded base (not 4-bit): also right after QLoRA, and under FSDP/DeepSpeed
                 merged = load_adapter(load_mllm(args.model, dtype=weight_dtype), output_dir, merge=True)
-                write_pipeline_folder(output_dir, args.model, merged)
+                write_pipeline_folder(output_dir, args.model, merged, processor)
         else:
-            write_pipeline_folder(output_dir, args.model, inner, state_dict=mllm_state)
+            write_pipeline_folder(output_dir, args.model, inner, processor, state_dict=mllm_state)
         state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes}
         (output_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
