@@ -352,6 +352,19 @@ def load_trained_parameters(mllm: torch.nn.Module, weights: dict[str, torch.Tens
             param.copy_(weights[name])
 
 
+def _model_index(source: Path, mllm, processor) -> dict:
+    """`model_index.json` as `DreamLLMPipeline.save_pretrained` writes it, from the classes of the two transformers
+    components and those the diffusers components' folders in `source` record (nothing is loaded or built)."""
+    import diffusers
+
+    index = {"_class_name": "DreamLLMPipeline", "_diffusers_version": diffusers.__version__}
+    for name, component in (("mllm", mllm), ("processor", processor)):
+        index[name] = [type(component).__module__, type(component).__name__]
+    for name, config_file in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        index[name] = ["diffusers", json.loads((source / name / config_file).read_text())["_class_name"]]
+    return index
+
+
 def write_pipeline_folder(
     output_dir: str | os.PathLike, source: str | os.PathLike, mllm, processor, state_dict=None
 ) -> Path:
@@ -369,25 +382,9 @@ def write_pipeline_folder(
         shutil.copytree(source / part, output_dir / part, dirs_exist_ok=True)
     if (source / "model_index.json").exists():
         shutil.copyfile(source / "model_index.json", output_dir / "model_index.json")
-    else:  # a folder assembled by hand: record the classes as `DreamLLMPipeline.save_pretrained` does
-        import diffusers
-        from accelerate import init_empty_weights
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        from ..modeling import DreamLLMProcessor
-        from ..pipelines import DreamLLMPipeline
-
-        scheduler_config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
-        with init_empty_weights():  # only their classes are recorded
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
-        DreamLLMPipeline(
-            mllm=mllm,
-            processor=DreamLLMProcessor.from_pretrained(source / "processor"),
-            unet=unet,
-            vae=vae,
-            scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
-        ).save_config(str(output_dir))
+    else:  # a folder assembled by hand
+        index = _model_index(source, mllm, processor)
+        (output_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return output_dir
 
 
