@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import datasets
+from PIL import Image
 
 from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from .world import IMAGE_SIZE, caption, draw_shape, sample_spec, sample_story
@@ -55,13 +56,17 @@ def _pair_rows(num_samples: int, seed: int, image_size: int):
         }
 
 
-def _story_rows(num_samples: int, seed: int, image_size: int, pictures: tuple[int, int]):
+def _illustrated_story(rng: random.Random, num_pictures: int, image_size: int) -> list[tuple[str, Image.Image]]:
+    return [(sentence, draw_shape(spec, image_size)) for sentence, spec in sample_story(rng, num_pictures)]
+
+
+def _story_rows(num_samples: int, seed: int, image_size: int, pictures: tuple[int, int], sampler=None):
     rng = random.Random(seed)
     for index in range(num_samples):
-        story = sample_story(rng, rng.randint(*pictures))
+        story = (sampler or _illustrated_story)(rng, rng.randint(*pictures), image_size)
         yield {
             "text_list": [sentence for sentence, _ in story],
-            "images": [draw_shape(spec, image_size) for _, spec in story],
+            "images": [picture for _, picture in story],
             "image_info": [
                 {"image_name": f"story{index:06d}_{k}.png", "matched_text_index": k} for k in range(len(story))
             ],
@@ -115,14 +120,16 @@ def write_stories_folder(
     image_size: int = IMAGE_SIZE,
     pictures=(1, 3),
     instructions: tuple[str, ...] | None = None,
+    sampler=None,
 ) -> Path:
     """The stories of `stories_dataset` as MMC4 JSON Lines; with `instructions`, each story answers one of them
-    (drawn with its own seeded generator, so the stories are the same either way)."""
+    (drawn with its own seeded generator, so the stories are the same either way). `sampler(rng, num_pictures,
+    image_size)` gives a story's (sentence, picture) pairs (default: this world's)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chooser = random.Random(f"instructions/{seed}")
     with open(out_dir / "stories.jsonl", "w") as lines:
-        for row in _story_rows(num_samples, seed, image_size, pictures):
+        for row in _story_rows(num_samples, seed, image_size, pictures, sampler):
             for image, info in zip(row["images"], row["image_info"]):
                 image.save(out_dir / info["image_name"])
             record = {"text_list": row["text_list"], "image_info": row["image_info"]}
@@ -133,15 +140,21 @@ def write_stories_folder(
 
 
 def write_conversations_folder(
-    out_dir: str | Path, num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, pictures=(1, 3)
+    out_dir: str | Path,
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    pictures=(1, 3),
+    sampler=None,
 ) -> Path:
-    """`num_samples` conversations (`sample_conversation`, conversation k drawn from its own seeded generator) as
-    `conversations.jsonl`: one `{"messages": [...]}` per line, contents as text and image parts, pictures beside."""
+    """`num_samples` conversations (`sample_conversation`, or `sampler(rng, image_size, pictures)`; conversation k
+    drawn from its own seeded generator) as `conversations.jsonl`: one `{"messages": [...]}` per line, contents as
+    text and image parts, pictures beside."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "conversations.jsonl", "w") as lines:
         for index in range(num_samples):
-            messages = sample_conversation(random.Random(f"{seed}/{index}"), image_size, pictures)
+            messages = (sampler or sample_conversation)(random.Random(f"{seed}/{index}"), image_size, pictures)
             count = 0
             for message in messages:
                 items = message["content"] if isinstance(message["content"], list) else [message["content"]]

@@ -44,15 +44,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import pairs_dataset, write_conversations_folder, write_stories_folder
+from .data import write_conversations_folder, write_stories_folder
 from .model_card import write_demo_model_card
-from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
-from .world import COLOURS, IMAGE_SIZE, SHAPES
+from .scene_data import illustrated_scene_story, sample_scene_conversation, scene_pairs_dataset
+from .scene_judge import drawing_shows
+from .scenes import SCENE_SIZE, captions_agree, parse_caption, sample_scene
+from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer, scene_world_texts
 
 
 NUM_DREAM_QUERIES = 8
 CROSS_ATTENTION_DIM = 64
-PATCH_SIZE = 4  # 32 px / 4 = 8x8 = 64 image tokens (patch 8 captioned only ~70 % in the same budget)
+IMAGE_SIZE = SCENE_SIZE
+PATCH_SIZE = 8  # 64 px / 8 = 8x8 = 64 image tokens
+STAND_IN_LENGTH = 16  # stage 0b's caption encoder: the longest caption's tokens fit
+MAX_LENGTH = 1024  # the longest story or conversation of the world, in tokens, fits
 TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 
@@ -69,10 +74,10 @@ class DemoRecipe:
     seed: int = 0
     num_threads: int | None = None  # None: torch's default (all cores)
     backbone: str = "llama-clip"  # a key of DEMO_BACKBONES
-    num_pictures: int = 4096  # stage 0 pictures and stage I/II/III pairs
+    num_pictures: int = 8192  # stage 0 pictures and stage I/II/III pairs
     num_stories: int = 1024
     num_conversations: int = 4096
-    story_pictures: tuple[int, int] = (1, 3)
+    story_pictures: tuple[int, int] = (3, 4)
     # stage 0a: autoencoder
     vae_steps: int = 800
     vae_batch_size: int = 32
@@ -140,7 +145,7 @@ def _llama_clip(tokenizer):
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         num_key_value_heads=TEXT_SIZES["num_attention_heads"],
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_LENGTH,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         **TEXT_SIZES,
@@ -160,7 +165,7 @@ def _qwen2_siglip(tokenizer):
     text = Qwen2Config(
         vocab_size=len(tokenizer),
         num_key_value_heads=TEXT_SIZES["num_attention_heads"] // 2,  # grouped-query attention, as Qwen2's own sizes
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_LENGTH,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         **TEXT_SIZES,
@@ -208,15 +213,15 @@ def demo_processor(tokenizer, backbone: str = "llama-clip", num_image_tokens: in
 
 
 def demo_vae():
-    """32x32x3 <-> 4x8x8 (three blocks, two downsamplings)."""
+    """64x64x3 <-> 4x8x8 (four blocks, three downsamplings: Stable Diffusion's factor of 8)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -230,7 +235,7 @@ def demo_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4,
+        sample_size=IMAGE_SIZE // 8,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -345,22 +350,29 @@ def _pictures_tensor(dataset) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 DIAGNOSTIC_SEED = 2_000_003  # held out: no training set uses it
+NUM_CHECK_CAPTIONS = 24
+MAX_CAPTION_TOKENS = 24
 
 
-def _judge_all(decoded: torch.Tensor, wanted: list[tuple[str, str]]) -> float:
-    """Share of decoded pictures (`[N, 3, H, W]` in [-1, 1]) that meet the drawing metric of the demo's evaluation."""
-    from .evaluation import drawing_is_right
-
+def _judge_all(decoded: torch.Tensor, wanted: list) -> float:
+    """Share of decoded pictures (`[N, 3, H, W]` in [-1, 1]) that show their wanted scene (the drawing metric of the
+    demo's evaluation)."""
     arrays = ((decoded.permute(0, 2, 3, 1).float().numpy() + 1.0) * 127.5).clip(0, 255).round().astype(np.uint8)
-    return sum(drawing_is_right(array, *want) for array, want in zip(arrays, wanted)) / len(wanted)
+    return sum(drawing_shows(array, scene) for array, scene in zip(arrays, wanted)) / len(wanted)
+
+
+def check_captions(count: int, seed: int = DIAGNOSTIC_SEED) -> list[str]:
+    """`count` captions of held-out scenes, the prompts of the drawing checks."""
+    rng = random.Random(seed)
+    return [sample_scene(rng).scene.caption() for _ in range(count)]
 
 
 @torch.no_grad()
 def reconstruction_accuracy(vae, num_pictures: int = 192) -> float:
     """Share of held-out pictures that the judge still reads right after encode (posterior sample) + decode."""
-    pictures = pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED)
+    pictures = scene_pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED)
     decoded = vae.decode(vae.encode(_pictures_tensor(pictures)).latent_dist.sample()).sample
-    return _judge_all(decoded, list(zip(pictures["colour"], pictures["shape"])))
+    return _judge_all(decoded, [parse_caption(text) for text in pictures["text"]])
 
 
 @torch.no_grad()
@@ -405,10 +417,10 @@ def dream_drawing_accuracy(
     unconditional is `<s>` alone), as the pipeline's image mode computes it."""
     was_training = mllm.training
     mllm.eval()
-    captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES] * per_caption
+    captions = check_captions(NUM_CHECK_CAPTIONS) * per_caption
     inputs = processor(text=["", *captions], return_tensors="pt")
     embeddings = mllm.get_dream_embeddings(inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    wanted = [tuple(caption.split()[1:]) for caption in captions]
+    wanted = [parse_caption(caption) for caption in captions]
     accuracy = conditioned_drawing_accuracy(
         unet, vae, noise_scheduler, embeddings[1:], embeddings[:1], wanted, guidance_scale, num_inference_steps
     )
@@ -419,18 +431,17 @@ def dream_drawing_accuracy(
 @torch.no_grad()
 def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
     """Greedy captions (`<s> <image>` prompt) of held-out pictures, scored by the captioning metric of the demo's
-    evaluation (right when colour and shape are both named)."""
-    from .evaluation import caption_is_right
-
+    evaluation (right when it says exactly what the picture shows)."""
     was_training = mllm.training
     mllm.eval()
-    pictures = pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED + 1)
+    pictures = scene_pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED + 1)
     inputs = processor(text=["<image>"] * num_pictures, images=list(pictures["image"]), return_tensors="pt")
-    output = mllm.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    output = mllm.generate(
+        **inputs, max_new_tokens=MAX_CAPTION_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+    )
     answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     right = sum(
-        caption_is_right(answer, colour, shape)
-        for answer, colour, shape in zip(answers, pictures["colour"], pictures["shape"])
+        captions_agree(answer, parse_caption(text)) for answer, text in zip(answers, pictures["text"])
     )
     mllm.train(was_training)
     return right / num_pictures
@@ -479,7 +490,7 @@ def train_diffusion_decoder(
     from ..training.losses import diffusion_loss
 
     unet, noise_scheduler = demo_unet(), demo_noise_scheduler()
-    encoder = StandInCaptionEncoder(len(tokenizer), NUM_DREAM_QUERIES, CROSS_ATTENTION_DIM, tokenizer.pad_token_id)
+    encoder = StandInCaptionEncoder(len(tokenizer), STAND_IN_LENGTH, CROSS_ATTENTION_DIM, tokenizer.pad_token_id)
     caption_ids = encoder.encode(tokenizer, captions)
     unconditional_ids = encoder.encode(tokenizer, [""])
     with torch.no_grad():
@@ -505,10 +516,10 @@ def train_diffusion_decoder(
     )
     unet.eval().requires_grad_(False)
     with torch.no_grad():
-        captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES] * recipe.check_per_caption
+        captions = check_captions(NUM_CHECK_CAPTIONS) * recipe.check_per_caption
         conditioning = encoder(encoder.encode(tokenizer, captions))
         unconditional = encoder(unconditional_ids)
-    wanted = [tuple(caption.split()[1:]) for caption in captions]
+    wanted = [parse_caption(caption) for caption in captions]
     for scale in (2.0, 4.0):
         accuracy = conditioned_drawing_accuracy(
             unet, vae, noise_scheduler, conditioning, unconditional, wanted, scale, recipe.check_steps
@@ -538,7 +549,7 @@ def write_demo_data(
     if "pairs" in kinds:
         # Parquet rather than an image folder: `datasets` resolves an image folder's files pattern by pattern, which
         # took ~10 s a stage for these 4096 pictures on a loaded 2-core machine; a shard loads at once.
-        pairs = pairs if pairs is not None else pairs_dataset(recipe.num_pictures, seed=recipe.seed)
+        pairs = pairs if pairs is not None else scene_pairs_dataset(recipe.num_pictures, seed=recipe.seed)
         write_parquet_shards(source_from_dataset(pairs), data_dir / "pairs")
         paths["pairs"] = str(data_dir / "pairs")
     if "stories" in kinds:
@@ -546,13 +557,20 @@ def write_demo_data(
             data_dir / "stories",
             recipe.num_stories,
             seed=recipe.seed + 1,
+            image_size=IMAGE_SIZE,
             pictures=recipe.story_pictures,
             instructions=STORY_INSTRUCTIONS,
+            sampler=illustrated_scene_story,
         )
         paths["stories"] = str(folder / "stories.jsonl")
     if "conversations" in kinds:
         folder = write_conversations_folder(
-            data_dir / "conversations", recipe.num_conversations, seed=recipe.seed + 8, pictures=recipe.story_pictures
+            data_dir / "conversations",
+            recipe.num_conversations,
+            seed=recipe.seed + 8,
+            image_size=IMAGE_SIZE,
+            pictures=recipe.story_pictures,
+            sampler=sample_scene_conversation,
         )
         paths["conversations"] = str(folder / "conversations.jsonl")
     return paths
@@ -783,10 +801,10 @@ def train_demo(
     # Data and tokenizer ------------------------------------------------------------------------------------------
     work_dir = output_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
-    tokenizer = build_demo_tokenizer(work_dir)
+    tokenizer = build_demo_tokenizer(work_dir, texts=scene_world_texts(), model_max_length=MAX_LENGTH)
     config = demo_mllm_config(tokenizer, recipe.backbone)
     processor = demo_processor(tokenizer, recipe.backbone, config.num_image_tokens)
-    pairs = pairs_dataset(recipe.num_pictures, seed=recipe.seed)
+    pairs = scene_pairs_dataset(recipe.num_pictures, seed=recipe.seed)
     pictures = _pictures_tensor(pairs)
     data = write_demo_data(work_dir / "data", recipe, pairs=pairs)
     lap("data")

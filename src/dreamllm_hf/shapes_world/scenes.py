@@ -29,7 +29,6 @@ GAP = 4  # least empty pixels between two things' boxes along the relation's axi
 TWO_THING_SHARE = 0.6
 
 STORY_OPENINGS = ("First there was {}.", "Once upon a time there was {}.", "It all began with {}.")
-STORY_INSTRUCTIONS_V2 = ("Tell me a story.", "Tell me a story with pictures.", "Write an illustrated story.")
 COUNT_WORDS = ("none", "one", "two")
 
 
@@ -284,7 +283,7 @@ def _change_sentences(rng: random.Random, layout: Layout) -> list[tuple[str, Sce
     options = []
     for index, thing in enumerate(scene.things):
         name = referring_name(scene, index)
-        kept = {k: c for k, c in enumerate(centres)}
+        kept = dict(enumerate(centres))
         for colour in COLOURS:
             if colour != thing.colour:
                 changed = _with_thing(scene, index, replace(thing, colour=colour))
@@ -420,7 +419,7 @@ class StoryReader:
 
 def world_v2_texts() -> list[str]:
     """Words for the tokenizer: every caption's pieces, sentence, question and answer of the world (sorted)."""
-    texts = set(STORY_INSTRUCTIONS_V2)
+    texts = set()
     names = [Thing(size, colour, shape).name for size in SIZES for colour in COLOURS for shape in SHAPES]
     for name in names:
         texts.add(f"a {name}")

@@ -30,6 +30,15 @@ def world_texts() -> list[str]:
     return sorted(texts)
 
 
+def scene_world_texts() -> list[str]:
+    """`world_texts` of the version-2 world (`scenes`): its sentences, questions and answers, plus the prompts."""
+    from .scenes import world_v2_texts
+
+    texts = set(world_v2_texts()) | set(STORY_INSTRUCTIONS + CAPTION_QUESTIONS)
+    texts.add(C.VICUNA_SYSTEM_PROMPT + " USER: ASSISTANT:")
+    return sorted(texts)
+
+
 def train_sentencepiece(vocab_size: int = DEMO_VOCAB_SIZE, texts: list[str] | None = None) -> bytes:
     """A serialized SentencePiece BPE model (the bytes of a `tokenizer.model`) trained on `texts` (default: the
     world's). The settings are LLaMA's: `<unk>`, `<s>`, `</s>` = 0, 1, 2, no pad, dummy prefix, identity
@@ -66,15 +75,21 @@ def release_ordered_added_tokens(first_id: int) -> dict[str, int]:
     return {token: first_id + token_id - base for token, token_id in C.RELEASE_ADDED_TOKEN_IDS.items()}
 
 
-def build_demo_tokenizer(work_dir: str | Path, vocab_size: int = DEMO_VOCAB_SIZE, model_max_length: int = 512):
-    """Trains the SentencePiece model into `work_dir/tokenizer.model` and returns the DreamLLM fast tokenizer."""
+def build_demo_tokenizer(
+    work_dir: str | Path,
+    vocab_size: int = DEMO_VOCAB_SIZE,
+    model_max_length: int = 512,
+    texts: list[str] | None = None,
+):
+    """Trains the SentencePiece model (on `texts`, default: `world_texts()`) into `work_dir/tokenizer.model` and
+    returns the DreamLLM fast tokenizer."""
     import sentencepiece as spm
 
     from ..conversion.tokenizer import build_legacy_tokenizer
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_bytes = train_sentencepiece(vocab_size)
+    model_bytes = train_sentencepiece(vocab_size, texts)
     path = work_dir / "tokenizer.model"
     path.write_bytes(model_bytes)
     pieces = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
@@ -87,6 +102,7 @@ __all__ = [
     "STORY_INSTRUCTIONS",
     "build_demo_tokenizer",
     "release_ordered_added_tokens",
+    "scene_world_texts",
     "train_sentencepiece",
     "world_texts",
 ]
