@@ -56,18 +56,28 @@ def _read_thing(pixels: np.ndarray, saturation: np.ndarray, where: np.ndarray) -
     return Thing(size, colour, shape), centre
 
 
-def read_scene(image: Image.Image | np.ndarray) -> Scene | None:
-    """The scene a picture shows, said the canonical way, or None when it shows no thing or more than two (or two
-    that words could not tell apart)."""
+def _read_parts(image: Image.Image | np.ndarray) -> list[tuple[Thing, tuple[float, float]]]:
+    """Every thing a picture shows, with its centre (x, y), in the order of its first pixel (row by row)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.max() <= 1.0:
         pixels = pixels * 255.0
     saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
     mask = saturation > SATURATION_THRESHOLD
     parts = [where for where in _components(mask) if len(where) >= MIN_THING_PIXELS]
-    if not 1 <= len(parts) <= 2:
+    return [_read_thing(pixels, saturation, where) for where in parts]
+
+
+def read_things(image: Image.Image | np.ndarray) -> list[Thing]:
+    """Every thing a picture shows, however many (none, one, three...), each read as the judge reads it."""
+    return [thing for thing, _ in _read_parts(image)]
+
+
+def read_scene(image: Image.Image | np.ndarray) -> Scene | None:
+    """The scene a picture shows, said the canonical way, or None when it shows no thing or more than two (or two
+    that words could not tell apart)."""
+    read = _read_parts(image)
+    if not 1 <= len(read) <= 2:
         return None
-    read = [_read_thing(pixels, saturation, where) for where in parts]
     things = tuple(thing for thing, _ in read)
     if len(set(things)) != len(things):
         return None
@@ -79,3 +89,9 @@ def drawing_shows(picture, scene: Scene | None) -> bool:
     """The drawing metric: the judge reads every thing of `scene` and their relation in `picture` (None: a request
     that says no scene, never met)."""
     return scene is not None and read_scene(picture) == scene.canonical()
+
+
+def things_drawn_right(picture, scene: Scene) -> int:
+    """A partial-credit diagnostic: how many of `scene`'s things `picture` shows with the right size, colour and shape,
+    wherever they stand. A scene's things differ, so the best matching pairs each with an equal thing read, if any."""
+    return len(set(scene.things) & set(read_things(picture)))

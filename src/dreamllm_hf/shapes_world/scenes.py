@@ -272,6 +272,23 @@ def answers_agree(text: str, answer: str) -> bool:
     return bool(words) and words[0] == answer
 
 
+QUESTION_KINDS = ("count", "colour", "size", "shape", "relation")
+
+
+def question_kind(question: str) -> str:
+    """Which of `QUESTION_KINDS` a question of `scene_questions` asks: one that names a relation is a relation question,
+    whatever it asks of the thing standing there."""
+    words = " ".join(question.strip().lower().split())
+    if any(f" {relation} " in words for relation in RELATIONS):
+        return "relation"
+    for start, kind in (("how many ", "count"), ("what colour ", "colour"), ("what shape ", "shape")):
+        if words.startswith(start):
+            return kind
+    if words.startswith("is the ") and words.endswith((" big?", " small?")):
+        return "size"
+    raise ValueError(f"`question` must be a question of `scene_questions`, got {question!r}.")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Stories: each picture is the previous one changed as its sentence says
 # --------------------------------------------------------------------------------------------------------------------
