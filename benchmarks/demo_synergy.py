@@ -1,56 +1,99 @@
 """The paper's synergy claim at toy scale: does learning to draw help the demo model to see?
 
-Trains a comprehension-only DreamLLM with the demo recipe's budget of LLM updates (its stage I comprehension and
-creation, stage II and stage III steps all spent on image -> caption, at the comprehension batch size) on the same stage-0 decoder, data and
-seed, then measures caption accuracy on the same held-out pictures for it and for the jointly trained model.
+For each seed, two models of the demo recipe on the same data and the same stage-0 decoder: the joint recipe
+(`DemoRecipe()`, comprehension and creation) and its comprehension-only control (`DemoRecipe(creation=False)`: the
+same stages, steps, batch sizes and learning rates, so as many LLM updates, all spent on picture -> text). Both are
+measured by `evaluate-demo`'s caption exact match and question accuracy on the same held-out pictures.
 
-    python benchmarks/demo_synergy.py                         # against the shipped demo model
-    python benchmarks/demo_synergy.py --joint DIR --work DIR  # against another train-demo output
+    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR                 # six trainings
+    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR --joint-seed0 src/dreamllm_hf/demo_model
 
-The last line is one JSON object.
+`--joint-seed0` uses a model already trained with the default recipe and seed 0 (the shipped one) for that run, and its
+decoder for every run (stage 0 is the part the original takes pretrained). Finished runs in `--work` are reused, so
+the benchmark can be resumed or its runs spread over processes (`--only joint|comprehension`). The last line is one
+JSON object.
 """
 
 import argparse
 import json
-import tempfile
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
-from dreamllm_hf.shapes_world.evaluation import DemoEvaluationSettings, caption_accuracy, load_demo_pipeline
+from dreamllm_hf.shapes_world.scene_evaluation import (
+    SceneEvaluationSettings,
+    caption_accuracy,
+    load_demo_pipeline,
+    question_accuracy,
+)
+
+
+ARMS = {"joint": {}, "comprehension": {"creation": False}}
+
+
+def run(work: Path, arm: str, seed: int, decoder: Path | None, threads: int | None) -> dict:
+    """Trains (unless done) and measures one model; its figures are kept in `figures.json` beside it."""
+    folder = work / f"{arm}-seed{seed}"
+    figures_path = folder / "figures.json"
+    if figures_path.exists():
+        return json.loads(figures_path.read_text())
+    if not (folder / "model_index.json").exists():
+        recipe = replace(DemoRecipe(seed=seed, num_threads=threads), **ARMS[arm])
+        train_demo(folder, recipe, log=lambda line: None, reuse_decoder=decoder)
+    return measure(folder, figures_path)
+
+
+def measure(folder: Path, figures_path: Path) -> dict:
+    settings = SceneEvaluationSettings()
+    pipe = load_demo_pipeline(folder)
+    figures = {
+        "caption_accuracy": caption_accuracy(pipe, settings)["caption_accuracy"],
+        "question_accuracy": question_accuracy(pipe, settings)["question_accuracy"],
+    }
+    figures_path.write_text(json.dumps(figures) + "\n")
+    return figures
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "values": [round(value, 4) for value in values],
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--joint", default=str(DEMO_MODEL_PATH), help="The jointly trained pipeline folder.")
-    parser.add_argument("--work", default=None, help="Where the comprehension-only model is written (default: temp).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", required=True, help="Where the models are written (and found when resuming).")
+    parser.add_argument("--joint-seed0", default=None, help="A default-recipe seed-0 model to use for that run.")
+    parser.add_argument("--only", choices=sorted(ARMS), default=None, help="Run one arm only.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each training.")
     args = parser.parse_args()
 
-    report = json.loads((Path(args.joint) / "training_report.json").read_text())
-    joint_recipe = DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["recipe"].items()})
-    stages = ("comprehension_steps", "creation_steps", "joint_steps", "instruction_steps")
-    steps = sum(getattr(joint_recipe, stage) for stage in stages)
-    recipe = replace(joint_recipe, **dict.fromkeys(stages[1:], 0), comprehension_steps=steps)
-
-    settings = DemoEvaluationSettings()
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        train_demo(work, recipe, log=lambda line: None, reuse_decoder=args.joint)
-        alone = caption_accuracy(load_demo_pipeline(work), settings)["caption_accuracy"]
-    joint = caption_accuracy(load_demo_pipeline(args.joint), settings)["caption_accuracy"]
-    print(f"caption accuracy on {settings.num_caption_pictures} held-out pictures, {steps} LLM updates each:")
-    print(f"  comprehension only: {alone:.3f}")
-    print(f"  joint (the recipe): {joint:.3f}")
-    print(
-        json.dumps(
-            {
-                "comprehension_only": alone,
-                "joint": joint,
-                "llm_updates": steps,
-                "num_pictures": settings.num_caption_pictures,
-            }
-        )
-    )
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    decoder = Path(args.joint_seed0) if args.joint_seed0 else None
+    if decoder is not None:
+        seed0 = work / "joint-seed0"
+        if not (seed0 / "figures.json").exists():
+            seed0.mkdir(exist_ok=True)
+            print(json.dumps(measure(decoder, seed0 / "figures.json")))
+    results = {arm: [] for arm in ARMS if args.only in (None, arm)}
+    for seed in args.seeds:
+        for arm in results:
+            figures = run(work, arm, seed, decoder, args.threads)
+            results[arm].append(figures)
+            print(json.dumps({"arm": arm, "seed": seed, **figures}), flush=True)
+    report = {
+        arm: {metric: summary([run[metric] for run in runs]) for metric in ("caption_accuracy", "question_accuracy")}
+        for arm, runs in results.items()
+    }
+    for arm, metrics in report.items():
+        line = ", ".join(f"{metric} {m['mean']:.3f} ± {m['std']:.3f}" for metric, m in metrics.items())
+        print(f"{arm:>14}: {line}  (seeds {args.seeds})")
+    print(json.dumps({"seeds": args.seeds, **report}))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from dreamllm_hf.shapes_world.scenes import (
     OPPOSITE,
     QUESTION_KINDS,
     SCENE_SIZE,
-    STORY_INSTRUCTIONS_V2,
     Scene,
     draw_scene,
     layout_scene,
@@ -36,7 +35,7 @@ from dreamllm_hf.shapes_world.scenes import (
     sample_story,
     scene_questions,
 )
-from dreamllm_hf.shapes_world.tokenizer import CAPTION_QUESTIONS
+from dreamllm_hf.shapes_world.tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from dreamllm_hf.shapes_world.world import COLOURS, SHAPES
 
 
@@ -284,7 +283,7 @@ def test_interleaved_match_judges_each_picture_against_the_scene_its_sentences_r
     assert figures["interleaved_pictures"] == 4 * SMALL.num_stories
     assert figures["stories_with_pictures"] == SMALL.num_stories
     (call,) = stand_in.calls  # all stories in one call, each sampled and drawn from its own generator
-    assert call["prompts"] == [STORY_INSTRUCTIONS_V2[i % len(STORY_INSTRUCTIONS_V2)] for i in range(3)]
+    assert call["prompts"] == [STORY_INSTRUCTIONS[i % len(STORY_INSTRUCTIONS)] for i in range(3)]
     assert call["do_sample"] is True and call["max_images"] == SMALL.max_story_images
     assert call["max_new_tokens"] == SMALL.max_story_tokens
     assert [g.initial_seed() for g in call["generator"]] == [SMALL.seed * 10_000 + i for i in range(3)]

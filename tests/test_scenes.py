@@ -109,6 +109,13 @@ def test_judge_sees_no_scene_in_a_blank_picture_or_three_things_or_two_alike():
     twins = np.minimum(_alone(RED_CIRCLE, (16, 32)), _alone(RED_CIRCLE, (48, 32)))
     assert read_scene(twins) is None  # words could not tell them apart
 
+    # a drawn picture's stray stroke: a diagonal line, no row or column holding two of its pixels
+    stroke = np.asarray(_alone(RED_CIRCLE, (16, 16))).copy()
+    for k in range(50):
+        stroke[k + 14, 63 - k] = (40, 80, 220)
+    assert read_scene(stroke) is None
+    assert read_things(stroke) == [RED_CIRCLE]
+
 
 def test_things_drawn_right_gives_partial_credit():
     scene = Scene((RED_CIRCLE, BLUE_SQUARE), "left of")

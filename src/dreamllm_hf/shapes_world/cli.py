@@ -52,11 +52,14 @@ def add_demo_parsers(subparsers) -> None:
 
     evaluate = subparsers.add_parser(
         "evaluate-demo",
-        help="Caption, text-to-image and interleaved-story accuracy of the demo model, judged deterministically.",
+        help="Caption, question, text-to-image and interleaved-story accuracy of the demo model, judged "
+        "deterministically.",
         description=(
-            "Prints the figures; the last line is one JSON object with caption_accuracy, t2i_accuracy, "
-            "interleaved_match. Settings left out take the defaults of DemoEvaluationSettings (192 held-out "
-            "pictures, 8 pictures per caption, 32 stories, the demo model's sampling, seed 0)."
+            "Prints the figures; the last line is one JSON object with caption_accuracy (exact match of everything a "
+            "caption says), question_accuracy, t2i_accuracy (every thing and the relation drawn right) and "
+            "interleaved_match. Settings left out take the defaults of SceneEvaluationSettings (192 held-out "
+            "pictures captioned, 192 questions, 24 captions drawn 4 times each, 32 stories, the demo model's sampling, "
+            "seed 0)."
         ),
     )
     evaluate.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
@@ -64,8 +67,20 @@ def add_demo_parsers(subparsers) -> None:
         "--seed", type=checks.SEED.parse, default=None, help="Seeds the held-out pictures and the sampling."
     )
     evaluate.add_argument("--num-caption-pictures", type=checks.POSITIVE_INT.parse, default=None)
+    evaluate.add_argument("--num-questions", type=checks.POSITIVE_INT.parse, default=None)
     evaluate.add_argument(
-        "--t2i-per-caption", type=checks.POSITIVE_INT.parse, default=None, help="Pictures per caption (12 captions)."
+        "--num-t2i-captions",
+        dest="num_t2i_scenes",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        help="Captions of held-out scenes drawn.",
+    )
+    evaluate.add_argument(
+        "--t2i-per-caption",
+        dest="t2i_per_scene",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        help="Pictures drawn per caption.",
     )
     evaluate.add_argument("--num-stories", type=checks.POSITIVE_INT.parse, default=None)
     evaluate.add_argument("--num-inference-steps", type=checks.STEPS.parse, default=None)
@@ -84,7 +99,9 @@ def add_demo_parsers(subparsers) -> None:
 
 SETTING_OPTIONS = (
     "num_caption_pictures",
-    "t2i_per_caption",
+    "num_questions",
+    "num_t2i_scenes",
+    "t2i_per_scene",
     "num_stories",
     "num_inference_steps",
     "guidance_scale",
@@ -129,20 +146,25 @@ def _run_train_demo(args) -> int:
 
 
 def _run_evaluate_demo(args) -> int:
-    from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
+    from .scene_evaluation import SceneEvaluationSettings, evaluate_pipeline, load_demo_pipeline
 
     _set_threads(args.threads)
-    # Options left out keep the DemoEvaluationSettings defaults (one source of truth; they are listed in its card).
+    # Options left out keep the SceneEvaluationSettings defaults (one source of truth; they are listed in its card).
     chosen = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name) is not None}
-    settings = DemoEvaluationSettings(**chosen)
+    settings = SceneEvaluationSettings(**chosen)
     pipe = load_demo_pipeline(args.model)
     results = evaluate_pipeline(pipe, settings)
     print("captions (truth -> caption):")
     for example in results["caption_examples"]:
-        print(f"  {example['truth']:>16} -> {example['caption']!r}")
+        print(f"  {example['truth']:>48} -> {example['caption']!r}")
+    print("questions (question: truth -> answer):")
+    for example in results["question_examples"]:
+        print(f"  {example['question']} {example['truth']} -> {example['answer']!r}")
+    print("question accuracy by kind: " + json.dumps(results["question_accuracy_by_kind"]))
     print("text-to-image, judged right per caption:")
     for caption, fraction in results["t2i_per_caption"].items():
-        print(f"  {caption:>18}: {fraction:.2f}")
+        print(f"  {caption:>48}: {fraction:.2f}")
+    print(f"things drawn right (size, colour, shape): {results['t2i_attribute_accuracy']:.3f}")
     print(
         f"stories: {results['stories_with_pictures']}/{settings.num_stories} drew pictures, "
         f"{results['interleaved_pictures']} pictures in all"
@@ -158,6 +180,7 @@ def _run_evaluate_demo(args) -> int:
         write_demo_model_card(args.model or DEMO_MODEL_PATH, evaluation=results)
     summary = {
         "caption_accuracy": round(results["caption_accuracy"], 4),
+        "question_accuracy": round(results["question_accuracy"], 4),
         "t2i_accuracy": round(results["t2i_accuracy"], 4),
         "interleaved_match": round(results["interleaved_match"], 4),
         "interleaved_pictures": results["interleaved_pictures"],
@@ -172,9 +195,10 @@ def _save_outputs(results: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     images = results["t2i_images"]
-    per_row = len(images) // 12
+    rows = len(results["t2i_per_caption"])
+    per_row = len(images) // rows
     size = images[0].size[0]
-    grid = Image.new("RGB", (size * per_row, size * 12), "white")
+    grid = Image.new("RGB", (size * per_row, size * rows), "white")
     for index, image in enumerate(images):
         grid.paste(image, ((index % per_row) * size, (index // per_row) * size))
     grid.save(folder / "t2i_grid.png")

@@ -46,7 +46,12 @@ from torch import nn
 
 from .data import write_conversations_folder, write_stories_folder
 from .model_card import write_demo_model_card
-from .scene_data import illustrated_scene_story, sample_scene_conversation, scene_pairs_dataset
+from .scene_data import (
+    illustrated_scene_story,
+    sample_reading_conversation,
+    sample_scene_conversation,
+    scene_pairs_dataset,
+)
 from .scene_judge import drawing_shows
 from .scenes import SCENE_SIZE, captions_agree, parse_caption, sample_scene
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer, scene_world_texts
@@ -59,7 +64,7 @@ PATCH_SIZE = 8  # 64 px / 8 = 8x8 = 64 image tokens
 STAND_IN_LENGTH = 16  # stage 0b's caption encoder: the longest caption's tokens fit
 MAX_LENGTH = 1024  # the longest story or conversation of the world, in tokens, fits
 TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+VISION_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -73,46 +78,50 @@ class DemoRecipe:
 
     seed: int = 0
     num_threads: int | None = None  # None: torch's default (all cores)
+    # False: the control of benchmarks/demo_synergy.py. Every stage keeps its LLM updates, batch sizes and learning
+    # rates but spends them on picture -> text only (captions; questions and captions in stage III), no diffusion loss.
+    creation: bool = True
     backbone: str = "llama-clip"  # a key of DEMO_BACKBONES
     num_pictures: int = 8192  # stage 0 pictures and stage I/II/III pairs
     num_stories: int = 1024
     num_conversations: int = 4096
     story_pictures: tuple[int, int] = (3, 4)
     # stage 0a: autoencoder
-    vae_steps: int = 800
+    vae_steps: int = 600
     vae_batch_size: int = 32
     vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-8
     # stage 0b: diffusion decoder with the stand-in caption encoder
-    unet_steps: int = 1000
+    unet_steps: int = 2000
     unet_batch_size: int = 64
     unet_lr: float = 2e-3
     caption_dropout: float = 0.15
+    stand_in_layers: int = 2
     # stage I: comprehension (i2t) then creation (t2i)
-    comprehension_steps: int = 700
+    comprehension_steps: int = 2500
     comprehension_batch_size: int = 32
     comprehension_lr: float = 2e-3
-    creation_steps: int = 300
+    creation_steps: int = 400
     creation_batch_size: int = 32
     creation_lr: float = 2e-3
     creation_train_llm: bool = True  # the paper freezes its pretrained LLM in stage I; ours starts from scratch
     creation_i2t_probability: float = 0.0  # share of creation pairs kept image-to-text (LM loss), to keep captioning
     unconditional_probability: float = 0.1  # caption-less t2i samples: the guidance unconditional
     # stage II: I-GPT joint training
-    joint_steps: int = 800
+    joint_steps: int = 600
     joint_batch_size: int = 16
     joint_lr: float = 1e-3
     joint_story_fraction: float = 0.75
     loss_weight_vm: float = 10.0
     # stage III: instruction tuning on conversations (a picture in and its caption, a story out, or both in a row),
     # with pairs kept in the mix so that the plain caption and drawing prompts stay as they were
-    instruction_steps: int = 600
+    instruction_steps: int = 500
     instruction_batch_size: int = 16
     instruction_lr: float = 5e-4
     instruction_conversation_fraction: float = 0.75
     # torch threads for stage III (None: as the other stages). Fixed, since float sums depend on it; one thread was
     # several times faster than two on a loaded machine (no spin-waiting) when the shipped model was trained.
-    instruction_threads: int | None = 1
+    instruction_threads: int | None = None
     warmup_fraction: float = 0.05
     logging_steps: int = 50
     # the checks after each stage: held-out pictures captioned, drawings per caption and their DDIM steps
@@ -238,7 +247,7 @@ def demo_unet():
         sample_size=IMAGE_SIZE // 8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(64, 128),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -271,16 +280,20 @@ def demo_sampling_scheduler(noise_scheduler):
 
 class StandInCaptionEncoder(nn.Module):
     """Stage 0b's throw-away text encoder: token + position embeddings of the caption, padded to `length` with the pad
-    token (an all-pad input is the unconditional). Plays the part of SD's CLIP text encoder; it is not shipped."""
+    token (an all-pad input is the unconditional), then `num_layers` small transformer layers, so that each word knows
+    which thing it belongs to. Plays the part of SD's CLIP text encoder; it is not shipped."""
 
-    def __init__(self, vocab_size: int, length: int, dim: int, pad_token_id: int):
+    def __init__(self, vocab_size: int, length: int, dim: int, pad_token_id: int, num_layers: int = 0):
         super().__init__()
         self.length, self.pad_token_id = length, pad_token_id
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Parameter(torch.randn(length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False) if num_layers else None
 
     def forward(self, token_ids: torch.LongTensor) -> torch.Tensor:
-        return self.tokens(token_ids) + self.positions
+        states = self.tokens(token_ids) + self.positions
+        return self.layers(states) if self.layers is not None else states
 
     def encode(self, tokenizer, captions: list[str]) -> torch.LongTensor:
         rows = []
@@ -440,9 +453,7 @@ def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
         **inputs, max_new_tokens=MAX_CAPTION_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
     )
     answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    right = sum(
-        captions_agree(answer, parse_caption(text)) for answer, text in zip(answers, pictures["text"])
-    )
+    right = sum(captions_agree(answer, parse_caption(text)) for answer, text in zip(answers, pictures["text"]))
     mllm.train(was_training)
     return right / num_pictures
 
@@ -490,7 +501,9 @@ def train_diffusion_decoder(
     from ..training.losses import diffusion_loss
 
     unet, noise_scheduler = demo_unet(), demo_noise_scheduler()
-    encoder = StandInCaptionEncoder(len(tokenizer), STAND_IN_LENGTH, CROSS_ATTENTION_DIM, tokenizer.pad_token_id)
+    encoder = StandInCaptionEncoder(
+        len(tokenizer), STAND_IN_LENGTH, CROSS_ATTENTION_DIM, tokenizer.pad_token_id, recipe.stand_in_layers
+    )
     caption_ids = encoder.encode(tokenizer, captions)
     unconditional_ids = encoder.encode(tokenizer, [""])
     with torch.no_grad():
@@ -570,7 +583,7 @@ def write_demo_data(
             seed=recipe.seed + 8,
             image_size=IMAGE_SIZE,
             pictures=recipe.story_pictures,
-            sampler=sample_scene_conversation,
+            sampler=sample_scene_conversation if recipe.creation else sample_reading_conversation,
         )
         paths["conversations"] = str(folder / "conversations.jsonl")
     return paths
@@ -609,6 +622,8 @@ def demo_stage_configs(recipe: DemoRecipe, data: dict[str, str], cache_dir: str 
         )
 
     mixed_pairs = dict(i2t_probability=0.5, caption_dropout=recipe.unconditional_probability)
+    if not recipe.creation:
+        return _comprehension_only_stages(recipe, data, common)
     stages = [
         DemoStage(
             "I-comprehension",
@@ -679,6 +694,44 @@ def demo_stage_configs(recipe: DemoRecipe, data: dict[str, str], cache_dir: str 
             threads=recipe.instruction_threads,
         ),
     ]
+    return [stage for stage in stages if stage.arguments["max_steps"] > 0]
+
+
+def _comprehension_only_stages(recipe: DemoRecipe, data: dict[str, str], common) -> list[DemoStage]:
+    """The recipe's stages with their creation removed: the same steps, batch sizes, learning rates and seeds, all on
+    picture -> text (pairs as captions; stage III's conversations hold no stories, `write_demo_data` writes them so)."""
+    reading = dict(
+        language_model="full",
+        vision_tower="full",
+        train_condition_projector=False,
+        train_dream_queries=False,
+        i2t_probability=1.0,
+        loss_weight_lm=1.0,
+        loss_weight_vm=0.0,
+    )
+    plan = (
+        ("I-comprehension", "stage I comprehension", "alignment", [data["pairs"]], None, "comprehension", 3),
+        ("I-creation", "stage I creation", "alignment", [data["pairs"]], None, "creation", 4),
+        ("II-joint", "stage II joint", "pretraining", [data["pairs"]], None, "joint", 5),
+        (
+            "III-instruction",
+            "stage III instruction",
+            "instruction",
+            [data["conversations"], data["pairs"]],
+            [recipe.instruction_conversation_fraction, 1.0 - recipe.instruction_conversation_fraction],
+            "instruction",
+            8,
+        ),
+    )
+    stages = []
+    for name, timing, stage, sources, weights, prefix, seed_offset in plan:
+        arguments = dict(stage=stage, data=sources, **reading)
+        if weights:
+            arguments["data_weights"] = weights
+        steps, batch_size, lr = (getattr(recipe, f"{prefix}_{field}") for field in ("steps", "batch_size", "lr"))
+        arguments.update(common(steps, batch_size, lr, recipe.seed + seed_offset))
+        threads = recipe.instruction_threads if prefix == "instruction" else None
+        stages.append(DemoStage(name, timing, arguments, threads=threads))
     return [stage for stage in stages if stage.arguments["max_steps"] > 0]
 
 

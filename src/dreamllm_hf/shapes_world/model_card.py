@@ -24,12 +24,14 @@ CARD_TEMPLATE = """---
 # DreamLLM demo: a tiny DreamLLM that knows the shapes world
 
 A DreamLLM (arXiv 2309.11499) small enough to ship inside the `dreamllm_hf` package ({{ size_mb }} MB of safetensors)
-and to train from scratch on two CPU cores in {{ total_min }} minutes. It lives in a synthetic world of 32x32 pictures
-with one coloured shape each (red, green, blue or yellow; circle, square or triangle) and it does all three things
-DreamLLM does: it **captions** pictures, **draws** a caption, and **writes illustrated stories**, deciding by itself
-where a picture goes (`<dream_start>`), drawing it from its dream queries and reading it back through its vision tower.
+and to train from scratch on two CPU cores in {{ total_min }} minutes. It lives in a synthetic world of
+{{ picture_size }}x{{ picture_size }} pictures of one or two shapes (small or big; red, green, blue or yellow; circle,
+square or triangle) and where they stand (left of, right of, above, below), and it does what DreamLLM does: it
+**captions** pictures and **answers questions** about them, **draws** a caption, and **writes illustrated stories**
+in which each picture is the previous one changed as its sentence says, deciding by itself where a picture goes
+(`<dream_start>`), drawing it from its dream queries and reading it back through its vision tower.
 
-It is a demonstration and a test fixture, not a general model: it knows twelve captions, a handful of story
+It is a demonstration and a test fixture, not a general model: it knows the world's captions, questions and story
 sentences and nothing else.
 
 ## Use
@@ -41,9 +43,9 @@ from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
 pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)  # offline, a few MB
 draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
-image = draw("a red circle", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
+image = draw("a small red circle left of a big blue square", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
 caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
-answer = pipe([{"role": "user", "content": [image, "What is in the picture?"]}], allow_images=False).text[0]
+answer = pipe([{"role": "user", "content": [image, "What colour is the square?"]}], allow_images=False).text[0]
 # The generator seeds the story's sampled text and its pictures (seed {{ demo_seed }}: the story of `dreamllm-hf demo`).
 story = pipe(
     "Tell me a story.",
@@ -58,8 +60,10 @@ story.save_html("story.html")
 ```
 
 Prompts that work: captioning takes `<image>` alone without the chat template (the pretraining format), or a picture
-and "What is in the picture?" / "Describe the picture." in a chat (stage III; less exact, see `chat_caption_accuracy`);
-drawing takes a caption `a <colour> <shape>`; stories answer `Tell me a story.`, `Tell me a story with pictures.` or
+and "What is in the picture?" / "Describe the picture." in a chat (stage III, see `chat_caption_accuracy`); questions
+of the world ("How many circles are there?", "Is the triangle big?", "What colour is the shape left of the square?")
+take a picture in a chat and get one word; drawing takes a caption (`a <size> <colour> <shape>`, optionally followed by
+`<relation> a <size> <colour> <shape>`); stories answer `Tell me a story.`, `Tell me a story with pictures.` or
 `Write an illustrated story.` through the default Vicuna chat template, also after earlier turns. Sample pictures with `guidance_scale`
 {{ guidance }} and {{ steps }} DDIM steps (what the evaluation below used; the pipeline's default guidance of 7.5
 over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML with these settings.
@@ -96,19 +100,19 @@ forced by the scale: nothing is pretrained, so the vision tower and the LLM trai
 share ({{ uncond }}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
 classifier-free-guidance unconditional of DreamLLM - means "any picture". Stories are preceded by the chat prompt of
 a story instruction (masked from the loss), as the original's instruction-interleaved data. Stage III is the paper's
-instruction tuning: conversations of one or two exchanges, a question about a picture the user gives (answered by its
-caption) and/or a story whose pictures the assistant draws, tokenized exactly as the pipeline reads a conversation,
+instruction tuning: conversations of one or two exchanges, a question about a picture the user gives (answered in one
+word, or by its caption) and/or a story whose pictures the assistant draws, tokenized exactly as the pipeline reads a conversation,
 so that the model answers in a chat and keeps earlier turns, pictures in and out, in its context.
 
-Checks along the way (held-out pictures, judged by `classify_shape_image`):
+Checks along the way (held-out pictures, judged by `scene_judge.read_scene`):
 
 {{ checks }}
 
 ## Limits
 
-* A toy: twelve captions, a few story templates, {{ picture_size }}x{{ picture_size }} pictures; no knowledge of anything else.
-* Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.
-* Stories are short (one to three pictures, as in its training data) and their sentences follow a few templates.
+* A toy: the world's captions, questions and story sentences, {{ picture_size }}x{{ picture_size }} pictures; no
+  knowledge of anything else.
+* Stories are short (three or four pictures, as in its training data) and their sentences follow a few templates.
 """
 
 
@@ -187,18 +191,28 @@ def _evaluation(evaluation: dict | None) -> str:
     settings = evaluation.get("settings", {})
     return (
         "| figure | value | goal | what |\n| --- | --- | --- | --- |\n"
-        f"| `caption_accuracy` | {evaluation['caption_accuracy']:.3f} | 0.90 | "
-        f"{settings.get('num_caption_pictures', '?')} held-out pictures, greedy, colour and shape both right |\n"
-        f"| `t2i_accuracy` | {evaluation['t2i_accuracy']:.3f} | 0.80 | 12 captions x "
-        f"{settings.get('t2i_per_caption', '?')} seeds, judged by `classify_shape_image` |\n"
-        f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.80 | "
+        f"| `caption_accuracy` | {evaluation['caption_accuracy']:.3f} | 0.80 | "
+        f"{settings.get('num_caption_pictures', '?')} held-out pictures, greedy, everything the caption says right "
+        "(every size, colour, shape and the relation) |\n"
+        f"| `question_accuracy` | {evaluation['question_accuracy']:.3f} | 0.85 | "
+        f"{settings.get('num_questions', '?')} held-out pictures, one question each in a chat, greedy, one-word answer "
+        f"right (by kind: {_by_kind(evaluation)}) |\n"
+        f"| `t2i_accuracy` | {evaluation['t2i_accuracy']:.3f} | 0.60 | {settings.get('num_t2i_scenes', '?')} "
+        f"captions of held-out scenes x {settings.get('t2i_per_scene', '?')} seeds, every thing and the relation read "
+        f"right by the judge (things alone: {evaluation.get('t2i_attribute_accuracy', float('nan')):.3f}) |\n"
+        f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.60 | "
         f"{evaluation.get('interleaved_pictures', '?')} pictures in {settings.get('num_stories', '?')} sampled stories "
-        "whose judged colour and shape match the sentence before them |\n"
-        f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the same "
+        "that show the scene their story's sentences reached |\n"
+        f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the caption "
         'pictures asked about in a chat ("What is in the picture?" / "Describe the picture.") |\n\n'
         f"Settings: {settings.get('num_inference_steps', '?')} DDIM steps, guidance scale "
         f"{settings.get('guidance_scale', '?')}, seed {settings.get('seed', '?')}."
     )
+
+
+def _by_kind(evaluation: dict) -> str:
+    kinds = evaluation.get("question_accuracy_by_kind", {})
+    return ", ".join(f"{kind} {value:.2f}" for kind, value in kinds.items()) or "-"
 
 
 PREDICTION_TYPES = {"v_prediction": "v-prediction", "epsilon": "epsilon-prediction", "sample": "sample-prediction"}

@@ -28,14 +28,20 @@ def illustrated_scene_story(rng: random.Random, num_pictures: int, image_size: i
     return [(sentence, draw_scene(layout)) for sentence, layout in sample_story(rng, num_pictures)]
 
 
+# The same without stories: what the comprehension-only control of the synergy benchmark is instruction-tuned on.
+READING_CONVERSATION_KINDS = tuple(kinds for kinds in SCENE_CONVERSATION_KINDS if "story" not in kinds)
+
+
 def sample_scene_conversation(
-    rng: random.Random, image_size: int = SCENE_SIZE, pictures: tuple[int, int] = (3, 4)
+    rng: random.Random,
+    image_size: int = SCENE_SIZE,
+    pictures: tuple[int, int] = (3, 4),
+    kinds: tuple[tuple[str, ...], ...] = SCENE_CONVERSATION_KINDS,
 ) -> list[dict]:
-    """A conversation of one or two exchanges (`SCENE_CONVERSATION_KINDS`); the `sampler` of
-    `data.write_conversations_folder`."""
+    """A conversation of one or two exchanges (one of `kinds`); the `sampler` of `data.write_conversations_folder`."""
     _check_size(image_size)
     messages = []
-    for exchange in rng.choice(SCENE_CONVERSATION_KINDS):
+    for exchange in rng.choice(kinds):
         if exchange == "story":
             answer = [part for pair in illustrated_scene_story(rng, rng.randint(*pictures)) for part in pair]
             messages.append({"role": "user", "content": rng.choice(STORY_INSTRUCTIONS)})
@@ -49,6 +55,13 @@ def sample_scene_conversation(
         messages.append({"role": "user", "content": [draw_scene(layout), question]})
         messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def sample_reading_conversation(
+    rng: random.Random, image_size: int = SCENE_SIZE, pictures: tuple[int, int] = (3, 4)
+) -> list[dict]:
+    """`sample_scene_conversation` of `READING_CONVERSATION_KINDS` (pictures in only)."""
+    return sample_scene_conversation(rng, image_size, pictures, READING_CONVERSATION_KINDS)
 
 
 def scene_pairs_dataset(num_samples: int, seed: int = 0) -> datasets.Dataset:

@@ -28,7 +28,6 @@ from .evaluation import HELD_OUT_SEED, load_demo_pipeline, text_to_image_pipelin
 from .scene_judge import drawing_shows, read_scene, things_drawn_right
 from .scenes import (
     QUESTION_KINDS,
-    STORY_INSTRUCTIONS_V2,
     Layout,
     StoryReader,
     answers_agree,
@@ -38,7 +37,7 @@ from .scenes import (
     sample_question,
     sample_scene,
 )
-from .tokenizer import CAPTION_QUESTIONS
+from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 
 
 CAPTION_MAX_NEW_TOKENS = 24  # the longest caption of the world, with room for a tokenizer that splits words finely
@@ -191,7 +190,7 @@ def _judge_story(document: list) -> tuple[int, int, list[str]]:
 
 def interleaved_match(pipe, settings: SceneEvaluationSettings) -> dict:
     """Stories written and drawn in one call; each picture judged against the scene its story's sentences reached."""
-    instructions = [STORY_INSTRUCTIONS_V2[i % len(STORY_INSTRUCTIONS_V2)] for i in range(settings.num_stories)]
+    instructions = [STORY_INSTRUCTIONS[i % len(STORY_INSTRUCTIONS)] for i in range(settings.num_stories)]
     out = pipe(
         instructions,
         do_sample=True,

@@ -38,7 +38,9 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return found
 
 
-def _read_thing(pixels: np.ndarray, saturation: np.ndarray, where: np.ndarray) -> tuple[Thing, tuple[float, float]]:
+def _read_thing(
+    pixels: np.ndarray, saturation: np.ndarray, where: np.ndarray
+) -> tuple[Thing, tuple[float, float]] | None:
     median = np.median(pixels[where[:, 0], where[:, 1]], axis=0)
     names = list(COLOURS)
     colour = names[int(np.argmin([np.linalg.norm(median - np.array(COLOURS[name])) for name in names]))]
@@ -48,6 +50,8 @@ def _read_thing(pixels: np.ndarray, saturation: np.ndarray, where: np.ndarray) -
     core = where[strength >= np.median(strength) / 2]
     rows = np.nonzero(np.bincount(core[:, 0]) >= 2)[0]
     cols = np.nonzero(np.bincount(core[:, 1]) >= 2)[0]
+    if not len(rows) or not len(cols):
+        return None  # a thin smear (a drawn picture's stray stroke), no thing of the world
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     fill = len(core) / (height * width)
     shape = "square" if fill > 0.87 else "circle" if fill > 0.72 else "triangle"  # 1, pi/4, ~0.6 measured
@@ -56,8 +60,9 @@ def _read_thing(pixels: np.ndarray, saturation: np.ndarray, where: np.ndarray) -
     return Thing(size, colour, shape), centre
 
 
-def _read_parts(image: Image.Image | np.ndarray) -> list[tuple[Thing, tuple[float, float]]]:
-    """Every thing a picture shows, with its centre (x, y), in the order of its first pixel (row by row)."""
+def _read_parts(image: Image.Image | np.ndarray) -> list[tuple[Thing, tuple[float, float]] | None]:
+    """Every thing a picture shows, with its centre (x, y), in the order of its first pixel (row by row); None for a
+    coloured part that is no thing."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.max() <= 1.0:
         pixels = pixels * 255.0
@@ -69,14 +74,14 @@ def _read_parts(image: Image.Image | np.ndarray) -> list[tuple[Thing, tuple[floa
 
 def read_things(image: Image.Image | np.ndarray) -> list[Thing]:
     """Every thing a picture shows, however many (none, one, three...), each read as the judge reads it."""
-    return [thing for thing, _ in _read_parts(image)]
+    return [part[0] for part in _read_parts(image) if part is not None]
 
 
 def read_scene(image: Image.Image | np.ndarray) -> Scene | None:
     """The scene a picture shows, said the canonical way, or None when it shows no thing or more than two (or two
     that words could not tell apart)."""
     read = _read_parts(image)
-    if not 1 <= len(read) <= 2:
+    if not 1 <= len(read) <= 2 or None in read:
         return None
     things = tuple(thing for thing, _ in read)
     if len(set(things)) != len(things):
