@@ -189,8 +189,8 @@ def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, back
     slots as the model reads features, and one training step of the model runs."""
     from dreamllm_hf.modeling import DreamLLMForConditionalGeneration
     from dreamllm_hf.shapes_world.demo_training import DEMO_BACKBONES, demo_mllm_config, demo_processor
+    from dreamllm_hf.shapes_world.scenes import draw_scene, sample_scene
     from dreamllm_hf.shapes_world.tokenizer import build_demo_tokenizer
-    from dreamllm_hf.shapes_world.world import IMAGE_SIZE
 
     assert set(DEMO_BACKBONES) == {"llama-clip", "qwen2-siglip"}
     tokenizer = build_demo_tokenizer(tmp_path)
@@ -201,11 +201,12 @@ def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, back
     }[backbone]
     assert (config.text_config.model_type, config.vision_config.model_type) == (text_type, vision_type)
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (128, 4)
-    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (64, 3)
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (128, 6)
+    assert config.vision_config.image_size == 64 and config.num_image_tokens == 64  # patch 8
     processor = demo_processor(tokenizer, backbone, config.num_image_tokens)
     torch.manual_seed(0)
     model = DreamLLMForConditionalGeneration(config)
-    picture = draw_shape(sample_spec(random.Random(0)), IMAGE_SIZE)
+    picture = draw_scene(sample_scene(random.Random(0)))
     inputs = processor(text=["<image> a picture"], images=[picture], return_tensors="pt")
     features = model.get_image_features(inputs["pixel_values"])
     assert features.shape[1] == processor.num_image_tokens
@@ -302,21 +303,44 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
 
 
 def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
-    """One captioning and one drawing metric: the recipe's checks call the evaluation's, whatever they decide."""
-    from dreamllm_hf.shapes_world import demo_training, evaluation
+    """One drawing metric: the recipe's checks call the version-2 evaluation's judge, whatever it decides, on the
+    scenes their captions say."""
+    from dreamllm_hf.shapes_world import demo_training
+    from dreamllm_hf.shapes_world.scenes import parse_caption
 
-    assert evaluation.caption_is_right("A Red circle.", "red", "circle")
-    assert evaluation.caption_is_right("a circle that is red", "red", "circle")
-    assert not evaluation.caption_is_right("a red square", "red", "circle")
-    assert evaluation.drawing_is_right(_picture("blue", "triangle"), "blue", "triangle")
-    assert not evaluation.drawing_is_right(_picture("blue", "triangle"), "blue", "square")
-    assert not evaluation.drawing_is_right(Image.new("RGB", (32, 32), (255, 255, 255)), None, None)
-
+    captions = demo_training.check_captions(4)
+    assert len(set(captions)) > 1 and all(parse_caption(caption) is not None for caption in captions)
+    assert captions == demo_training.check_captions(4)  # held out and fixed
     judged = []
-    monkeypatch.setattr(evaluation, "drawing_is_right", lambda picture, *want: judged.append(want) or True)
-    decoded = torch.zeros(2, 3, 32, 32)
-    assert demo_training._judge_all(decoded, [("red", "circle"), ("blue", "square")]) == 1.0
-    assert judged == [("red", "circle"), ("blue", "square")]
+    monkeypatch.setattr(demo_training, "drawing_shows", lambda picture, scene: judged.append(scene) or True)
+    decoded = torch.zeros(2, 3, 64, 64)
+    wanted = [parse_caption(caption) for caption in captions[:2]]
+    assert demo_training._judge_all(decoded, wanted) == 1.0
+    assert judged == wanted
+
+
+def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():
+    """`DemoRecipe(creation=False)`, the synergy benchmark's control: the same stages, steps, batch sizes, learning
+    rates and seeds as the recipe, every one on picture -> text with no diffusion loss and no stories."""
+    import random
+
+    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, demo_stage_configs
+    from dreamllm_hf.shapes_world.scene_data import sample_reading_conversation
+
+    data = {"pairs": "/data/pairs", "stories": "/data/stories/stories.jsonl", "conversations": "/data/c/c.jsonl"}
+    joint = demo_stage_configs(DemoRecipe(), data)
+    alone = demo_stage_configs(DemoRecipe(creation=False), data)
+    assert [stage.name for stage in alone] == [stage.name for stage in joint]
+    fields = ("max_steps", "per_device_batch_size", "learning_rate", "seed")
+    for a, j in zip(alone, joint):
+        assert {k: a.arguments[k] for k in fields} == {k: j.arguments[k] for k in fields}, a.name
+        assert a.arguments["loss_weight_vm"] == 0 and a.arguments["i2t_probability"] == 1.0, a.name
+        assert data["stories"] not in a.arguments["data"], a.name
+    assert any(stage.arguments["loss_weight_vm"] > 0 for stage in joint)
+    for seed in range(40):
+        for message in sample_reading_conversation(random.Random(seed)):
+            if message["role"] == "assistant":
+                assert isinstance(message["content"], str)  # an answer in words, never pictures out
 
 
 def test_renamed_patch_size_keeps_working_with_a_future_warning():

@@ -94,7 +94,7 @@ def add_demo_parsers(subparsers) -> None:
         action="store_true",
         help="Rewrite the model card (README.md) of --model with these figures (needs its training_report.json).",
     )
-    evaluate.set_defaults(func=_run_evaluate_demo)
+    evaluate.set_defaults(func=_run_evaluate_demo, parser=evaluate)
 
 
 SETTING_OPTIONS = (
@@ -146,41 +146,32 @@ def _run_train_demo(args) -> int:
 
 
 def _run_evaluate_demo(args) -> int:
-    from .scene_evaluation import SceneEvaluationSettings, evaluate_pipeline, load_demo_pipeline
+    from .demo_model_path import DEMO_MODEL_PATH
 
     _set_threads(args.threads)
-    # Options left out keep the SceneEvaluationSettings defaults (one source of truth; they are listed in its card).
+    # Options left out keep the settings' defaults (one source of truth; they are listed in the card).
     chosen = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name) is not None}
-    settings = SceneEvaluationSettings(**chosen)
-    pipe = load_demo_pipeline(args.model)
-    results = evaluate_pipeline(pipe, settings)
-    print("captions (truth -> caption):")
-    for example in results["caption_examples"]:
-        print(f"  {example['truth']:>48} -> {example['caption']!r}")
-    print("questions (question: truth -> answer):")
-    for example in results["question_examples"]:
-        print(f"  {example['question']} {example['truth']} -> {example['answer']!r}")
-    print("question accuracy by kind: " + json.dumps(results["question_accuracy_by_kind"]))
-    print("text-to-image, judged right per caption:")
-    for caption, fraction in results["t2i_per_caption"].items():
-        print(f"  {caption:>48}: {fraction:.2f}")
-    print(f"things drawn right (size, colour, shape): {results['t2i_attribute_accuracy']:.3f}")
-    print(
-        f"stories: {results['stories_with_pictures']}/{settings.num_stories} drew pictures, "
-        f"{results['interleaved_pictures']} pictures in all"
-    )
-    for story in results["story_examples"]:
-        print(f"  {story['instruction']!r} -> {story['document']} <{story['stop']}>")
+    model = args.model or DEMO_MODEL_PATH
+    if demo_world(model) == "scenes":
+        from .scene_evaluation import SceneEvaluationSettings, evaluate_pipeline, load_demo_pipeline
+
+        settings = SceneEvaluationSettings(**chosen)
+    else:
+        from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
+
+        settings = DemoEvaluationSettings(**_first_world_settings(args, chosen))
+    results = evaluate_pipeline(load_demo_pipeline(args.model), settings)
+    _print_details(results, settings.num_stories)
     if args.save_dir:
         _save_outputs(results, Path(args.save_dir))
     if args.update_card:
-        from .demo_model_path import DEMO_MODEL_PATH
         from .model_card import write_demo_model_card
 
-        write_demo_model_card(args.model or DEMO_MODEL_PATH, evaluation=results)
+        write_demo_model_card(model, evaluation=results)
     summary = {
         "caption_accuracy": round(results["caption_accuracy"], 4),
-        "question_accuracy": round(results["question_accuracy"], 4),
+        # null for a model of the first world, which was never asked questions
+        "question_accuracy": round(results["question_accuracy"], 4) if "question_accuracy" in results else None,
         "t2i_accuracy": round(results["t2i_accuracy"], 4),
         "interleaved_match": round(results["interleaved_match"], 4),
         "interleaved_pictures": results["interleaved_pictures"],
@@ -188,6 +179,51 @@ def _run_evaluate_demo(args) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def demo_world(model_dir) -> str:
+    """The world a demo model was trained in, as its training report records it: "scenes" (the version-2 world of
+    `scenes.py`) or "shapes" (the first demo model's, `world.py`, whose report names none). A folder without a report
+    is taken to be of the version-2 world."""
+    report = Path(model_dir) / "training_report.json"
+    return json.loads(report.read_text()).get("world", "shapes") if report.is_file() else "scenes"
+
+
+def _first_world_settings(args, chosen: dict) -> dict:
+    """The options as `DemoEvaluationSettings` of the first world (12 captions, no questions) reads them."""
+    unknown = [name for name in ("num_questions", "num_t2i_scenes") if name in chosen]
+    if unknown:
+        options = " and ".join("--" + name.replace("_", "-").replace("scenes", "captions") for name in unknown)
+        checks.usage_error(
+            args,
+            f"{options}: the model {args.model or '(the shipped one)'} was trained in the first shapes world "
+            "(one shape, 12 captions, no questions); leave them out for it.",
+        )
+    if "t2i_per_scene" in chosen:
+        chosen["t2i_per_caption"] = chosen.pop("t2i_per_scene")
+    return chosen
+
+
+def _print_details(results: dict, num_stories: int) -> None:
+    print("captions (truth -> caption):")
+    for example in results["caption_examples"]:
+        print(f"  {example['truth']:>48} -> {example['caption']!r}")
+    if "question_examples" in results:
+        print("questions (question: truth -> answer):")
+        for example in results["question_examples"]:
+            print(f"  {example['question']} {example['truth']} -> {example['answer']!r}")
+        print("question accuracy by kind: " + json.dumps(results["question_accuracy_by_kind"]))
+    print("text-to-image, judged right per caption:")
+    for caption, fraction in results["t2i_per_caption"].items():
+        print(f"  {caption:>48}: {fraction:.2f}")
+    if "t2i_attribute_accuracy" in results:
+        print(f"things drawn right (size, colour, shape): {results['t2i_attribute_accuracy']:.3f}")
+    print(
+        f"stories: {results['stories_with_pictures']}/{num_stories} drew pictures, "
+        f"{results['interleaved_pictures']} pictures in all"
+    )
+    for story in results["story_examples"]:
+        print(f"  {story['instruction']!r} -> {story['document']} <{story['stop']}>")
 
 
 def _save_outputs(results: dict, folder: Path) -> None:

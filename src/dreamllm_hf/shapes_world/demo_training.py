@@ -1,15 +1,16 @@
-"""The recipe that trains the shipped demo model: a tiny DreamLLM on the shapes world, on a CPU, from scratch.
+"""The recipe that trains the shipped demo model: a tiny DreamLLM on the shapes world (version 2, `scenes`: one or two
+shapes on 64x64, their sizes and where they stand), on a CPU, from scratch.
 
-Everything is small (a 4-layer LLM, a 3-layer vision tower, a UNet and a VAE of about a million parameters each), so
-the whole recipe runs in minutes on two CPU cores. The stages follow the paper (arXiv 2309.11499, section 7 of
+Everything is small (a 4-layer LLM, a 6-layer vision tower, a UNet and a VAE of a few million parameters at most),
+so the whole recipe runs in under 45 minutes on two CPU cores. The stages follow the paper (arXiv 2309.11499, section 7 of
 docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pretrained:
 
-* **Stage 0a, the autoencoder.** A small `AutoencoderKL`, 32x32x3 pictures -> 4x8x8 latents (L1 + L2 reconstruction,
+* **Stage 0a, the autoencoder.** A small `AutoencoderKL`, 64x64x3 pictures -> 4x8x8 latents (L1 + L2 reconstruction,
   a very small KL weight); its `scaling_factor` is set so that the latents have unit variance.
 * **Stage 0b, the diffusion decoder, pretrained with a stand-in caption encoder.** Stable Diffusion learned to listen
   to its text encoder before DreamLLM ever spoke to it; here a throw-away caption encoder (token + position
-  embeddings of the caption, padded to the number of dream queries) plays CLIP-text's part, with caption dropout so
-  that an empty caption means "any picture". Two choices make the UNet follow the caption within a few hundred steps
+  embeddings of the caption, then two small transformer layers, so that each word knows which thing it belongs to)
+  plays CLIP-text's part, with caption dropout so that an empty caption means "any picture". Two choices make the UNet follow the caption within a few hundred steps
   (measured: with epsilon prediction the pictures followed their noise seed, not the caption): **v-prediction** on a
   zero-terminal-SNR cosine schedule, and the stock UNet's `addition_embed_type="text"` pooled conditioning next to
   its cross-attention (both read only `encoder_hidden_states`, i.e. the dream embeddings later).
@@ -23,8 +24,8 @@ docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pret
   reads as its unconditional, so it must mean "any picture"). **Stage II, I-GPT:** illustrated stories (each the
   answer to a story instruction, whose chat prompt is not learned) and pairs both ways, three batches of stories to
   one of pairs, `lm + 10 x diffusion`, the vision tower frozen as in the paper. **Stage III, instruction tuning:**
-  conversations whose turns hold pictures in (a question about a picture) and out (a story the assistant
-  illustrates), tokenized exactly as the pipeline reads a conversation, mixed with pairs.
+  conversations whose turns hold pictures in (a question about a picture, answered in a word, or a caption asked
+  for) and out (a story the assistant illustrates), tokenized exactly as the pipeline reads a conversation, mixed with pairs.
 
 `--backbone` chooses the LLM and the vision tower (`DEMO_BACKBONES`): a LLaMA with a CLIP tower (the shipped model) or
 a Qwen2 with a SigLIP tower, the same sizes otherwise.
@@ -57,6 +58,9 @@ from .scenes import SCENE_SIZE, captions_agree, parse_caption, sample_scene
 from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer, scene_world_texts
 
 
+# The world the recipe trains in (the report records it; `evaluate-demo` and the card read it): the version-2 world of
+# `scenes.py`. A report without it is of the first demo model's world (`world.py`).
+DEMO_WORLD = "scenes"
 NUM_DREAM_QUERIES = 8
 CROSS_ATTENTION_DIM = 64
 IMAGE_SIZE = SCENE_SIZE
@@ -904,6 +908,7 @@ def train_demo(
     _publish(model_dir, output_dir)
     lap("save")
     report = {
+        "world": DEMO_WORLD,
         "recipe": recipe.to_dict(),
         "stages": [asdict(stage) | {"arguments": _portable(stage.arguments)} for stage in stages],
         "timings_s": timings,

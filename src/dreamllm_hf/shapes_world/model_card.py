@@ -24,15 +24,9 @@ CARD_TEMPLATE = """---
 # DreamLLM demo: a tiny DreamLLM that knows the shapes world
 
 A DreamLLM (arXiv 2309.11499) small enough to ship inside the `dreamllm_hf` package ({{ size_mb }} MB of safetensors)
-and to train from scratch on two CPU cores in {{ total_min }} minutes. It lives in a synthetic world of
-{{ picture_size }}x{{ picture_size }} pictures of one or two shapes (small or big; red, green, blue or yellow; circle,
-square or triangle) and where they stand (left of, right of, above, below), and it does what DreamLLM does: it
-**captions** pictures and **answers questions** about them, **draws** a caption, and **writes illustrated stories**
-in which each picture is the previous one changed as its sentence says, deciding by itself where a picture goes
-(`<dream_start>`), drawing it from its dream queries and reading it back through its vision tower.
+and to train from scratch on two CPU cores in {{ total_min }} minutes. {{ world_intro }}
 
-It is a demonstration and a test fixture, not a general model: it knows the world's captions, questions and story
-sentences and nothing else.
+It is a demonstration and a test fixture, not a general model: {{ knows }}
 
 ## Use
 
@@ -43,14 +37,14 @@ from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
 pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)  # offline, a few MB
 draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
-image = draw("a small red circle left of a big blue square", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
+image = draw("{{ draw_example }}", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
 caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
-answer = pipe([{"role": "user", "content": [image, "What colour is the square?"]}], allow_images=False).text[0]
+answer = pipe([{"role": "user", "content": [image, "{{ ask_example }}"]}], allow_images=False).text[0]
 # The generator seeds the story's sampled text and its pictures (seed {{ demo_seed }}: the story of `dreamllm-hf demo`).
 story = pipe(
     "Tell me a story.",
     do_sample=True,
-    max_new_tokens=64,
+    max_new_tokens={{ story_tokens }},
     max_images=4,
     num_inference_steps={{ steps }},
     guidance_scale={{ guidance }},
@@ -60,10 +54,8 @@ story.save_html("story.html")
 ```
 
 Prompts that work: captioning takes `<image>` alone without the chat template (the pretraining format), or a picture
-and "What is in the picture?" / "Describe the picture." in a chat (stage III, see `chat_caption_accuracy`); questions
-of the world ("How many circles are there?", "Is the triangle big?", "What colour is the shape left of the square?")
-take a picture in a chat and get one word; drawing takes a caption (`a <size> <colour> <shape>`, optionally followed by
-`<relation> a <size> <colour> <shape>`); stories answer `Tell me a story.`, `Tell me a story with pictures.` or
+and "What is in the picture?" / "Describe the picture." in a chat ({{ chat_note }});
+{{ prompts }}; stories answer `Tell me a story.`, `Tell me a story with pictures.` or
 `Write an illustrated story.` through the default Vicuna chat template, also after earlier turns. Sample pictures with `guidance_scale`
 {{ guidance }} and {{ steps }} DDIM steps (what the evaluation below used; the pipeline's default guidance of 7.5
 over-saturates this small decoder). `dreamllm-hf demo` writes a story to HTML with these settings.
@@ -100,20 +92,71 @@ forced by the scale: nothing is pretrained, so the vision tower and the LLM trai
 share ({{ uncond }}) of the text-to-image samples has no caption, so that `<s>` alone through the dream path - the
 classifier-free-guidance unconditional of DreamLLM - means "any picture". Stories are preceded by the chat prompt of
 a story instruction (masked from the loss), as the original's instruction-interleaved data. Stage III is the paper's
-instruction tuning: conversations of one or two exchanges, a question about a picture the user gives (answered in one
-word, or by its caption) and/or a story whose pictures the assistant draws, tokenized exactly as the pipeline reads a conversation,
+instruction tuning: conversations of one or two exchanges, a question about a picture the user gives ({{ answered }}) and/or a story whose pictures the assistant draws, tokenized exactly as the pipeline reads a conversation,
 so that the model answers in a chat and keeps earlier turns, pictures in and out, in its context.
 
-Checks along the way (held-out pictures, judged by `scene_judge.read_scene`):
+Checks along the way (held-out pictures, judged by `{{ judge }}`):
 
 {{ checks }}
 
 ## Limits
 
-* A toy: the world's captions, questions and story sentences, {{ picture_size }}x{{ picture_size }} pictures; no
-  knowledge of anything else.
-* Stories are short (three or four pictures, as in its training data) and their sentences follow a few templates.
+{{ limits }}
 """
+
+# What the card says of the world a demo model was trained in: the report's `world` ("scenes", the version-2 world of
+# `scenes.py`), or none for the first demo model's world (`world.py`).
+WORLD_TEXTS = {
+    "shapes": dict(
+        world_intro=(
+            "It lives in a synthetic world of 32x32 pictures\nwith one coloured shape each (red, green, blue or "
+            "yellow; circle, square or triangle) and it does all three things\nDreamLLM does: it **captions** "
+            "pictures, **draws** a caption, and **writes illustrated stories**, deciding by itself\nwhere a picture "
+            "goes (`<dream_start>`), drawing it from its dream queries and reading it back through its vision tower."
+        ),
+        knows="it knows twelve captions, a handful of story\nsentences and nothing else.",
+        draw_example="a red circle",
+        ask_example="What is in the picture?",
+        story_tokens=64,
+        chat_note="stage III; less exact, see `chat_caption_accuracy`",
+        prompts="drawing takes a caption `a <colour> <shape>`",
+        answered="answered by its\ncaption",
+        judge="classify_shape_image",
+        limits=(
+            "* A toy: twelve captions, a few story templates, {size}x{size} pictures; no knowledge of anything else.\n"
+            "* Its mistakes, in captions and in pictures alike, are mostly circles and squares taken for one another.\n"
+            "* Stories are short (one to three pictures, as in its training data) and their sentences follow a few "
+            "templates."
+        ),
+    ),
+    "scenes": dict(
+        world_intro=(
+            "It lives in a synthetic world of {size}x{size}\npictures of one or two shapes (small or big; red, green, "
+            "blue or yellow; circle, square or triangle) and\nwhere they stand (left of, right of, above, below), and "
+            "it does what DreamLLM does: it **captions** pictures\nand **answers questions** about them, **draws** a "
+            "caption, and **writes illustrated stories** in which each picture\nis the previous one changed as its "
+            "sentence says, deciding by itself where a picture goes (`<dream_start>`),\ndrawing it from its dream "
+            "queries and reading it back through its vision tower."
+        ),
+        knows="it knows the world's captions, questions and story\nsentences and nothing else.",
+        draw_example="a small red circle left of a big blue square",
+        ask_example="What colour is the square?",
+        story_tokens=96,
+        chat_note="stage III, see `chat_caption_accuracy`",
+        prompts=(
+            'questions of the world ("How many circles are there?", "Is the\ntriangle big?", "What colour is the '
+            'shape left of the square?") take a picture in a chat and get one word;\ndrawing takes a caption (`a '
+            "<size> <colour> <shape>`, optionally followed by `<relation> a <size> <colour> <shape>`)"
+        ),
+        answered="answered in one\nword, or by its caption when it asks for one",
+        judge="scene_judge.read_scene",
+        limits=(
+            "* A toy: the world's captions, questions and story sentences, {size}x{size} pictures; no knowledge of "
+            "anything\n  else.\n* Stories are short (three or four pictures, as in its training data) and their "
+            "sentences follow a few\n  templates."
+        ),
+    ),
+}
 
 
 def _stage_rows(report: dict) -> str:
@@ -188,31 +231,48 @@ def _checks(report: dict) -> str:
 def _evaluation(evaluation: dict | None) -> str:
     if not evaluation:
         return "Not measured yet: run `dreamllm-hf evaluate-demo --model DIR`."
+    if "question_accuracy" in evaluation:
+        return _scene_evaluation(evaluation)
     settings = evaluation.get("settings", {})
     return (
         "| figure | value | goal | what |\n| --- | --- | --- | --- |\n"
-        f"| `caption_accuracy` | {evaluation['caption_accuracy']:.3f} | 0.80 | "
-        f"{settings.get('num_caption_pictures', '?')} held-out pictures, greedy, everything the caption says right "
-        "(every size, colour, shape and the relation) |\n"
-        f"| `question_accuracy` | {evaluation['question_accuracy']:.3f} | 0.85 | "
-        f"{settings.get('num_questions', '?')} held-out pictures, one question each in a chat, greedy, one-word answer "
-        f"right (by kind: {_by_kind(evaluation)}) |\n"
-        f"| `t2i_accuracy` | {evaluation['t2i_accuracy']:.3f} | 0.60 | {settings.get('num_t2i_scenes', '?')} "
-        f"captions of held-out scenes x {settings.get('t2i_per_scene', '?')} seeds, every thing and the relation read "
-        f"right by the judge (things alone: {evaluation.get('t2i_attribute_accuracy', float('nan')):.3f}) |\n"
-        f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.60 | "
+        f"| `caption_accuracy` | {evaluation['caption_accuracy']:.3f} | 0.90 | "
+        f"{settings.get('num_caption_pictures', '?')} held-out pictures, greedy, colour and shape both right |\n"
+        f"| `t2i_accuracy` | {evaluation['t2i_accuracy']:.3f} | 0.80 | 12 captions x "
+        f"{settings.get('t2i_per_caption', '?')} seeds, judged by `classify_shape_image` |\n"
+        f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.80 | "
         f"{evaluation.get('interleaved_pictures', '?')} pictures in {settings.get('num_stories', '?')} sampled stories "
-        "that show the scene their story's sentences reached |\n"
-        f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the caption "
+        "whose judged colour and shape match the sentence before them |\n"
+        f"| `chat_caption_accuracy` | {evaluation.get('chat_caption_accuracy', float('nan')):.3f} | - | the same "
         'pictures asked about in a chat ("What is in the picture?" / "Describe the picture.") |\n\n'
         f"Settings: {settings.get('num_inference_steps', '?')} DDIM steps, guidance scale "
         f"{settings.get('guidance_scale', '?')}, seed {settings.get('seed', '?')}."
     )
 
 
-def _by_kind(evaluation: dict) -> str:
-    kinds = evaluation.get("question_accuracy_by_kind", {})
-    return ", ".join(f"{kind} {value:.2f}" for kind, value in kinds.items()) or "-"
+def _scene_evaluation(evaluation: dict) -> str:
+    """The figures of `scene_evaluation.evaluate_pipeline` (the version-2 world)."""
+    settings = evaluation.get("settings", {})
+    kinds = ", ".join(f"{kind} {value:.2f}" for kind, value in evaluation["question_accuracy_by_kind"].items())
+    return (
+        "| figure | value | goal | what |\n| --- | --- | --- | --- |\n"
+        f"| `caption_accuracy` | {evaluation['caption_accuracy']:.3f} | 0.80 | "
+        f"{settings.get('num_caption_pictures', '?')} held-out pictures, greedy, everything the caption says right "
+        "(every size, colour, shape and the relation) |\n"
+        f"| `question_accuracy` | {evaluation['question_accuracy']:.3f} | 0.85 | "
+        f"{settings.get('num_questions', '?')} held-out pictures, one question each in a chat, greedy, the one-word "
+        f"answer right (by kind: {kinds}) |\n"
+        f"| `t2i_accuracy` | {evaluation['t2i_accuracy']:.3f} | 0.60 | {settings.get('num_t2i_scenes', '?')} "
+        f"captions of held-out scenes x {settings.get('t2i_per_scene', '?')} seeds, every thing and the relation read "
+        f"right by the judge (things alone: {evaluation['t2i_attribute_accuracy']:.3f}) |\n"
+        f"| `interleaved_match` | {evaluation['interleaved_match']:.3f} | 0.60 | "
+        f"{evaluation.get('interleaved_pictures', '?')} pictures in {settings.get('num_stories', '?')} sampled stories "
+        "that show the scene their story's sentences reached |\n"
+        f"| `chat_caption_accuracy` | {evaluation['chat_caption_accuracy']:.3f} | - | the caption pictures asked "
+        'about in a chat ("What is in the picture?" / "Describe the picture.") |\n\n'
+        f"Settings: {settings.get('num_inference_steps', '?')} DDIM steps, guidance scale "
+        f"{settings.get('guidance_scale', '?')}, seed {settings.get('seed', '?')}."
+    )
 
 
 PREDICTION_TYPES = {"v_prediction": "v-prediction", "epsilon": "epsilon-prediction", "sample": "sample-prediction"}
@@ -261,7 +321,12 @@ def demo_card_variables(model_dir: str | Path, report: dict, evaluation: dict | 
     counts = facts["parameters"]
     size = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
     load = report.get("load_average_at_start") or report.get("load_average_at_end") or ["?"]
+    world = {
+        key: value.format(size=facts["picture_size"]) if isinstance(value, str) else value
+        for key, value in WORLD_TEXTS[report.get("world", "shapes")].items()
+    }
     return {
+        **world,
         "size_mb": f"{size / 2**20:.1f}",
         "total_min": f"{report['total_s'] / 60:.0f}",
         "total_s": f"{report['total_s']:.0f}",
