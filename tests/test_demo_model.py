@@ -1,8 +1,7 @@
 """The shipped demo model (`src/dreamllm_hf/demo_model/`): it loads offline and still knows the shapes world.
 
-The bars here are lower than the goals `dreamllm-hf evaluate-demo` measures (captions 0.80, questions 0.85, drawings
-and story pictures 0.60, every thing and relation right), so that a change that breaks the model, the processor or
-the pipeline is caught without the test becoming a slow benchmark.
+The bars here are lower than the goals `dreamllm-hf evaluate-demo` measures (0.90 / 0.80 / 0.80), so that a change
+that breaks the model, the processor or the pipeline is caught without the test becoming a slow benchmark.
 """
 
 import json
@@ -12,33 +11,12 @@ import pytest
 import torch
 
 from dreamllm_hf import constants as C
-from dreamllm_hf.shapes_world.demo_model_path import (
-    DEMO_DRAWING,
-    DEMO_GUIDANCE_SCALE,
-    DEMO_MODEL_PATH,
-    DEMO_SEED,
-    DEMO_STORY_TOKENS,
-)
-from dreamllm_hf.shapes_world.scene_evaluation import (
-    ANSWER_MAX_NEW_TOKENS,
-    CAPTION_MAX_NEW_TOKENS,
-    held_out_questions,
-    held_out_scenes,
-)
-from dreamllm_hf.shapes_world.scene_judge import read_things, things_drawn_right
-from dreamllm_hf.shapes_world.scenes import (
-    COLOURS,
-    SCENE_SIZE,
-    StoryReader,
-    answers_agree,
-    captions_agree,
-    draw_scene,
-    sample_scene,
-)
+from dreamllm_hf.shapes_world import COLOURS, SHAPES, classify_shape_image, draw_shape, sample_spec
+from dreamllm_hf.shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH
+from dreamllm_hf.shapes_world.evaluation import named_colour_and_shape
 
 
-MAX_BYTES = 30 * 1024 * 1024  # the issue's bound on the shipped model
-CAPTION_BAR, QUESTION_BAR, THINGS_BAR = 0.5, 0.6, 0.5
+MAX_BYTES = 20 * 1024 * 1024
 FAST = dict(num_inference_steps=20, guidance_scale=DEMO_GUIDANCE_SCALE)
 
 
@@ -88,7 +66,7 @@ def test_mllm_folder_is_a_complete_transformers_repository(pipe):
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
         assert (DEMO_MODEL_PATH / "mllm" / name).read_bytes() == (DEMO_MODEL_PATH / "processor" / name).read_bytes()
     model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_PATH / "mllm", dtype=torch.float32).eval()
-    inputs = processor(text="<image>", images=draw_scene(sample_scene(random.Random(0))), return_tensors="pt")
+    inputs = processor(text="<image>", images=draw_shape(sample_spec(random.Random(0))), return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, pipe.mllm(**inputs).logits)
 
@@ -113,78 +91,67 @@ def test_tokenizer_has_the_release_special_tokens_in_release_order(pipe):
         assert vocab[token] - first == release_id - C.RELEASE_ADDED_TOKEN_IDS[C.PAD_TOKEN], token
     assert first + len(C.RELEASE_ADDED_TOKEN_IDS) == len(tokenizer) == pipe.mllm.config.text_config.vocab_size
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a small red circle")["input_ids"])
-    assert tokens == ["<s>", "▁a", "▁small", "▁red", "▁circle"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a red circle")["input_ids"]) == ["<s>", "▁a", "▁red", "▁circle"]
     # Legacy tokenization: the text after a special token gets its own dummy prefix.
     ids = tokenizer("<image>What is in the picture?")["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["<s>", "<image>", "▁What"]
 
 
 def test_captions_of_held_out_pictures(pipe):
-    layouts = held_out_scenes("captions", 24, seed=7)  # not the evaluation's seed
+    import random
+
+    rng = random.Random(20_240_601)  # not a training seed
+    specs = [sample_spec(rng, colour=colour, shape=shape) for colour in COLOURS for shape in SHAPES]
     out = pipe(
-        ["<image>"] * len(layouts),
-        images=[[draw_scene(layout)] for layout in layouts],
+        ["<image>"] * len(specs),
+        images=[[draw_shape(spec)] for spec in specs],
         allow_images=False,
         use_chat_template=False,
         do_sample=False,
-        max_new_tokens=CAPTION_MAX_NEW_TOKENS,
+        max_new_tokens=6,
     )
-    right = sum(captions_agree(text, layout.scene) for text, layout in zip(out.text, layouts))
-    assert right >= CAPTION_BAR * len(layouts), list(zip(out.text, [layout.scene.caption() for layout in layouts]))
-
-
-def test_answers_questions_about_held_out_pictures(pipe):
-    asked = held_out_questions(24, seed=7)
-    out = pipe(
-        [[{"role": "user", "content": [{"type": "image"}, question]}] for _, question, _ in asked],
-        images=[[draw_scene(layout)] for layout, _, _ in asked],
-        allow_images=False,
-        do_sample=False,
-        max_new_tokens=ANSWER_MAX_NEW_TOKENS,
-    )
-    right = sum(answers_agree(text, truth) for text, (_, _, truth) in zip(out.text, asked))
-    assert right >= QUESTION_BAR * len(asked), [(q, t, a) for (_, q, t), a in zip(asked, out.text)]
+    right = sum(named_colour_and_shape(text) == (spec.colour, spec.shape) for text, spec in zip(out.text, specs))
+    assert right >= 10, list(zip(out.text, [spec.name for spec in specs]))
 
 
 def test_text_to_image_follows_the_caption(pipe):
     from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
 
     draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # the same components
-    scenes = [layout.scene for layout in held_out_scenes("t2i", 12, seed=7)]
-    generators = [torch.Generator("cpu").manual_seed(index) for index in range(len(scenes))]
-    images = draw([scene.caption() for scene in scenes], generator=generators, **FAST).images
-    assert images[0].size == (SCENE_SIZE, SCENE_SIZE)
-    things = sum(things_drawn_right(image, scene) for image, scene in zip(images, scenes))
-    asked = sum(len(scene.things) for scene in scenes)
-    assert things >= THINGS_BAR * asked, [(scene.caption(), read_things(image)) for scene, image in zip(scenes, images)]
+    captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    generators = [torch.Generator("cpu").manual_seed(index) for index in range(len(captions))]
+    images = draw(captions, generator=generators, **FAST).images
+    judged = [classify_shape_image(image) for image in images]
+    right = sum(seen == named_colour_and_shape(caption) for seen, caption in zip(judged, captions))
+    assert right >= 7, list(zip(captions, judged))
+    assert sum(seen[0] == named_colour_and_shape(c)[0] for seen, c in zip(judged, captions)) >= 10  # colours
 
 
 def test_an_interleaved_story_draws_pictures(pipe):
     out = pipe(
         "Tell me a story.",
         do_sample=True,
-        max_new_tokens=DEMO_STORY_TOKENS,
-        max_images=4,
-        generator=torch.Generator("cpu").manual_seed(DEMO_SEED),
+        max_new_tokens=48,
+        max_images=3,
+        generator=torch.Generator("cpu").manual_seed(0),
         **FAST,
     )
     document = out.documents[0]
-    assert isinstance(document[0], str) and StoryReader().read(document[0].strip()) is not None, document[0]
-    assert len(out.images[0]) >= 2
-    assert out.images[0][0].size == (SCENE_SIZE, SCENE_SIZE)
+    assert isinstance(document[0], str) and named_colour_and_shape(document[0]) != (None, None)
+    assert len(out.images[0]) >= 1
+    assert out.images[0][0].size == (32, 32)
 
 
-def test_evaluate_demo_prints_the_four_figures_last(capsys):
+def test_evaluate_demo_prints_the_three_figures_last(capsys):
     from dreamllm_hf.shapes_world.cli import main
 
-    argv = ["evaluate-demo", "--num-caption-pictures", "4", "--num-questions", "4", "--num-t2i-captions", "2"]
-    argv += ["--t2i-per-caption", "1", "--num-stories", "1", "--num-inference-steps", "8"]
-    assert main(argv) == 0
+    argv = ["evaluate-demo", "--num-caption-pictures", "4", "--t2i-per-caption", "1", "--num-stories", "1"]
+    assert main([*argv, "--num-inference-steps", "8"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)
-    for key in ("caption_accuracy", "question_accuracy", "t2i_accuracy", "interleaved_match"):
+    for key in ("caption_accuracy", "t2i_accuracy", "interleaved_match"):
         assert 0.0 <= figures[key] <= 1.0
+    assert figures["question_accuracy"] is None  # a model of the first world, never asked questions
 
 
 def test_main_demo_command_writes_an_illustrated_story(tmp_path, capsys):
@@ -197,4 +164,4 @@ def test_main_demo_command_writes_an_illustrated_story(tmp_path, capsys):
     page = story.read_text()
     assert page.count('src="data:image/png;base64,') >= 1  # at least one drawn picture, embedded
     assert any(name in page for name in COLOURS)  # and the text around it
-    assert (tmp_path / (DEMO_DRAWING.replace(" ", "_") + ".png")).is_file()
+    assert (tmp_path / "a_yellow_circle.png").is_file()

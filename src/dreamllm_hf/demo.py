@@ -2,10 +2,11 @@
 
 The demo model (`dreamllm_hf/demo_model/`) is a tiny DreamLLM trained on the shapes world by `dreamllm-hf train-demo`.
 The story is a document: the model writes, emits `<dream_start>` where it wants a picture, draws it from its dream
-queries and reads it back through its vision tower before going on. A caption and an answer (text answers,
-`allow_images=False`) and a drawing (`DreamLLMText2ImagePipeline`) show the other things it does.
+queries and reads it back through its vision tower before going on. A caption (a text answer, `allow_images=False`)
+and a drawing (`DreamLLMText2ImagePipeline`) show the other two things it does.
 """
 
+import random
 from pathlib import Path
 
 import torch
@@ -23,15 +24,8 @@ def run_demo(
     `DEMO_SEED`) seeds the story's sampled text and its pictures, and the drawing.
     """
     from .pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
-    from .shapes_world.demo_model_path import (
-        DEMO_DRAWING,
-        DEMO_GUIDANCE_SCALE,
-        DEMO_MODEL_PATH,
-        DEMO_NUM_INFERENCE_STEPS,
-        DEMO_SEED,
-        DEMO_STORY_TOKENS,
-    )
-    from .shapes_world.scenes import Layout, Scene, Thing, draw_scene
+    from .shapes_world import draw_shape, sample_spec
+    from .shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_MODEL_PATH, DEMO_NUM_INFERENCE_STEPS, DEMO_SEED
 
     seed = DEMO_SEED if seed is None else seed
 
@@ -52,7 +46,7 @@ def run_demo(
     story = pipe(
         prompt,
         do_sample=True,
-        max_new_tokens=DEMO_STORY_TOKENS,
+        max_new_tokens=64,
         max_images=max_images,
         generator=torch.Generator("cpu").manual_seed(seed),
         **sampling,
@@ -63,21 +57,17 @@ def run_demo(
     print(f"[interleaved] {prompt!r} -> {rendered}")
     print(f"[interleaved] {len(story.images[0])} picture(s), stopped: {story.stop_reasons[0]}")
 
-    shown = Scene((Thing("small", "blue", "triangle"), Thing("big", "red", "square")), "left of")
-    picture = draw_scene(Layout(shown, ((16, 30), (44, 34))))
-    greedy = dict(allow_images=False, do_sample=False)
-    caption = pipe("<image>", images=[picture], use_chat_template=False, max_new_tokens=24, **greedy).text[0]
-    print(f"[comprehension] {shown.caption()} -> {caption.strip()!r}")
-    question = "What colour is the shape left of the square?"
-    asked = [{"role": "user", "content": [{"type": "image"}, question]}]
-    answer = pipe([asked], images=[[picture]], max_new_tokens=8, **greedy).text[0]
-    print(f"[question] {question} -> {answer.strip()!r}")
+    picture = draw_shape(sample_spec(random.Random(seed), colour="blue", shape="triangle"))
+    caption = pipe(
+        "<image>", images=[picture], allow_images=False, use_chat_template=False, do_sample=False, max_new_tokens=8
+    ).text[0]
+    print(f"[comprehension] a blue triangle -> {caption.strip()!r}")
 
     draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
-    drawing = draw(DEMO_DRAWING, generator=torch.Generator("cpu").manual_seed(seed), **sampling).images[0]
-    drawing_path = output_dir / (DEMO_DRAWING.replace(" ", "_") + ".png")
+    drawing = draw("a yellow circle", generator=torch.Generator("cpu").manual_seed(seed), **sampling).images[0]
+    drawing_path = output_dir / "a_yellow_circle.png"
     drawing.save(drawing_path)
-    print(f"[text-to-image] {DEMO_DRAWING!r} -> {drawing_path}")
+    print(f"[text-to-image] 'a yellow circle' -> {drawing_path}")
 
     print(f"Story written to {story_path.resolve()}")
     return story_path

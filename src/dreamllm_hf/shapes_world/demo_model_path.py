@@ -16,15 +16,4 @@ DEMO_GUIDANCE_SCALE = 2.0
 # seed tells another story.
 DEMO_SEED = 6
 
-# What `dreamllm-hf demo` draws, and the longest story it writes (four pictures and their sentences fit).
-DEMO_DRAWING = "a small yellow circle above a big green square"
-DEMO_STORY_TOKENS = 96
-
-__all__ = [
-    "DEMO_DRAWING",
-    "DEMO_GUIDANCE_SCALE",
-    "DEMO_MODEL_PATH",
-    "DEMO_NUM_INFERENCE_STEPS",
-    "DEMO_SEED",
-    "DEMO_STORY_TOKENS",
-]
+__all__ = ["DEMO_GUIDANCE_SCALE", "DEMO_MODEL_PATH", "DEMO_NUM_INFERENCE_STEPS", "DEMO_SEED"]
