@@ -8,8 +8,8 @@ measured by `evaluate-demo`'s caption exact match and question accuracy on the s
     python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR                 # six trainings
     python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR --joint-seed0 src/dreamllm_hf/demo_model
 
-`--joint-seed0` uses a model already trained with the default recipe and seed 0 (the shipped one) for that run, and its
-decoder for every run (stage 0 is the part the original takes pretrained). Finished runs in `--work` are reused, so
+The first joint run trains stage 0 (the part the original takes pretrained) and every later run reuses its decoder;
+`--joint-seed0` gives a model already trained with the recipe and seed 0 (the shipped one) for that run and its decoder. Finished runs in `--work` are reused, so
 the benchmark can be resumed or its runs spread over processes (`--only joint|comprehension`). The last line is one
 JSON object.
 """
@@ -32,20 +32,20 @@ from dreamllm_hf.shapes_world.scene_evaluation import (
 ARMS = {"joint": {}, "comprehension": {"creation": False}}
 
 
-def run(work: Path, arm: str, seed: int, decoder: Path | None, threads: int | None) -> dict:
+def run(work: Path, arm: str, seed: int, decoder: Path | None, overrides: dict, pictures: int) -> dict:
     """Trains (unless done) and measures one model; its figures are kept in `figures.json` beside it."""
     folder = work / f"{arm}-seed{seed}"
     figures_path = folder / "figures.json"
     if figures_path.exists():
         return json.loads(figures_path.read_text())
     if not (folder / "model_index.json").exists():
-        recipe = replace(DemoRecipe(seed=seed, num_threads=threads), **ARMS[arm])
+        recipe = replace(DemoRecipe(**overrides), seed=seed, **ARMS[arm])
         train_demo(folder, recipe, log=lambda line: None, reuse_decoder=decoder)
-    return measure(folder, figures_path)
+    return measure(folder, figures_path, pictures)
 
 
-def measure(folder: Path, figures_path: Path) -> dict:
-    settings = SceneEvaluationSettings()
+def measure(folder: Path, figures_path: Path, pictures: int) -> dict:
+    settings = SceneEvaluationSettings(num_caption_pictures=pictures, num_questions=pictures)
     pipe = load_demo_pipeline(folder)
     figures = {
         "caption_accuracy": caption_accuracy(pipe, settings)["caption_accuracy"],
@@ -63,14 +63,18 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", required=True, help="Where the models are written (and found when resuming).")
     parser.add_argument("--joint-seed0", default=None, help="A default-recipe seed-0 model to use for that run.")
     parser.add_argument("--only", choices=sorted(ARMS), default=None, help="Run one arm only.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each training.")
-    args = parser.parse_args()
+    parser.add_argument("--recipe", default=None, help="A JSON file of DemoRecipe fields to override (both arms).")
+    parser.add_argument("--num-pictures", type=int, default=192, help="Held-out pictures captioned and asked about.")
+    args = parser.parse_args(argv)
+    overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
+    overrides["num_threads"] = args.threads
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -79,11 +83,13 @@ def main():
         seed0 = work / "joint-seed0"
         if not (seed0 / "figures.json").exists():
             seed0.mkdir(exist_ok=True)
-            print(json.dumps(measure(decoder, seed0 / "figures.json")))
+            print(json.dumps(measure(decoder, seed0 / "figures.json", args.num_pictures)))
     results = {arm: [] for arm in ARMS if args.only in (None, arm)}
     for seed in args.seeds:
         for arm in results:
-            figures = run(work, arm, seed, decoder, args.threads)
+            figures = run(work, arm, seed, decoder, overrides, args.num_pictures)
+            if decoder is None and arm == "joint":
+                decoder = work / f"joint-seed{seed}"  # the first joint run's stage 0 serves every later run
             results[arm].append(figures)
             print(json.dumps({"arm": arm, "seed": seed, **figures}), flush=True)
     report = {
@@ -94,6 +100,7 @@ def main():
         line = ", ".join(f"{metric} {m['mean']:.3f} ± {m['std']:.3f}" for metric, m in metrics.items())
         print(f"{arm:>14}: {line}  (seeds {args.seeds})")
     print(json.dumps({"seeds": args.seeds, **report}))
+    return report
 
 
 if __name__ == "__main__":

@@ -154,8 +154,9 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(toy_demo):
     assert "_name_or_path" not in config and "dtype" not in config["text_config"]
     pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=2).images[0]
-    assert image.size == (32, 32)
+    image = pipe("a small red circle left of a big blue square", num_inference_steps=2).images[0]
+    assert image.size == (64, 64)  # the version-2 world's pictures
+    assert report["world"] == "scenes"
 
 
 def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_demo, tmp_path):
