@@ -1,17 +1,17 @@
 """The paper's synergy claim at toy scale: does learning to draw help the demo model to see?
 
 For each seed, two models of the demo recipe on the same data and the same stage-0 decoder: the joint recipe
-(`DemoRecipe()`, comprehension and creation) and its comprehension-only control (`DemoRecipe(creation=False)`: the
+(`DemoRecipe.for_world("scenes")`, comprehension and creation) and its comprehension-only control (`creation=False`: the
 same stages, steps, batch sizes and learning rates, so as many LLM updates, all spent on picture -> text). Both are
 measured by `evaluate-demo`'s caption exact match and question accuracy on the same held-out pictures.
 
     python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR                 # six trainings
-    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR --joint-seed0 src/dreamllm_hf/demo_model
+    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR --joint-seed0 MODEL   # five: seed 0's joint is MODEL
 
 The first joint run trains stage 0 (the part the original takes pretrained) and every later run reuses its decoder;
-`--joint-seed0` gives a model already trained with the recipe and seed 0 (the shipped one) for that run and its decoder. Finished runs in `--work` are reused, so
-the benchmark can be resumed or its runs spread over processes (`--only joint|comprehension`). The last line is one
-JSON object.
+`--joint-seed0` gives a model already trained with the recipe and seed 0 (`train-demo --world scenes --seed 0`) for
+that run and its decoder. Finished runs in `--work` are reused, so the benchmark can be resumed or its runs spread over
+processes (`--only joint|comprehension`). The last line is one JSON object.
 """
 
 import argparse
@@ -39,7 +39,7 @@ def run(work: Path, arm: str, seed: int, decoder: Path | None, overrides: dict, 
     if figures_path.exists():
         return json.loads(figures_path.read_text())
     if not (folder / "model_index.json").exists():
-        recipe = replace(DemoRecipe(**overrides), seed=seed, **ARMS[arm])
+        recipe = replace(DemoRecipe.for_world("scenes", **overrides), seed=seed, **ARMS[arm])
         train_demo(folder, recipe, log=lambda line: None, reuse_decoder=decoder)
     return measure(folder, figures_path, pictures)
 

@@ -154,9 +154,9 @@ def test_demo_recipe_runs_end_to_end_at_toy_step_counts(toy_demo):
     assert "_name_or_path" not in config and "dtype" not in config["text_config"]
     pipe = DreamLLMText2ImagePipeline.from_pipe(DreamLLMPipeline.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a small red circle left of a big blue square", num_inference_steps=2).images[0]
-    assert image.size == (64, 64)  # the version-2 world's pictures
-    assert report["world"] == "scenes"
+    image = pipe("a red circle", num_inference_steps=2).images[0]
+    assert image.size == (32, 32)
+    assert report["world"] == "shapes"  # the default recipe is the shipped model's
 
 
 def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_demo, tmp_path):
@@ -184,8 +184,9 @@ def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_dem
     )
 
 
+@pytest.mark.parametrize("world", ["shapes", "scenes"])
 @pytest.mark.parametrize("backbone", ["llama-clip", "qwen2-siglip"])
-def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, backbone):
+def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, backbone, world):
     """`--backbone`: LLaMA + CLIP or Qwen2 + SigLIP, of the same sizes; the processor expands a picture into as many
     slots as the model reads features, and one training step of the model runs."""
     from dreamllm_hf.modeling import DreamLLMForConditionalGeneration
@@ -195,19 +196,23 @@ def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, back
 
     assert set(DEMO_BACKBONES) == {"llama-clip", "qwen2-siglip"}
     tokenizer = build_demo_tokenizer(tmp_path)
-    config = demo_mllm_config(tokenizer, backbone)
+    config = demo_mllm_config(tokenizer, backbone, world)
     text_type, vision_type = {
         "llama-clip": ("llama", "clip_vision_model"),
         "qwen2-siglip": ("qwen2", "siglip_vision_model"),
     }[backbone]
     assert (config.text_config.model_type, config.vision_config.model_type) == (text_type, vision_type)
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (128, 4)
-    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (128, 6)
-    assert config.vision_config.image_size == 64 and config.num_image_tokens == 64  # patch 8
-    processor = demo_processor(tokenizer, backbone, config.num_image_tokens)
+    vision = config.vision_config
+    # the first world: 3 x 64 on 32 px, patch 4; version 2: 6 x 128 on 64 px, patch 8; 64 image tokens either way
+    sizes = {"shapes": (64, 3, 32), "scenes": (128, 6, 64)}[world]
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size) == sizes
+    assert config.num_image_tokens == 64
+    processor = demo_processor(tokenizer, backbone, config.num_image_tokens, world)
     torch.manual_seed(0)
     model = DreamLLMForConditionalGeneration(config)
-    picture = draw_scene(sample_scene(random.Random(0)))
+    rng = random.Random(0)
+    picture = draw_scene(sample_scene(rng)) if world == "scenes" else draw_shape(sample_spec(rng))
     inputs = processor(text=["<image> a picture"], images=[picture], return_tensors="pt")
     features = model.get_image_features(inputs["pixel_values"])
     assert features.shape[1] == processor.num_image_tokens
@@ -306,18 +311,24 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
 def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
     """One drawing metric: the recipe's checks call the version-2 evaluation's judge, whatever it decides, on the
     scenes their captions say."""
-    from dreamllm_hf.shapes_world import demo_training
+    from dreamllm_hf.shapes_world import demo_training, scene_judge
+    from dreamllm_hf.shapes_world.demo_worlds import DEMO_WORLDS
     from dreamllm_hf.shapes_world.scenes import parse_caption
 
     captions = demo_training.check_captions(4)
     assert len(set(captions)) > 1 and all(parse_caption(caption) is not None for caption in captions)
     assert captions == demo_training.check_captions(4)  # held out and fixed
+    assert len(demo_training.check_captions(world="shapes")) == 12  # the first world's every caption
     judged = []
-    monkeypatch.setattr(demo_training, "drawing_shows", lambda picture, scene: judged.append(scene) or True)
+    monkeypatch.setattr(scene_judge, "drawing_shows", lambda picture, scene: judged.append(scene) or True)
     decoded = torch.zeros(2, 3, 64, 64)
-    wanted = [parse_caption(caption) for caption in captions[:2]]
-    assert demo_training._judge_all(decoded, wanted) == 1.0
-    assert judged == wanted
+    assert demo_training._judge_all(decoded, captions[:2], world="scenes") == 1.0
+    assert judged == [parse_caption(caption) for caption in captions[:2]]
+    # and the first world's checks judge by the colour and the shape named
+    assert DEMO_WORLDS["shapes"].caption_right("A Red circle.", "a red circle")
+    assert not DEMO_WORLDS["shapes"].caption_right("a red square", "a red circle")
+    assert DEMO_WORLDS["shapes"].drawing_right(_picture("blue", "triangle"), "a blue triangle")
+    assert not DEMO_WORLDS["shapes"].drawing_right(_picture("blue", "triangle"), "a blue square")
 
 
 def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():
@@ -329,8 +340,8 @@ def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():
     from dreamllm_hf.shapes_world.scene_data import sample_reading_conversation
 
     data = {"pairs": "/data/pairs", "stories": "/data/stories/stories.jsonl", "conversations": "/data/c/c.jsonl"}
-    joint = demo_stage_configs(DemoRecipe(), data)
-    alone = demo_stage_configs(DemoRecipe(creation=False), data)
+    joint = demo_stage_configs(DemoRecipe.for_world("scenes"), data)
+    alone = demo_stage_configs(DemoRecipe.for_world("scenes", creation=False), data)
     assert [stage.name for stage in alone] == [stage.name for stage in joint]
     fields = ("max_steps", "per_device_batch_size", "learning_rate", "seed")
     for a, j in zip(alone, joint):
@@ -342,6 +353,8 @@ def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():
         for message in sample_reading_conversation(random.Random(seed)):
             if message["role"] == "assistant":
                 assert isinstance(message["content"], str)  # an answer in words, never pictures out
+    with pytest.raises(ValueError, match="version-2 world"):
+        DemoRecipe(creation=False)  # the first world has no such control
 
 
 def test_renamed_patch_size_keeps_working_with_a_future_warning():

@@ -33,6 +33,13 @@ def add_demo_parsers(subparsers) -> None:
         help="The LLM and vision tower: llama-clip (the shipped model's, default) or qwen2-siglip (a Qwen2 LLM with "
         "a SigLIP tower, the same sizes otherwise).",
     )
+    train.add_argument(
+        "--world",
+        default="shapes",
+        metavar="NAME",
+        help="shapes (one shape on 32x32: the shipped model's world, default) or scenes (version 2: one or two shapes "
+        "on 64x64 with sizes and where they stand, questions, stories of changes; its own recipe defaults).",
+    )
     train.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
     train.add_argument(
         "--threads",
@@ -130,8 +137,8 @@ def _run_train_demo(args) -> int:
     if args.backbone is not None:
         chosen["backbone"] = args.backbone
     try:
-        recipe = DemoRecipe(**{**overrides, **chosen})
-    except ValueError as error:  # an unknown backbone: the message lists the known ones
+        recipe = DemoRecipe.for_world(args.world, **{**overrides, **chosen})
+    except ValueError as error:  # an unknown backbone or world: the message lists the known ones
         raise SystemExit(f"train-demo: {error}") from error
     report = train_demo(args.output, recipe)
     for stage, seconds in report["timings_s"].items():

@@ -46,29 +46,18 @@ import torch
 from torch import nn
 
 from .data import write_conversations_folder, write_stories_folder
+from .demo_worlds import CHECK_SEED, DEMO_WORLDS, DemoWorld
 from .model_card import write_demo_model_card
-from .scene_data import (
-    illustrated_scene_story,
-    sample_reading_conversation,
-    sample_scene_conversation,
-    scene_pairs_dataset,
-)
-from .scene_judge import drawing_shows
-from .scenes import SCENE_SIZE, captions_agree, parse_caption, sample_scene
-from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer, scene_world_texts
+from .tokenizer import STORY_INSTRUCTIONS, build_demo_tokenizer
 
 
-# The world the recipe trains in (the report records it; `evaluate-demo` and the card read it): the version-2 world of
-# `scenes.py`. A report without it is of the first demo model's world (`world.py`).
-DEMO_WORLD = "scenes"
 NUM_DREAM_QUERIES = 8
 CROSS_ATTENTION_DIM = 64
-IMAGE_SIZE = SCENE_SIZE
-PATCH_SIZE = 8  # 64 px / 8 = 8x8 = 64 image tokens
-STAND_IN_LENGTH = 16  # stage 0b's caption encoder: the longest caption's tokens fit
-MAX_LENGTH = 1024  # the longest story or conversation of the world, in tokens, fits
 TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-VISION_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4)
+# The first world's sizes (the shipped model's); each world's are in `DEMO_WORLDS`.
+IMAGE_SIZE = DEMO_WORLDS["shapes"].image_size
+PATCH_SIZE = DEMO_WORLDS["shapes"].patch_size
+VISION_SIZES = DEMO_WORLDS["shapes"].vision_sizes
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -78,54 +67,56 @@ VISION_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6,
 
 @dataclass
 class DemoRecipe:
-    """Every setting of the demo training; the defaults are the shipped model's recipe."""
+    """Every setting of the demo training; the defaults are the shipped model's recipe (the first world's).
+    `DemoRecipe.for_world("scenes")` is the recipe of the version-2 world."""
 
     seed: int = 0
     num_threads: int | None = None  # None: torch's default (all cores)
+    world: str = "shapes"  # a key of DEMO_WORLDS
     # False: the control of benchmarks/demo_synergy.py. Every stage keeps its LLM updates, batch sizes and learning
     # rates but spends them on picture -> text only (captions; questions and captions in stage III), no diffusion loss.
     creation: bool = True
     backbone: str = "llama-clip"  # a key of DEMO_BACKBONES
-    num_pictures: int = 8192  # stage 0 pictures and stage I/II/III pairs
+    num_pictures: int = 4096  # stage 0 pictures and stage I/II/III pairs
     num_stories: int = 1024
     num_conversations: int = 4096
-    story_pictures: tuple[int, int] = (3, 4)
+    story_pictures: tuple[int, int] = (1, 3)
     # stage 0a: autoencoder
-    vae_steps: int = 600
+    vae_steps: int = 800
     vae_batch_size: int = 32
     vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-8
     # stage 0b: diffusion decoder with the stand-in caption encoder
-    unet_steps: int = 2000
+    unet_steps: int = 1000
     unet_batch_size: int = 64
     unet_lr: float = 2e-3
     caption_dropout: float = 0.15
-    stand_in_layers: int = 2
+    stand_in_layers: int = 0  # transformer layers of the stand-in caption encoder after its embeddings
     # stage I: comprehension (i2t) then creation (t2i)
-    comprehension_steps: int = 2500
+    comprehension_steps: int = 700
     comprehension_batch_size: int = 32
     comprehension_lr: float = 2e-3
-    creation_steps: int = 400
+    creation_steps: int = 300
     creation_batch_size: int = 32
     creation_lr: float = 2e-3
     creation_train_llm: bool = True  # the paper freezes its pretrained LLM in stage I; ours starts from scratch
     creation_i2t_probability: float = 0.0  # share of creation pairs kept image-to-text (LM loss), to keep captioning
     unconditional_probability: float = 0.1  # caption-less t2i samples: the guidance unconditional
     # stage II: I-GPT joint training
-    joint_steps: int = 600
+    joint_steps: int = 800
     joint_batch_size: int = 16
     joint_lr: float = 1e-3
     joint_story_fraction: float = 0.75
     loss_weight_vm: float = 10.0
     # stage III: instruction tuning on conversations (a picture in and its caption, a story out, or both in a row),
     # with pairs kept in the mix so that the plain caption and drawing prompts stay as they were
-    instruction_steps: int = 500
+    instruction_steps: int = 600
     instruction_batch_size: int = 16
     instruction_lr: float = 5e-4
     instruction_conversation_fraction: float = 0.75
     # torch threads for stage III (None: as the other stages). Fixed, since float sums depend on it; one thread was
     # several times faster than two on a loaded machine (no spin-waiting) when the shipped model was trained.
-    instruction_threads: int | None = None
+    instruction_threads: int | None = 1
     warmup_fraction: float = 0.05
     logging_steps: int = 50
     # the checks after each stage: held-out pictures captioned, drawings per caption and their DDIM steps
@@ -133,7 +124,22 @@ class DemoRecipe:
     check_per_caption: int = 8
     check_steps: int = 25
 
+    @classmethod
+    def for_world(cls, world: str, **fields) -> "DemoRecipe":
+        """The recipe of `world` (a key of `DEMO_WORLDS`): its own defaults, then `fields`."""
+        if world not in DEMO_WORLDS:
+            raise ValueError(f"`world` must be one of {sorted(DEMO_WORLDS)}, got {world!r}.")
+        return cls(**{**DEMO_WORLDS[world].recipe_defaults, **fields, "world": world})
+
+    @property
+    def demo_world(self) -> DemoWorld:
+        return DEMO_WORLDS[self.world]
+
     def __post_init__(self):
+        if self.world not in DEMO_WORLDS:
+            raise ValueError(f"`world` must be one of {sorted(DEMO_WORLDS)}, got {self.world!r}.")
+        if not self.creation:
+            self.demo_world.conversation_sampler(creation=False)  # the worlds that have no such control say so
         if self.backbone not in DEMO_BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(DEMO_BACKBONES)}, got {self.backbone!r}.")
 
@@ -152,54 +158,55 @@ def _special_token_ids(tokenizer) -> dict:
     )
 
 
-def _llama_clip(tokenizer):
+def _llama_clip(tokenizer, world: DemoWorld):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
 
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         num_key_value_heads=TEXT_SIZES["num_attention_heads"],
-        max_position_embeddings=MAX_LENGTH,
+        max_position_embeddings=world.max_length,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         **TEXT_SIZES,
         **_special_token_ids(tokenizer),
     )
-    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZES)
-    # CLIP preprocessing at the world's 32 px (OpenAI mean/std)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    size = world.image_size
+    vision = CLIPVisionConfig(image_size=size, patch_size=world.patch_size, projection_dim=64, **world.vision_sizes)
+    # CLIP preprocessing at the world's size (OpenAI mean/std)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return text, vision, image_processor
 
 
-def _qwen2_siglip(tokenizer):
+def _qwen2_siglip(tokenizer, world: DemoWorld):
     from transformers import Qwen2Config, SiglipImageProcessor, SiglipVisionConfig
 
     text = Qwen2Config(
         vocab_size=len(tokenizer),
         num_key_value_heads=TEXT_SIZES["num_attention_heads"] // 2,  # grouped-query attention, as Qwen2's own sizes
-        max_position_embeddings=MAX_LENGTH,
+        max_position_embeddings=world.max_length,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         **TEXT_SIZES,
         **_special_token_ids(tokenizer),
     )
-    vision = SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION_SIZES)  # no CLS token
-    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})  # mean/std 0.5
+    size = world.image_size
+    vision = SiglipVisionConfig(image_size=size, patch_size=world.patch_size, **world.vision_sizes)  # no CLS token
+    image_processor = SiglipImageProcessor(size={"height": size, "width": size})  # mean/std 0.5
     return text, vision, image_processor
 
 
-# name -> tokenizer -> (text config, vision config, image processor): tiny configs of transformers' own classes.
+# name -> (tokenizer, world) -> (text config, vision config, image processor): tiny configs of transformers' own
+# classes.
 DEMO_BACKBONES: dict[str, Callable] = {"llama-clip": _llama_clip, "qwen2-siglip": _qwen2_siglip}
 
 
-def demo_mllm_config(tokenizer, backbone: str = "llama-clip"):
-    """The demo's [`DreamLLMConfig`]: an LLM of 4 x 128 and a vision tower of 3 x 64 on 32 px (patch 4) from
-    `DEMO_BACKBONES[backbone]`, 8 dream queries -> 64-d."""
+def demo_mllm_config(tokenizer, backbone: str = "llama-clip", world: str = "shapes"):
+    """The demo's [`DreamLLMConfig`]: an LLM of 4 x 128 and a vision tower of the world's size (first world: 3 x 64 on
+    32 px, patch 4) from `DEMO_BACKBONES[backbone]`, 8 dream queries -> 64-d."""
     from ..modeling import DreamLLMConfig
     from ..modeling.configuration_dreamllm import token_ids_from_tokenizer
 
-    text, vision, _ = DEMO_BACKBONES[backbone](tokenizer)
+    text, vision, _ = DEMO_BACKBONES[backbone](tokenizer, DEMO_WORLDS[world])
     return DreamLLMConfig(
         text_config=text.to_dict(),
         vision_config=vision.to_dict(),
@@ -211,47 +218,52 @@ def demo_mllm_config(tokenizer, backbone: str = "llama-clip"):
     )
 
 
-def demo_processor(tokenizer, backbone: str = "llama-clip", num_image_tokens: int | None = None):
-    """The backbone's image processor at the world's 32 px + the tokenizer, 8 dream slots, and one image slot per
-    patch (`num_image_tokens`: default 64, the model config's count)."""
+def demo_processor(
+    tokenizer, backbone: str = "llama-clip", num_image_tokens: int | None = None, world: str = "shapes"
+):
+    """The backbone's image processor at the world's picture size + the tokenizer, 8 dream slots, and one image slot
+    per patch (`num_image_tokens`: default the world's patch count, the model config's)."""
     from ..modeling import DreamLLMProcessor
 
-    _, _, image_processor = DEMO_BACKBONES[backbone](tokenizer)
+    _, _, image_processor = DEMO_BACKBONES[backbone](tokenizer, DEMO_WORLDS[world])
     return DreamLLMProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_image_tokens=num_image_tokens or (IMAGE_SIZE // PATCH_SIZE) ** 2,
+        num_image_tokens=num_image_tokens or DEMO_WORLDS[world].num_image_tokens,
         num_dream_queries=NUM_DREAM_QUERIES,
     )
 
 
-def demo_vae():
-    """64x64x3 <-> 4x8x8 (four blocks, three downsamplings: Stable Diffusion's factor of 8)."""
+def demo_vae(world: str = "shapes"):
+    """The world's pictures <-> 4x8x8 latents (first world: 32x32x3, three blocks, two downsamplings; version 2:
+    64x64x3, four blocks, three)."""
     from diffusers import AutoencoderKL
 
+    blocks = DEMO_WORLDS[world].vae_blocks
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
+        sample_size=DEMO_WORLDS[world].image_size,
     )
 
 
-def demo_unet():
-    """A two-level UNet on 8x8 latents; cross-attention on the 8 x 64 conditioning everywhere, plus the stock pooled
-    `addition_embed_type="text"` path (attention-pooled conditioning added to the timestep embedding)."""
+def demo_unet(world: str = "shapes"):
+    """A two-level UNet on 8x8 latents (the world's widths); cross-attention on the 8 x 64 conditioning everywhere,
+    plus the stock pooled `addition_embed_type="text"` path (attention-pooled conditioning added to the timestep
+    embedding)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 8,
+        sample_size=DEMO_WORLDS[world].latent_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128),
+        block_out_channels=DEMO_WORLDS[world].unet_blocks,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -366,30 +378,29 @@ def _pictures_tensor(dataset) -> torch.Tensor:
 # Checks along the way (held-out pictures, the deterministic judge)
 # --------------------------------------------------------------------------------------------------------------------
 
-DIAGNOSTIC_SEED = 2_000_003  # held out: no training set uses it
-NUM_CHECK_CAPTIONS = 24
-MAX_CAPTION_TOKENS = 24
+DIAGNOSTIC_SEED = CHECK_SEED  # held out: no training set uses it
+NUM_CHECK_CAPTIONS = 24  # drawn by the checks of the version-2 world (the first world's has 12 captions in all)
 
 
-def _judge_all(decoded: torch.Tensor, wanted: list) -> float:
-    """Share of decoded pictures (`[N, 3, H, W]` in [-1, 1]) that show their wanted scene (the drawing metric of the
-    demo's evaluation)."""
+def _judge_all(decoded: torch.Tensor, captions: list[str], world: str = "shapes") -> float:
+    """Share of decoded pictures (`[N, 3, H, W]` in [-1, 1]) that show their caption (the drawing metric of the
+    world's evaluation)."""
     arrays = ((decoded.permute(0, 2, 3, 1).float().numpy() + 1.0) * 127.5).clip(0, 255).round().astype(np.uint8)
-    return sum(drawing_shows(array, scene) for array, scene in zip(arrays, wanted)) / len(wanted)
+    judge = DEMO_WORLDS[world].drawing_right
+    return sum(judge(array, caption) for array, caption in zip(arrays, captions)) / len(captions)
 
 
-def check_captions(count: int, seed: int = DIAGNOSTIC_SEED) -> list[str]:
-    """`count` captions of held-out scenes, the prompts of the drawing checks."""
-    rng = random.Random(seed)
-    return [sample_scene(rng).scene.caption() for _ in range(count)]
+def check_captions(count: int = NUM_CHECK_CAPTIONS, world: str = "scenes") -> list[str]:
+    """The captions the drawing checks draw: `count` of held-out scenes (version 2), or the first world's twelve."""
+    return DEMO_WORLDS[world].check_captions(count)
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, num_pictures: int = 192) -> float:
+def reconstruction_accuracy(vae, num_pictures: int = 192, world: str = "shapes") -> float:
     """Share of held-out pictures that the judge still reads right after encode (posterior sample) + decode."""
-    pictures = scene_pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED)
+    pictures = DEMO_WORLDS[world].pairs(num_pictures, DIAGNOSTIC_SEED)
     decoded = vae.decode(vae.encode(_pictures_tensor(pictures)).latent_dist.sample()).sample
-    return _judge_all(decoded, [parse_caption(text) for text in pictures["text"]])
+    return _judge_all(decoded, pictures["text"], world)
 
 
 @torch.no_grad()
@@ -399,13 +410,15 @@ def conditioned_drawing_accuracy(
     noise_scheduler,
     conditioning: torch.Tensor,
     unconditional: torch.Tensor,
-    wanted,
+    captions: list[str],
     guidance_scale: float,
     num_inference_steps: int = 25,
     seed: int = DIAGNOSTIC_SEED,
+    world: str = "shapes",
 ) -> float:
     """Share of pictures drawn from `conditioning` (`[N, Q, D]`, guided against `unconditional` `[1, Q, D]`) that the
-    judge reads as `wanted`: the sampling of the shipped pipeline (DDIM, trailing steps), without the pipeline."""
+    judge reads as their `captions`: the sampling of the shipped pipeline (DDIM, trailing steps), without the
+    pipeline."""
     scheduler = demo_sampling_scheduler(noise_scheduler)
     scheduler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
@@ -416,7 +429,7 @@ def conditioned_drawing_accuracy(
         uncond, cond = unet(torch.cat([latents, latents]), t, context).sample.chunk(2)
         latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
     decoded = vae.decode(latents / vae.config.scaling_factor).sample
-    return _judge_all(decoded, wanted)
+    return _judge_all(decoded, captions, world)
 
 
 @torch.no_grad()
@@ -429,35 +442,47 @@ def dream_drawing_accuracy(
     guidance_scale: float,
     per_caption: int = 8,
     num_inference_steps: int = 25,
+    world: str = "shapes",
 ):
     """`conditioned_drawing_accuracy` with the conditioning of the dream path (`<s> caption` + dream block; the
     unconditional is `<s>` alone), as the pipeline's image mode computes it."""
     was_training = mllm.training
     mllm.eval()
-    captions = check_captions(NUM_CHECK_CAPTIONS) * per_caption
+    captions = check_captions(world=world) * per_caption
     inputs = processor(text=["", *captions], return_tensors="pt")
     embeddings = mllm.get_dream_embeddings(inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    wanted = [parse_caption(caption) for caption in captions]
     accuracy = conditioned_drawing_accuracy(
-        unet, vae, noise_scheduler, embeddings[1:], embeddings[:1], wanted, guidance_scale, num_inference_steps
+        unet,
+        vae,
+        noise_scheduler,
+        embeddings[1:],
+        embeddings[:1],
+        captions,
+        guidance_scale,
+        num_inference_steps,
+        world=world,
     )
     mllm.train(was_training)
     return accuracy
 
 
 @torch.no_grad()
-def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
-    """Greedy captions (`<s> <image>` prompt) of held-out pictures, scored by the captioning metric of the demo's
-    evaluation (right when it says exactly what the picture shows)."""
+def captioning_accuracy(mllm, processor, num_pictures: int = 96, world: str = "shapes") -> float:
+    """Greedy captions (`<s> <image>` prompt) of held-out pictures, scored by the captioning metric of the world's
+    evaluation (first world: colour and shape named; version 2: everything the caption says right)."""
     was_training = mllm.training
     mllm.eval()
-    pictures = scene_pairs_dataset(num_pictures, seed=DIAGNOSTIC_SEED + 1)
+    demo_world = DEMO_WORLDS[world]
+    pictures = demo_world.pairs(num_pictures, DIAGNOSTIC_SEED + 1)
     inputs = processor(text=["<image>"] * num_pictures, images=list(pictures["image"]), return_tensors="pt")
     output = mllm.generate(
-        **inputs, max_new_tokens=MAX_CAPTION_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        **inputs,
+        max_new_tokens=demo_world.max_caption_tokens,
+        do_sample=False,
+        pad_token_id=processor.tokenizer.pad_token_id,
     )
     answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    right = sum(captions_agree(answer, parse_caption(text)) for answer, text in zip(answers, pictures["text"]))
+    right = sum(demo_world.caption_right(answer, text) for answer, text in zip(answers, pictures["text"]))
     mllm.train(was_training)
     return right / num_pictures
 
@@ -469,7 +494,7 @@ def captioning_accuracy(mllm, processor, num_pictures: int = 96) -> float:
 
 def train_autoencoder(pictures: torch.Tensor, recipe: DemoRecipe, log) -> tuple[nn.Module, list[dict]]:
     """Stage 0a. Returns the VAE (eval mode) with `scaling_factor` set to 1 / std of the latent means."""
-    vae = demo_vae()
+    vae = demo_vae(recipe.world)
     generator = torch.Generator().manual_seed(recipe.seed)
 
     def loss_fn(step):
@@ -492,7 +517,11 @@ def train_autoencoder(pictures: torch.Tensor, recipe: DemoRecipe, log) -> tuple[
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     vae.requires_grad_(False)
     history.append(
-        {"stage": "0a-autoencoder", "check": "reconstruction_accuracy", "value": reconstruction_accuracy(vae)}
+        {
+            "stage": "0a-autoencoder",
+            "check": "reconstruction_accuracy",
+            "value": reconstruction_accuracy(vae, world=recipe.world),
+        }
     )
     log(json.dumps(history[-1]))
     return vae, history
@@ -504,9 +533,13 @@ def train_diffusion_decoder(
     """Stage 0b: the UNet learns to draw a caption from the stand-in encoder (v-prediction, caption dropout)."""
     from ..training.losses import diffusion_loss
 
-    unet, noise_scheduler = demo_unet(), demo_noise_scheduler()
+    unet, noise_scheduler = demo_unet(recipe.world), demo_noise_scheduler()
     encoder = StandInCaptionEncoder(
-        len(tokenizer), STAND_IN_LENGTH, CROSS_ATTENTION_DIM, tokenizer.pad_token_id, recipe.stand_in_layers
+        len(tokenizer),
+        recipe.demo_world.stand_in_length,
+        CROSS_ATTENTION_DIM,
+        tokenizer.pad_token_id,
+        recipe.stand_in_layers,
     )
     caption_ids = encoder.encode(tokenizer, captions)
     unconditional_ids = encoder.encode(tokenizer, [""])
@@ -533,13 +566,20 @@ def train_diffusion_decoder(
     )
     unet.eval().requires_grad_(False)
     with torch.no_grad():
-        captions = check_captions(NUM_CHECK_CAPTIONS) * recipe.check_per_caption
+        captions = check_captions(world=recipe.world) * recipe.check_per_caption
         conditioning = encoder(encoder.encode(tokenizer, captions))
         unconditional = encoder(unconditional_ids)
-    wanted = [parse_caption(caption) for caption in captions]
     for scale in (2.0, 4.0):
         accuracy = conditioned_drawing_accuracy(
-            unet, vae, noise_scheduler, conditioning, unconditional, wanted, scale, recipe.check_steps
+            unet,
+            vae,
+            noise_scheduler,
+            conditioning,
+            unconditional,
+            captions,
+            scale,
+            recipe.check_steps,
+            world=recipe.world,
         )
         history.append({"stage": "0b-diffusion", "check": f"stand_in_t2i_accuracy@{scale:g}", "value": accuracy})
         log(json.dumps(history[-1]))
@@ -566,7 +606,7 @@ def write_demo_data(
     if "pairs" in kinds:
         # Parquet rather than an image folder: `datasets` resolves an image folder's files pattern by pattern, which
         # took ~10 s a stage for these 4096 pictures on a loaded 2-core machine; a shard loads at once.
-        pairs = pairs if pairs is not None else scene_pairs_dataset(recipe.num_pictures, seed=recipe.seed)
+        pairs = pairs if pairs is not None else recipe.demo_world.pairs(recipe.num_pictures, recipe.seed)
         write_parquet_shards(source_from_dataset(pairs), data_dir / "pairs")
         paths["pairs"] = str(data_dir / "pairs")
     if "stories" in kinds:
@@ -574,10 +614,10 @@ def write_demo_data(
             data_dir / "stories",
             recipe.num_stories,
             seed=recipe.seed + 1,
-            image_size=IMAGE_SIZE,
+            image_size=recipe.demo_world.image_size,
             pictures=recipe.story_pictures,
             instructions=STORY_INSTRUCTIONS,
-            sampler=illustrated_scene_story,
+            sampler=recipe.demo_world.story_sampler(),
         )
         paths["stories"] = str(folder / "stories.jsonl")
     if "conversations" in kinds:
@@ -585,9 +625,9 @@ def write_demo_data(
             data_dir / "conversations",
             recipe.num_conversations,
             seed=recipe.seed + 8,
-            image_size=IMAGE_SIZE,
+            image_size=recipe.demo_world.image_size,
             pictures=recipe.story_pictures,
-            sampler=sample_scene_conversation if recipe.creation else sample_reading_conversation,
+            sampler=recipe.demo_world.conversation_sampler(recipe.creation),
         )
         paths["conversations"] = str(folder / "conversations.jsonl")
     return paths
@@ -744,7 +784,9 @@ def stage_checks(model_dir: str | Path, stage: str, recipe: DemoRecipe, with_dra
     from ..pipelines import DreamLLMPipeline
 
     pipe = DreamLLMPipeline.from_pretrained(model_dir, dtype=torch.float32)
-    checks = {"caption_accuracy": lambda: captioning_accuracy(pipe.mllm, pipe.processor, recipe.check_pictures)}
+    checks = {
+        "caption_accuracy": lambda: captioning_accuracy(pipe.mllm, pipe.processor, recipe.check_pictures, recipe.world)
+    }
     if with_drawing:
         noise_scheduler = demo_noise_scheduler()
         checks["dream_t2i_accuracy@2"] = lambda: dream_drawing_accuracy(
@@ -756,6 +798,7 @@ def stage_checks(model_dir: str | Path, stage: str, recipe: DemoRecipe, with_dra
             2.0,
             per_caption=recipe.check_per_caption,
             num_inference_steps=recipe.check_steps,
+            world=recipe.world,
         )
     return [{"stage": stage, "check": check, "value": fn()} for check, fn in checks.items()]
 
@@ -858,10 +901,11 @@ def train_demo(
     # Data and tokenizer ------------------------------------------------------------------------------------------
     work_dir = output_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
-    tokenizer = build_demo_tokenizer(work_dir, texts=scene_world_texts(), model_max_length=MAX_LENGTH)
-    config = demo_mllm_config(tokenizer, recipe.backbone)
-    processor = demo_processor(tokenizer, recipe.backbone, config.num_image_tokens)
-    pairs = scene_pairs_dataset(recipe.num_pictures, seed=recipe.seed)
+    world = recipe.demo_world
+    tokenizer = build_demo_tokenizer(work_dir, texts=world.tokenizer_texts(), model_max_length=world.max_length)
+    config = demo_mllm_config(tokenizer, recipe.backbone, recipe.world)
+    processor = demo_processor(tokenizer, recipe.backbone, config.num_image_tokens, recipe.world)
+    pairs = world.pairs(recipe.num_pictures, recipe.seed)
     pictures = _pictures_tensor(pairs)
     data = write_demo_data(work_dir / "data", recipe, pairs=pairs)
     lap("data")
@@ -908,7 +952,7 @@ def train_demo(
     _publish(model_dir, output_dir)
     lap("save")
     report = {
-        "world": DEMO_WORLD,
+        "world": recipe.world,
         "recipe": recipe.to_dict(),
         "stages": [asdict(stage) | {"arguments": _portable(stage.arguments)} for stage in stages],
         "timings_s": timings,
