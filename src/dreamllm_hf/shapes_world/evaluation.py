@@ -125,9 +125,32 @@ def t2i_accuracy(pipe, settings: DemoEvaluationSettings) -> dict:
     }
 
 
+def _judge_story(document: list) -> tuple[int, int, list[str]]:
+    """(pictures right, pictures drawn, the story written out with what the judge read in each picture)."""
+    last_text, matched, drawn, record = "", 0, 0, []
+    for segment in document:
+        if isinstance(segment, str):
+            last_text = segment
+            record.append(segment.strip())
+            continue
+        drawn += 1
+        asked = named_colour_and_shape(_last_sentence(last_text))
+        seen = classify_shape_image(segment)
+        ok = drawing_is_right(segment, *asked)
+        matched += ok
+        record.append(f"[picture: {seen[0]} {seen[1]}{'' if ok else ' (mismatch)'}]")
+        last_text = ""  # a second picture right after the first has no sentence of its own
+    return matched, drawn, record
+
+
 def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
+    return judged_stories(pipe, settings, _judge_story)
+
+
+def judged_stories(pipe, settings, judge_story) -> dict:
+    """Stories written for the story instructions in one call (story i samples its text and draws its pictures from
+    its own generator), each judged by `judge_story(document) -> (pictures right, pictures drawn, record)`."""
     instructions = [STORY_INSTRUCTIONS[index % len(STORY_INSTRUCTIONS)] for index in range(settings.num_stories)]
-    # One call writes every story; story i samples its text and draws its pictures from its own generator.
     generators = [torch.Generator("cpu").manual_seed(settings.seed * 10_000 + i) for i in range(len(instructions))]
     out = pipe(
         instructions,
@@ -141,20 +164,8 @@ def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
     matched = pictures = stories_with_pictures = 0
     documents = []
     for instruction, document, stop in zip(instructions, out.documents, out.stop_reasons):
-        last_text, drawn = "", 0
-        record = []
-        for segment in document:
-            if isinstance(segment, str):
-                last_text = segment
-                record.append(segment.strip())
-                continue
-            drawn += 1
-            asked = named_colour_and_shape(_last_sentence(last_text))
-            seen = classify_shape_image(segment)
-            ok = drawing_is_right(segment, *asked)
-            matched += ok
-            record.append(f"[picture: {seen[0]} {seen[1]}{'' if ok else ' (mismatch)'}]")
-            last_text = ""  # a second picture right after the first has no sentence of its own
+        right, drawn, record = judge_story(document)
+        matched += right
         pictures += drawn
         stories_with_pictures += drawn > 0
         documents.append({"instruction": instruction, "document": " ".join(record), "stop": stop})
@@ -168,10 +179,16 @@ def interleaved_match(pipe, settings: DemoEvaluationSettings) -> dict:
 
 def evaluate_pipeline(pipe, settings: DemoEvaluationSettings | None = None, log=print) -> dict:
     """All three figures (and their details) of `pipe` on the shapes world."""
-    settings = settings or DemoEvaluationSettings()
+    figures = (("caption", caption_accuracy), ("t2i", t2i_accuracy), ("interleaved", interleaved_match))
+    return measure_figures(pipe, settings or DemoEvaluationSettings(), figures, log)
+
+
+def measure_figures(pipe, settings, figures, log=print) -> dict:
+    """Every `(name, fn)` of `figures` on `pipe` (`fn(pipe, settings)` gives a dict of figures), with the settings and
+    the time each took."""
     pipe.set_progress_bar_config(disable=True)
     results, timings = {}, {}
-    for name, fn in (("caption", caption_accuracy), ("t2i", t2i_accuracy), ("interleaved", interleaved_match)):
+    for name, fn in figures:
         started = time.perf_counter()
         results.update(fn(pipe, settings))
         timings[name] = round(time.perf_counter() - started, 1)
@@ -199,7 +216,9 @@ __all__ = [
     "drawing_is_right",
     "evaluate_pipeline",
     "interleaved_match",
+    "judged_stories",
     "load_demo_pipeline",
+    "measure_figures",
     "named_colour_and_shape",
     "t2i_accuracy",
     "text_to_image_pipeline",

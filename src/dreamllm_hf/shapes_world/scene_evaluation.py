@@ -18,13 +18,12 @@ one or two things, judged deterministically (`scene_judge.py`).
 
 import random
 import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
-from .evaluation import HELD_OUT_SEED, load_demo_pipeline, text_to_image_pipeline
+from .evaluation import HELD_OUT_SEED, judged_stories, load_demo_pipeline, measure_figures, text_to_image_pipeline
 from .scene_judge import drawing_shows, read_scene, things_drawn_right
 from .scenes import (
     QUESTION_KINDS,
@@ -37,7 +36,7 @@ from .scenes import (
     sample_question,
     sample_scene,
 )
-from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
+from .tokenizer import CAPTION_QUESTIONS
 
 
 CAPTION_MAX_NEW_TOKENS = 24  # the longest caption of the world, with room for a tokenizer that splits words finely
@@ -190,51 +189,18 @@ def _judge_story(document: list) -> tuple[int, int, list[str]]:
 
 def interleaved_match(pipe, settings: SceneEvaluationSettings) -> dict:
     """Stories written and drawn in one call; each picture judged against the scene its story's sentences reached."""
-    instructions = [STORY_INSTRUCTIONS[i % len(STORY_INSTRUCTIONS)] for i in range(settings.num_stories)]
-    out = pipe(
-        instructions,
-        do_sample=True,
-        max_new_tokens=settings.max_story_tokens,
-        max_images=settings.max_story_images,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        generator=_generators(settings, len(instructions)),
-    )
-    matched = pictures = stories_with_pictures = 0
-    documents = []
-    for instruction, document, stop in zip(instructions, out.documents, out.stop_reasons):
-        right, drawn, record = _judge_story(document)
-        matched += right
-        pictures += drawn
-        stories_with_pictures += drawn > 0
-        documents.append({"instruction": instruction, "document": " ".join(record), "stop": stop})
-    return {
-        "interleaved_match": matched / pictures if pictures else 0.0,
-        "interleaved_pictures": pictures,
-        "stories_with_pictures": stories_with_pictures,
-        "story_examples": documents[:4],
-    }
+    return judged_stories(pipe, settings, _judge_story)
 
 
 def evaluate_pipeline(pipe, settings: SceneEvaluationSettings | None = None, log=print) -> dict:
     """All four figures (and their details) of `pipe` on the shapes world, version 2, with the time each took."""
-    settings = settings or SceneEvaluationSettings()
-    pipe.set_progress_bar_config(disable=True)
-    results, timings = {}, {}
     figures = (
         ("caption", caption_accuracy),
         ("question", question_accuracy),
         ("t2i", t2i_accuracy),
         ("interleaved", interleaved_match),
     )
-    for name, fn in figures:
-        started = time.perf_counter()
-        results.update(fn(pipe, settings))
-        timings[name] = round(time.perf_counter() - started, 1)
-        log(f"[evaluate] {name}: {timings[name]} s")
-    results["settings"] = asdict(settings)
-    results["eval_timings_s"] = timings
-    return results
+    return measure_figures(pipe, settings or SceneEvaluationSettings(), figures, log)
 
 
 __all__ = [
