@@ -154,6 +154,16 @@ def test_evaluate_demo_prints_the_three_figures_last(capsys):
     assert figures["question_accuracy"] is None  # a model of the first world, never asked questions
 
 
+def test_evaluate_demo_refuses_version_2_options_for_a_first_world_model(capsys):
+    from dreamllm_hf.shapes_world.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate-demo", "--num-questions", "4"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--num-questions" in error and "first shapes world" in error and "leave them out" in error
+
+
 def test_main_demo_command_writes_an_illustrated_story(tmp_path, capsys):
     from dreamllm_hf.cli import main
 

@@ -230,6 +230,8 @@ def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(SystemExit, match="`backbone` must be one of \\['llama-clip', 'qwen2-siglip'\\], got 'gpt'"):
         main(["train-demo", "--output", str(tmp_path / "new"), "--backbone", "gpt"])
+    with pytest.raises(SystemExit, match="`world` must be one of \\['scenes', 'shapes'\\], got 'cubes'"):
+        main(["train-demo", "--output", str(tmp_path / "new"), "--world", "cubes"])
 
 
 class _StubPipe:
