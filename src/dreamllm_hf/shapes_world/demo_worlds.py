@@ -165,6 +165,7 @@ DEMO_WORLDS: dict[str, DemoWorld] = {
             stand_in_layers=2,
             comprehension_steps=2500,
             creation_steps=400,
+            creation_i2t_probability=0.5,  # half the creation pairs stay captions: creation alone unlearns reading
             joint_steps=600,
             instruction_steps=500,
             instruction_threads=None,
