@@ -11,7 +11,8 @@ measured by `evaluate-demo`'s caption exact match and question accuracy on the s
 The first joint run trains stage 0 (the part the original takes pretrained) and every later run reuses its decoder;
 `--joint-seed0` gives a model already trained with the recipe and seed 0 (`train-demo --world scenes --seed 0`) for
 that run and its decoder. Finished runs in `--work` are reused, so the benchmark can be resumed or its runs spread over
-processes (`--only joint|comprehension`). The last line is one JSON object.
+processes (`--only joint|comprehension`). The last line is one JSON object: each arm's mean and spread, and with both
+arms the per-seed difference joint - comprehension (a seed gives both arms the same data and decoder).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from dreamllm_hf.shapes_world.scene_evaluation import (
 
 
 ARMS = {"joint": {}, "comprehension": {"creation": False}}
+METRICS = ("caption_accuracy", "question_accuracy")
 
 
 def run(work: Path, arm: str, seed: int, decoder: Path | None, overrides: dict, pictures: int) -> dict:
@@ -93,12 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
             results[arm].append(figures)
             print(json.dumps({"arm": arm, "seed": seed, **figures}), flush=True)
     report = {
-        arm: {metric: summary([run[metric] for run in runs]) for metric in ("caption_accuracy", "question_accuracy")}
-        for arm, runs in results.items()
+        arm: {metric: summary([run[metric] for run in runs]) for metric in METRICS} for arm, runs in results.items()
     }
+    if len(results) == len(ARMS):  # seeds share their data and decoder, so the per-seed difference is the finding
+        report["joint_minus_comprehension"] = {
+            metric: summary([j[metric] - c[metric] for j, c in zip(results["joint"], results["comprehension"])])
+            for metric in METRICS
+        }
     for arm, metrics in report.items():
         line = ", ".join(f"{metric} {m['mean']:.3f} ± {m['std']:.3f}" for metric, m in metrics.items())
-        print(f"{arm:>14}: {line}  (seeds {args.seeds})")
+        print(f"{arm:>25}: {line}  (seeds {args.seeds})")
     print(json.dumps({"seeds": args.seeds, **report}))
     return report
 

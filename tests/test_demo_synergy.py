@@ -27,8 +27,11 @@ def test_both_arms_over_seeds_with_as_many_updates_and_one_decoder(tmp_path, cap
     argv = ["--seeds", "0", "1", "--work", str(tmp_path / "work"), "--recipe", str(recipe), "--num-pictures", "4"]
     report = _benchmark().main(argv)
 
-    assert set(report) == {"joint", "comprehension"}
-    for arm in report.values():
+    assert set(report) == {"joint", "comprehension", "joint_minus_comprehension"}
+    for metric, difference in report["joint_minus_comprehension"].items():
+        joint, alone = report["joint"][metric]["values"], report["comprehension"][metric]["values"]
+        assert difference["values"] == pytest.approx([j - c for j, c in zip(joint, alone)], abs=1e-4)
+    for arm in (report["joint"], report["comprehension"]):
         for metric in ("caption_accuracy", "question_accuracy"):
             values = arm[metric]["values"]
             assert len(values) == 2 and all(0.0 <= value <= 1.0 for value in values)
