@@ -311,26 +311,31 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
 
 
 def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
-    """One drawing metric: the recipe's checks call the version-2 evaluation's judge, whatever it decides, on the
-    scenes their captions say."""
-    from dreamllm_hf.shapes_world import demo_training, scene_judge
+    """One metric per world: the recipe's checks call the version-2 evaluation's judge, whatever it decides, on the
+    scenes their captions say, and the first world's captioning and drawing metrics."""
+    from dreamllm_hf.shapes_world import demo_training, evaluation, scene_judge
     from dreamllm_hf.shapes_world.demo_worlds import DEMO_WORLDS
     from dreamllm_hf.shapes_world.scenes import parse_caption
 
-    captions = demo_training.check_captions(4)
+    captions = DEMO_WORLDS["scenes"].check_captions(4)
     assert len(set(captions)) > 1 and all(parse_caption(caption) is not None for caption in captions)
-    assert captions == demo_training.check_captions(4)  # held out and fixed
-    assert len(demo_training.check_captions(world="shapes")) == 12  # the first world's every caption
+    assert captions == DEMO_WORLDS["scenes"].check_captions(4)  # held out and fixed
+    assert len(DEMO_WORLDS["shapes"].check_captions(4)) == 12  # the first world's every caption
     judged = []
     monkeypatch.setattr(scene_judge, "drawing_shows", lambda picture, scene: judged.append(scene) or True)
     decoded = torch.zeros(2, 3, 64, 64)
     assert demo_training._judge_all(decoded, captions[:2], world="scenes") == 1.0
     assert judged == [parse_caption(caption) for caption in captions[:2]]
-    # and the first world's checks judge by the colour and the shape named
-    assert DEMO_WORLDS["shapes"].caption_right("A Red circle.", "a red circle")
-    assert not DEMO_WORLDS["shapes"].caption_right("a red square", "a red circle")
-    assert DEMO_WORLDS["shapes"].drawing_right(_picture("blue", "triangle"), "a blue triangle")
-    assert not DEMO_WORLDS["shapes"].drawing_right(_picture("blue", "triangle"), "a blue square")
+    # and the first world's checks judge by the colour and the shape named, with the first evaluation's metrics
+    first = DEMO_WORLDS["shapes"]
+    assert first.caption_right("A Red circle.", "a red circle")
+    assert first.caption_right("a circle that is red", "a red circle")
+    assert not first.caption_right("a red square", "a red circle")
+    assert first.drawing_right(_picture("blue", "triangle"), "a blue triangle")
+    assert not first.drawing_right(_picture("blue", "triangle"), "a blue square")
+    assert not first.drawing_right(Image.new("RGB", (32, 32), (255, 255, 255)), "a white picture")
+    monkeypatch.setattr(evaluation, "caption_is_right", lambda caption, *want: judged.append(want) or False)
+    assert not first.caption_right("a red circle", "a blue square") and judged[-1] == ("blue", "square")
 
 
 def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():

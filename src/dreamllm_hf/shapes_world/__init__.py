@@ -1,8 +1,8 @@
 """A synthetic world of coloured shapes: pictures, captions, questions and illustrated stories, plus a judge.
 
-Two versions: `world` (one shape on 32x32, the first demo model's world; also the small data the trainer's tests use)
-and `scenes` (one or two shapes on 64x64 with sizes and where they stand, questions, stories of changes: the world
-of the shipped demo model), each with its judge (`classifier`, `scene_judge`).
+Two versions: `world` (one shape on 32x32, the shipped demo model's world; also the small data the trainer's tests use)
+and `scenes` (one or two shapes on 64x64 with sizes and where they stand, questions, stories of changes: where
+comprehension is hard), each with its judge (`classifier`, `scene_judge`).
 """
 
 from .classifier import classify_shape_image

@@ -62,11 +62,13 @@ def add_demo_parsers(subparsers) -> None:
         help="Caption, question, text-to-image and interleaved-story accuracy of the demo model, judged "
         "deterministically.",
         description=(
-            "Prints the figures; the last line is one JSON object with caption_accuracy (exact match of everything a "
-            "caption says), question_accuracy, t2i_accuracy (every thing and the relation drawn right) and "
-            "interleaved_match. Settings left out take the defaults of SceneEvaluationSettings (192 held-out "
+            "Prints the figures; the last line is one JSON object with caption_accuracy, question_accuracy, "
+            "t2i_accuracy and interleaved_match. The world is the one the model's training report names. In the "
+            "version-2 world (scenes) a caption is right when everything it says is, a drawing when every thing and "
+            "the relation are, and settings left out take the defaults of SceneEvaluationSettings (192 held-out "
             "pictures captioned, 192 questions, 24 captions drawn 4 times each, 32 stories, the demo model's sampling, "
-            "seed 0)."
+            "seed 0). In the first world (the shipped model's) DemoEvaluationSettings holds them (192 pictures, its 12 "
+            "captions drawn 8 times each, 32 stories), and question_accuracy is null."
         ),
     )
     evaluate.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
@@ -78,6 +80,7 @@ def add_demo_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--num-t2i-captions",
         dest="num_t2i_scenes",
+        metavar="N",
         type=checks.POSITIVE_INT.parse,
         default=None,
         help="Captions of held-out scenes drawn.",
@@ -85,6 +88,7 @@ def add_demo_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--t2i-per-caption",
         dest="t2i_per_scene",
+        metavar="N",
         type=checks.POSITIVE_INT.parse,
         default=None,
         help="Pictures drawn per caption.",
@@ -114,6 +118,7 @@ SETTING_OPTIONS = (
     "guidance_scale",
     "seed",
 )
+SCENE_ONLY_OPTIONS = {"num_questions": "--num-questions", "num_t2i_scenes": "--num-t2i-captions"}
 
 
 def _set_threads(threads) -> None:
@@ -167,7 +172,7 @@ def _run_evaluate_demo(args) -> int:
         from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
 
         settings = DemoEvaluationSettings(**_first_world_settings(args, chosen))
-    results = evaluate_pipeline(load_demo_pipeline(args.model), settings)
+    results = evaluate_pipeline(load_demo_pipeline(model), settings)
     _print_details(results, settings.num_stories)
     if args.save_dir:
         _save_outputs(results, Path(args.save_dir))
@@ -198,9 +203,9 @@ def demo_world(model_dir) -> str:
 
 def _first_world_settings(args, chosen: dict) -> dict:
     """The options as `DemoEvaluationSettings` of the first world (12 captions, no questions) reads them."""
-    unknown = [name for name in ("num_questions", "num_t2i_scenes") if name in chosen]
+    unknown = [flag for name, flag in SCENE_ONLY_OPTIONS.items() if name in chosen]
     if unknown:
-        options = " and ".join("--" + name.replace("_", "-").replace("scenes", "captions") for name in unknown)
+        options = " and ".join(unknown)
         checks.usage_error(
             args,
             f"{options}: the model {args.model or '(the shipped one)'} was trained in the first shapes world "

@@ -1,16 +1,18 @@
-"""The recipe that trains the shipped demo model: a tiny DreamLLM on the shapes world (version 2, `scenes`: one or two
-shapes on 64x64, their sizes and where they stand), on a CPU, from scratch.
+"""The recipe that trains the demo models: a tiny DreamLLM on a shapes world, on a CPU, from scratch.
 
-Everything is small (a 4-layer LLM, a 6-layer vision tower, a UNet and a VAE of a few million parameters at most),
-so the whole recipe runs in under 45 minutes on two CPU cores. The stages follow the paper (arXiv 2309.11499, section 7 of
-docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pretrained:
+`DemoRecipe()` is the shipped model's, on the first world (one shape on 32x32: a 3-layer vision tower, a UNet and a VAE
+of about a million parameters each, minutes on two cores); `DemoRecipe.for_world("scenes")` trains in the version-2
+world (one or two shapes on 64x64, their sizes and where they stand: a 6-layer tower, about 47 minutes on two cores).
+The LLM has 4 layers in both, and `demo_worlds.py` holds each world's sizes. The stages follow the paper (arXiv
+2309.11499, section 7 of docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pretrained:
 
-* **Stage 0a, the autoencoder.** A small `AutoencoderKL`, 64x64x3 pictures -> 4x8x8 latents (L1 + L2 reconstruction,
-  a very small KL weight); its `scaling_factor` is set so that the latents have unit variance.
+* **Stage 0a, the autoencoder.** A small `AutoencoderKL`, the world's pictures -> 4x8x8 latents (L1 + L2
+  reconstruction, a very small KL weight); its `scaling_factor` is set so that the latents have unit variance.
 * **Stage 0b, the diffusion decoder, pretrained with a stand-in caption encoder.** Stable Diffusion learned to listen
   to its text encoder before DreamLLM ever spoke to it; here a throw-away caption encoder (token + position
-  embeddings of the caption, then two small transformer layers, so that each word knows which thing it belongs to)
-  plays CLIP-text's part, with caption dropout so that an empty caption means "any picture". Two choices make the UNet follow the caption within a few hundred steps
+  embeddings of the caption; in version 2 then two small transformer layers, so that each word knows which thing it
+  belongs to) plays CLIP-text's part, with caption dropout so that an empty caption means "any picture". Two choices
+  make the UNet follow the caption within a few hundred steps
   (measured: with epsilon prediction the pictures followed their noise seed, not the caption): **v-prediction** on a
   zero-terminal-SNR cosine schedule, and the stock UNet's `addition_embed_type="text"` pooled conditioning next to
   its cross-attention (both read only `encoder_hidden_states`, i.e. the dream embeddings later).
@@ -25,7 +27,8 @@ docs/dreamllm-original.md), plus a stage 0 for the parts the original takes pret
   answer to a story instruction, whose chat prompt is not learned) and pairs both ways, three batches of stories to
   one of pairs, `lm + 10 x diffusion`, the vision tower frozen as in the paper. **Stage III, instruction tuning:**
   conversations whose turns hold pictures in (a question about a picture, answered in a word, or a caption asked
-  for) and out (a story the assistant illustrates), tokenized exactly as the pipeline reads a conversation, mixed with pairs.
+  for) and out (a story the assistant illustrates), tokenized exactly as the pipeline reads a conversation, mixed
+  with pairs.
 
 `--backbone` chooses the LLM and the vision tower (`DEMO_BACKBONES`): a LLaMA with a CLIP tower (the shipped model) or
 a Qwen2 with a SigLIP tower, the same sizes otherwise.
@@ -378,7 +381,6 @@ def _pictures_tensor(dataset) -> torch.Tensor:
 # Checks along the way (held-out pictures, the deterministic judge)
 # --------------------------------------------------------------------------------------------------------------------
 
-DIAGNOSTIC_SEED = CHECK_SEED  # held out: no training set uses it
 NUM_CHECK_CAPTIONS = 24  # drawn by the checks of the version-2 world (the first world's has 12 captions in all)
 
 
@@ -390,15 +392,10 @@ def _judge_all(decoded: torch.Tensor, captions: list[str], world: str = "shapes"
     return sum(judge(array, caption) for array, caption in zip(arrays, captions)) / len(captions)
 
 
-def check_captions(count: int = NUM_CHECK_CAPTIONS, world: str = "scenes") -> list[str]:
-    """The captions the drawing checks draw: `count` of held-out scenes (version 2), or the first world's twelve."""
-    return DEMO_WORLDS[world].check_captions(count)
-
-
 @torch.no_grad()
 def reconstruction_accuracy(vae, num_pictures: int = 192, world: str = "shapes") -> float:
     """Share of held-out pictures that the judge still reads right after encode (posterior sample) + decode."""
-    pictures = DEMO_WORLDS[world].pairs(num_pictures, DIAGNOSTIC_SEED)
+    pictures = DEMO_WORLDS[world].pairs(num_pictures, CHECK_SEED)
     decoded = vae.decode(vae.encode(_pictures_tensor(pictures)).latent_dist.sample()).sample
     return _judge_all(decoded, pictures["text"], world)
 
@@ -413,7 +410,7 @@ def conditioned_drawing_accuracy(
     captions: list[str],
     guidance_scale: float,
     num_inference_steps: int = 25,
-    seed: int = DIAGNOSTIC_SEED,
+    seed: int = CHECK_SEED,
     world: str = "shapes",
 ) -> float:
     """Share of pictures drawn from `conditioning` (`[N, Q, D]`, guided against `unconditional` `[1, Q, D]`) that the
@@ -448,7 +445,7 @@ def dream_drawing_accuracy(
     unconditional is `<s>` alone), as the pipeline's image mode computes it."""
     was_training = mllm.training
     mllm.eval()
-    captions = check_captions(world=world) * per_caption
+    captions = DEMO_WORLDS[world].check_captions(NUM_CHECK_CAPTIONS) * per_caption
     inputs = processor(text=["", *captions], return_tensors="pt")
     embeddings = mllm.get_dream_embeddings(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     accuracy = conditioned_drawing_accuracy(
@@ -473,7 +470,7 @@ def captioning_accuracy(mllm, processor, num_pictures: int = 96, world: str = "s
     was_training = mllm.training
     mllm.eval()
     demo_world = DEMO_WORLDS[world]
-    pictures = demo_world.pairs(num_pictures, DIAGNOSTIC_SEED + 1)
+    pictures = demo_world.pairs(num_pictures, CHECK_SEED + 1)
     inputs = processor(text=["<image>"] * num_pictures, images=list(pictures["image"]), return_tensors="pt")
     output = mllm.generate(
         **inputs,
@@ -566,7 +563,7 @@ def train_diffusion_decoder(
     )
     unet.eval().requires_grad_(False)
     with torch.no_grad():
-        captions = check_captions(world=recipe.world) * recipe.check_per_caption
+        captions = recipe.demo_world.check_captions(NUM_CHECK_CAPTIONS) * recipe.check_per_caption
         conditioning = encoder(encoder.encode(tokenizer, captions))
         unconditional = encoder(unconditional_ids)
     for scale in (2.0, 4.0):

@@ -82,9 +82,9 @@ class FirstWorld(DemoWorld):
         return [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]  # the world's every caption
 
     def caption_right(self, answer, truth):
-        from .evaluation import named_colour_and_shape
+        from .evaluation import caption_is_right, named_colour_and_shape
 
-        return named_colour_and_shape(answer) == named_colour_and_shape(truth)
+        return caption_is_right(answer, *named_colour_and_shape(truth))
 
     def drawing_right(self, picture, caption):
         from .evaluation import drawing_is_right, named_colour_and_shape
