@@ -2,7 +2,6 @@
 StableDiffusionPipeline; the golden parity is in test_pipeline_parity.py, the checks every pipeline is held to
 (save/load, dict vs tuple, batching, num_images_per_prompt, callbacks, offload, from_pipe) in test_contracts.py."""
 
-
 import numpy as np
 import PIL.Image
 import pytest
