@@ -144,7 +144,7 @@ class DocumentWriter:
 
     def check(self, request: DocumentRequest) -> None:
         """Refuses a bad request before any model work, with the pipeline's own messages (`ValueError`/`TypeError`)."""
-        height, width = self.pipe._default_size(request.height, request.width)
+        height, width = self._size(request)
         self.pipe.check_inputs(
             request.prompt,
             request.images,
@@ -169,6 +169,14 @@ class DocumentWriter:
             generation_kwargs=request.generation_kwargs,
             callback_on_step_end=request.callback_on_step_end,
         )
+
+    def _size(self, request: DocumentRequest) -> tuple[int | None, int | None]:
+        """The request's picture size, the UNet's own where it gives none."""
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None:
+            return request.height, request.width
+        size = unet.config.sample_size * self.pipe.vae_scale_factor
+        return (size if request.height is None else request.height), (size if request.width is None else request.width)
 
     def encode(self, prompt, images=None, use_chat_template: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prompt's ids `[length]` (BOS, chat template, placeholders expanded) and its pictures' CLIP pixel values."""
@@ -260,7 +268,7 @@ class DocumentWriter:
         )
         sampling = sampling or self.text_sampling(request)
         request = copy.copy(request)
-        request.height, request.width = self.pipe._default_size(request.height, request.width)
+        request.height, request.width = self._size(request)
         with self._lock:
             document = next(self._ids)
             self._requests[document] = request
