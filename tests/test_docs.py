@@ -97,18 +97,19 @@ MARKED = [s for snippets in SNIPPETS.values() for s in snippets if s.language an
 # Runs one page's snippets in order in this process: Python in one namespace, compiled under the page's name and line
 # numbers (a traceback points into the page), shell with `bash -e` in the same folder.
 DRIVER = """
-import json, subprocess, sys
+import json, subprocess, sys, time
 namespace = {"__name__": "__main__"}
 for number, snippet in enumerate(json.load(open(sys.argv[1]))):
     print(f"--- {snippet['page']}:{snippet['line']}", flush=True)
+    start = time.perf_counter()
     if snippet["language"] == "python":
         exec(compile("\\n" * (snippet["line"] - 1) + snippet["source"], snippet["page"], "exec"), namespace)
-        sys.stdout.flush()
     else:
         script = f"snippet-{number}-line-{snippet['line']}.sh"
         open(script, "w").write(snippet["source"])
         if subprocess.run(["bash", "-e", "-o", "pipefail", script]).returncode:
             sys.exit(f"{snippet['page']}:{snippet['line']}: the shell snippet failed")
+    print(f"--- {snippet['page']}:{snippet['line']} ran in {time.perf_counter() - start:.1f} s", flush=True)
 """
 
 
