@@ -5,7 +5,7 @@ A snippet that needs what a test machine lacks says so in an HTML comment on the
 then only parsed (Python with `ast.parse`, shell with `bash -n`):
 
     <!-- snippet: needs-gpu -->      a CUDA device
-    <!-- snippet: needs-7b -->       the converted 7B release (or other weights that are not shipped)
+    <!-- snippet: needs-7b -->       the converted 7B release, or other weights or data that do not ship
     <!-- snippet: needs-server -->   a running server (`dreamllm-hf serve`, the API): covered by their own tests
     <!-- snippet: slow -->           minutes of CPU, or a set-up step (pip, a fresh virtualenv)
     <!-- snippet: output -->         not code: what a snippet prints (not even parsed)
@@ -85,12 +85,24 @@ def read_snippets(page: Path) -> list[Snippet]:
             end += 1
         if end == len(lines):
             raise ValueError(f"{name}:{number + 1}: the fence opened here is never closed")
-        snippets.append(Snippet(name, number + 2, info, previous["kind"] if previous else None, "\n".join(body) + "\n"))
+        snippets.append(
+            Snippet(name, number + 2, info, previous["kind"] if previous else None, "\n".join(body) + "\n")
+        )
         number = end + 1
     return snippets
 
 
-SNIPPETS = {page: read_snippets(page) for page in PAGES}
+def _read_all() -> tuple[dict, list[str]]:
+    snippets, errors = {}, []
+    for page in PAGES:
+        try:
+            snippets[page] = read_snippets(page)
+        except ValueError as error:
+            snippets[page], errors = [], [*errors, str(error)]
+    return snippets, errors
+
+
+SNIPPETS, READ_ERRORS = _read_all()
 RUN_PAGES = [page for page, snippets in SNIPPETS.items() if any(s.language and not s.marker for s in snippets)]
 MARKED = [s for snippets in SNIPPETS.values() for s in snippets if s.language and s.marker and s.marker != "output"]
 
@@ -123,6 +135,10 @@ def _environment() -> dict:
         PYTHONWARNINGS="ignore",
         PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
     )
+
+
+def test_markers_and_fences_are_well_formed():
+    assert not READ_ERRORS, "\n".join(READ_ERRORS)
 
 
 def test_every_page_has_its_snippets_found():
@@ -161,15 +177,13 @@ def test_marked_snippet_parses(snippet, tmp_path):
         assert check.returncode == 0, f"{snippet.where}: {check.stderr}"
 
 
-@pytest.mark.parametrize("page", RUN_PAGES, ids=[str(page.relative_to(REPO)) for page in RUN_PAGES])
-def test_page_snippets_run(page, tmp_path):
-    """The page's unmarked snippets run, in order, on the shipped demo model, offline."""
-    runnable = [dict(asdict(s), language=s.language) for s in SNIPPETS[page] if s.language and not s.marker]
-    spec = tmp_path / "snippets.json"
-    spec.write_text(json.dumps(runnable))
-    work = tmp_path / "work"
+def run_snippets(snippets: list[Snippet], folder: Path) -> subprocess.CompletedProcess:
+    """Runs `snippets` (one page's, in order) through `DRIVER` in `folder/work`."""
+    spec = folder / "snippets.json"
+    spec.write_text(json.dumps([dict(asdict(s), language=s.language) for s in snippets]))
+    work = folder / "work"
     work.mkdir()
-    run = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", DRIVER, str(spec)],
         cwd=work,
         env=_environment(),
@@ -177,4 +191,30 @@ def test_page_snippets_run(page, tmp_path):
         text=True,
         timeout=600,
     )
+
+
+def test_a_broken_snippet_fails_and_names_its_line(tmp_path, monkeypatch):
+    """Snippets of a page share one namespace and one folder; the first that fails stops the run, named by its line."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nvalue = 41\n```\n\n```bash\necho done > shell.txt\n```\n\n"
+        "```python\nassert open('shell.txt').read() == 'done\\n'\nvalue += 1\n```\n"
+    )
+    (tmp_path / "good").mkdir()
+    assert run_snippets(read_snippets(page), tmp_path / "good").returncode == 0
+    page.write_text(page.read_text() + "\n```python\nassert value == 41, 'stale'\n```\n")
+    (tmp_path / "python").mkdir()
+    failed = run_snippets(read_snippets(page), tmp_path / "python")
+    assert failed.returncode != 0 and 'page.md", line 15' in failed.stderr and "stale" in failed.stderr
+    page.write_text("```sh\nfalse\necho not reached\n```\n")
+    (tmp_path / "shell").mkdir()
+    failed = run_snippets(read_snippets(page), tmp_path / "shell")
+    assert failed.returncode != 0 and "not reached" not in failed.stdout and "page.md:2" in failed.stderr
+
+
+@pytest.mark.parametrize("page", RUN_PAGES, ids=[str(page.relative_to(REPO)) for page in RUN_PAGES])
+def test_page_snippets_run(page, tmp_path):
+    """The page's unmarked snippets run, in order, on the shipped demo model, offline."""
+    run = run_snippets([s for s in SNIPPETS[page] if s.language and not s.marker], tmp_path)
     assert run.returncode == 0, f"{page.name}: a snippet failed\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
