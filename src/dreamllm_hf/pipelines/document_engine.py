@@ -441,7 +441,8 @@ class DocumentEngine:
         # The dream block after each document's context, in its own rows: the conditioning of its picture.
         onload(mllm)
         empty = self.ids.new_zeros(count, 0)
-        prompt_embeds, pooled = mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache, return_pooled=True)
+        dream = mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache)
+        prompt_embeds, pooled = dream.dream_embeddings, dream.dream_pooled_embeddings
         prompt_embeds = prompt_embeds.to(pipe.unet.dtype)
         pooled = pooled.to(pipe.unet.dtype) if pooled is not None else None
         negative = negative_pooled = None
@@ -465,7 +466,7 @@ class DocumentEngine:
         # `<im_start>` + the CLIP features of each picture, into the same rows (`<im_end>` is the next pending token).
         onload(mllm)
         pixel_values = pipe.processor.image_processor(as_pil, return_tensors="pt")["pixel_values"].to(self.device)
-        features = mllm.get_image_features(pixel_values)
+        features = mllm.get_image_features(pixel_values).pooler_output
         start_ids = torch.full((count, 1), self.image_start, device=self.device)
         start = mllm.get_input_embeddings()(start_ids)
         inputs_embeds = torch.cat([start, features.to(start.dtype)], dim=1)
