@@ -246,7 +246,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         if not asked:
             # Only the hidden state that is read is kept (transformers 5 selects hidden states by index); the tower
             # runs its own forward, so its layers, hooks and checkpointing are its own.
-            kwargs["output_hidden_states"] = layer
+            kwargs["output_hidden_states"] = [layer]  # a list: the index 0 would read as False
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
         hidden = outputs.hidden_states[layer]
         num_tokens = self.config.num_image_tokens
@@ -291,15 +291,44 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         position_ids = position_ids.masked_fill(attention_mask == 0, 1)
         return position_ids[:, -seq_len:]
 
-    def _block_token_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
-        """The ids of the block tokens found in `inputs_embeds` (-1 elsewhere): a position holds `<im_start>`,
-        `<im_patch>` or `<dream_start>` where its embedding is that token's (as Llava's `get_placeholder_mask` finds
-        the image slots), so embeddings made with `get_input_embeddings()` give the blocks their ids would."""
-        tokens = (self.config.image_start_token_id, self.config.image_patch_token_id, self.config.dream_start_token_id)
+    def _block_token_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor | None:
+        """The starts of the blocks found in `inputs_embeds`, as ids (`<im_start>`, `<dream_start>`; -1 elsewhere),
+        found as Llava's `get_placeholder_mask` finds its image slots: by the embeddings of the block tokens. Only whole
+        blocks count (start, every slot still the `<im_patch>` embedding, end), so embeddings made with
+        `get_input_embeddings()` give the blocks their ids would, while a block already filled (an image's features
+        written after `<im_start>`, as a document reads its picture back) is fed as it is. `None` when no block fits."""
+        config = self.config
+        blocks = (
+            (config.image_start_token_id, config.num_image_tokens, config.image_end_token_id),
+            (config.dream_start_token_id, config.num_dream_queries, config.dream_end_token_id),
+        )
+        batch_size, length = inputs_embeds.shape[:2]
+        if length < min(slots for _, slots, _ in blocks) + 2:
+            return None
+        tokens = [config.image_patch_token_id] + [token for start, _, end in blocks for token in (start, end)]
         references = self.get_input_embeddings()(torch.tensor(tokens, device=inputs_embeds.device))
-        block_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
-        for token_id, reference in zip(tokens, references.to(inputs_embeds.dtype)):
-            block_ids = block_ids.masked_fill((inputs_embeds == reference).all(-1), token_id)
+        references = references.to(inputs_embeds.dtype)
+        found = {token: (inputs_embeds == ref).all(-1) for token, ref in zip(tokens, references)}
+        # Slots in a row of `<im_patch>` embeddings: a window sum of `found[patch]` from any start position.
+        patch_runs = torch.nn.functional.pad(found[config.image_patch_token_id].long().cumsum(-1), (1, 0))
+        block_ids = torch.full((batch_size, length), -1, dtype=torch.long, device=inputs_embeds.device)
+        for start, slots, end in blocks:
+            span = length - slots - 1  # the start positions a whole block fits after
+            if span <= 0:
+                continue
+            whole = (
+                found[start][:, :span]
+                & (patch_runs[:, 1 + slots : 1 + slots + span] - patch_runs[:, 1 : 1 + span] == slots)
+                & found[end][:, slots + 1 : slots + 1 + span]
+            )
+            block_ids[:, :span] = block_ids[:, :span].masked_fill(whole, start)
+        distinct = torch.cdist(references.float(), references.float()).fill_diagonal_(1).min() > 0
+        if not distinct and (block_ids >= 0).any():
+            raise ValueError(
+                "`inputs_embeds` cannot show where its image and dream blocks are: in this model the block tokens "
+                "(`<im_start>`, `<im_patch>`, `<im_end>`, `<dream_start>`, `<dream_end>`) share embeddings (a model "
+                "built from backbones and not trained yet); pass `input_ids` instead."
+            )
         return block_ids
 
     def _merge_image_features(
@@ -376,9 +405,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
             One image per `<im_start>` in `input_ids`, in reading order over the whole batch.
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            The input embeddings instead of `input_ids`, e.g. `get_input_embeddings()(input_ids)`. The blocks are
-            found where the embeddings are those of `<im_start>`, `<im_patch>` and `<dream_start>`, and filled as
-            they are for `input_ids` (with `pixel_values` for the image blocks).
+            The input embeddings instead of `input_ids`, e.g. `get_input_embeddings()(input_ids)`. Whole blocks are
+            found by the embeddings of their tokens (a start, every slot still `<im_patch>`'s embedding, an end) and
+            filled as they are for `input_ids` (with `pixel_values` for the image blocks); anything else, such as
+            slots already filled with a picture's features, goes to the language model as it is.
 
         Returns:
             [`DreamLLMModelOutputWithPast`] or `tuple`: the output, or its `to_tuple()` when `return_dict=False`.
@@ -389,10 +419,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         if inputs_embeds is None:
             block_ids = input_ids
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif continuing and pixel_values is None and inputs_embeds.shape[1] <= self.config.num_dream_queries:
-            block_ids = None  # a decode step from embeddings: no whole block fits, nothing to find
         else:
             block_ids = self._block_token_ids(inputs_embeds)
+            if block_ids is None and pixel_values is not None:
+                block_ids = inputs_embeds.new_full(inputs_embeds.shape[:2], -1, dtype=torch.long)  # counted: none
         dream_rows = image_outputs = None
         if block_ids is not None:
             vision_kwargs = {key: kwargs[key] for key in VISION_OUTPUT_KWARGS if key in kwargs}
