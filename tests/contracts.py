@@ -209,6 +209,15 @@ class ModelContract:
             torch.testing.assert_close(output.pooler_output, model.model.multi_modal_projector(patches))
         assert isinstance(as_tuple, tuple)
         assert_same_output(as_tuple, output.to_tuple())
+        # Hidden states picked by index (transformers 5) are kept beside the one the projector reads.
+        with torch.no_grad():
+            picked = model.get_image_features(pixels, output_hidden_states=[0])
+            ids = torch.tensor([self.prompt(config, [5])])
+            forward = model(input_ids=ids, pixel_values=pixels[:1], output_hidden_states=[1])
+        kept = [index for index, state in enumerate(picked.hidden_states) if state is not None]
+        assert kept == sorted({0, config.vision_feature_layer % (layers + 1)})
+        torch.testing.assert_close(picked.pooler_output, output.pooler_output)
+        assert forward.hidden_states[1] is not None
 
     def test_get_dream_embeddings_returns_one_output(self, model):
         config = model.config

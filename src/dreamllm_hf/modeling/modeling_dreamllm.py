@@ -243,10 +243,11 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         asked = kwargs.get("output_hidden_states")
         if asked is None:
             asked = self.config.output_hidden_states or self.vision_tower.config.output_hidden_states
-        if not asked:
-            # Only the hidden state that is read is kept (transformers 5 selects hidden states by index); the tower
-            # runs its own forward, so its layers, hooks and checkpointing are its own.
-            kwargs["output_hidden_states"] = [layer]  # a list: the index 0 would read as False
+        if asked is not True:
+            # Only the hidden states asked for by index (transformers 5 selects them so) and the one that is read are
+            # kept; the tower runs its own forward, so its layers, hooks and checkpointing are its own.
+            selected = [] if asked is False or asked is None else [asked] if isinstance(asked, int) else list(asked)
+            kwargs["output_hidden_states"] = [*selected, layer]  # a list: the index 0 alone would read as False
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
         hidden = outputs.hidden_states[layer]
         num_tokens = self.config.num_image_tokens
