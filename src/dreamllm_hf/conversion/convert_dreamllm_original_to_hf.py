@@ -35,9 +35,9 @@ from transformers import CLIPImageProcessor, GenerationConfig
 
 from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
+from ..modeling.folder_layout import MLLM_FOLDER, PROCESSOR_FOLDER, save_processor_with_model
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from ..pipelines import DreamLLMPipeline
-from ..pipelines.dream_diffusion import save_processor_with_model
 from . import checkpoint_io as io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
@@ -297,14 +297,14 @@ def convert_original_checkpoint(
 
         config.architectures = [type(mllm).__name__]
         config.dtype = str(out_dtype).removeprefix("torch.")
-        config.save_pretrained(tmp_dir / "mllm")
+        config.save_pretrained(tmp_dir / MLLM_FOLDER)
         GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        ).save_pretrained(tmp_dir / "mllm")
+        ).save_pretrained(tmp_dir / MLLM_FOLDER)
         unet.save_config(tmp_dir / "unet")
         vae.save_config(tmp_dir / "vae")
         scheduler.save_pretrained(tmp_dir / "scheduler")
-        processor.save_pretrained(tmp_dir / "processor")
+        processor.save_pretrained(tmp_dir / PROCESSOR_FOLDER)
         save_processor_with_model(processor, tmp_dir)  # `mllm/` on its own is a complete transformers repository
         write_model_index(tmp_dir, mllm, processor, unet, vae, scheduler)
         ignored = [f"{file}:{key}" for file, key in release.ignored]
