@@ -149,19 +149,19 @@ def test_evaluate_demo_prints_the_three_figures_last(capsys):
     assert main([*argv, "--num-inference-steps", "8"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)
-    for key in ("caption_accuracy", "t2i_accuracy", "interleaved_match"):
+    for key in ("caption_accuracy", "t2i_accuracy", "interleaved_match", "chat_caption_accuracy"):
         assert 0.0 <= figures[key] <= 1.0
-    assert figures["question_accuracy"] is None  # a model of the first world, never asked questions
+    assert "question_accuracy" not in figures  # the shipped world asks no questions
 
 
-def test_evaluate_demo_refuses_version_2_options_for_a_first_world_model(capsys):
+def test_evaluate_demo_has_no_version_2_options(capsys):
+    """Questions and held-out scene captions belong to the research project's world and its own command."""
     from dreamllm_hf.shapes_world.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate-demo", "--num-questions", "4"])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "--num-questions" in error and "first shapes world" in error and "leave them out" in error
+    for option in ("--num-questions", "--num-t2i-captions"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate-demo", option, "4"])
+        assert exit_info.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
 
 
 def test_main_demo_command_writes_an_illustrated_story(tmp_path, capsys):

@@ -1,31 +1,22 @@
-"""`benchmarks/demo_synergy.py`: the joint recipe against its comprehension-only control, seed by seed, at toy step
-counts (the code path and the bookkeeping, not the finding)."""
+"""The synergy study of the version-2 world (`examples/research_projects/shapes_world_v2/synergy.py`): the joint
+recipe against its comprehension-only control, seed by seed, at toy step counts (the code path and the bookkeeping,
+not the finding)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from shapes_world_v2 import synergy
 from test_shapes_world import TOY_RECIPE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "demo_synergy.py"
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("demo_synergy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_both_arms_over_seeds_with_as_many_updates_and_one_decoder(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({key: value for key, value in TOY_RECIPE.items() if key != "num_threads"}))
     argv = ["--seeds", "0", "1", "--work", str(tmp_path / "work"), "--recipe", str(recipe), "--num-pictures", "4"]
-    report = _benchmark().main(argv)
+    report = synergy.main(argv)
 
     assert set(report) == {"joint", "comprehension", "joint_minus_comprehension"}
     for metric, difference in report["joint_minus_comprehension"].items():
@@ -59,5 +50,5 @@ def test_both_arms_over_seeds_with_as_many_updates_and_one_decoder(tmp_path, cap
         assert "stage 0a autoencoder" not in runs[name]["timings_s"], name
 
     # finished runs are reused: the same report, no training
-    again = _benchmark().main(argv)
+    again = synergy.main(argv)
     assert again == report

@@ -22,8 +22,9 @@ import yaml
 from huggingface_hub import ModelCard, constants
 
 from dreamllm_hf.cli import main
-from dreamllm_hf.conversion import HubPushError, build_model_card, push_to_hub
+from dreamllm_hf.conversion import HubPushError, push_to_hub
 from dreamllm_hf.conversion.verify import ParityCheck, VerificationReport
+from dreamllm_hf.model_card import ConvertedFolder, build_model_card
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "original_tiny"
@@ -185,7 +186,7 @@ def test_model_card_metadata_parses_back():
     report = VerificationReport(
         checks=[ParityCheck("logits, image + text sequence", [1, 19, 1008], 0.0, 4.49, 5.5e-4)], weights_compared=412
     )
-    card = build_model_card(_info(report.to_dict()), repo_id="someone/dreamllm-7b")
+    card = build_model_card(ConvertedFolder(_info(report.to_dict()), repo_id="someone/dreamllm-7b"))
     again = ModelCard(str(card))  # parse the rendered text back
     data = again.data.to_dict()
     assert data["license"] == "other" and data["license_link"].startswith("https://huggingface.co/RunpeiDong/")
@@ -212,14 +213,13 @@ def test_model_card_metadata_parses_back():
     ):
         assert needle in text, needle
     assert "generation_mode" not in text  # deprecated: the card shows the current API
-    unverified = build_model_card(_info(), repo_id="someone/dreamllm-7b").text
+    unverified = build_model_card(ConvertedFolder(_info(), repo_id="someone/dreamllm-7b")).text
     assert "was not verified" in unverified and "| check |" not in unverified
 
 
 def test_model_card_takes_user_fields_and_template(tmp_path):
     card = build_model_card(
-        _info(),
-        repo_id="a/b",
+        ConvertedFolder(_info(), repo_id="a/b"),
         fields={
             "license": "apache-2.0",
             "license_name": None,
@@ -233,7 +233,7 @@ def test_model_card_takes_user_fields_and_template(tmp_path):
     assert data["datasets"] == ["x/y"]
     template = tmp_path / "card.md"
     template.write_text("---\n{{ card_data }}\n---\n\n# {{ title }} by me\n\n{{ dtype }}, {{ tensors }} tensors\n")
-    card = build_model_card(_info(), repo_id="a/b", template=template, fields={"license": "mit"})
+    card = build_model_card(ConvertedFolder(_info(), repo_id="a/b"), template=template, fields={"license": "mit"})
     assert ModelCard(str(card)).data.license == "mit"
     assert card.text.strip() == "# b by me\n\nbfloat16, 412 tensors"
 
@@ -251,10 +251,10 @@ def _release_shaped_folder(folder: Path) -> Path:
 
 def test_model_card_facts_come_from_the_configuration(converted_tiny, tmp_path):
     """The card of the tiny fixture describes the tiny model; the same code on the 7B configs describes the 7B."""
-    from dreamllm_hf.conversion.model_card import model_facts
+    from dreamllm_hf.model_card import model_facts
 
     info = json.loads((converted_tiny / "conversion.json").read_text())
-    tiny = build_model_card(info, repo_id="someone/tiny").text
+    tiny = build_model_card(ConvertedFolder(info, repo_id="someone/tiny")).text
     for needle in (
         "| language model | LLaMA 2 layers x 64 (4 heads, MLP 128), vocabulary 1008 |",
         "| vision tower | CLIP ViT 3 layers x 32 on 28 px, patch 14 (4 image tokens, layer -2 read) |",
@@ -270,7 +270,7 @@ def test_model_card_facts_come_from_the_configuration(converted_tiny, tmp_path):
         assert claim not in tiny.split("## Limitations")[0], claim
 
     facts = model_facts(_release_shaped_folder(tmp_path / "release"))
-    release = build_model_card({**info, "config": facts}, repo_id="someone/dreamllm-7b").text
+    release = build_model_card(ConvertedFolder({**info, "config": facts}, repo_id="someone/dreamllm-7b")).text
     for needle in (
         "| language model | LLaMA 32 layers x 4096 (32 heads, MLP 11008), vocabulary 32008 |",
         "| vision tower | CLIP ViT 24 layers x 1024 on 224 px, patch 14 (256 image tokens, layer -2 read) |",
@@ -419,11 +419,13 @@ def test_refused_commit_is_reported(fake_hub, converted_tiny, capsys):
 
 
 def test_demo_card_goes_through_the_one_generator(tmp_path):
-    """The shipped demo card is what `write_demo_model_card` writes (through `render_model_card`), figures aside."""
+    """The shipped demo card is what `write_demo_model_card` writes (through the one `build_model_card`), byte for
+    byte: without an evaluation, all but the evaluation's section; with the figures the shipped card states, all of
+    it."""
     import re
 
     from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
-    from dreamllm_hf.shapes_world.model_card import write_demo_model_card
+    from dreamllm_hf.shapes_world.demo_training import write_demo_model_card
 
     folder = shutil.copytree(DEMO_MODEL_PATH, tmp_path / "demo", ignore=shutil.ignore_patterns("README.md"))
     path = write_demo_model_card(folder)  # the training report only: no evaluation figures
@@ -445,3 +447,22 @@ def test_demo_card_goes_through_the_one_generator(tmp_path):
         "`DDIMScheduler` (trailing timesteps) on the training schedule: 1000 steps, `squaredcos_cap_v2`, v-prediction",
     ):
         assert needle in written, needle
+
+    # With the figures the shipped card states, the evaluation's section is the shipped one too.
+    def number(pattern: str) -> str:
+        return re.search(pattern, shipped).group(1)
+
+    evaluation = {
+        key: float(number(rf"\| `{key}` \| ([0-9.]+) \|"))
+        for key in ("caption_accuracy", "t2i_accuracy", "interleaved_match", "chat_caption_accuracy")
+    }
+    evaluation["interleaved_pictures"] = int(number(r"\| (\d+) pictures in \d+ sampled stories"))
+    evaluation["settings"] = {
+        "num_caption_pictures": int(number(r"\| (\d+) held-out pictures, greedy")),
+        "t2i_per_caption": int(number(r"12 captions x (\d+) seeds")),
+        "num_stories": int(number(r"pictures in (\d+) sampled stories")),
+        "num_inference_steps": int(number(r"Settings: (\d+) DDIM steps")),
+        "guidance_scale": float(number(r"guidance scale ([0-9.]+), seed")),
+        "seed": int(number(r"guidance scale [0-9.]+, seed (\d+)\.")),
+    }
+    assert write_demo_model_card(folder, evaluation=evaluation).read_text() == shipped

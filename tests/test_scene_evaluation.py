@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
-
-from dreamllm_hf.shapes_world.scene_evaluation import (
+from shapes_world_v2.scene_evaluation import (
     ANSWER_MAX_NEW_TOKENS,
     CAPTION_MAX_NEW_TOKENS,
     SceneEvaluationSettings,
@@ -21,8 +20,8 @@ from dreamllm_hf.shapes_world.scene_evaluation import (
     split_sentences,
     t2i_accuracy,
 )
-from dreamllm_hf.shapes_world.scene_judge import read_scene
-from dreamllm_hf.shapes_world.scenes import (
+from shapes_world_v2.scene_judge import read_scene
+from shapes_world_v2.scenes import (
     COUNT_WORDS,
     OPPOSITE,
     QUESTION_KINDS,
@@ -35,6 +34,7 @@ from dreamllm_hf.shapes_world.scenes import (
     sample_story,
     scene_questions,
 )
+
 from dreamllm_hf.shapes_world.tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 from dreamllm_hf.shapes_world.world import COLOURS, SHAPES
 

@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
-
-from dreamllm_hf.shapes_world.scene_judge import drawing_shows, read_scene, read_things, things_drawn_right
-from dreamllm_hf.shapes_world.scenes import (
+from shapes_world_v2.scene_judge import drawing_shows, read_scene, read_things, things_drawn_right
+from shapes_world_v2.scenes import (
     COUNT_WORDS,
     OPPOSITE,
     QUESTION_KINDS,
@@ -28,6 +27,7 @@ from dreamllm_hf.shapes_world.scenes import (
     sample_story,
     scene_questions,
 )
+
 from dreamllm_hf.shapes_world.world import COLOURS, SHAPES
 
 

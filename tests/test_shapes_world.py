@@ -118,7 +118,8 @@ TOY_RECIPE = dict(
 @pytest.fixture(scope="module")
 def toy_demo(tmp_path_factory):
     """One `train_demo` run at toy step counts (one thread): its folder and its report."""
-    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
+    from dreamllm_hf.shapes_world.demo_recipe import DemoRecipe
+    from dreamllm_hf.shapes_world.demo_training import train_demo
 
     folder = tmp_path_factory.mktemp("toy-demo") / "demo"
     return folder, train_demo(folder, DemoRecipe(**TOY_RECIPE), log=lambda line: None)
@@ -167,7 +168,8 @@ def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_dem
 
     from safetensors.torch import load_file
 
-    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, continue_demo_training, train_demo
+    from dreamllm_hf.shapes_world.demo_recipe import DemoRecipe
+    from dreamllm_hf.shapes_world.demo_training import continue_demo_training, train_demo
 
     folder, _ = toy_demo
     recipe = DemoRecipe(**TOY_RECIPE)
@@ -184,18 +186,29 @@ def test_demo_runs_are_deterministic_and_stage3_continues_a_stage2_model(toy_dem
     )
 
 
-@pytest.mark.parametrize("world", ["shapes", "scenes"])
 @pytest.mark.parametrize("backbone", ["llama-clip", "qwen2-siglip"])
-def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, backbone, world):
+def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, backbone):
     """`--backbone`: LLaMA + CLIP or Qwen2 + SigLIP, of the same sizes; the processor expands a picture into as many
     slots as the model reads features, and one training step of the model runs."""
-    from dreamllm_hf.modeling import DreamLLMForConditionalGeneration
-    from dreamllm_hf.shapes_world.demo_training import DEMO_BACKBONES, demo_mllm_config, demo_processor
-    from dreamllm_hf.shapes_world.scenes import draw_scene, sample_scene
+    from dreamllm_hf.shapes_world.demo_recipe import DEMO_BACKBONES
     from dreamllm_hf.shapes_world.tokenizer import build_demo_tokenizer
 
     assert set(DEMO_BACKBONES) == {"llama-clip", "qwen2-siglip"}
-    tokenizer = build_demo_tokenizer(tmp_path)
+    config = check_demo_backbone(build_demo_tokenizer(tmp_path), backbone, draw_shape(sample_spec(random.Random(0))))
+    # the first world: 3 x 64 on 32 px, patch 4
+    vision = config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size) == (64, 3, 32)
+
+
+def check_demo_backbone(tokenizer, backbone: str, picture, world=None):
+    """The demo config of `backbone` in `world` (default: the first) is of transformers' classes, with the LLM's
+    sizes and 64 image tokens; a picture fills as many slots as the model reads features, and a training step runs.
+    Returns the config."""
+    from dreamllm_hf.modeling import DreamLLMForConditionalGeneration
+    from dreamllm_hf.shapes_world.demo_recipe import demo_mllm_config, demo_processor
+    from dreamllm_hf.shapes_world.demo_worlds import FIRST_WORLD
+
+    world = world or FIRST_WORLD
     config = demo_mllm_config(tokenizer, backbone, world)
     text_type, vision_type = {
         "llama-clip": ("llama", "clip_vision_model"),
@@ -203,25 +216,20 @@ def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, back
     }[backbone]
     assert (config.text_config.model_type, config.vision_config.model_type) == (text_type, vision_type)
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (128, 4)
-    vision = config.vision_config
-    # the first world: 3 x 64 on 32 px, patch 4; version 2: 6 x 128 on 64 px, patch 8; 64 image tokens either way
-    sizes = {"shapes": (64, 3, 32), "scenes": (128, 6, 64)}[world]
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size) == sizes
     assert config.num_image_tokens == 64
     processor = demo_processor(tokenizer, backbone, config.num_image_tokens, world)
     torch.manual_seed(0)
     model = DreamLLMForConditionalGeneration(config)
-    rng = random.Random(0)
-    picture = draw_scene(sample_scene(rng)) if world == "scenes" else draw_shape(sample_spec(rng))
     inputs = processor(text=["<image> a picture"], images=[picture], return_tensors="pt")
     features = model.get_image_features(inputs["pixel_values"]).pooler_output
     assert features.shape[1] == processor.num_image_tokens
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
     assert torch.isfinite(out.loss)
+    return config
 
 
-def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
+def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     from dreamllm_hf.cli import main
 
     (tmp_path / "notes.txt").write_text("mine")
@@ -230,8 +238,14 @@ def test_train_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(SystemExit, match="`backbone` must be one of \\['llama-clip', 'qwen2-siglip'\\], got 'gpt'"):
         main(["train-demo", "--output", str(tmp_path / "new"), "--backbone", "gpt"])
-    with pytest.raises(SystemExit, match="`world` must be one of \\['scenes', 'shapes'\\], got 'cubes'"):
-        main(["train-demo", "--output", str(tmp_path / "new"), "--world", "cubes"])
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"joint_steps": 2, "world": "scenes"}')
+    with pytest.raises(SystemExit, match=r"--recipe .* sets \['world'\], which DemoRecipe lacks; its fields are"):
+        main(["train-demo", "--output", str(tmp_path / "new"), "--recipe", str(recipe)])
+    # The version-2 world is a research project with its own command, not an option of the product's.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-demo", "--output", str(tmp_path / "new"), "--world", "scenes"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --world" in capsys.readouterr().err
 
 
 class _StubPipe:
@@ -311,61 +325,62 @@ def test_evaluation_figures_follow_what_the_model_says_and_draws():
 
 
 def test_the_training_checks_score_with_the_evaluation_metrics(monkeypatch):
-    """One metric per world: the recipe's checks call the version-2 evaluation's judge, whatever it decides, on the
-    scenes their captions say, and the first world's captioning and drawing metrics."""
-    from dreamllm_hf.shapes_world import demo_training, evaluation, scene_judge
-    from dreamllm_hf.shapes_world.demo_worlds import DEMO_WORLDS
-    from dreamllm_hf.shapes_world.scenes import parse_caption
+    """One metric per world: the first world's checks judge by the colour and the shape named, with the first
+    evaluation's metrics, on decoded tensors and pictures alike."""
+    from dreamllm_hf.shapes_world import evaluation
+    from dreamllm_hf.shapes_world.demo_checks import pictures_tensor, share_shown
+    from dreamllm_hf.shapes_world.demo_worlds import FIRST_WORLD as first
 
-    captions = DEMO_WORLDS["scenes"].check_captions(4)
-    assert len(set(captions)) > 1 and all(parse_caption(caption) is not None for caption in captions)
-    assert captions == DEMO_WORLDS["scenes"].check_captions(4)  # held out and fixed
-    assert len(DEMO_WORLDS["shapes"].check_captions(4)) == 12  # the first world's every caption
-    judged = []
-    monkeypatch.setattr(scene_judge, "drawing_shows", lambda picture, scene: judged.append(scene) or True)
-    decoded = torch.zeros(2, 3, 64, 64)
-    assert demo_training._judge_all(decoded, captions[:2], world="scenes") == 1.0
-    assert judged == [parse_caption(caption) for caption in captions[:2]]
-    # and the first world's checks judge by the colour and the shape named, with the first evaluation's metrics
-    first = DEMO_WORLDS["shapes"]
+    assert len(first.check_captions(4)) == 12  # the world's every caption
     assert first.caption_right("A Red circle.", "a red circle")
     assert first.caption_right("a circle that is red", "a red circle")
     assert not first.caption_right("a red square", "a red circle")
     assert first.drawing_right(_picture("blue", "triangle"), "a blue triangle")
     assert not first.drawing_right(_picture("blue", "triangle"), "a blue square")
     assert not first.drawing_right(Image.new("RGB", (32, 32), (255, 255, 255)), "a white picture")
+    pictures = [_picture("blue", "triangle"), _picture("red", "circle")]
+    captions = ["a blue triangle", "a red square"]
+    assert share_shown(pictures, captions) == 0.5
+    assert share_shown(pictures_tensor({"image": pictures}), captions) == 0.5  # [-1, 1] tensors, as a VAE decodes
+    judged = []
     monkeypatch.setattr(evaluation, "caption_is_right", lambda caption, *want: judged.append(want) or False)
     assert not first.caption_right("a red circle", "a blue square") and judged[-1] == ("blue", "square")
 
 
-def test_the_comprehension_only_control_keeps_the_updates_and_drops_creation():
-    """`DemoRecipe(creation=False)`, the synergy benchmark's control: the same stages, steps, batch sizes, learning
-    rates and seeds as the recipe, every one on picture -> text with no diffusion loss and no stories."""
-    import random
+def test_the_checks_draw_through_the_text_to_image_pipeline(monkeypatch):
+    """The recipe's drawing checks call `DreamLLMText2ImagePipeline` (no denoising loop of their own): from the dream
+    path's captions, and, with no language model, from a stand-in encoder's `prompt_embeds` against the empty
+    caption's; on the shipped model the dream check reads its known quality."""
+    from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+    from dreamllm_hf.shapes_world.demo_checks import dream_drawing_accuracy, stand_in_drawing_checks
+    from dreamllm_hf.shapes_world.demo_decoder import StandInCaptionEncoder
+    from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
+    from dreamllm_hf.shapes_world.demo_recipe import DemoRecipe
 
-    from dreamllm_hf.shapes_world.demo_training import DemoRecipe, demo_stage_configs
-    from dreamllm_hf.shapes_world.scene_data import sample_reading_conversation
+    calls = []
+    call = DreamLLMText2ImagePipeline.__call__
 
-    data = {"pairs": "/data/pairs", "stories": "/data/stories/stories.jsonl", "conversations": "/data/c/c.jsonl"}
-    joint = demo_stage_configs(DemoRecipe.for_world("scenes"), data)
-    alone = demo_stage_configs(DemoRecipe.for_world("scenes", creation=False), data)
-    assert [stage.name for stage in alone] == [stage.name for stage in joint]
-    fields = ("max_steps", "per_device_batch_size", "learning_rate", "seed")
-    for a, j in zip(alone, joint):
-        assert {k: a.arguments[k] for k in fields} == {k: j.arguments[k] for k in fields}, a.name
-        assert a.arguments["loss_weight_vm"] == 0 and a.arguments["i2t_probability"] == 1.0, a.name
-        assert data["stories"] not in a.arguments["data"], a.name
-    assert any(stage.arguments["loss_weight_vm"] > 0 for stage in joint)
-    for seed in range(40):
-        for message in sample_reading_conversation(random.Random(seed)):
-            if message["role"] == "assistant":
-                assert isinstance(message["content"], str)  # an answer in words, never pictures out
-    with pytest.raises(ValueError, match="version-2 world"):
-        DemoRecipe(creation=False)  # the first world has no such control
+    def spy(self, *args, **kwargs):
+        calls.append(dict(kwargs, has_mllm=self.mllm is not None))
+        return call(self, *args, **kwargs)
 
-
-def test_renamed_patch_size_keeps_working_with_a_future_warning():
-    from dreamllm_hf.shapes_world import demo_training
-
-    with pytest.warns(FutureWarning, match="use `PATCH_SIZE`"):
-        assert demo_training.CLIP_PATCH_SIZE == demo_training.PATCH_SIZE
+    monkeypatch.setattr(DreamLLMText2ImagePipeline, "__call__", spy)
+    pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)
+    assert dream_drawing_accuracy(pipe, per_caption=1, num_inference_steps=25) >= 0.75  # 0.958 in its card
+    (dream,) = calls
+    assert len(dream["prompt"]) == 12 and dream["guidance_scale"] == 2.0 and dream["num_inference_steps"] == 25
+    assert dream["has_mllm"]
+    tokenizer = pipe.tokenizer
+    torch.manual_seed(0)
+    encoder = StandInCaptionEncoder(len(tokenizer), 8, 64, tokenizer.pad_token_id)
+    recipe = DemoRecipe(check_per_caption=1, check_steps=2)
+    records = stand_in_drawing_checks(pipe.unet, pipe.vae, encoder, tokenizer, recipe)
+    assert [record["check"] for record in records] == ["stand_in_t2i_accuracy@2", "stand_in_t2i_accuracy@4"]
+    assert all(0.0 <= record["value"] <= 1.0 for record in records)
+    for stand_in, scale in zip(calls[1:], (2.0, 4.0)):
+        assert "prompt" not in stand_in and not stand_in["has_mllm"] and stand_in["guidance_scale"] == scale
+        assert stand_in["prompt_embeds"].shape == (12, 8, 64) and stand_in["negative_prompt_embeds"].shape == (
+            1,
+            8,
+            64,
+        )

@@ -430,33 +430,16 @@ def build_dreamllm(
     return mllm, processor, info
 
 
-def build_pipeline(
+def build_components_with_info(
     llm,
     vision,
     diffusion,
     *,
     num_dream_queries: int = C.NUM_DREAM_QUERIES,
-    return_info: bool = False,
     dtype: torch.dtype | None = None,
     **kwargs,
-):
-    """
-    A [`DreamLLMPipeline`] from an LLM, a vision tower and a diffusion decoder (`DreamLLMPipeline.from_components`).
-
-    Args:
-        llm (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
-        vision (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
-        diffusion: a diffusers pipeline folder with `unet/`, `vae/` and `scheduler/` (other subfolders, e.g. the text
-            encoder DreamLLM replaces, are not read), or a pipeline or mapping holding those three.
-        num_dream_queries (`int`, defaults to 64): learned queries per picture.
-        return_info (`bool`): also return the [`BuildInfo`] (what the model card is written from).
-        dtype (`torch.dtype`, *optional*): cast every component (default: as stored).
-        **kwargs: the other arguments of [`build_dreamllm`] (`tokenizer`, `image_processor`, `vision_feature_layer`,
-            `eos_token`, `chat_template`, `seed`); `cross_attention_dim` (and an SDXL-style UNet's
-            `pooled_projection_dim`) come from the UNet.
-    """
-    from ..pipelines import DreamLLMPipeline
-
+) -> tuple[dict[str, Any], BuildInfo]:
+    """[`build_components`] and the [`BuildInfo`] of what was built (what `building.json` and the model card say)."""
     parts, diffusion_name = load_diffusion(diffusion, dtype)
     cross_attention_dim, _ = conditioning_width(parts["unet"].config)
     if cross_attention_dim is None:
@@ -474,15 +457,46 @@ def build_pipeline(
         **kwargs,
     )
     info.diffusion = diffusion_name
-    pipe = DreamLLMPipeline(mllm=mllm, processor=processor, **parts)
-    return (pipe, info) if return_info else pipe
+    return {"mllm": mllm, "processor": processor, **parts}, info
+
+
+def build_components(
+    llm,
+    vision,
+    diffusion,
+    *,
+    num_dream_queries: int = C.NUM_DREAM_QUERIES,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+) -> dict[str, Any]:
+    """
+    The components of a [`DreamLLMPipeline`] (`mllm`, `processor`, `unet`, `vae`, `scheduler`) built from an LLM, a
+    vision tower and a diffusion decoder: `DreamLLMPipeline(**build_components(...))`, which is what
+    `DreamLLMPipeline.from_components` returns. The pipeline is not built here: building sits below the pipelines.
+
+    Args:
+        llm (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
+        vision (`str`, `os.PathLike` or `PreTrainedModel`): see [`build_dreamllm`].
+        diffusion: a diffusers pipeline folder with `unet/`, `vae/` and `scheduler/` (other subfolders, e.g. the text
+            encoder DreamLLM replaces, are not read), or a pipeline or mapping holding those three.
+        num_dream_queries (`int`, defaults to 64): learned queries per picture.
+        dtype (`torch.dtype`, *optional*): cast every component (default: as stored).
+        **kwargs: the other arguments of [`build_dreamllm`] (`tokenizer`, `image_processor`, `vision_feature_layer`,
+            `eos_token`, `chat_template`, `seed`); `cross_attention_dim` (and an SDXL-style UNet's
+            `pooled_projection_dim`) come from the UNet.
+    """
+    components, _ = build_components_with_info(
+        llm, vision, diffusion, num_dream_queries=num_dream_queries, dtype=dtype, **kwargs
+    )
+    return components
 
 
 __all__ = [
     "BuildInfo",
     "ADDED_TOKENS",
+    "build_components",
+    "build_components_with_info",
     "build_dreamllm",
-    "build_pipeline",
     "load_diffusion",
     "load_llm",
     "load_vision",

@@ -59,15 +59,17 @@ def add_init_parser(subparsers) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from .save import build_and_save
+    # The command writes a pipeline folder, so it sits above the pipelines; the building it drives does not.
+    from ..pipelines import DreamLLMPipeline
+    from .builder import build_components_with_info
+    from .save import check_output, save_built_pipeline
 
+    check_output(args.output, args.overwrite)  # before loading anything for an output that would be refused
     try:
-        output = build_and_save(
+        components, info = build_components_with_info(
             llm=args.llm,
             vision=args.vision,
             diffusion=args.diffusion,
-            output=args.output,
-            overwrite=args.overwrite,
             num_dream_queries=args.num_dream_queries,
             vision_feature_layer=args.vision_feature_layer,
             eos_token=args.eos_token,
@@ -76,6 +78,7 @@ def _run_init(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # parts that do not fit (a layer the tower lacks, ...): one line, exit code 2
         checks.usage_error(args, str(error))
+    output = save_built_pipeline(DreamLLMPipeline(**components), info, args.output, overwrite=args.overwrite)
     print(output)
     return 0
 

@@ -1,4 +1,5 @@
-"""Original DreamLLM release -> Hugging Face layout, its verification, model card and upload.
+"""Original DreamLLM release -> Hugging Face layout, its verification and upload (its model card:
+`dreamllm_hf.model_card`).
 
 The names are imported on first use.
 """
@@ -11,7 +12,6 @@ _EXPORTS = {
     "convert_original_checkpoint": ".convert_dreamllm_original_to_hf",
     "HubPushError": ".hub",
     "push_to_hub": ".hub",
-    "build_model_card": ".model_card",
     "OriginalCheckpointError": ".original_layout",
     "VerificationError": ".verify",
     "VerificationReport": ".verify",

@@ -35,9 +35,9 @@ from transformers import CLIPImageProcessor, GenerationConfig
 
 from ..dtypes import parse_dtype
 from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
+from ..modeling.folder_layout import MLLM_FOLDER, PROCESSOR_FOLDER, save_processor_with_model
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from ..pipelines import DreamLLMPipeline
-from ..pipelines.dream_diffusion import save_processor_with_model
 from . import checkpoint_io as io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
@@ -204,8 +204,8 @@ def convert_original_checkpoint(
         verify_rtol: the verification's relative tolerance (None: the default of `verify_dtype`).
         repo_id: the Hub repository the model card's snippets name (None: the output folder's name).
         base_model: the model card's `base_model` entry.
-        card_template: a model card template to render instead of the built-in one; see `model_card`.
-        card_fields: extra fields for the model card template; see `model_card`.
+        card_template: a model card template to render instead of the built-in one; see `dreamllm_hf.model_card`.
+        card_fields: extra fields for the model card template; see `dreamllm_hf.model_card`.
         progress: show a progress bar over the bytes written (None: only on a terminal).
     """
     start = time.perf_counter()
@@ -297,14 +297,14 @@ def convert_original_checkpoint(
 
         config.architectures = [type(mllm).__name__]
         config.dtype = str(out_dtype).removeprefix("torch.")
-        config.save_pretrained(tmp_dir / "mllm")
+        config.save_pretrained(tmp_dir / MLLM_FOLDER)
         GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        ).save_pretrained(tmp_dir / "mllm")
+        ).save_pretrained(tmp_dir / MLLM_FOLDER)
         unet.save_config(tmp_dir / "unet")
         vae.save_config(tmp_dir / "vae")
         scheduler.save_pretrained(tmp_dir / "scheduler")
-        processor.save_pretrained(tmp_dir / "processor")
+        processor.save_pretrained(tmp_dir / PROCESSOR_FOLDER)
         save_processor_with_model(processor, tmp_dir)  # `mllm/` on its own is a complete transformers repository
         write_model_index(tmp_dir, mllm, processor, unet, vae, scheduler)
         ignored = [f"{file}:{key}" for file, key in release.ignored]
@@ -339,9 +339,11 @@ def convert_original_checkpoint(
         )
         info = conversion_info(original_dir, tmp_dir, summary, plans, max_shard_size, base_model)
         (tmp_dir / CONVERSION_REPORT).write_text(json.dumps(info, indent=2) + "\n")
-        from .model_card import build_model_card
+        from ..model_card import ConvertedFolder, build_model_card
 
-        card = build_model_card(info, repo_id=repo_id or output_dir.name, template=card_template, fields=card_fields)
+        card = build_model_card(
+            ConvertedFolder(info, repo_id=repo_id or output_dir.name), template=card_template, fields=card_fields
+        )
         card.save(tmp_dir / "README.md")
         _move_into_place(tmp_dir, output_dir, overwrite)
     except BaseException:
@@ -360,7 +362,7 @@ def conversion_info(
     original_dir: Path, folder: Path, summary: ConversionSummary, plans: dict, max_shard_size, base_model
 ) -> dict:
     """What `conversion.json` records (and the model card is rendered from); `folder` is the converted folder."""
-    from .model_card import model_facts
+    from ..model_card import model_facts
 
     return {
         "converter": {"name": "dreamllm_hf", "version": _package_version()},

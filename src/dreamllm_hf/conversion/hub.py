@@ -96,22 +96,21 @@ def push_to_hub(
         revision: a branch; created from the default branch if it does not exist.
         update_card: render README.md again for `repo_id` from `conversion.json` (so the snippets name the repo);
             False uploads the folder's README.md as it is. The folder itself is never modified.
-        card_template: as in `model_card.build_model_card`.
-        card_fields: as in `model_card.build_model_card`.
+        card_template: as in `dreamllm_hf.model_card.build_model_card`.
+        card_fields: as in `dreamllm_hf.model_card.build_model_card`.
     """
     folder = Path(folder)
     files = converted_files(folder)
     check_can_push(repo_id, token=token, endpoint=endpoint, check_token=False)
     readme = None
     if update_card and (folder / "conversion.json").is_file():
-        from .model_card import build_model_card, model_facts
+        from ..model_card import ConvertedFolder, build_model_card, model_facts
 
         info = json.loads((folder / "conversion.json").read_text())
         # The card states what the folder's configs say (a folder converted by an older version lacks some facts).
         info["config"] = {**info.get("config", {}), **model_facts(folder)}
-        readme = str(build_model_card(info, repo_id=repo_id, template=card_template, fields=card_fields)).encode(
-            "utf-8"
-        )
+        card = build_model_card(ConvertedFolder(info, repo_id=repo_id), template=card_template, fields=card_fields)
+        readme = str(card).encode("utf-8")
 
     api = HfApi(endpoint=endpoint, token=token)
     try:

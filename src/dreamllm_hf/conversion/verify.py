@@ -79,10 +79,13 @@ class VerificationReport:
         return self.weights_passed and all(check.passed for check in self.checks)
 
     def to_dict(self) -> dict:
+        """The report as `conversion.json` records it, with its verdicts and its table as the model card shows it
+        (the card module renders what the conversion recorded; it does not read this class)."""
         out = asdict(self)
         out["passed"] = self.passed
         for check, item in zip(self.checks, out["checks"]):
             item["passed"] = check.passed
+        out["markdown"] = self.to_markdown()
         return out
 
     @classmethod

@@ -10,7 +10,6 @@ import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,12 +28,10 @@ from ..decoder_conditioning import (
     takes_pooled,
     vae_scale_factor,
 )
+from ..modeling.folder_layout import save_processor_with_model
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# The language model's component folder. It carries the processor too, so that it is a complete transformers repository
-# (`AutoProcessor.from_pretrained(DIR/mllm)` works, as for every llava repository); `processor/` stays the pipeline's.
-MLLM_FOLDER = "mllm"
 
 
 @dataclass(frozen=True)
@@ -60,16 +57,6 @@ def onload(module: torch.nn.Module) -> None:
     hook = getattr(module, "_hf_hook", None)
     if isinstance(hook, CpuOffload):
         hook.pre_forward(module)
-
-
-def save_processor_with_model(processor, pipeline_dir: str | os.PathLike) -> None:
-    """Writes the processor's files into the language model's folder of a pipeline folder (see `MLLM_FOLDER`).
-
-    Args:
-        processor ([`DreamLLMProcessor`]): the pipeline's processor.
-        pipeline_dir (`str` or `os.PathLike`): the pipeline folder (the one holding `model_index.json`).
-    """
-    processor.save_pretrained(Path(pipeline_dir) / MLLM_FOLDER)
 
 
 def is_conversation(item: Any) -> bool:

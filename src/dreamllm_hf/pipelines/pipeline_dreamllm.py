@@ -114,15 +114,11 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             diffusion: a diffusers pipeline folder with `unet/`, `vae/`, `scheduler/`, or a pipeline or mapping of them.
             num_dream_queries (`int`, defaults to 64): learned queries per picture.
             **kwargs: `tokenizer`, `image_processor`, `vision_feature_layer`, `eos_token`, `chat_template`, `dtype`,
-                `seed` (see `dreamllm_hf.building.build_pipeline`).
+                `seed` (see `dreamllm_hf.building.build_components`).
         """
-        # Building sits above the pipelines (it assembles one): imported here, not at the top of this module.
-        from ..building import build_pipeline
+        from ..building import build_components
 
-        pipe = build_pipeline(llm, vision, diffusion, num_dream_queries=num_dream_queries, **kwargs)
-        if not isinstance(pipe, cls):
-            pipe = cls(**pipe.components)
-        return pipe
+        return cls(**build_components(llm, vision, diffusion, num_dream_queries=num_dream_queries, **kwargs))
 
     @property
     def image_block_length(self) -> int:

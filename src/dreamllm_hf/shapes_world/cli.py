@@ -2,14 +2,21 @@
 
 `add_demo_parsers(subparsers)` adds both subcommands to an `argparse` sub-parser set (the main `dreamllm-hf` parser
 does so). They can also run on their own: `python -m dreamllm_hf.shapes_world.cli train-demo --seed 0 --output DIR`.
+A model of the research project's harder world (`examples/research_projects/shapes_world_v2/`) has its own commands
+there.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .. import checks
+
+
+RESEARCH_ENTRY = "python -m shapes_world_v2"  # run from examples/research_projects/
+FIRST_WORLD_NAME = "shapes"
 
 
 def add_demo_parsers(subparsers) -> None:
@@ -22,133 +29,138 @@ def add_demo_parsers(subparsers) -> None:
             "minutes on two CPU cores."
         ),
     )
-    train.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
-    train.add_argument(
-        "--seed", type=checks.SEED.parse, default=0, help="Seeds the data, the initialisation and the noise."
-    )
-    train.add_argument(
-        "--backbone",
-        default=None,
-        metavar="NAME",
-        help="The LLM and vision tower: llama-clip (the shipped model's, default) or qwen2-siglip (a Qwen2 LLM with "
-        "a SigLIP tower, the same sizes otherwise).",
-    )
-    train.add_argument(
-        "--world",
-        default="shapes",
-        metavar="NAME",
-        help="shapes (one shape on 32x32: the shipped model's world, default) or scenes (version 2: one or two shapes "
-        "on 64x64 with sizes and where they stand, questions, stories of changes; its own recipe defaults).",
-    )
-    train.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
-    train.add_argument(
-        "--threads",
-        type=checks.POSITIVE_INT.parse,
-        default=None,
-        help="torch CPU threads (default: torch's choice, one per core).",
-    )
-    train.add_argument(
-        "--recipe", default=None, help="A JSON file of DemoRecipe fields to override (for experiments)."
-    )
-    train.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="Run evaluate-demo (default settings) on the result afterwards and put its figures in the model card.",
-    )
-    train.set_defaults(func=_run_train_demo)
+    add_train_arguments(train)
+    train.set_defaults(func=_run_train_demo, parser=train)
 
     evaluate = subparsers.add_parser(
         "evaluate-demo",
-        help="Caption, question, text-to-image and interleaved-story accuracy of the demo model, judged "
-        "deterministically.",
+        help="Caption, text-to-image and interleaved-story accuracy of the demo model, judged deterministically.",
         description=(
-            "Prints the figures; the last line is one JSON object with caption_accuracy, question_accuracy, "
-            "t2i_accuracy and interleaved_match. The world is the one the model's training report names. In the "
-            "version-2 world (scenes) a caption is right when everything it says is, a drawing when every thing and "
-            "the relation are, and settings left out take the defaults of SceneEvaluationSettings (192 held-out "
-            "pictures captioned, 192 questions, 24 captions drawn 4 times each, 32 stories, the demo model's sampling, "
-            "seed 0). In the first world (the shipped model's) DemoEvaluationSettings holds them (192 pictures, its 12 "
-            "captions drawn 8 times each, 32 stories), and question_accuracy is null."
+            "Prints the figures; the last line is one JSON object with caption_accuracy, t2i_accuracy, "
+            "interleaved_match, interleaved_pictures and chat_caption_accuracy. Settings left out take the defaults "
+            "of DemoEvaluationSettings (192 held-out pictures captioned, the world's 12 captions drawn 8 times each, "
+            "32 stories, the demo model's sampling, seed 0)."
         ),
     )
     evaluate.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
     evaluate.add_argument(
         "--seed", type=checks.SEED.parse, default=None, help="Seeds the held-out pictures and the sampling."
     )
-    evaluate.add_argument("--num-caption-pictures", type=checks.POSITIVE_INT.parse, default=None)
-    evaluate.add_argument("--num-questions", type=checks.POSITIVE_INT.parse, default=None)
-    evaluate.add_argument(
-        "--num-t2i-captions",
-        dest="num_t2i_scenes",
-        metavar="N",
-        type=checks.POSITIVE_INT.parse,
-        default=None,
-        help="Captions of held-out scenes drawn.",
-    )
+    evaluate.add_argument("--num-caption-pictures", type=checks.POSITIVE_INT.parse, default=None, metavar="N")
     evaluate.add_argument(
         "--t2i-per-caption",
-        dest="t2i_per_scene",
         metavar="N",
         type=checks.POSITIVE_INT.parse,
         default=None,
         help="Pictures drawn per caption.",
     )
-    evaluate.add_argument("--num-stories", type=checks.POSITIVE_INT.parse, default=None)
-    evaluate.add_argument("--num-inference-steps", type=checks.STEPS.parse, default=None)
+    evaluate.add_argument("--num-stories", type=checks.POSITIVE_INT.parse, default=None, metavar="N")
+    evaluate.add_argument("--num-inference-steps", type=checks.STEPS.parse, default=None, metavar="N")
     evaluate.add_argument("--guidance-scale", type=checks.GUIDANCE_SCALE.parse, default=None)
-    evaluate.add_argument("--threads", type=checks.POSITIVE_INT.parse, default=None, help="torch CPU threads.")
-    evaluate.add_argument(
+    add_evaluate_output_arguments(evaluate)
+    evaluate.set_defaults(func=_run_evaluate_demo, parser=evaluate)
+
+
+def add_train_arguments(parser) -> None:
+    """The options `train-demo` shares with a research world's training command."""
+    parser.add_argument("--output", required=True, help="Folder to write the pipeline to (created if needed).")
+    parser.add_argument(
+        "--seed", type=checks.SEED.parse, default=0, help="Seeds the data, the initialisation and the noise."
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        metavar="NAME",
+        help="The LLM and vision tower: llama-clip (the shipped model's, default) or qwen2-siglip (a Qwen2 LLM with "
+        "a SigLIP tower, the same sizes otherwise).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Allow an output folder that is not empty.")
+    parser.add_argument(
+        "--threads",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core).",
+    )
+    parser.add_argument(
+        "--recipe", default=None, help="A JSON file of DemoRecipe fields to override (for experiments)."
+    )
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Evaluate the result afterwards (default settings) and put its figures in the model card.",
+    )
+
+
+def add_evaluate_output_arguments(parser) -> None:
+    """The options `evaluate-demo` shares with a research world's evaluation command."""
+    parser.add_argument("--threads", type=checks.POSITIVE_INT.parse, default=None, help="torch CPU threads.")
+    parser.add_argument(
         "--save-dir", default=None, help="Also write the text-to-image grid and the example stories there."
     )
-    evaluate.add_argument(
+    parser.add_argument(
         "--update-card",
         action="store_true",
         help="Rewrite the model card (README.md) of --model with these figures (needs its training_report.json).",
     )
-    evaluate.set_defaults(func=_run_evaluate_demo, parser=evaluate)
 
 
 SETTING_OPTIONS = (
     "num_caption_pictures",
-    "num_questions",
-    "num_t2i_scenes",
-    "t2i_per_scene",
+    "t2i_per_caption",
     "num_stories",
     "num_inference_steps",
     "guidance_scale",
     "seed",
 )
-SCENE_ONLY_OPTIONS = {"num_questions": "--num-questions", "num_t2i_scenes": "--num-t2i-captions"}
 
 
-def _set_threads(threads) -> None:
+def set_threads(threads) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
 
 
-def _run_train_demo(args) -> int:
-    from .demo_training import DemoRecipe, train_demo
+def recipe_from_arguments(args, defaults: dict | None = None):
+    """The `DemoRecipe` of `train-demo`'s options: `defaults` (a world's), then the `--recipe` file, then `--seed`,
+    `--threads` and `--backbone`. An unknown field or backbone is a one-line error."""
+    from .demo_recipe import DemoRecipe
 
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise SystemExit(
-            f"train-demo: the output folder {output} is not empty. Choose a new folder, or pass --overwrite to replace "
-            "the pipeline files in it (other files are left alone)."
+            f"{args.command}: the output folder {output} is not empty. Choose a new folder, or pass --overwrite to "
+            "replace the pipeline files in it (other files are left alone)."
         )
     overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
+    known = {field.name for field in dataclasses.fields(DemoRecipe)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(
+            f"{args.command}: --recipe {args.recipe} sets {unknown}, which DemoRecipe lacks; its fields are "
+            f"{sorted(known)}."
+        )
     chosen = {"seed": args.seed, "num_threads": args.threads}
     if args.backbone is not None:
         chosen["backbone"] = args.backbone
     try:
-        recipe = DemoRecipe.for_world(args.world, **{**overrides, **chosen})
-    except ValueError as error:  # an unknown backbone or world: the message lists the known ones
-        raise SystemExit(f"train-demo: {error}") from error
-    report = train_demo(args.output, recipe)
+        return DemoRecipe(**{**(defaults or {}), **overrides, **chosen})
+    except ValueError as error:  # an unknown backbone: the message lists the known ones
+        raise SystemExit(f"{args.command}: {error}") from error
+
+
+def print_timings(report: dict) -> None:
     for stage, seconds in report["timings_s"].items():
         print(f"{stage:>28}: {seconds:7.1f} s")
     print(f"{'total':>28}: {report['total_s']:7.1f} s ({report['torch_threads']} threads)")
+
+
+def _run_train_demo(args) -> int:
+    from .demo_training import train_demo
+
+    recipe = recipe_from_arguments(args)
+    report = train_demo(args.output, recipe)
+    print_timings(report)
     if args.evaluate:
         evaluate_args = argparse.Namespace(
             model=args.output, threads=args.threads, update_card=True, save_dir=None, **dict.fromkeys(SETTING_OPTIONS)
@@ -157,66 +169,47 @@ def _run_train_demo(args) -> int:
     return 0
 
 
+def trained_world(model_dir) -> str:
+    """The world a demo model was trained in, as its training report records it ("shapes" for the shipped model,
+    whose report names none, and for a folder without a report)."""
+    report = Path(model_dir) / "training_report.json"
+    return json.loads(report.read_text()).get("world", FIRST_WORLD_NAME) if report.is_file() else FIRST_WORLD_NAME
+
+
 def _run_evaluate_demo(args) -> int:
     from .demo_model_path import DEMO_MODEL_PATH
+    from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
+    model = args.model or DEMO_MODEL_PATH
+    world = trained_world(model)
+    if world != FIRST_WORLD_NAME:
+        message = (
+            f"{model} was trained in the world {world!r} (its training_report.json says so), not in the shapes world "
+            f"this command measures; the research project's world has its own command: `{RESEARCH_ENTRY} evaluate "
+            "--model DIR`, from examples/research_projects/."
+        )
+        checks.usage_error(args, message)
     # Options left out keep the settings' defaults (one source of truth; they are listed in the card).
     chosen = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name) is not None}
-    model = args.model or DEMO_MODEL_PATH
-    if demo_world(model) == "scenes":
-        from .scene_evaluation import SceneEvaluationSettings, evaluate_pipeline, load_demo_pipeline
-
-        settings = SceneEvaluationSettings(**chosen)
-    else:
-        from .evaluation import DemoEvaluationSettings, evaluate_pipeline, load_demo_pipeline
-
-        settings = DemoEvaluationSettings(**_first_world_settings(args, chosen))
+    settings = DemoEvaluationSettings(**chosen)
     results = evaluate_pipeline(load_demo_pipeline(model), settings)
-    _print_details(results, settings.num_stories)
+    print_details(results, settings.num_stories)
     if args.save_dir:
-        _save_outputs(results, Path(args.save_dir))
+        save_outputs(results, Path(args.save_dir))
     if args.update_card:
-        from .model_card import write_demo_model_card
+        from .demo_training import write_demo_model_card
 
         write_demo_model_card(model, evaluation=results)
-    summary = {
-        "caption_accuracy": round(results["caption_accuracy"], 4),
-        # null for a model of the first world, which was never asked questions
-        "question_accuracy": round(results["question_accuracy"], 4) if "question_accuracy" in results else None,
-        "t2i_accuracy": round(results["t2i_accuracy"], 4),
-        "interleaved_match": round(results["interleaved_match"], 4),
-        "interleaved_pictures": results["interleaved_pictures"],
-        "chat_caption_accuracy": round(results["chat_caption_accuracy"], 4),
-    }
+    keys = ("caption_accuracy", "t2i_accuracy", "interleaved_match", "chat_caption_accuracy")
+    summary = {key: round(results[key], 4) for key in keys}
+    summary["interleaved_pictures"] = results["interleaved_pictures"]
     print(json.dumps(summary))
     return 0
 
 
-def demo_world(model_dir) -> str:
-    """The world a demo model was trained in, as its training report records it: "scenes" (the version-2 world of
-    `scenes.py`) or "shapes" (the first demo model's, `world.py`, whose report names none). A folder without a report
-    is taken to be of the version-2 world."""
-    report = Path(model_dir) / "training_report.json"
-    return json.loads(report.read_text()).get("world", "shapes") if report.is_file() else "scenes"
-
-
-def _first_world_settings(args, chosen: dict) -> dict:
-    """The options as `DemoEvaluationSettings` of the first world (12 captions, no questions) reads them."""
-    unknown = [flag for name, flag in SCENE_ONLY_OPTIONS.items() if name in chosen]
-    if unknown:
-        options = " and ".join(unknown)
-        checks.usage_error(
-            args,
-            f"{options}: the model {args.model or '(the shipped one)'} was trained in the first shapes world "
-            "(one shape, 12 captions, no questions); leave them out for it.",
-        )
-    if "t2i_per_scene" in chosen:
-        chosen["t2i_per_caption"] = chosen.pop("t2i_per_scene")
-    return chosen
-
-
-def _print_details(results: dict, num_stories: int) -> None:
+def print_details(results: dict, num_stories: int) -> None:
+    """The examples and breakdowns of an evaluation, before its summary line."""
     print("captions (truth -> caption):")
     for example in results["caption_examples"]:
         print(f"  {example['truth']:>48} -> {example['caption']!r}")
@@ -238,7 +231,8 @@ def _print_details(results: dict, num_stories: int) -> None:
         print(f"  {story['instruction']!r} -> {story['document']} <{story['stop']}>")
 
 
-def _save_outputs(results: dict, folder: Path) -> None:
+def save_outputs(results: dict, folder: Path) -> None:
+    """The text-to-image grid (`t2i_grid.png`, one row per caption) and the example stories (`stories.json`)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)

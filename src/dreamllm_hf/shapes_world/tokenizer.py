@@ -19,24 +19,19 @@ STORY_INSTRUCTIONS = ("Tell me a story.", "Tell me a story with pictures.", "Wri
 CAPTION_QUESTIONS = ("What is in the picture?", "Describe the picture.")
 
 
+def prompt_texts() -> set[str]:
+    """The prompts a demo model is asked with (story instructions, caption questions, the chat template's frame), which
+    every world's tokenizer learns besides the world's own sentences."""
+    return set(STORY_INSTRUCTIONS + CAPTION_QUESTIONS) | {C.VICUNA_SYSTEM_PROMPT + " USER: ASSISTANT:"}
+
+
 def world_texts() -> list[str]:
     """Every sentence the shapes world can say, plus the prompts the demo is asked with (each once, sorted)."""
     names = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
     texts = {f"a {name}" for name in names}
     for template in STORY_OPENINGS + STORY_CONTINUATIONS + STORY_ENDINGS:
         texts.update(template.format(name) for name in names)
-    texts.update(STORY_INSTRUCTIONS + CAPTION_QUESTIONS)
-    texts.add(C.VICUNA_SYSTEM_PROMPT + " USER: ASSISTANT:")
-    return sorted(texts)
-
-
-def scene_world_texts() -> list[str]:
-    """`world_texts` of the version-2 world (`scenes`): its sentences, questions and answers, plus the prompts."""
-    from .scenes import world_v2_texts
-
-    texts = set(world_v2_texts()) | set(STORY_INSTRUCTIONS + CAPTION_QUESTIONS)
-    texts.add(C.VICUNA_SYSTEM_PROMPT + " USER: ASSISTANT:")
-    return sorted(texts)
+    return sorted(texts | prompt_texts())
 
 
 def train_sentencepiece(vocab_size: int = DEMO_VOCAB_SIZE, texts: list[str] | None = None) -> bytes:
@@ -101,8 +96,8 @@ __all__ = [
     "DEMO_VOCAB_SIZE",
     "STORY_INSTRUCTIONS",
     "build_demo_tokenizer",
+    "prompt_texts",
     "release_ordered_added_tokens",
-    "scene_world_texts",
     "train_sentencepiece",
     "world_texts",
 ]

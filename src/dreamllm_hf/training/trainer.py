@@ -40,6 +40,7 @@ import torch
 from .. import checks
 from ..decoder_conditioning import vae_scale_factor
 from ..dtypes import DTYPE_NAMES, parse_dtype
+from ..modeling.folder_layout import MLLM_FOLDER, save_processor_with_model
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 from .stages import TrainableParts, resolve_stage, trainable_parts
@@ -376,8 +377,8 @@ def write_pipeline_folder(
     """
     output_dir, source = Path(output_dir), Path(source)
     output_dir.mkdir(parents=True, exist_ok=True)
-    mllm.save_pretrained(str(output_dir / "mllm"), state_dict=state_dict)
-    processor.save_pretrained(str(output_dir / "mllm"))  # as the pipelines' `save_pretrained` does
+    mllm.save_pretrained(str(output_dir / MLLM_FOLDER), state_dict=state_dict)
+    save_processor_with_model(processor, output_dir)  # as the pipelines' `save_pretrained` does
     for part in PIPELINE_PARTS:
         shutil.copytree(source / part, output_dir / part, dirs_exist_ok=True)
     if (source / "model_index.json").exists():

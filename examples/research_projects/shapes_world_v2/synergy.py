@@ -1,16 +1,17 @@
 """The paper's synergy claim at toy scale: does learning to draw help the demo model to see?
 
-For each seed, two models of the demo recipe on the same data and the same stage-0 decoder: the joint recipe
-(`DemoRecipe.for_world("scenes")`, comprehension and creation) and its comprehension-only control (`creation=False`: the
-same stages, steps, batch sizes and learning rates, so as many LLM updates, all spent on picture -> text). Both are
-measured by `evaluate-demo`'s caption exact match and question accuracy on the same held-out pictures.
+For each seed, two models of the version-2 world's recipe on the same data and the same stage-0 decoder: the joint
+recipe (`scene_recipe()`, comprehension and creation) and its comprehension-only control (`creation=False`: the same
+stages, steps, batch sizes and learning rates, so as many LLM updates, all spent on picture -> text). Both are measured
+by the world's caption exact match and question accuracy on the same held-out pictures. From
+`examples/research_projects/`:
 
-    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR                 # six trainings
-    python benchmarks/demo_synergy.py --seeds 0 1 2 --work DIR --joint-seed0 MODEL   # five: seed 0's joint is MODEL
+    python -m shapes_world_v2 synergy --seeds 0 1 2 --work DIR                 # six trainings
+    python -m shapes_world_v2 synergy --seeds 0 1 2 --work DIR --joint-seed0 MODEL   # five: seed 0's joint is MODEL
 
 The first joint run trains stage 0 (the part the original takes pretrained) and every later run reuses its decoder;
-`--joint-seed0` gives a model already trained with the recipe and seed 0 (`train-demo --world scenes --seed 0`) for
-that run and its decoder. Finished runs in `--work` are reused, so the benchmark can be resumed or its runs spread over
+`--joint-seed0` gives a model already trained with the recipe and seed 0 (`python -m shapes_world_v2 train --seed 0`)
+for that run and its decoder. Finished runs in `--work` are reused, so the study can be resumed or its runs spread over
 processes (`--only joint|comprehension`). The last line is one JSON object: each arm's mean and spread, and with both
 arms the per-seed difference joint - comprehension (a seed gives both arms the same data and decoder).
 """
@@ -21,16 +22,13 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from dreamllm_hf.shapes_world.demo_training import DemoRecipe, train_demo
-from dreamllm_hf.shapes_world.scene_evaluation import (
-    SceneEvaluationSettings,
-    caption_accuracy,
-    load_demo_pipeline,
-    question_accuracy,
-)
+from dreamllm_hf.shapes_world.evaluation import load_demo_pipeline
+
+from .scene_evaluation import SceneEvaluationSettings, caption_accuracy, question_accuracy
+from .scene_world import scene_recipe, train_scene_demo
 
 
-ARMS = {"joint": {}, "comprehension": {"creation": False}}
+ARMS = {"joint": True, "comprehension": False}  # each arm's `creation`
 METRICS = ("caption_accuracy", "question_accuracy")
 
 
@@ -41,8 +39,8 @@ def run(work: Path, arm: str, seed: int, decoder: Path | None, overrides: dict, 
     if figures_path.exists():
         return json.loads(figures_path.read_text())
     if not (folder / "model_index.json").exists():
-        recipe = replace(DemoRecipe.for_world("scenes", **overrides), seed=seed, **ARMS[arm])
-        train_demo(folder, recipe, log=lambda line: None, reuse_decoder=decoder)
+        recipe = replace(scene_recipe(**overrides), seed=seed)
+        train_scene_demo(folder, recipe, creation=ARMS[arm], log=lambda line: None, reuse_decoder=decoder)
     return measure(folder, figures_path, pictures)
 
 
@@ -65,8 +63,7 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", required=True, help="Where the models are written (and found when resuming).")
     parser.add_argument("--joint-seed0", default=None, help="A default-recipe seed-0 model to use for that run.")
@@ -74,7 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each training.")
     parser.add_argument("--recipe", default=None, help="A JSON file of DemoRecipe fields to override (both arms).")
     parser.add_argument("--num-pictures", type=int, default=192, help="Held-out pictures captioned and asked about.")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_study(parser.parse_args(argv))
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    """The study of `add_arguments`' options; returns (and prints last) its report."""
     overrides = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
     overrides["num_threads"] = args.threads
 

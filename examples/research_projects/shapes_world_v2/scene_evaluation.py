@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
-from .evaluation import HELD_OUT_SEED, judged_stories, load_demo_pipeline, measure_figures, text_to_image_pipeline
+from dreamllm_hf.shapes_world.demo_model_path import DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
+from dreamllm_hf.shapes_world.evaluation import HELD_OUT_SEED, judged_stories, measure_figures, text_to_image_pipeline
+from dreamllm_hf.shapes_world.tokenizer import CAPTION_QUESTIONS
+
 from .scene_judge import drawing_shows, read_scene, things_drawn_right
 from .scenes import (
     QUESTION_KINDS,
@@ -36,7 +38,6 @@ from .scenes import (
     sample_question,
     sample_scene,
 )
-from .tokenizer import CAPTION_QUESTIONS
 
 
 CAPTION_MAX_NEW_TOKENS = 24  # the longest caption of the world, with room for a tokenizer that splits words finely
@@ -204,16 +205,13 @@ def evaluate_pipeline(pipe, settings: SceneEvaluationSettings | None = None, log
 
 
 __all__ = [
-    "HELD_OUT_SEED",
     "SceneEvaluationSettings",
     "caption_accuracy",
     "evaluate_pipeline",
     "held_out_questions",
     "held_out_scenes",
     "interleaved_match",
-    "load_demo_pipeline",
     "question_accuracy",
     "split_sentences",
     "t2i_accuracy",
-    "text_to_image_pipeline",
 ]

@@ -6,8 +6,9 @@ import random
 
 import datasets
 
+from dreamllm_hf.shapes_world.tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
+
 from .scenes import SCENE_SIZE, draw_scene, sample_question, sample_scene, sample_story
-from .tokenizer import CAPTION_QUESTIONS, STORY_INSTRUCTIONS
 
 
 # What a conversation holds, in turn order: a question about a picture (picture in, a one-word answer), a caption

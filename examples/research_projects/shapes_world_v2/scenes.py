@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
-from .world import COLOURS, SHAPES
+from dreamllm_hf.shapes_world.world import COLOURS, SHAPES
 
 
 SCENE_SIZE = 64

@@ -6,9 +6,10 @@ from collections import deque
 import numpy as np
 from PIL import Image
 
-from .classifier import SATURATION_THRESHOLD
+from dreamllm_hf.shapes_world.classifier import SATURATION_THRESHOLD
+from dreamllm_hf.shapes_world.world import COLOURS
+
 from .scenes import SIZES, Layout, Scene, Thing, relation_of
-from .world import COLOURS
 
 
 MIN_THING_PIXELS = 40  # a small triangle has about 110; specks of a drawn picture's ground fewer
