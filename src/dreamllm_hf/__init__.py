@@ -33,14 +33,18 @@ __all__ = [
     "DreamLLMProcessor",
 ]
 
-import diffusers  # noqa: E402
+from .import_notices import dropped_import_notices  # noqa: E402
 
-from .pipelines import (  # noqa: E402
-    DocumentEvent,
-    DreamLLMPipeline,
-    DreamLLMPipelineOutput,
-    DreamLLMText2ImagePipeline,
-)
+
+with dropped_import_notices():  # what importing diffusers logs on every start, for nothing asked (see the module)
+    import diffusers
+
+    from .pipelines import (
+        DocumentEvent,
+        DreamLLMPipeline,
+        DreamLLMPipelineOutput,
+        DreamLLMText2ImagePipeline,
+    )
 
 
 # `DiffusionPipeline.from_pretrained(DIR)` finds the class named by `model_index.json`'s `_class_name` as an attribute

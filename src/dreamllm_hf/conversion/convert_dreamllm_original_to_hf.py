@@ -38,7 +38,7 @@ from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
 from ..modeling.folder_layout import MLLM_FOLDER, PROCESSOR_FOLDER, save_processor_with_model
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from ..pipelines import DreamLLMPipeline
-from . import checkpoint_io as io
+from . import checkpoint_io
 from . import original_layout as L
 from .tokenizer import build_legacy_tokenizer
 
@@ -73,11 +73,11 @@ class ConversionSummary:
         )
 
 
-def load_release_tensors(original_dir: Path, releaser: io.PageReleaser | None = None) -> L.ReleaseTensors:
+def load_release_tensors(original_dir: Path, releaser: checkpoint_io.PageReleaser | None = None) -> L.ReleaseTensors:
     """Memory-maps the four release `.bin` files and maps their keys onto the output components."""
     state_dicts = {}
     for file in L.WEIGHT_FILES:
-        state_dicts[file] = io.load_original_state_dict(original_dir / file)
+        state_dicts[file] = checkpoint_io.load_original_state_dict(original_dir / file)
         if releaser is not None:
             releaser.register(original_dir / file)
     return L.split_release_tensors(state_dicts)
@@ -223,7 +223,7 @@ def convert_original_checkpoint(
         original_config, components, unet_config["cross_attention_dim"], L.read_added_tokens(original_dir)
     )
 
-    releaser = io.PageReleaser()
+    releaser = checkpoint_io.PageReleaser()
     release = load_release_tensors(original_dir, releaser)
     if release.ignored:
         logger.info(
@@ -252,7 +252,10 @@ def convert_original_checkpoint(
         "unet": DIFFUSERS_WEIGHTS_PATTERN,
         "vae": DIFFUSERS_WEIGHTS_PATTERN,
     }
-    plans = {name: io.plan_shards(release.components[name], dtype, patterns[name], max_shard_size) for name in models}
+    plans = {
+        name: checkpoint_io.plan_shards(release.components[name], dtype, patterns[name], max_shard_size)
+        for name in models
+    }
     total_bytes = sum(plan.total_size for plan in plans.values())
     _check_disk_space(output_dir.parent, total_bytes)
 
@@ -281,7 +284,7 @@ def convert_original_checkpoint(
                     if name == "mllm"
                     else None
                 )
-                written = io.write_component_weights(
+                written = checkpoint_io.write_component_weights(
                     folder,
                     release.components[name],
                     plans[name],

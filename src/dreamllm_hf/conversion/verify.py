@@ -37,7 +37,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from .. import constants as C
 from ..decoder_conditioning import vae_scale_factor
 from ..modeling.configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG
-from . import checkpoint_io as io
+from . import checkpoint_io
 from . import original_layout as L
 
 
@@ -191,12 +191,16 @@ def _record(report: VerificationReport, component: str, references: dict, run, a
 
 
 def _check_weights(
-    converted_dir: Path, release: L.ReleaseTensors, dtype, report: VerificationReport, releaser: io.PageReleaser
+    converted_dir: Path,
+    release: L.ReleaseTensors,
+    dtype,
+    report: VerificationReport,
+    releaser: checkpoint_io.PageReleaser,
 ) -> None:
     max_diff = 0.0
     for component, expected in release.components.items():
         seen = set()
-        for path in io.iter_safetensors(converted_dir / component):
+        for path in checkpoint_io.iter_safetensors(converted_dir / component):
             with safe_open(path, framework="pt") as file:
                 for key in file.keys():
                     report.weights_compared += 1
@@ -209,7 +213,7 @@ def _check_weights(
                     seen.add(key)
                     converted = file.get_tensor(key)
                     original = expected[key]
-                    want = io.target_dtype(original, dtype)
+                    want = checkpoint_io.target_dtype(original, dtype)
                     if converted.dtype != want or converted.shape != original.shape:
                         report.weights_mismatched.append(
                             f"{label} ({converted.dtype} {tuple(converted.shape)}, "
@@ -277,10 +281,10 @@ def verify_conversion(
     original_config = L.read_original_config(original_dir)
     components = L.resolve_components(original_config, original_dir)
     ids = L.special_token_ids(original_config, L.read_added_tokens(original_dir))
-    releaser = io.PageReleaser()
+    releaser = checkpoint_io.PageReleaser()
     state_dicts = {}
     for file in L.WEIGHT_FILES:
-        state_dicts[file] = io.load_original_state_dict(original_dir / file)
+        state_dicts[file] = checkpoint_io.load_original_state_dict(original_dir / file)
         releaser.register(original_dir / file)
     if dtype is None:  # what the converter recorded; the tensors must then be exactly that
         recorded = json.loads((converted_dir / "mllm" / "config.json").read_text()).get("dtype")

@@ -15,240 +15,55 @@ starts.
 """
 
 import argparse
+import dataclasses
 import sys
-
-from ..dtypes import DTYPE_NAMES
-
-
-_HELP = {
-    "model": "DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` or a previous "
-    "stage writes it.",
-    "data": "Data source, repeatable: an image folder with metadata.jsonl (pairs), MMC4 JSON Lines (documents), "
-    "JSON Lines of `messages` (conversations), Parquet shards, or webdataset .tar shards of pairs.",
-    "output_dir": "Where the adapter or the pipeline, train_log.jsonl and checkpoint-STEP/ folders go.",
-    "max_steps": "Optimizer steps to run.",
-    "seed": "Seed of the adapter init, the data order and choices, and the diffusion noise.",
-}
+import typing
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the training options to `parser` (defaults are applied later, so a config file can fill the gaps)."""
-    S = argparse.SUPPRESS
-    parser.add_argument("--config", default=S, help="YAML or JSON file of options (flags override it).")
-    parser.add_argument("--model", default=S, help=_HELP["model"])
-    parser.add_argument("--data", action="extend", nargs="+", default=S, metavar="PATH", help=_HELP["data"])
-    parser.add_argument("--output-dir", dest="output_dir", default=S, help=_HELP["output_dir"])
-    parser.add_argument("--max-steps", dest="max_steps", type=int, default=S, help=_HELP["max_steps"])
-    parser.add_argument("--seed", type=int, default=S, help=_HELP["seed"])
+def training_options() -> argparse.ArgumentParser:
+    """
+    A parent parser (`parents=[...]`) of the training options: one per field of `DreamLLMTrainingArguments`, made by
+    `transformers.HfArgumentParser` from the field's type, default and metadata (`help`, `choices`, `aliases`...), as
+    `--name` and `--name-with-dashes`; a `--no-NAME` for each bool; and `--config`.
 
-    parts = parser.add_argument_group("what trains (a stage preset, then per-part overrides)")
-    parts.add_argument(
-        "--stage",
-        default=S,
-        metavar="STAGE",
-        help="1 / alignment (LLM frozen), 2 / pretraining (I-GPT, LLM full), 3 / instruction (LLM full); "
-        "default: LoRA fine-tuning.",
-    )
-    parts.add_argument(
-        "--language-model",
-        dest="language_model",
-        choices=["frozen", "lora", "full"],
-        default=S,
-        help="The LLM: frozen, LoRA-wrapped or trained in full (default: the stage's).",
-    )
-    parts.add_argument(
-        "--vision-tower",
-        dest="vision_tower",
-        choices=["frozen", "full"],
-        default=S,
-        help="The vision tower (default: frozen).",
-    )
-    for name, what in (
-        ("image-projector", "the image projector"),
-        ("condition-projector", "the condition projector"),
-        ("dream-queries", "the dream queries"),
-    ):
-        parts.add_argument(
-            f"--train-{name}",
-            dest=f"train_{name.replace('-', '_')}",
-            action=argparse.BooleanOptionalAction,
-            default=S,
-            help=f"Train {what} in full (default on).",
-        )
+    The defaults stay in the dataclass: here they are only printed in the help. A flag that is not given leaves no
+    value (`argparse.SUPPRESS`), so that a `--config` file fills what the command line leaves out.
+    """
+    from transformers import HfArgumentParser
 
-    lora = parser.add_argument_group("adapter")
-    lora.add_argument("--lora-rank", dest="lora_rank", type=int, default=S, help="LoRA rank r (default 16).")
-    lora.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=S, help="LoRA alpha (default 32).")
-    lora.add_argument(
-        "--lora-dropout", dest="lora_dropout", type=float, default=S, help="LoRA dropout (default 0.05)."
-    )
-    lora.add_argument(
-        "--lora-lm-head",
-        dest="lora_lm_head",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="Also put a LoRA on lm_head (default: only the format-token rows of lm_head are trained).",
-    )
-    lora.add_argument(
-        "--train-format-tokens",
-        dest="train_format_tokens",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="Train the embedding (and lm_head) rows of the format tokens, when the LLM is not trained in full "
-        "(default on).",
-    )
-    lora.add_argument(
-        "--merge-lora",
-        dest="merge_lora",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="After a LoRA run, also write the complete pipeline with the adapter merged in.",
-    )
-    lora.add_argument(
-        "--load-in-4bit",
-        dest="load_in_4bit",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="QLoRA: the LLM decoder layers in 4-bit NF4 (bitsandbytes).",
-    )
-    lora.add_argument(
-        "--activation-checkpointing",
-        dest="activation_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="Recompute activations in the backward pass (less memory, ~30%% more compute).",
-    )
+    from .trainer import DreamLLMTrainingArguments
 
-    loss = parser.add_argument_group("loss")
-    loss.add_argument("--loss-weight-lm", dest="loss_weight_lm", type=float, default=S, help="Default 1.")
-    loss.add_argument(
-        "--loss-weight-vm", dest="loss_weight_vm", type=float, default=S, help="Default 10 (the original's)."
+    parser = HfArgumentParser(DreamLLMTrainingArguments, add_help=False)
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="YAML or JSON file of options (keys: option names with `_` or `-`).",
     )
-
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=S, help="Default 2e-4.")
-    optim.add_argument(
-        "--lr-scheduler",
-        dest="lr_scheduler",
-        default=S,
-        help="Any transformers.get_scheduler name: cosine (default), linear, constant, ...",
-    )
-    optim.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S, help="Default 0.")
-    optim.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="Default 0.")
-    optim.add_argument(
-        "--max-grad-norm", dest="max_grad_norm", type=float, default=S, help="Default 1 (0: no clipping)."
-    )
-    optim.add_argument(
-        "--batch-size",
-        "--per-device-batch-size",
-        dest="per_device_batch_size",
-        type=int,
-        default=S,
-        help="Samples per process per micro-batch (default 1).",
-    )
-    optim.add_argument(
-        "--gradient-accumulation-steps",
-        dest="gradient_accumulation_steps",
-        type=int,
-        default=S,
-        help="Micro-batches per optimizer step (default 1).",
-    )
-    optim.add_argument(
-        "--mixed-precision",
-        dest="mixed_precision",
-        choices=["no", "bf16", "fp16"],
-        default=S,
-        help="Autocast precision (default: from `accelerate launch`'s config, else no).",
-    )
-    optim.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPE_NAMES],
-        default=S,
-        help="Dtype of the frozen weights (default auto: follows --mixed-precision).",
-    )
-
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--max-length",
-        dest="max_length",
-        type=int,
-        default=S,
-        help="Longest sample in tokens (default: the tokenizer's `model_max_length`).",
-    )
-    data.add_argument(
-        "--i2t-probability",
-        dest="i2t_probability",
-        type=float,
-        default=S,
-        help="Chance a pair is image-to-text rather than text-to-image (default 0.5).",
-    )
-    data.add_argument(
-        "--caption-dropout",
-        dest="caption_dropout",
-        type=float,
-        default=S,
-        help="Chance a text-to-image pair loses its caption, the guidance unconditional (default 0).",
-    )
-    data.add_argument(
-        "--data-weights",
-        dest="data_weights",
-        type=float,
-        nargs="+",
-        default=S,
-        metavar="W",
-        help="One weight per --data source: each batch comes from one source, with these shares of the batches "
-        "(default: sources mixed in proportion to their sizes).",
-    )
-    data.add_argument(
-        "--random-flip",
-        dest="random_flip",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="Random horizontal flip of the diffusion pictures (default on).",
-    )
-    data.add_argument(
-        "--num-workers", dest="num_workers", type=int, default=S, help="Data-loader workers (default 0)."
-    )
-    data.add_argument("--cache-dir", dest="cache_dir", default=S, help="`datasets` cache folder.")
-
-    run = parser.add_argument_group("checkpoints and logs")
-    run.add_argument(
-        "--checkpointing-steps",
-        dest="checkpointing_steps",
-        type=int,
-        default=S,
-        help="Save a resumable checkpoint every N steps (default 500; 0: never).",
-    )
-    run.add_argument(
-        "--checkpoints-total-limit",
-        dest="checkpoints_total_limit",
-        type=int,
-        default=S,
-        help="Keep at most N checkpoints.",
-    )
-    run.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=S,
-        metavar="CHECKPOINT",
-        help="Resume from the latest checkpoint in --output-dir, or from CHECKPOINT.",
-    )
-    run.add_argument(
-        "--logging-steps",
-        dest="logging_steps",
-        type=int,
-        default=S,
-        help="Append to train_log.jsonl every N steps (default 1).",
-    )
-    run.add_argument(
-        "--report-to",
-        dest="report_to",
-        action="extend",
-        nargs="+",
-        default=S,
-        help="Also log to accelerate trackers (tensorboard, wandb, ...).",
-    )
+    fields = {field.name: field for field in dataclasses.fields(DreamLLMTrainingArguments)}
+    types = typing.get_type_hints(DreamLLMTrainingArguments)
+    flags = [name for name in fields if types[name] in (bool, bool | None)]
+    for name in flags:
+        # HfArgumentParser makes `--no-NAME` only for the bools that default to True; every bool gets one here
+        # (a flag can then turn off what a config file turned on).
+        if fields[name].default is not True:
+            parser.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", action="store_false", dest=name)
+    for action in parser._actions:
+        field = fields.get(action.dest)
+        if field is None:
+            continue
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if action.option_strings[0] == f"--no_{action.dest}":
+            action.help = argparse.SUPPRESS  # told in the help of the flag it turns off
+        elif action.dest in flags:
+            action.metavar = "{true,false}"
+            negative = f"--no-{action.dest.replace('_', '-')}"
+            action.help += (
+                " (default: off)" if default is False else f" ({'default: on; ' if default else ''}{negative}: off)"
+            )
+        elif default not in (None, "", []):
+            action.help += f" (default: {default})"
+        action.default = argparse.SUPPRESS
     return parser
 
 
@@ -259,8 +74,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         help="Train a DreamLLM: the paper's stages (--stage 1|2|3), LoRA or full fine-tuning (accelerate-ready).",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[training_options()],
     )
-    add_train_arguments(parser)
     parser.set_defaults(func=run_train, parser=parser)
     return parser
 
@@ -301,9 +116,11 @@ def run_train(namespace: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m dreamllm_hf.training.cli`, `accelerate launch -m ...`)."""
     parser = argparse.ArgumentParser(
-        prog="dreamllm-hf train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="dreamllm-hf train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[training_options()],
     )
-    add_train_arguments(parser)
     parser.set_defaults(parser=parser)
     return run_train(parser.parse_args(argv))
 

@@ -43,7 +43,7 @@ from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..modeling.folder_layout import MLLM_FOLDER, save_processor_with_model
 from .data import IGNORE_INDEX
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
-from .stages import TrainableParts, resolve_stage, trainable_parts
+from .stages import LANGUAGE_MODEL_MODES, VISION_TOWER_MODES, TrainableParts, resolve_stage, trainable_parts
 
 
 logger = logging.getLogger(__name__)
@@ -83,99 +83,207 @@ ARGUMENT_RANGES = {
     "checkpoints_total_limit": (checks.POSITIVE_INT, True),
     "logging_steps": (checks.POSITIVE_INT, False),
 }
+# A flag for an optional bool (None: the stage decides): given alone it means True (`--no-NAME` is False).
+_OPTIONAL_FLAG = {"nargs": "?", "const": True}
 
 
 @dataclass
 class DreamLLMTrainingArguments:
     """
-    Everything `train` needs. The command line (`dreamllm-hf train`) and config files (YAML or JSON) use the same names.
-
-    Args:
-        model: DreamLLM folder (`mllm/`, `processor/`, `unet/`, `vae/`, `scheduler/`), converted or written by a
-            previous stage.
-        data: data sources (image folders, MMC4 or conversation JSON Lines, Parquet shards, webdataset tars; see
-            `data.py`).
-        output_dir: where the adapter or the pipeline, the log and the checkpoints go.
-        max_steps: optimizer steps to run (a step is `gradient_accumulation_steps` micro-batches on every process).
-        seed: seeds the adapter init, the data order and per-sample choices, and the diffusion noise.
-        stage: a preset of what is trained (`stages.py`): 1 / "alignment", 2 / "pretraining", 3 / "instruction", or
-            None for plain LoRA fine-tuning. The six settings below override it where they are not None.
-        language_model: "frozen", "lora" or "full".
-        vision_tower: "frozen" or "full".
-        train_image_projector, train_condition_projector, train_dream_queries: train these in full, or freeze them.
-        train_format_tokens: train the embedding and `lm_head` rows of the format tokens (when the language model is
-            not trained in full).
-        lora_rank, lora_alpha, lora_dropout, lora_lm_head: the adapter of a LoRA run (see `lora.py`).
-        merge_lora: after a LoRA run, also write the complete pipeline with the adapter merged in.
-        loss_weight_lm, loss_weight_vm: the two loss weights (1 and 10, as the original stages II and III).
-        learning_rate, lr_scheduler, warmup_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm:
-            AdamW and its schedule (any `transformers.get_scheduler` name).
-        per_device_batch_size, gradient_accumulation_steps: batch per process and micro-batches per step.
-        mixed_precision: "no", "bf16" or "fp16" (autocast by accelerate; trained parameters stay fp32); None takes
-            it from `accelerate launch`'s config (or "no").
-        dtype: dtype of the frozen weights: "auto" (follows the mixed precision), "float32", "bfloat16", "float16".
-        load_in_4bit: QLoRA - the LLM decoder layers in 4-bit NF4 (bitsandbytes).
-        activation_checkpointing: recompute activations in the backward pass (LLM and CLIP layers, and the UNet).
-        max_length: longest sample in tokens (default: the tokenizer's `model_max_length`).
-        i2t_probability: chance that a pair is used for image-to-text rather than text-to-image.
-        caption_dropout: chance that a text-to-image pair loses its caption (the guidance unconditional).
-        data_weights: one weight per `data` source: each batch then comes from one source, the sources taking these
-            shares of the batches (`sampling.py`); None mixes the sources in proportion to their sizes.
-        random_flip: random horizontal flip of the diffusion pictures.
-        num_workers: data-loader worker processes.
-        checkpointing_steps: save a resumable checkpoint every N steps (0: never).
-        checkpoints_total_limit: keep at most this many checkpoints (None: all).
-        resume: "latest" (the newest `checkpoint-*` in `output_dir`), a checkpoint folder, or None.
-        logging_steps: append to `train_log.jsonl` every N steps (and at the last step).
-        report_to: also log to these accelerate trackers ("tensorboard", "wandb", ...).
-        cache_dir: `datasets` cache folder.
+    Everything `train` needs. The command line (`dreamllm-hf train`, built from these fields by
+    `transformers.HfArgumentParser`) and config files (YAML or JSON) use the same names: each field's `help` metadata
+    is its documentation, which `dreamllm-hf train --help` prints with the default.
     """
 
-    model: str = ""
-    data: list[str] = field(default_factory=list)
-    output_dir: str = "outputs/dreamllm-lora"
-    max_steps: int = 1000
-    seed: int = 0
-    stage: str | None = None
-    language_model: str | None = None
-    vision_tower: str | None = None
-    train_image_projector: bool | None = None
-    train_condition_projector: bool | None = None
-    train_dream_queries: bool | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_lm_head: bool = False
-    train_format_tokens: bool = True
-    merge_lora: bool = False
-    loss_weight_lm: float = DEFAULT_LOSS_WEIGHT_LM
-    loss_weight_vm: float = DEFAULT_LOSS_WEIGHT_VM
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str | None = None
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    activation_checkpointing: bool = False
-    max_length: int | None = None
-    i2t_probability: float = 0.5
-    caption_dropout: float = 0.0
-    data_weights: list[float] | None = None
-    random_flip: bool = True
-    num_workers: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume: str | None = None
-    logging_steps: int = 1
-    report_to: list[str] = field(default_factory=list)
-    cache_dir: str | None = None
+    model: str = field(
+        default="",
+        metadata={
+            "help": "DreamLLM folder (mllm/, processor/, unet/, vae/, scheduler/), as `dreamllm-hf convert` or a "
+            "previous stage writes it.",
+            "metavar": "DIR",
+        },
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Data sources, repeatable: image folders with metadata.jsonl (pairs), MMC4 JSON Lines "
+            "(documents), JSON Lines of `messages` (conversations), Parquet shards, or webdataset .tar shards of "
+            "pairs (see `data.py`).",
+            "action": "extend",
+            "metavar": "PATH",
+        },
+    )
+    output_dir: str = field(
+        default="outputs/dreamllm-lora",
+        metadata={
+            "help": "Where the adapter or the pipeline, train_log.jsonl and the checkpoint-STEP/ folders go.",
+            "metavar": "DIR",
+        },
+    )
+    max_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "Optimizer steps to run (a step is `gradient_accumulation_steps` micro-batches on every process).",
+            "metavar": "N",
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seeds the adapter init, the data order and choices, and the diffusion noise.",
+            "metavar": "S",
+        },
+    )
+    stage: str | None = field(
+        default=None,
+        metadata={
+            "help": "A preset of what trains (`stages.py`): 1 / alignment (the LLM frozen), 2 / pretraining (I-GPT, "
+            "the LLM in full), 3 / instruction (the LLM in full); unset: LoRA fine-tuning. The six options below "
+            "override it where they are set.",
+            "metavar": "STAGE",
+        },
+    )
+    language_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The LLM: frozen, LoRA-wrapped or trained in full (unset: the stage's).",
+            "choices": LANGUAGE_MODEL_MODES,
+        },
+    )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "The vision tower: frozen or trained in full (unset: the stage's).",
+            "choices": VISION_TOWER_MODES,
+        },
+    )
+    train_image_projector: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train the image projector in full (unset: as the stage says; every stage trains it).",
+            **_OPTIONAL_FLAG,
+        },
+    )
+    train_condition_projector: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train the condition projector in full (unset: as the stage says; every stage trains it).",
+            **_OPTIONAL_FLAG,
+        },
+    )
+    train_dream_queries: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train the dream queries (unset: as the stage says; every stage trains them).",
+            **_OPTIONAL_FLAG,
+        },
+    )
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (see `lora.py`)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_lm_head: bool = field(
+        default=False,
+        metadata={"help": "Also put a LoRA on lm_head (otherwise only the format-token rows of lm_head train)."},
+    )
+    train_format_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the embedding and lm_head rows of the format tokens, when the LLM is not trained in full."
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "After a LoRA run, also write the complete pipeline with the adapter merged in."},
+    )
+    loss_weight_lm: float = field(default=DEFAULT_LOSS_WEIGHT_LM, metadata={"help": "Weight of the next-token loss."})
+    loss_weight_vm: float = field(
+        default=DEFAULT_LOSS_WEIGHT_VM,
+        metadata={"help": "Weight of the diffusion loss (the original's 10; 0 skips the UNet)."},
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW's learning rate.", "aliases": ["--lr"]})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={"help": "Any `transformers.get_scheduler` name: cosine, linear, constant, ..."},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Steps of linear learning-rate warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW's beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW's epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    per_device_batch_size: int = field(
+        default=1, metadata={"help": "Samples per process per micro-batch.", "aliases": ["--batch-size"]}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Autocast precision, by accelerate (the trained parameters stay fp32); unset: from "
+            "`accelerate launch`'s config, else no.",
+            "choices": tuple(MIXED_PRECISION_DTYPES),
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the frozen weights (auto: follows the mixed precision).",
+            "choices": ("auto", *DTYPE_NAMES),
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: the LLM decoder layers in 4-bit NF4 (bitsandbytes)."}
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute activations in the backward pass (LLM and CLIP layers, and the UNet): less memory, "
+            "about 30%% more compute."
+        },
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest sample in tokens (unset: the tokenizer's `model_max_length`)."}
+    )
+    i2t_probability: float = field(
+        default=0.5, metadata={"help": "Chance that a pair is image-to-text rather than text-to-image."}
+    )
+    caption_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Chance that a text-to-image pair loses its caption (the guidance unconditional)."},
+    )
+    data_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per `data` source: each batch then comes from one source, the sources taking these "
+            "shares of the batches (`sampling.py`); unset: the sources mixed in proportion to their sizes.",
+            "metavar": "W",
+        },
+    )
+    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of the diffusion pictures."})
+    num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes."})
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never).", "metavar": "N"}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most N checkpoints (unset: all).", "metavar": "N"}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume from the latest checkpoint-* in `output_dir` (`latest`, or the flag alone), or from the "
+            "checkpoint folder CHECKPOINT.",
+            "nargs": "?",
+            "const": "latest",
+            "metavar": "CHECKPOINT",
+        },
+    )
+    logging_steps: int = field(
+        default=1, metadata={"help": "Append to train_log.jsonl every N steps (and at the last step).", "metavar": "N"}
+    )
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Also log to these accelerate trackers (tensorboard, wandb, ...).", "action": "extend"},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder."})
 
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
