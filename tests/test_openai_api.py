@@ -21,8 +21,7 @@ import torch
 import uvicorn
 
 from dreamllm_hf.cli import build_parser
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
-from dreamllm_hf.pipelines.document_writer import DocumentRequest
+from dreamllm_hf.pipelines import DocumentRequest, DreamLLMPipeline, DreamLLMText2ImagePipeline
 from dreamllm_hf.serve import cli as serve_cli
 from dreamllm_hf.serve import engine as engine_module
 from dreamllm_hf.serve.engine import DocumentStream, EngineClosed, QueueFull, ServingEngine, seeded_generator

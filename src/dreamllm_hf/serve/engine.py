@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import checks
-from ..pipelines.document_writer import DocumentRequest, DocumentWriter
+from ..pipelines import DocumentRequest, DocumentWriter
 
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ... import checks
 from ...modeling.conversation import ROLES
-from ...pipelines.document_writer import DocumentRequest
+from ...pipelines import DocumentRequest
 from ...pipelines.pipeline_output import StopReason
 from ..engine import seeded_generator
 from .errors import APIError
@@ -116,6 +116,7 @@ class ChatCompletionRequest(BaseModel):
     height: Annotated[int | None, _within(checks.PICTURE_SIDE, "height")] = None
     width: Annotated[int | None, _within(checks.PICTURE_SIDE, "width")] = None
     size: str | None = None
+    negative_prompt: str | None = None
     user: str | None = None
 
 
@@ -331,6 +332,7 @@ def chat_documents(request: ChatCompletionRequest, defaults: GenerationDefaults)
         repetition_penalty=request.repetition_penalty,
         num_inference_steps=request.num_inference_steps or defaults.num_inference_steps,
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else defaults.guidance_scale,
+        negative_prompt=request.negative_prompt,
         height=height,
         width=width,
         output_type="pil",
