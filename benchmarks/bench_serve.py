@@ -6,8 +6,9 @@
 It starts the API server in a subprocess (`dreamllm-hf serve --api` on a free port), then sends the same 8 requests
 from 1, 2, 4 and 8 concurrent openai clients (threads, each with its own client; streaming, so that the time to the
 first token is seen). The 8 requests are sampled (temperature 1, each with its own seed), prompts of different
-lengths: four stories with pictures (the demo model draws one to three), two text answers, two questions about a
-picture sent in. Per concurrency it prints documents/s, completion tokens/s, and the time to first token and the
+lengths (a bare request, one behind a long system prompt, a picture sent in): four stories that draw pictures (the
+demo model draws one to three, each of `--steps` denoising steps), two text stories of 96 tokens, two questions
+about a picture (short answers). Per concurrency it prints documents/s, completion tokens/s, and the time to first token and the
 end-to-end latency (p50 / p95 over the 8 requests, best round of `--repeats`).
 
 Two ratios (goals of issue 23):
