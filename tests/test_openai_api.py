@@ -594,6 +594,19 @@ def test_a_document_stream_is_read_by_a_thread_or_an_event_loop():
 
     got = asyncio.run(read())
     assert [event.type for event in got] == ["text"] * 3 + ["document_end"]
+
+    # Read in batches: every event delivered so far at once, then [] at the end.
+    batched = DocumentStream(9, cancelled.append)
+    for event in events:
+        batched._put(event)
+
+    async def read_batches():
+        first = await batched.next_events()
+        batched._put(engine_module._END)
+        return first, await batched.next_events()
+
+    first, last = asyncio.run(read_batches())
+    assert first == events and last == []
     assert list(stream) == []  # an ended stream stays ended
     stream.cancel()
     assert cancelled == []  # finished: nothing to cancel

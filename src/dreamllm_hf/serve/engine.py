@@ -60,9 +60,10 @@ class DocumentStream:
     """
     The events of one document (`DocumentEvent`s as `DreamLLMPipeline.stream` yields them, ending with
     `"document_end"`), from the model thread to whoever reads them: `for event in stream` blocks a thread,
-    `async for event in stream` awaits in an event loop. An error of the model thread is raised by the iteration.
-    `cancel()` asks the writer to drop the document at its next step (its stream then ends with a `"document_end"` whose
-    `stop_reason` is `"cancelled"`).
+    `async for event in stream` awaits in an event loop, and `await stream.next_events()` takes every event that has
+    arrived at once (what a server that writes them out together wants). An error of the model thread is raised by the
+    reading. `cancel()` asks the writer to drop the document at its next step (its stream then ends with a
+    `"document_end"` whose `stop_reason` is `"cancelled"`).
     """
 
     def __init__(self, document: int, cancel: Callable[[int], None]):
@@ -76,18 +77,19 @@ class DocumentStream:
         self.cancelled = False
 
     # Model thread side -------------------------------------------------------------------------------------------
-    def _put(self, item: Any) -> None:
+    def _put(self, item: Any, wake: bool = True) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+        """Delivers `item`. `wake=False` returns the event-loop readers to wake instead of waking them, so that the
+        engine wakes each loop once for all the streams of a step (`_wake_all`)."""
         with self._ready:
             self._items.append(item)
             if item is _END or isinstance(item, BaseException):
                 self.finished = True
             self._ready.notify_all()
             waiters, self._waiters = self._waiters, []
-        for loop, future in waiters:
-            try:
-                loop.call_soon_threadsafe(_wake, future)
-            except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                pass
+        if wake:
+            _wake_all(waiters)
+            return []
+        return waiters
 
     # Reader side --------------------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -96,49 +98,80 @@ class DocumentStream:
             self.cancelled = True
             self._cancel(self.document)
 
-    def _pop(self) -> Any:
-        item = self._items.popleft()
-        if item is _END:
-            self._done = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        return item
+    def _take(self, most: int | None) -> list:
+        """Up to `most` delivered events (all with `None`), under `_ready`; at the end marker the stream is done, at an
+        error it is raised (after the events before it were taken by an earlier call)."""
+        taken = []
+        while self._items and (most is None or len(taken) < most):
+            item = self._items[0]
+            if isinstance(item, BaseException) and taken:
+                break  # hand out what came before the error first
+            self._items.popleft()
+            if item is _END:
+                self._done = True
+                break
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            taken.append(item)
+        return taken
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self):
         with self._ready:
-            if self._done:
-                raise StopIteration
-            while not self._items:
-                self._ready.wait()
-            return self._pop()
+            while True:
+                if self._done:
+                    raise StopIteration
+                while not self._items:
+                    self._ready.wait()
+                taken = self._take(1)
+                if taken:
+                    return taken[0]
+
+    async def next_events(self, most: int | None = None) -> list:
+        """Every event delivered and not yet read (at least one, waiting for it; at most `most`); `[]` once the stream
+        has ended."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._ready:
+                if self._done:
+                    return []
+                if self._items:
+                    taken = self._take(most)
+                    if taken or self._done:
+                        return taken
+                future = loop.create_future()
+                self._waiters.append((loop, future))
+            await future
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._ready:
-                if self._done:
-                    raise StopAsyncIteration
-                if self._items:
-                    try:
-                        return self._pop()
-                    except StopIteration:
-                        raise StopAsyncIteration from None
-                future = loop.create_future()
-                self._waiters.append((loop, future))
-            await future
+        taken = await self.next_events(1)
+        if not taken:
+            raise StopAsyncIteration
+        return taken[0]
 
 
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+def _wake_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+    """Wakes the readers waiting in event loops: one call into each loop, whatever the number of streams."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for loop, future in waiters:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 class ServingEngine:
@@ -299,22 +332,26 @@ class ServingEngine:
             logger.exception("A writer step failed; the documents being written end with its error.")
             self._fail_all(error, new_writer=True)
             return
+        waiters = []
         with self._lock:
             for event in events:
                 stream = self._streams.get(event.document)
                 if stream is None:
                     continue
-                stream._put(event)
+                waiters += stream._put(event, wake=False)
                 if event.type == "document_end":
-                    stream._put(_END)
+                    waiters += stream._put(_END, wake=False)
                     del self._streams[event.document]
                     self._progress.discard(event.document)
+        _wake_all(waiters)
 
     def _on_denoising_step(self, documents: list[int], step: int, total: int) -> None:
+        waiters = []
         with self._lock:
             for document in documents:
                 if document in self._progress and document in self._streams:
-                    self._streams[document]._put(DenoisingStep(document, step, total))
+                    waiters += self._streams[document]._put(DenoisingStep(document, step, total), wake=False)
+        _wake_all(waiters)
 
     def _fail_all(self, error: BaseException, new_writer: bool = False) -> None:
         """Ends every document with `error` (and, with `new_writer`, swaps in a fresh writer in the same breath, so
@@ -324,8 +361,7 @@ class ServingEngine:
             self._progress.clear()
             if new_writer:
                 self.writer = self._new_writer()
-        for stream in streams:
-            stream._put(error)
+        _wake_all([waiter for stream in streams for waiter in stream._put(error, wake=False)])
 
 
 __all__ = [

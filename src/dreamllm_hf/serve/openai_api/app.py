@@ -186,36 +186,48 @@ class _ClientGone(Exception):
 _END = object()
 
 
-async def _events(request: Request, streams: list) -> AsyncIterator[tuple[int, object]]:
-    """`(choice, event)` of all the request's documents as they come; when the client disconnects, every document is
-    cancelled (freeing its rows in the running batch) and `_ClientGone` is raised."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index, stream):
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        except Exception as error:
-            await queue.put((index, error))
-        await queue.put((index, _END))
+async def _events(request: Request, streams: list) -> AsyncIterator[list[tuple[int, object]]]:
+    """The `(choice, event)`s of the request's documents, in batches of those that have arrived (one step of the
+    writer's, typically); when the client disconnects, every document is cancelled (freeing its rows in the running
+    batch) and `_ClientGone` is raised."""
+    gone = asyncio.Event()
 
     async def watch():
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
-        await queue.put((None, _ClientGone()))
+        gone.set()
+        for stream in streams:
+            stream.cancel()  # they end at the writer's next step, and so does the loop below
 
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
     watcher = asyncio.create_task(watch())
+    tasks = []
     try:
-        running = len(streams)
-        while running:
-            index, item = await queue.get()
-            if item is _END:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
+        if len(streams) == 1:  # the common case, without a task between the stream and the answer
+            while batch := await streams[0].next_events():
+                yield [(0, event) for event in batch]
+        else:
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(index, stream):
+                try:
+                    while batch := await stream.next_events():
+                        await queue.put([(index, event) for event in batch])
+                except Exception as error:
+                    await queue.put(error)
+                await queue.put(_END)
+
+            tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+            running = len(streams)
+            while running:
+                item = await queue.get()
+                if item is _END:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        if gone.is_set():
+            raise _ClientGone()
     finally:
         # Also when the response is cancelled (starlette cancels a streaming response whose client left).
         for stream in streams:
@@ -229,10 +241,11 @@ async def _complete_chat(request: Request, streams: list, model_name: str):
     count = len(streams)
     documents, stop_reasons, usages = [None] * count, [None] * count, [None] * count
     try:
-        async for index, event in _events(request, streams):
-            if event.type == "document_end":
-                stop_reasons[index], usages[index] = event.stop_reason, event.usage
-                documents[index] = event.output.documents[0] if event.output is not None else []
+        async for batch in _events(request, streams):
+            for index, event in batch:
+                if event.type == "document_end":
+                    stop_reasons[index], usages[index] = event.stop_reason, event.usage
+                    documents[index] = event.output.documents[0] if event.output is not None else []
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it
     except Exception as error:
@@ -278,24 +291,29 @@ async def _stream_chat(request: Request, streams: list, model_name: str, include
     for index in range(len(streams)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
-        async for index, event in _events(request, streams):
-            if event.type == "text":
-                text = event.text
-                if after_picture[index]:
-                    text, after_picture[index] = text.removeprefix("\n"), False
-                if text:
-                    yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
-            elif event.type == "picture_start":
-                yield f": picture {event.index} of choice {index} is being drawn\n\n"  # an SSE comment: clients skip it
-            elif event.type == "picture":
-                part = await run_in_threadpool(protocol.image_part, event.image)
-                after_picture[index] = True
-                yield chunk([{"index": index, "delta": {"content": [part]}, "finish_reason": None}], modality="image")
-            elif event.type == "document_end":
-                usages[index] = event.usage
-                reason = event.stop_reason
-                end = {"index": index, "delta": {}, "finish_reason": protocol.finish_reason(reason)}
-                yield chunk([{**end, "stop_reason": reason}])
+        async for batch in _events(request, streams):
+            out = []  # the batch's events, written out together
+            for index, event in batch:
+                if event.type == "text":
+                    text = event.text
+                    if after_picture[index]:
+                        text, after_picture[index] = text.removeprefix("\n"), False
+                    if text:
+                        out.append(chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}]))
+                elif event.type == "picture_start":
+                    out.append(f": picture {event.index} of choice {index} is being drawn\n\n")  # an SSE comment
+                elif event.type == "picture":
+                    part = await run_in_threadpool(protocol.image_part, event.image)
+                    after_picture[index] = True
+                    delta = {"index": index, "delta": {"content": [part]}, "finish_reason": None}
+                    out.append(chunk([delta], modality="image"))
+                elif event.type == "document_end":
+                    usages[index] = event.usage
+                    reason = event.stop_reason
+                    end = {"index": index, "delta": {}, "finish_reason": protocol.finish_reason(reason)}
+                    out.append(chunk([{**end, "stop_reason": reason}]))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield chunk([], usage=protocol.usage(usages))
     except _ClientGone:
