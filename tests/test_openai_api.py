@@ -679,7 +679,8 @@ def test_serve_api_options_and_the_seam_that_runs_uvicorn(monkeypatch):
     )
     assert (args.api, args.api_key, args.max_queue, args.max_request_mb, args.port) == (True, "k", 3, 2.5, 8123)
     defaults = build_parser().parse_args(["serve", "--api"])
-    assert defaults.host == "127.0.0.1" and defaults.port is None and defaults.max_queue == 64
+    assert defaults.host == "127.0.0.1" and defaults.max_queue == 64
+    assert args.port_given and not defaults.port_given  # the API's default port is 8000, the page's 7860
     with pytest.raises(SystemExit) as raised:
         build_parser().parse_args(["serve", "--api", "--max-queue", "0"])
     assert raised.value.code == 2

@@ -14,6 +14,14 @@ from .openai_api.settings import API_KEY_ENV, DEFAULT_MAX_REQUEST_MB, DEFAULT_PO
 PAGE_PORT = 7860
 
 
+class _StoreGiven(argparse.Action):
+    """Stores the option and notes that it was given (`port_given`): the default port depends on `--api`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.port_given = True
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
@@ -29,8 +37,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=checks.PORT.parse,
-        default=None,
-        help=f"Port to listen on (default: {PAGE_PORT}, with --api {DEFAULT_PORT}).",
+        default=PAGE_PORT,
+        action=_StoreGiven,
+        help=f"Port to listen on (default: {PAGE_PORT}; with --api, {DEFAULT_PORT}).",
     )
     parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link.")
     parser.add_argument(
@@ -59,7 +68,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         metavar="M",
         help="The largest request body in MiB, pictures included; past it requests get 413 (default: %(default)s).",
     )
-    parser.set_defaults(func=run_serve, parser=parser)
+    parser.set_defaults(func=run_serve, parser=parser, port_given=False)
     return parser
 
 
@@ -121,7 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_api(args)
     if args.api_key is not None and os.environ.get(API_KEY_ENV) != args.api_key:
         checks.usage_error(args, "--api-key is an option of the API; add --api (the web page has no key).")
-    serve(args.model, host=args.host, port=args.port or PAGE_PORT, share=args.share, device=args.device)
+    serve(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
     return 0
 
 
@@ -163,7 +172,7 @@ def run_api(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     app = build_api(args)
-    uvicorn.run(app, host=args.host, port=args.port or DEFAULT_PORT, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port if args.port_given else DEFAULT_PORT, log_level="info")
     return 0
 
 
