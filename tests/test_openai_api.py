@@ -478,6 +478,7 @@ BAD_REQUESTS = [
     ("stream-not-a-boolean", raw(body={"model": MODEL, "messages": STORY, "stream": "yes"}), 400, "stream"),
     ("unknown-model", chat(model="gpt-4o"), 404, "model"),
     ("no-messages", chat(messages=[]), 400, "messages"),
+    ("content-wrong-type", chat(messages=[{"role": "user", "content": 42}]), 400, "content"),
     ("tool-role", chat(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), 400, "role"),
     ("unknown-part-type", chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400, "type"),
     ("broken-base64", chat(messages=_with_picture("data:image/png;base64,iVBOR%%%")), 400, "image_url"),

@@ -73,6 +73,17 @@ def _within(number_range: checks.NumberRange, name: str):
 # Requests
 
 
+def _content(value):
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+        return value
+    raise ValueError(
+        "must be a string or a list of parts (`{'type': 'text', 'text': ...}`, `{'type': 'image_url', 'image_url': "
+        f"{{'url': 'data:image/png;base64,...'}}}}`), got {value!r:.60} ({type(value).__name__})."
+    )
+
+
 class ChatMessage(BaseModel):
     """One message: `content` a string or a list of `{"type": "text", "text"}` / `{"type": "image_url",
     "image_url": {"url": "data:image/png;base64,..."}}` parts (checked when the conversation is built)."""
@@ -80,13 +91,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[Any, BeforeValidator(_content)] = None
     name: str | None = None
     tool_calls: list | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)  # OpenAI adds options; only this one changes anything
 
     include_usage: bool = True
 
@@ -199,7 +210,8 @@ def validation_error(error: ValidationError, model: type[BaseModel]) -> APIError
     param = _path(problem["loc"])
     cause = problem.get("ctx", {}).get("error")
     if problem["type"] == "value_error" and cause is not None:
-        message = str(cause)  # the pipelines' own message (from `checks`), which names the field
+        # The pipelines' own message (from `checks`), which names the field; or one to put after the field's path.
+        message = str(cause) if str(cause).startswith("`") else f"`{param}` {cause}"
     elif problem["type"] == "missing":
         message = f"`{param}` is required."
     elif problem["type"] == "extra_forbidden":
@@ -213,6 +225,9 @@ def validation_error(error: ValidationError, model: type[BaseModel]) -> APIError
     return APIError(400, message, param=param)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
 def _path(location) -> str:
     path = ""
     for item in location:
@@ -220,7 +235,7 @@ def _path(location) -> str:
             path += f"[{item}]"
         elif not path:
             path = str(item)
-        elif re.fullmatch(r"[a-z_]+", str(item)):  # pydantic's name of a union member is not a field
+        elif str(item) not in _TYPE_TAGS and "[" not in str(item):  # a union member's tag is not a field
             path += f".{item}"
     return path
 
