@@ -503,6 +503,8 @@ BAD_REQUESTS = [
     ("images-url-format", images(response_format="url"), 400, "response_format"),
     ("images-n-zero", images(n=0), 400, "n"),
     ("images-size-unreadable", images(size="1024"), 400, "size"),
+    ("images-size-zero", images(size="0x32"), 400, "size"),
+    ("images-size-not-a-multiple", images(size="30x30"), 400, "size"),
     ("unknown-route", raw(path="/v1/completions", body={"prompt": "x"}), 404, "/v1/chat/completions"),
     ("full-queue", with_full_queue, 429, "max_queue"),
 ]

@@ -24,7 +24,6 @@ from .settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_MODEL_NAME
 MAX_REQUEST_MB = checks.POSITIVE_NUMBER
 # How often a handler waiting on the model checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
-CANCELLED = "cancelled"  # the stop reason of a document its client left
 
 # The pipelines' argument names in their messages, as the API calls them.
 _CHAT_NAMES = {
@@ -33,7 +32,9 @@ _CHAT_NAMES = {
     "images": "messages",
     "allow_images": "modalities",
 }
-_IMAGE_NAMES = {"num_images_per_prompt": "n", "height": "size", "width": "size"}
+_IMAGE_NAMES = {"num_images_per_prompt": "n"}
+# Pipeline arguments that an API field sets: a message about them is said to be about that field.
+_IMAGE_FIELDS = {"height": "size", "width": "size"}
 
 
 def build_api_app(
@@ -144,23 +145,23 @@ def build_api_app(
                 "pictures inline; ask for 'b64_json'.",
                 param="response_format",
             )
-        height, width = protocol.picture_size(body.size, None, None)
-        seeds = protocol.document_seeds(body.seed, body.n)
-        settings = dict(
-            height=height,
-            width=width,
-            num_inference_steps=body.num_inference_steps or defaults.num_inference_steps,
-            guidance_scale=body.guidance_scale if body.guidance_scale is not None else defaults.guidance_scale,
-            negative_prompt=body.negative_prompt,
-            num_images_per_prompt=body.n,
-            output_type="pil",
-        )
-
-        def draw():
-            generators = [seeded_generator(seed) for seed in seeds]
-            return text2image(body.prompt, generator=generators, **settings).images
-
         try:
+            height, width = protocol.picture_size(body.size, None, None)
+            seeds = protocol.document_seeds(body.seed, body.n)
+            settings = dict(
+                height=height,
+                width=width,
+                num_inference_steps=body.num_inference_steps or defaults.num_inference_steps,
+                guidance_scale=body.guidance_scale if body.guidance_scale is not None else defaults.guidance_scale,
+                negative_prompt=body.negative_prompt,
+                num_images_per_prompt=body.n,
+                output_type="pil",
+            )
+
+            def draw():
+                generators = [seeded_generator(seed) for seed in seeds]
+                return text2image(body.prompt, generator=generators, **settings).images
+
             job = request.app.state.engine.run_in_model_thread(draw)
             pictures = await _wait(request, asyncio.wrap_future(job), on_gone=job.cancel)
             if pictures is None:
@@ -169,7 +170,7 @@ def build_api_app(
                 lambda: [{"b64_json": png_base64(p), "revised_prompt": None} for p in pictures]
             )
         except Exception as error:
-            raise _api_error(error, _IMAGE_NAMES) from None
+            raise _api_error(error, _IMAGE_NAMES, _IMAGE_FIELDS) from None
         return {"created": protocol.now(), "data": data}
 
     return app
@@ -344,9 +345,10 @@ def _model_card(model_name: str) -> dict:
     return {"id": model_name, "object": "model", "created": 0, "owned_by": "dreamllm-hf"}
 
 
-def _api_error(error: Exception, names: dict | None = None) -> APIError:
+def _api_error(error: Exception, names: dict | None = None, fields: dict | None = None) -> APIError:
     """Any error of a request as OpenAI reports it: the pipelines' `ValueError`s (bad input) as 400 with their own
-    message, the argument names said as the API says them."""
+    message, the argument names said as the API says them (`names`), or the message put under the API field that set
+    the argument (`fields`)."""
     if isinstance(error, APIError):
         return error
     if isinstance(error, QueueFull):
@@ -357,7 +359,11 @@ def _api_error(error: Exception, names: dict | None = None) -> APIError:
         names = names or {}
         message = re.sub(r"`(\w+)`", lambda match: f"`{names.get(match[1], match[1])}`", str(error))
         named = re.search(r"`(\w+)`", message)
-        return APIError(400, message, param=named[1] if named else None)
+        param = named[1] if named else None
+        if param in (fields or {}):
+            param = fields[param]
+            message = f"`{param}`: {message}"
+        return APIError(400, message, param=param)
     return APIError(500, f"The model failed on this request: {type(error).__name__}: {error}", code="model_error")
 
 
