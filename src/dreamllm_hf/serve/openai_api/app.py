@@ -188,9 +188,9 @@ _END = object()
 
 
 async def _events(request: Request, streams: list) -> AsyncIterator[list[tuple[int, object]]]:
-    """The `(choice, event)`s of the request's documents, in batches of those that have arrived (one step of the
-    writer's, typically); when the client disconnects, every document is cancelled (freeing its rows in the running
-    batch) and `_ClientGone` is raised."""
+    """The `(choice, event)`s of the request's documents, in batches of those that have arrived (a writer step's, or
+    more while this event loop was busy); when the client disconnects, every document is cancelled (freeing its rows in
+    the running batch) and `_ClientGone` is raised."""
     gone = asyncio.Event()
 
     async def watch():
@@ -293,15 +293,23 @@ async def _stream_chat(request: Request, streams: list, model_name: str, include
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
         async for batch in _events(request, streams):
-            out = []  # the batch's events, written out together
+            out, texts = [], {}  # the batch's chunks, written out together; the text of each choice, as one delta
+
+            def flush_text():
+                for index, text in texts.items():
+                    out.append(chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}]))
+                texts.clear()
+
             for index, event in batch:
                 if event.type == "text":
                     text = event.text
                     if after_picture[index]:
                         text, after_picture[index] = text.removeprefix("\n"), False
                     if text:
-                        out.append(chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}]))
-                elif event.type == "picture_start":
+                        texts[index] = texts.get(index, "") + text
+                    continue
+                flush_text()  # what came before this event goes out before it
+                if event.type == "picture_start":
                     out.append(f": picture {event.index} of choice {index} is being drawn\n\n")  # an SSE comment
                 elif event.type == "picture":
                     part = await run_in_threadpool(protocol.image_part, event.image)
@@ -313,6 +321,7 @@ async def _stream_chat(request: Request, streams: list, model_name: str, include
                     reason = event.stop_reason
                     end = {"index": index, "delta": {}, "finish_reason": protocol.finish_reason(reason)}
                     out.append(chunk([{**end, "stop_reason": reason}]))
+            flush_text()
             if out:
                 yield "".join(out)
         if include_usage:
