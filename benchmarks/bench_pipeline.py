@@ -251,8 +251,8 @@ def bench_image(pipe, args):
     text2image = DreamLLMText2ImagePipeline.from_pipe(pipe)  # the same components, not copies
     text2image.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        cond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS, 400, 401, 402]]))
-        uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS]]))
+        cond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS, 400, 401, 402]])).dream_embeddings
+        uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[BOS]])).dream_embeddings
 
         def run_pipe():
             return text2image(
@@ -339,7 +339,11 @@ def bench_interleaved(pipe, args):
         """`<im_start>` + the picture's CLIP features into the cache (public model API only)."""
         pixel_values = pipe.processor.image_processor([image], return_tensors="pt")["pixel_values"]
         embeds = torch.cat(
-            [mllm.get_input_embeddings()(torch.tensor([[IM_START]])), mllm.get_image_features(pixel_values)], dim=1
+            [
+                mllm.get_input_embeddings()(torch.tensor([[IM_START]])),
+                mllm.get_image_features(pixel_values).pooler_output,
+            ],
+            dim=1,
         )
         mask = torch.ones(1, cache.get_seq_length() + embeds.shape[1], dtype=torch.long)
         mllm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
@@ -357,7 +361,7 @@ def bench_interleaved(pipe, args):
             spent[name] = spent.get(name, 0.0) + clock_now() - start
 
         with clock("uncond"):
-            uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]]))
+            uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]])).dream_embeddings
         cache, stream, feed = DynamicCache(config=config.text_config), ids, ids.shape[1]
         for index in range(4):
             with clock("text"):
@@ -366,7 +370,7 @@ def bench_interleaved(pipe, args):
                 return spent
             past = torch.ones(1, stream.shape[1], dtype=torch.long)
             with clock("dream_block"):
-                cond = mllm.get_dream_embeddings(stream[:, :0], attention_mask=past, cache=cache)
+                cond = mllm.get_dream_embeddings(stream[:, :0], attention_mask=past, cache=cache).dream_embeddings
             with clock("diffusion"):
                 image = bare_loop(pipe, cond, uncond, args.steps, args.height, 3.5, index)[0]
             with clock("read_back"):
@@ -377,7 +381,7 @@ def bench_interleaved(pipe, args):
     def naive_document():
         """Re-runs the whole prefix (and CLIP on every earlier picture) after each picture, `generate` per segment."""
         stream, pictures, processor = ids, [], pipe.processor
-        uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]]))
+        uncond = mllm.get_dream_embeddings(torch.tensor([[BOS]])).dream_embeddings
         segment = args.segment_tokens + 1
         for index in range(4):
             pixel_values = torch.cat(pictures) if pictures else None

@@ -247,7 +247,7 @@ def run_variant(name, checkpoint, config, tokenizer, device, args, bandwidth):
     ids = torch.randint(3, 30000, (2, 12), device=device)
     ids[:, 0] = config.bos_token_id
     with torch.no_grad():
-        embeds = mllm.get_dream_embeddings(ids).to(unet.dtype)
+        embeds = mllm.get_dream_embeddings(ids).dream_embeddings.to(unet.dtype)
     size = unet.config.sample_size * pipe.vae_scale_factor
     generator = torch.Generator(device.type).manual_seed(0)
     sync(device)

@@ -7,6 +7,7 @@ pipeline class, the other pipeline that shares its components (`from_pipe`), the
 and one call's arguments (`get_dummy_inputs`). The tests that bind them live in `test_contracts.py`.
 """
 
+import inspect
 import json
 
 import numpy as np
@@ -14,12 +15,24 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import BaseOutput
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, CompileConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CompileConfig,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dreamllm_hf  # noqa: F401  (registers the Auto classes)
 from dreamllm_hf import DreamLLMConfig, DreamLLMModel
-from dreamllm_hf.testing_utils import tiny_config, tiny_model, tiny_pipeline_components
+from dreamllm_hf import constants as C
+from dreamllm_hf.modeling import DreamEmbeddingsOutput, DreamLLMProcessor
+from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
+from dreamllm_hf.testing_utils import tiny_config, tiny_model, tiny_pipeline_components, tiny_processor
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -146,6 +159,104 @@ class ModelContract:
                 torch.testing.assert_close(
                     batch.dream_embeddings[index], alone.dream_embeddings[0], atol=self.atol, rtol=self.atol
                 )
+
+    # -- The model's API in transformers 5 shape (issue 24) -----------------------------------------------------------
+
+    def test_inputs_embeds_with_pixel_values_equal_input_ids(self, model):
+        """Embeddings of the ids plus the pictures give what the ids give (Llava's `get_placeholder_mask` way of
+        finding the image slots), in `forward` and in `generate`."""
+        config = model.config
+        ids = torch.tensor([[config.bos_token_id, 5, *self.dream_block(config), *self.image_block(config), 6, 7]])
+        pixels = self.pixels(config, 1)
+        embeds = model.get_input_embeddings()(ids)
+        with torch.no_grad():
+            from_ids = model(input_ids=ids, pixel_values=pixels)
+            from_embeds = model(inputs_embeds=embeds, pixel_values=pixels)
+        torch.testing.assert_close(from_embeds.logits, from_ids.logits)
+        torch.testing.assert_close(from_embeds.dream_embeddings, from_ids.dream_embeddings)
+        # Without the picture the image block is refused, as for ids: it would be read unfilled.
+        with pytest.raises(ValueError, match="image block"):
+            model(inputs_embeds=embeds)
+        generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+        from_embeddings = model.generate(inputs_embeds=embeds, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+        assert torch.equal(from_embeddings, generated[:, ids.shape[1] :])  # generate returns the new tokens only
+
+    def test_get_image_features_returns_the_tower_output_with_projected_features(self, model):
+        config = model.config
+        pixels = self.pixels(config, 2)
+        calls = []
+        hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            with torch.no_grad():
+                output = model.get_image_features(pixels)
+        finally:
+            hook.remove()
+        assert calls == [1]  # the tower's own forward, not its inner modules driven by hand
+        assert isinstance(output, BaseModelOutputWithPooling)
+        hidden = config.text_config.hidden_size
+        assert output.pooler_output.shape == (2, config.num_image_tokens, hidden)
+        eager = tiny_model(self.get_config())  # sdpa attention returns no weights
+        eager.set_attn_implementation("eager")
+        with torch.no_grad():
+            everything = eager.get_image_features(pixels, output_hidden_states=True, output_attentions=True)
+            as_tuple = model.get_image_features(pixels, return_dict=False)
+        layers = config.vision_config.num_hidden_layers
+        assert len(everything.hidden_states) == layers + 1 and all(h is not None for h in everything.hidden_states)
+        assert len(everything.attentions) == layers
+        torch.testing.assert_close(everything.pooler_output, output.pooler_output)
+        patches = everything.hidden_states[config.vision_feature_layer][:, -config.num_image_tokens :]
+        with torch.no_grad():
+            torch.testing.assert_close(output.pooler_output, model.model.multi_modal_projector(patches))
+        assert isinstance(as_tuple, tuple)
+        assert_same_output(as_tuple, output.to_tuple())
+        # Hidden states picked by index (transformers 5) are kept beside the one the projector reads.
+        with torch.no_grad():
+            picked = model.get_image_features(pixels, output_hidden_states=[0])
+            ids = torch.tensor([self.prompt(config, [5])])
+            forward = model(input_ids=ids, pixel_values=pixels[:1], output_hidden_states=[1])
+        kept = [index for index, state in enumerate(picked.hidden_states) if state is not None]
+        assert kept == sorted({0, config.vision_feature_layer % (layers + 1)})
+        torch.testing.assert_close(picked.pooler_output, output.pooler_output)
+        assert forward.hidden_states[1] is not None
+
+    def test_get_dream_embeddings_returns_one_output(self, model):
+        config = model.config
+        with torch.no_grad():
+            dream = model.get_dream_embeddings(torch.tensor([[config.bos_token_id, 5, 6]]))
+        assert isinstance(dream, DreamEmbeddingsOutput)
+        queries = config.num_dream_queries
+        assert dream.dream_embeddings.shape == (1, queries, config.cross_attention_dim)
+        assert dream.dream_hidden_states.shape == (1, queries, config.text_config.hidden_size)
+        assert (dream.dream_pooled_embeddings is None) == (config.pooled_projection_dim is None)
+
+    @pytest.mark.parametrize("pooled_projection_dim", [None, 6], ids=["sd", "sdxl"])
+    def test_keep_in_fp32_modules_exist(self, pooled_projection_dim):
+        config = self.get_config()
+        config.pooled_projection_dim = pooled_projection_dim
+        model = tiny_model(config)
+        names = {name.split(".")[-1] for name, _ in model.named_modules()}
+        assert model._keep_in_fp32_modules and set(model._keep_in_fp32_modules) <= names
+        assert ("pooled_projector" in model._keep_in_fp32_modules) == (pooled_projection_dim is not None)
+
+    def test_the_loss_is_the_loss_function(self, model):
+        """The head's loss is `self.loss_function`'s: `shift_labels` replace the shifted labels, `num_items_in_batch`
+        divides the sum; and a batch without targets has loss 0, not NaN."""
+        config = model.config
+        ids = torch.tensor([[config.bos_token_id, 5, 6, 7, 8, 9], [config.bos_token_id, 10, 11, 12, 13, 14]])
+        labels = ids.clone()
+        labels[0, :3] = -100
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+            vocab = config.text_config.vocab_size
+            expected = model.loss_function(logits=out.logits, labels=labels, vocab_size=vocab)
+            torch.testing.assert_close(out.loss, expected)
+            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            torch.testing.assert_close(model(input_ids=ids, shift_labels=shifted).loss, out.loss)
+            targets = int((labels[:, 1:] != -100).sum())
+            summed = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(1)).loss
+            torch.testing.assert_close(summed, out.loss * targets)
+            nothing = model(input_ids=ids, labels=torch.full_like(ids, -100)).loss
+        assert torch.isfinite(nothing) and nothing.item() == 0.0
 
     # -- GenerationTesterMixin ----------------------------------------------------------------------------------------
 
@@ -361,3 +472,156 @@ class PipelineContract:
         pipe.unet.to(torch.float16)
         half = self.other_pipeline_class.from_pipe(pipe)
         assert half.unet is pipe.unet and half.unet.dtype == torch.float16  # diffusers' default would cast to fp32
+
+
+class Text2ImagePipelineContract(PipelineContract):
+    """What diffusers holds a Stable Diffusion text-to-image pipeline to besides: drawing from precomputed embeddings
+    with the text encoder (here the mllm and its processor) set to `None`, and `StableDiffusionMixin`."""
+
+    def test_encode_prompt_works_in_isolation(self, pipe):
+        inputs = self.get_dummy_inputs(pipe)
+        expected = pipe(**inputs)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            inputs.pop("prompt"), torch.device("cpu"), 1, inputs["guidance_scale"] > 1
+        )
+        bare = self.pipeline_class(**{**pipe.components, "mllm": None, "processor": None})
+        bare.set_progress_bar_config(disable=True)
+        inputs["generator"] = seeded(0)
+        drawn = bare(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            **inputs,
+        )
+        assert_same_output(drawn, expected)
+        with pytest.raises(ValueError, match="no mllm and processor"):
+            bare(**self.get_dummy_inputs(pipe))
+
+    def test_stable_diffusion_mixin(self, fresh_pipe):
+        pipe = fresh_pipe
+        assert isinstance(pipe, StableDiffusionMixin)
+        expected = self.items(pipe(**self.get_dummy_inputs(pipe)))
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        assert differs(self.items(pipe(**self.get_dummy_inputs(pipe))), expected)
+        pipe.disable_freeu()
+        assert_same_output(self.items(pipe(**self.get_dummy_inputs(pipe))), expected)
+        pipe.fuse_qkv_projections()
+        assert_same_output(self.items(pipe(**self.get_dummy_inputs(pipe))), expected, atol=self.atol)
+        pipe.unfuse_qkv_projections()
+        assert_same_output(self.items(pipe(**self.get_dummy_inputs(pipe))), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The processor
+
+
+def random_picture(height: int = 40, width: int = 40, seed: int = 0) -> PIL.Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels)
+
+
+def chat_template_with_generation_marks(template: str) -> str:
+    """The Vicuna template with the assistant's turns in `{% generation %}` marks, as `return_assistant_tokens_mask`
+    reads them (the shipped template has none: training builds its own targets)."""
+    turn = "{{ 'ASSISTANT:' + ('' if text.startswith('<dream>') else ' ') + text + '</s>' }}"
+    marked = (
+        "{{ 'ASSISTANT:' }}{% generation %}{{ ('' if text.startswith('<dream>') else ' ') + text + '</s>' }}"
+        "{% endgeneration %}"
+    )
+    assert turn in template
+    return template.replace(turn, marked)
+
+
+class ProcessorContract:
+    """Shaped like transformers' `ProcessorTesterMixin`, for [`DreamLLMProcessor`] from `get_processor()`."""
+
+    @classmethod
+    def get_processor(cls) -> DreamLLMProcessor:
+        return tiny_processor()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def processor(cls):
+        return cls.get_processor()
+
+    def test_image_token_and_its_id(self, processor):
+        assert processor.image_token == C.IMAGE_PLACEHOLDER
+        assert processor.image_token_id == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def test_call_arguments_default_to_none(self, processor):
+        parameters = inspect.signature(type(processor).__call__).parameters.values()
+        explicit = [p for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        assert [p.name for p in explicit] == ["images", "text"] and all(p.default is None for p in explicit)
+
+    def test_image_processor_kwargs_reach_the_image_processor(self, processor):
+        picture = random_picture()
+        default = processor(text="<image>", images=picture, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(default, processor.image_processor(picture, return_tensors="pt")["pixel_values"])
+        expected = processor.image_processor(picture, do_rescale=False, return_tensors="pt")["pixel_values"]
+        assert differs(expected, default)
+        for kwargs in ({"do_rescale": False}, {"images_kwargs": {"do_rescale": False}}):
+            given = processor(text="<image>", images=picture, return_tensors="pt", **kwargs)["pixel_values"]
+            torch.testing.assert_close(given, expected)
+
+    def test_the_tokenizers_saved_defaults_are_kept(self, processor, tmp_path):
+        prompts = ["a red circle and a blue square", "a dot"]
+
+        def padded_on(processor, **kwargs) -> str:
+            mask = processor(text=prompts, return_tensors="pt", **kwargs)["attention_mask"][1]
+            return "left" if mask[0] == 0 else "right" if mask[-1] == 0 else "nowhere"
+
+        assert padded_on(processor) == "left"  # the processor's own default: generation continues on the right
+        processor.tokenizer.save_pretrained(tmp_path)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path, padding_side="right")
+        saved = type(processor)(
+            processor.image_processor, tokenizer, processor.num_image_tokens, processor.num_dream_queries
+        )
+        assert padded_on(saved) == "right"
+        assert padded_on(saved, padding_side="left") == "left"  # what the call says comes first
+
+    def test_offsets_and_the_assistant_tokens_mask(self, processor):
+        text = "USER: <image> what is it? ASSISTANT: a red circle"
+        encoded = processor(text=text, images=random_picture(), return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"][0], encoded["offset_mapping"][0]
+        assert len(offsets) == len(ids)
+        block = set(processor.image_block_ids)
+        assert {text[start:end].strip() for token, (start, end) in zip(ids, offsets) if token in block} == {"<image>"}
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+        ]
+        out = processor.apply_chat_template(
+            messages,
+            chat_template=chat_template_with_generation_marks(processor.chat_template),
+            images=[random_picture()],
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        ids, mask = out["input_ids"][0], out["assistant_masks"][0]
+        assert len(mask) == len(ids) and 0 < sum(mask) < len(ids)
+        answer = processor.tokenizer.decode([token for token, kept in zip(ids, mask) if kept])
+        assert answer.strip() == "a red circle" + processor.tokenizer.eos_token
+
+    def test_num_multimodal_tokens_are_the_image_slots(self, processor):
+        sizes = [[30, 40], [64, 20]]
+        counts = processor._get_num_multimodal_tokens(image_sizes=sizes)
+        assert counts.num_image_tokens == [processor.num_image_tokens] * 2
+        pictures = [random_picture(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+        out = processor(text="<image> and <dream>", images=pictures, return_mm_token_type_ids=True)
+        assert sum(out["mm_token_type_ids"][0]) == sum(counts.num_image_tokens)
+
+    @pytest.mark.parametrize("shipped", [False, True], ids=["default", "demo_model"])
+    def test_the_chat_template_takes_system_content_as_text_parts(self, processor, shipped):
+        template = (DEMO_MODEL_PATH / "processor" / "chat_template.jinja").read_text() if shipped else None
+        as_string = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+        as_parts = [
+            {"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": " brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ]
+        rendered = [
+            processor.apply_chat_template(messages, chat_template=template, tokenize=False)
+            for messages in (as_string, as_parts)
+        ]
+        assert rendered[0] == rendered[1] and rendered[0].startswith("Be brief. USER: hi")

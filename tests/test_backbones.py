@@ -141,12 +141,10 @@ def test_forward_with_pictures_and_dream_embeddings(built, llm, vision, decoder)
     context = processor(text="a story ", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         two_pass = mllm.get_dream_embeddings(context)
-    torch.testing.assert_close(two_pass, out.dream_embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two_pass.dream_embeddings, out.dream_embeddings, atol=1e-5, rtol=1e-5)
     if decoder == "sdxl":
         assert out.dream_pooled_embeddings.shape == (1, mllm.config.pooled_projection_dim)
-        with torch.no_grad():
-            _, pooled = mllm.get_dream_embeddings(context, return_pooled=True)
-        torch.testing.assert_close(pooled, out.dream_pooled_embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(two_pass.dream_pooled_embeddings, out.dream_pooled_embeddings, atol=1e-5, rtol=1e-5)
     else:
         assert out.dream_pooled_embeddings is None
 
@@ -381,9 +379,9 @@ def test_chat_templates_are_the_llms_own_with_dreamllm_pictures(built):
 
 @pytest.mark.parametrize("vision", B.VISION_FAMILIES)
 @pytest.mark.parametrize("layer", [-1, -2, 0])
-def test_the_tower_stops_at_the_layer_it_reads(built, vision, layer):
-    """The features are the tower's hidden state `vision_feature_layer` (patch tokens only: CLIP's CLS dropped), and
-    no layer after it runs."""
+def test_the_features_are_the_hidden_state_the_tower_gives_for_the_layer_read(built, vision, layer):
+    """The features are the tower's hidden state `vision_feature_layer` (patch tokens only: CLIP's CLS dropped), from
+    the tower's own forward (each layer once), which keeps that hidden state only."""
     _, pipe = built("llama", vision)
     mllm = copy.deepcopy(pipe.mllm)
     mllm.config.vision_feature_layer = layer
@@ -392,14 +390,16 @@ def test_the_tower_stops_at_the_layer_it_reads(built, vision, layer):
     calls = []
     hooks = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(tower.encoder.layers)]
     with torch.no_grad():
-        features = mllm.get_image_features(pixels)
+        output = mllm.get_image_features(pixels)
     for hook in hooks:
         hook.remove()
-    run = layer % (len(tower.encoder.layers) + 1)
-    assert calls == list(range(run))
+    assert calls == list(range(len(tower.encoder.layers)))
+    kept = [index for index, state in enumerate(output.hidden_states) if state is not None]
+    assert kept == [layer % (len(tower.encoder.layers) + 1)]
     with torch.no_grad():
         hidden = tower(pixels, output_hidden_states=True).hidden_states[layer]
     patches = hidden[:, 1:] if vision == "clip" else hidden
+    features = output.pooler_output
     assert features.shape == (2, mllm.config.num_image_tokens, mllm.config.text_config.hidden_size)
     torch.testing.assert_close(features, mllm.model.multi_modal_projector(patches), rtol=0, atol=0)
 

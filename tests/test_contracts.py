@@ -1,8 +1,8 @@
 """The contract checks of `contracts.py` (transformers' and diffusers' test mixins, our way) run against the model and
-the two pipelines, all built by `dreamllm_hf.testing_utils`."""
+the two pipelines and the processor, all built by `dreamllm_hf.testing_utils`."""
 
 import torch
-from contracts import ModelContract, PipelineContract, seeded
+from contracts import ModelContract, PipelineContract, ProcessorContract, Text2ImagePipelineContract, seeded
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
@@ -12,7 +12,11 @@ class TestDreamLLMForConditionalGeneration(ModelContract):
     pass
 
 
-class TestDreamLLMText2ImagePipeline(PipelineContract):
+class TestDreamLLMProcessor(ProcessorContract):
+    pass
+
+
+class TestDreamLLMText2ImagePipeline(Text2ImagePipelineContract):
     pipeline_class = DreamLLMText2ImagePipeline
     other_pipeline_class = DreamLLMPipeline
 

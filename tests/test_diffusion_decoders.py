@@ -163,11 +163,9 @@ def test_a_document_draws_its_picture_with_the_decoder(pipelines, name):
         # the document's picture has the pooled conditioning of the same dream block as its sequence conditioning
         text = pipe.format_chat_prompt("<image> Tell a story.")
         inputs = pipe.processor(text=[text], images=[[picture()]], return_tensors="pt")
-        context = pipe.mllm.get_dream_embeddings(
-            inputs["input_ids"], pixel_values=inputs["pixel_values"], return_pooled=True
-        )
-        torch.testing.assert_close(encoder_hidden_states[1:], context[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(added["text_embeds"][1:], context[1], atol=1e-5, rtol=1e-5)
+        context = pipe.mllm.get_dream_embeddings(inputs["input_ids"], pixel_values=inputs["pixel_values"])
+        torch.testing.assert_close(encoder_hidden_states[1:], context.dream_embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(added["text_embeds"][1:], context.dream_pooled_embeddings, atol=1e-5, rtol=1e-5)
         # and the unconditional row is `<s>` alone, its pooled part included
         unconditional = pipe._dream_embeddings([""], None, torch.device("cpu"))
         torch.testing.assert_close(encoder_hidden_states[:1], unconditional[0])
@@ -185,16 +183,17 @@ def test_dream_embeddings_shapes(pipelines, name):
     )
     input_ids, mask = ids["input_ids"], ids["attention_mask"]
     assert mask[1].all()  # the second row is the longer one: no padding
-    embeds = mllm.get_dream_embeddings(input_ids, attention_mask=mask)
+    dream = mllm.get_dream_embeddings(input_ids, attention_mask=mask)
+    embeds, pooled_embeds = dream.dream_embeddings, dream.dream_pooled_embeddings
     assert embeds.shape == (2, Q, width)
-    again, pooled_embeds = mllm.get_dream_embeddings(input_ids, attention_mask=mask, return_pooled=True)
-    torch.testing.assert_close(again, embeds)
+    assert dream.dream_hidden_states.shape == (2, Q, mllm.config.text_config.hidden_size)
+    torch.testing.assert_close(embeds, mllm.model.condition_projector(dream.dream_hidden_states))
     if pooled is None:
         assert pooled_embeds is None and mllm.model.pooled_projector is None
         assert not any("pooled" in key for key in mllm.state_dict())
     else:
         assert pooled_embeds.shape == (2, pooled)
-        hidden = mllm.get_dream_embeddings(input_ids, attention_mask=mask, project=False)
+        hidden = dream.dream_hidden_states
         torch.testing.assert_close(pooled_embeds, mllm.model.pooled_projector.linear(hidden.mean(dim=1)))
     # the forward over a whole dream block gives the same conditioning, pooled part included
     config = mllm.config
@@ -229,9 +228,7 @@ def test_save_load_round_trip(pipelines, name, tmp_path):
 
 def test_sdxl_prompt_embeds_need_their_pooled_embeds(pipelines):
     t2i = DreamLLMText2ImagePipeline.from_pipe(pipelines["sdxl"])
-    embeds, negative, pooled, negative_pooled = t2i.encode_prompt(
-        "a red circle", torch.device("cpu"), 1, True, return_pooled=True
-    )
+    embeds, negative, pooled, negative_pooled = t2i.encode_prompt("a red circle", torch.device("cpu"), 1, True)
     assert pooled.shape == (1, POOLED) and negative_pooled.shape == (1, POOLED)
     from_prompt = t2i("a red circle", generator=seeded(), output_type="latent", **FAST).images
     from_embeds = t2i(
@@ -275,7 +272,7 @@ def test_a_unet_projecting_its_conditioning_takes_the_model_at_encoder_hid_dim(t
     drawn = pipe("a red circle", generator=seeded(), output_type="np", **FAST).images
     assert drawn.shape == (1, 16, 16, 3)
     # Precomputed conditioning is the model's width (24), not the UNet's attention width (40).
-    embeds, negative = pipe.encode_prompt("a red circle", torch.device("cpu"), 1, True)
+    embeds, negative, _, _ = pipe.encode_prompt("a red circle", torch.device("cpu"), 1, True)
     again = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=seeded(), output_type="np", **FAST)
     np.testing.assert_allclose(again.images, drawn, atol=1e-6)
     with pytest.raises(ValueError, match=r"`prompt_embeds` has shape .*expected \[batch, \d+, 24\]"):

@@ -64,7 +64,7 @@ def test_image_features_go_after_im_start_not_on_every_patch(model):
     torch.testing.assert_close(out_a.dream_embeddings, out_b.dream_embeddings)
     assert not torch.allclose(out_a.logits[:, -1], out_b.logits[:, -1])
     # Teacher forcing and the two-pass inference path agree (the original's consistency check).
-    two_pass = model.get_dream_embeddings(torch.tensor([[BOS, 5]]))
+    two_pass = model.get_dream_embeddings(torch.tensor([[BOS, 5]])).dream_embeddings
     torch.testing.assert_close(out_a.dream_embeddings, two_pass, atol=1e-5, rtol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_dream_outputs_for_every_block_in_reading_order(model):
     out = model(input_ids=ids, pixel_values=pixels(2))
     assert out.dream_hidden_states.shape == (2, Q, HIDDEN)
     assert out.dream_embeddings.shape == (2, Q, CONFIG.cross_attention_dim)
-    first = model.get_dream_embeddings(torch.tensor([[BOS, 5]]))
+    first = model.get_dream_embeddings(torch.tensor([[BOS, 5]])).dream_embeddings
     torch.testing.assert_close(out.dream_embeddings[:1], first, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out.dream_embeddings[0], out.dream_embeddings[1])
 
@@ -120,11 +120,11 @@ def test_cut_off_blocks_are_clear_errors(model):
 
 def test_dream_embeddings_continue_a_cache_without_recomputing(model):
     context = torch.tensor([[BOS, 5, 6, 7] + image_block() + [8]])
-    direct = model.get_dream_embeddings(context, pixel_values=pixels(1))
+    direct = model.get_dream_embeddings(context, pixel_values=pixels(1)).dream_embeddings
     cache = DynamicCache(config=model.config.text_config)
     model(input_ids=context, pixel_values=pixels(1), cache=cache, use_cache=True)
     assert cache.get_seq_length() == context.shape[1]
-    continued = model.get_dream_embeddings(context[:, :0], cache=cache)
+    continued = model.get_dream_embeddings(context[:, :0], cache=cache).dream_embeddings
     torch.testing.assert_close(continued, direct, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == context.shape[1] + Q + 2
 
@@ -163,7 +163,7 @@ def test_outputs_build_on_the_library_multimodal_outputs(model):
     assert issubclass(DreamLLMCausalLMOutputWithPast, MultimodalCausalLMOutputWithPast)
     ids = torch.tensor([[BOS, 5] + image_block() + [6] + dream_block()])
     out = model(input_ids=ids, pixel_values=pixels(1))
-    torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(pixels(1)))
+    torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(pixels(1)).pooler_output)
     assert (
         out.dream_embeddings.shape == (1, Q, CONFIG.cross_attention_dim) and out.cache.get_seq_length() == ids.shape[1]
     )
@@ -188,11 +188,10 @@ def test_past_key_values_is_a_deprecated_alias_of_cache(model):
         got = model(input_ids=step, past_key_values=old).logits
     torch.testing.assert_close(got, expected)
     with pytest.warns(FutureWarning, match="Use `cache` instead"):
-        continued = model.get_dream_embeddings(step[:, :0], past_key_values=old)
+        continued = model.get_dream_embeddings(step[:, :0], past_key_values=old).dream_embeddings
     assert old.get_seq_length() == context.shape[1] + 1 + Q + 2  # the step, then the dream block
-    torch.testing.assert_close(
-        continued, model.get_dream_embeddings(torch.cat([context, step], 1), pixel_values=pixels(1)), atol=1e-5, rtol=0
-    )
+    fresh = model.get_dream_embeddings(torch.cat([context, step], 1), pixel_values=pixels(1)).dream_embeddings
+    torch.testing.assert_close(continued, fresh, atol=1e-5, rtol=0)
 
 
 def test_what_the_base_class_does_is_not_repeated(model, tmp_path):

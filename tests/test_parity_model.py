@@ -45,7 +45,9 @@ def test_converted_config_has_real_ids(tiny_mllm, goldens_json):
 def test_clip_features(tiny_mllm, goldens):
     hidden = tiny_mllm.model.vision_tower(goldens["pixel_values"], output_hidden_states=True).hidden_states
     assert_close(hidden[tiny_mllm.config.vision_feature_layer], goldens["clip_hidden_states_select_layer"])
-    assert_close(tiny_mllm.get_image_features(goldens["pixel_values"]), goldens["clip_projected_features"])
+    assert_close(
+        tiny_mllm.get_image_features(goldens["pixel_values"]).pooler_output, goldens["clip_projected_features"]
+    )
 
 
 @pytest.mark.parametrize("name", ["comp_one_image", "comp_two_images", "comp_text_only", "comp_batch2"])
@@ -68,9 +70,9 @@ def test_dream_block_embeddings(tiny_mllm, goldens):
 @torch.no_grad()
 def test_creation_conditioning(tiny_mllm, goldens, goldens_json, ids_key, golden):
     input_ids = torch.tensor([goldens_json["creation"][ids_key]])
-    hidden = tiny_mllm.get_dream_embeddings(input_ids, project=False)
-    assert_close(hidden, goldens[f"{golden}prompt_embeds"])
-    assert_close(tiny_mllm.get_dream_embeddings(input_ids), goldens[f"{golden}encoder_hidden_states"])
+    dream = tiny_mllm.get_dream_embeddings(input_ids)
+    assert_close(dream.dream_hidden_states, goldens[f"{golden}prompt_embeds"])
+    assert_close(dream.dream_embeddings, goldens[f"{golden}encoder_hidden_states"])
 
 
 @torch.no_grad()
@@ -82,7 +84,7 @@ def test_creation_conditioning_batched_with_left_padding(tiny_mllm, goldens, gol
     width = max(len(prompt), len(negative))
     rows = [[pad] * (width - len(ids)) + ids for ids in (negative, prompt)]
     mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in (negative, prompt)]
-    embeds = tiny_mllm.get_dream_embeddings(torch.tensor(rows), attention_mask=torch.tensor(mask))
+    embeds = tiny_mllm.get_dream_embeddings(torch.tensor(rows), attention_mask=torch.tensor(mask)).dream_embeddings
     assert_close(embeds[:1], goldens["cond_negative_encoder_hidden_states"])
     assert_close(embeds[1:], goldens["cond_encoder_hidden_states"])
 

@@ -275,8 +275,8 @@ def test_interleaved_picture_is_reproducible_and_matches_the_image_path(pipe):
     ids, mask, _ = pipe._tokenize([chat], None, torch.device("cpu"))
     context = torch.cat([ids, torch.tensor([[5]])], dim=1)
     with torch.no_grad():
-        cond = pipe.mllm.get_dream_embeddings(context)
-        uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[config.bos_token_id]]))
+        cond = pipe.mllm.get_dream_embeddings(context).dream_embeddings
+        uncond = pipe.mllm.get_dream_embeddings(torch.tensor([[config.bos_token_id]])).dream_embeddings
     direct = DreamLLMText2ImagePipeline.from_pipe(pipe)(
         prompt_embeds=cond,
         negative_prompt_embeds=uncond,

@@ -76,7 +76,7 @@ def test_text_to_image_prompt_tokenization(pipe, goldens_json):
 
 def test_conditioning(pipe, goldens, goldens_json):
     creation = goldens_json["creation"]
-    cond, uncond = pipe.encode_prompt(creation["prompt"], torch.device("cpu"), 1, True, None)
+    cond, uncond, _, _ = pipe.encode_prompt(creation["prompt"], torch.device("cpu"), 1, True, None)
     assert_close(cond, goldens["cond_encoder_hidden_states"])
     assert_close(uncond, goldens["cond_negative_encoder_hidden_states"])
 

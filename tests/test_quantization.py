@@ -71,7 +71,7 @@ def test_quantized_layers_exactly_where_intended(saved_model, quantization, laye
         actual = model(input_ids=ids, pixel_values=pixels).logits
         diff = (actual - expected).abs().max().item()
     assert 0 < diff <= tolerance
-    cond = model.get_dream_embeddings(ids[:, :3])
+    cond = model.get_dream_embeddings(ids[:, :3]).dream_embeddings
     assert cond.shape == (1, 3, 32) and torch.isfinite(cond).all()
 
 
@@ -110,7 +110,7 @@ def test_bf16_on_cpu_end_to_end(saved_model):
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixels).logits
         expected = reference(input_ids=ids, pixel_values=pixels).logits
-        cond = model.get_dream_embeddings(ids[:, :3])
+        cond = model.get_dream_embeddings(ids[:, :3]).dream_embeddings
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - expected).abs().max().item() < 0.02
     assert cond.dtype == torch.bfloat16
@@ -138,4 +138,7 @@ def test_device_map_split_runs_with_offload(saved_model, tmp_path):
         torch.testing.assert_close(
             model(input_ids=ids, pixel_values=pixels).logits, reference(input_ids=ids, pixel_values=pixels).logits
         )
-        torch.testing.assert_close(model.get_dream_embeddings(ids[:, :3]), reference.get_dream_embeddings(ids[:, :3]))
+        torch.testing.assert_close(
+            model.get_dream_embeddings(ids[:, :3]).dream_embeddings,
+            reference.get_dream_embeddings(ids[:, :3]).dream_embeddings,
+        )

@@ -214,7 +214,7 @@ def test_demo_backbones_build_tiny_models_of_transformers_classes(tmp_path, back
     rng = random.Random(0)
     picture = draw_scene(sample_scene(rng)) if world == "scenes" else draw_shape(sample_spec(rng))
     inputs = processor(text=["<image> a picture"], images=[picture], return_tensors="pt")
-    features = model.get_image_features(inputs["pixel_values"])
+    features = model.get_image_features(inputs["pixel_values"]).pooler_output
     assert features.shape[1] == processor.num_image_tokens
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()

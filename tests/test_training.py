@@ -599,7 +599,7 @@ def test_adapter_reloads_and_merges_to_the_same_outputs(trained, converted_tiny,
     def outputs(model):
         with torch.no_grad():
             out = model(**inputs)
-            return out.logits, out.dream_embeddings, model.get_dream_embeddings(prompt)
+            return out.logits, out.dream_embeddings, model.get_dream_embeddings(prompt).dream_embeddings
 
     base = outputs(load_mllm(converted_tiny).eval())
     unmerged_model = PeftModel.from_pretrained(load_mllm(converted_tiny), str(trained.output_dir)).eval()

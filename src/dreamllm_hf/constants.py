@@ -60,7 +60,12 @@ def vicuna_chat_template(eos_token: str = EOS_TOKEN) -> str:
     eos = eos_token.replace("\\", "\\\\").replace("'", "\\'")
     return (
         "{% if messages and messages[0]['role'] == 'system' %}"
-        "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        "{% if messages[0]['content'] is string %}{% set system = messages[0]['content'] %}"
+        "{% else %}{% set system = namespace(v='') %}"
+        "{% for part in messages[0]['content'] %}"
+        "{% if part['type'] == 'text' %}{% set system.v = system.v + part['text'] %}{% endif %}"
+        "{% endfor %}{% set system = system.v %}{% endif %}"
+        "{% set messages = messages[1:] %}"
         "{% else %}{% set system = '" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "' %}{% endif %}"
         "{{ system + ' ' }}"
         "{% for message in messages %}"

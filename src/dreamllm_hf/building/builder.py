@@ -36,8 +36,8 @@ from ..modeling.configuration_dreamllm import token_ids_from_tokenizer
 from ..modeling.modeling_dreamllm import VIT_TOWER_TYPES
 
 
-# The vision towers DreamLLM runs layer by layer (see `DreamLLMModel.get_image_features`), and the full models whose
-# vision part is one of them.
+# The vision towers DreamLLM reads (see `DreamLLMModel.get_image_features`), and the full models whose vision part is
+# one of them.
 VISION_TOWER_TYPES = VIT_TOWER_TYPES
 FULL_VISION_MODEL_TYPES = ("clip", "siglip")
 DIFFUSION_COMPONENTS = ("unet", "vae", "scheduler")

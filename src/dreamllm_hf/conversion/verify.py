@@ -377,9 +377,9 @@ def verify_conversion(
         mllm = DreamLLMForConditionalGeneration.from_pretrained(converted_dir / "mllm", dtype=compute_dtype)
         mllm = mllm.to(device).eval()
         return [
-            mllm.get_image_features(pixel_values),
+            mllm.get_image_features(pixel_values).pooler_output,
             mllm(input_ids=sequence, pixel_values=pixel_values).logits,
-            mllm.get_dream_embeddings(caption),
+            mllm.get_dream_embeddings(caption).dream_embeddings,
         ]
 
     _record(report, "mllm", references, run_mllm, atol, rtol)

@@ -1,5 +1,6 @@
 from .configuration_dreamllm import DreamLLMConfig
 from .modeling_dreamllm import (
+    DreamEmbeddingsOutput,
     DreamLLMCausalLMOutputWithPast,
     DreamLLMForConditionalGeneration,
     DreamLLMModel,
@@ -10,6 +11,7 @@ from .processing_dreamllm import DreamLLMProcessor
 
 
 __all__ = [
+    "DreamEmbeddingsOutput",
     "DreamLLMCausalLMOutputWithPast",
     "DreamLLMConfig",
     "DreamLLMForConditionalGeneration",

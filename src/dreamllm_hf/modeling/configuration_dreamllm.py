@@ -89,7 +89,7 @@ class DreamLLMConfig(PreTrainedConfig):
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Which of the tower's hidden states (numbered as `output_hidden_states` numbers them: 0 is the patch
             embedding, -1 the last layer) feeds the image projector, its patch tokens only (CLIP's CLS token is
-            dropped). The layers after it are not run.
+            dropped). The tower runs its own forward, keeping only this hidden state.
         num_dream_queries (`int`, *optional*, defaults to 64):
             Learned queries placed after every `<dream_start>`.
         cross_attention_dim (`int`, *optional*, defaults to 1024):
@@ -175,12 +175,6 @@ class DreamLLMConfig(PreTrainedConfig):
                 "DreamLLM takes ViT towers with a fixed input size (CLIP, SigLIP)."
             )
         return (vision.image_size // vision.patch_size) ** 2
-
-    @property
-    def vision_feature_layer_index(self) -> int:
-        """`vision_feature_layer` counted from the patch embedding (0): the number of tower layers that are run."""
-        layer = self.vision_feature_layer
-        return layer if layer >= 0 else self.vision_config.num_hidden_layers + 1 + layer
 
     @property
     def special_token_ids(self) -> dict[str, int]:

@@ -12,7 +12,6 @@ features are written after the scaling and are not scaled again.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -22,7 +21,7 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..checks import InputTypeError
@@ -76,6 +75,26 @@ class DreamLLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     dream_pooled_embeddings: torch.FloatTensor | None = None
 
 
+@dataclass
+class DreamEmbeddingsOutput(ModelOutput):
+    r"""
+    The diffusion conditioning of one dream block per row, from [`DreamLLMModel.get_dream_embeddings`].
+
+    Args:
+        dream_embeddings (`torch.FloatTensor` of shape `(batch_size, num_dream_queries, cross_attention_dim)`):
+            `dream_hidden_states` through the condition projector: the diffusion UNet's `encoder_hidden_states`.
+        dream_pooled_embeddings (`torch.FloatTensor` of shape `(batch_size, pooled_projection_dim)`, *optional*):
+            `dream_hidden_states` through the pooled projector: an SDXL-style UNet's `text_embeds`. `None` unless the
+            config sets `pooled_projection_dim`.
+        dream_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_dream_queries, hidden_size)`):
+            The language model's last hidden states (after its final normalization layer) at the query slots.
+    """
+
+    dream_embeddings: torch.FloatTensor | None = None
+    dream_pooled_embeddings: torch.FloatTensor | None = None
+    dream_hidden_states: torch.FloatTensor | None = None
+
+
 class DreamQueries(nn.Module):
     """The learned dream queries, one set shared by every picture. A module, so PEFT and `device_map` can handle it."""
 
@@ -113,8 +132,9 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # The small parts DreamLLM learned on top of its backbones stay precise: upcast when loading in fp16, and never
     # quantized by bitsandbytes. The lm_head is not among them: it is LLaMA's, as large as the embeddings, and loads in
-    # the dtype asked for (it is left out of quantization by transformers' default rule).
-    _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries", "pooled_projector"]
+    # the dtype asked for (it is left out of quantization by transformers' default rule). The pooled projector joins
+    # them only where it exists (`DreamLLMModel.__init__`): the list names modules of the model, none that may be absent.
+    _keep_in_fp32_modules = ["multi_modal_projector", "condition_projector", "dream_queries"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -129,9 +149,13 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-# Vision towers whose forward is `embeddings -> [pre_layrnorm] -> encoder.layers -> ...`, so that they can stop at the
-# layer that is read; any other tower runs whole and the hidden state is picked from its outputs.
+# The vision towers DreamLLM reads: ViTs of a fixed input size, whose patch count the config computes
+# (`num_image_tokens`). The tower runs its own forward; the hidden state read is picked from its outputs.
 VIT_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
+# What a caller may ask of the vision tower through the model's `forward` (the rest of its kwargs are the LLM's).
+VISION_OUTPUT_KWARGS = ("output_attentions", "output_hidden_states")
+# The head's `forward` kwargs that go to `self.loss_function`, not to the language model.
+LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 
 def _block_starts(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,12 +233,23 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         self.pooled_projector = None
         if config.pooled_projection_dim is not None:
             self.pooled_projector = DreamPooledProjector(text_hidden, config.pooled_projection_dim)
+            self._keep_in_fp32_modules = [*type(self)._keep_in_fp32_modules, "pooled_projector"]
         self.post_init()
 
-    def _encode_images(self, pixel_values: torch.FloatTensor) -> BaseModelOutputWithPooling:
-        """The tower's hidden state number `vision_feature_layer` as `last_hidden_state`, and its patch tokens through
-        the image projector as `pooler_output`."""
-        hidden = self._vision_feature_states(pixel_values.to(self.vision_tower.dtype))
+    def _encode_images(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The vision tower's output, its `pooler_output` replaced by the patch tokens of hidden state number
+        `vision_feature_layer` through the image projector."""
+        layer = self.config.vision_feature_layer
+        asked = kwargs.get("output_hidden_states")
+        if asked is None:
+            asked = self.config.output_hidden_states or self.vision_tower.config.output_hidden_states
+        if asked is not True:
+            # Only the hidden states asked for by index (transformers 5 selects them so) and the one that is read are
+            # kept; the tower runs its own forward, so its layers, hooks and checkpointing are its own.
+            selected = [] if asked is False or asked is None else [asked] if isinstance(asked, int) else list(asked)
+            kwargs["output_hidden_states"] = [*selected, layer]  # a list: the index 0 alone would read as False
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
+        hidden = outputs.hidden_states[layer]
         num_tokens = self.config.num_image_tokens
         if hidden.shape[1] < num_tokens:
             raise ValueError(
@@ -223,36 +258,30 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             )
         patches = hidden[:, hidden.shape[1] - num_tokens :]  # CLIP puts its CLS token first; SigLIP has none
         features = self.multi_modal_projector(patches.to(self.multi_modal_projector.weight.dtype))
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=features,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    @can_return_tuple
+    @auto_docstring
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
         r"""
-        The vectors written after each `<im_start>`: the tower's `vision_feature_layer` (no later layer is run), its
-        patch tokens only (CLIP's CLS token dropped), through the image projector.
-
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
-                Pictures as the processor prepares them.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+            Pictures as the processor prepares them.
 
         Returns:
-            `torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`.
+            [`~modeling_outputs.BaseModelOutputWithPooling`] or `tuple` (with `return_dict=False`): the vision tower's
+            `last_hidden_state`, `hidden_states` (only the `vision_feature_layer` one is kept, the others `None`,
+            unless `output_hidden_states=True`) and `attentions` (with `output_attentions=True`); and as
+            `pooler_output` the vectors written after each `<im_start>`, `(num_images, num_image_tokens,
+            text_hidden_size)`: the patch tokens of hidden state `vision_feature_layer` (CLIP's CLS token dropped)
+            through the image projector.
         """
         _check_pixel_values(pixel_values, self.config.vision_config)
-        return self._encode_images(pixel_values).pooler_output
-
-    def _vision_feature_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The tower's hidden state number `vision_feature_layer`, running no layer after it."""
-        tower = self.vision_tower
-        if tower.config.model_type not in VIT_TOWER_TYPES:
-            return tower(pixel_values, output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
-        # What the tower's forward does up to that hidden state, with the same modules (so the same weights, hooks,
-        # device placement and activation checkpointing): embeddings, CLIP's pre-norm, the first layers.
-        hidden = tower.embeddings(pixel_values)
-        if hasattr(tower, "pre_layrnorm"):
-            hidden = tower.pre_layrnorm(hidden)
-        for layer in tower.encoder.layers[: self.config.vision_feature_layer_index]:
-            hidden = layer(hidden, None)
-        return hidden
+        return self._encode_images(pixel_values, **kwargs)
 
     def _position_ids(self, attention_mask, cache, batch_size, seq_len, device):
         """Positions that skip padding, so a left-padded row gets the same positions as the row alone."""
@@ -263,8 +292,48 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         position_ids = position_ids.masked_fill(attention_mask == 0, 1)
         return position_ids[:, -seq_len:]
 
+    def _block_token_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor | None:
+        """The starts of the blocks found in `inputs_embeds`, as ids (`<im_start>`, `<dream_start>`; -1 elsewhere),
+        found as Llava's `get_placeholder_mask` finds its image slots: by the embeddings of the block tokens. Only whole
+        blocks count (start, every slot still the `<im_patch>` embedding, end), so embeddings made with
+        `get_input_embeddings()` give the blocks their ids would, while a block already filled (an image's features
+        written after `<im_start>`, as a document reads its picture back) is fed as it is. `None` when no block fits."""
+        config = self.config
+        blocks = (
+            (config.image_start_token_id, config.num_image_tokens, config.image_end_token_id),
+            (config.dream_start_token_id, config.num_dream_queries, config.dream_end_token_id),
+        )
+        batch_size, length = inputs_embeds.shape[:2]
+        if length < min(slots for _, slots, _ in blocks) + 2:
+            return None
+        tokens = [config.image_patch_token_id] + [token for start, _, end in blocks for token in (start, end)]
+        references = self.get_input_embeddings()(torch.tensor(tokens, device=inputs_embeds.device))
+        references = references.to(inputs_embeds.dtype)
+        found = {token: (inputs_embeds == ref).all(-1) for token, ref in zip(tokens, references)}
+        # Slots in a row of `<im_patch>` embeddings: a window sum of `found[patch]` from any start position.
+        patch_runs = torch.nn.functional.pad(found[config.image_patch_token_id].long().cumsum(-1), (1, 0))
+        block_ids = torch.full((batch_size, length), -1, dtype=torch.long, device=inputs_embeds.device)
+        for start, slots, end in blocks:
+            span = length - slots - 1  # the start positions a whole block fits after
+            if span <= 0:
+                continue
+            whole = (
+                found[start][:, :span]
+                & (patch_runs[:, 1 + slots : 1 + slots + span] - patch_runs[:, 1 : 1 + span] == slots)
+                & found[end][:, slots + 1 : slots + 1 + span]
+            )
+            block_ids[:, :span] = block_ids[:, :span].masked_fill(whole, start)
+        distinct = torch.cdist(references.float(), references.float()).fill_diagonal_(1).min() > 0
+        if not distinct and (block_ids >= 0).any():
+            raise ValueError(
+                "`inputs_embeds` cannot show where its image and dream blocks are: in this model the block tokens "
+                "(`<im_start>`, `<im_patch>`, `<im_end>`, `<dream_start>`, `<dream_end>`) share embeddings (a model "
+                "built from backbones and not trained yet); pass `input_ids` instead."
+            )
+        return block_ids
+
     def _merge_image_features(
-        self, input_ids, inputs_embeds, pixel_values, continuing: bool
+        self, input_ids, inputs_embeds, pixel_values, continuing: bool, **vision_kwargs
     ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
         """`inputs_embeds` with every image block's slots filled, and the vision output (None without images)."""
         if continuing and pixel_values is None:
@@ -288,7 +357,7 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
                 f"An image block is cut off by the end of the sequence: `<im_start>` must be followed by {num_tokens} "
                 "slots and `<im_end>`. Do not truncate inside an image block."
             )
-        image_outputs = self._encode_images(pixel_values)
+        image_outputs = self._encode_images(pixel_values, **vision_kwargs)
         inputs_embeds = inputs_embeds.clone()
         inputs_embeds[rows[:, None], _slot_index(cols, num_tokens)] = image_outputs.pooler_output.to(
             inputs_embeds.dtype
@@ -337,8 +406,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
             One image per `<im_start>` in `input_ids`, in reading order over the whole batch.
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            Embeddings to feed the language model as they are: no block is filled (there are no ids to find the blocks
-            by), so `pixel_values` cannot be given with them.
+            The input embeddings instead of `input_ids`, e.g. `get_input_embeddings()(input_ids)`. Whole blocks are
+            found by the embeddings of their tokens (a start, every slot still `<im_patch>`'s embedding, an end) and
+            filled as they are for `input_ids` (with `pixel_values` for the image blocks); anything else, such as
+            slots already filled with a picture's features, goes to the language model as it is.
 
         Returns:
             [`DreamLLMModelOutputWithPast`] or `tuple`: the output, or its `to_tuple()` when `return_dict=False`.
@@ -346,21 +417,24 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         continuing = _has_cached_tokens(cache)
-        dream_rows = dream_slots = image_outputs = None
         if inputs_embeds is None:
+            block_ids = input_ids
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        else:
+            block_ids = self._block_token_ids(inputs_embeds)
+            if block_ids is None and pixel_values is not None:
+                block_ids = inputs_embeds.new_full(inputs_embeds.shape[:2], -1, dtype=torch.long)  # counted: none
+        dream_rows = image_outputs = None
+        if block_ids is not None:
+            vision_kwargs = {key: kwargs[key] for key in VISION_OUTPUT_KWARGS if key in kwargs}
             inputs_embeds, image_outputs = self._merge_image_features(
-                input_ids, inputs_embeds, pixel_values, continuing
+                block_ids, inputs_embeds, pixel_values, continuing, **vision_kwargs
             )
-            dream_rows, dream_slots = self._dream_blocks(input_ids, continuing)
+            dream_rows, dream_slots = self._dream_blocks(block_ids, continuing)
             if dream_rows.numel():
                 queries = self.dream_queries(dream_rows.numel()).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.clone()
                 inputs_embeds[dream_rows[:, None], dream_slots] = queries
-        elif pixel_values is not None:
-            raise ValueError(
-                "`pixel_values` need `input_ids` to find the image blocks; pass `input_ids`, not embeddings."
-            )
 
         batch_size, seq_len = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -421,13 +495,12 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         cache: Cache | None = None,
-        project: bool = True,
-        return_pooled: bool = False,
         **kwargs,
-    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor | None]:
+    ) -> DreamEmbeddingsOutput:
         r"""
-        Diffusion conditioning of a dream block appended after the given context: the UNet's `encoder_hidden_states`.
-        The whole block (`<dream_start>`, queries, `<dream_end>`) goes through the language model in one pass.
+        Diffusion conditioning of a dream block appended after the given context: the UNet's `encoder_hidden_states`
+        (and an SDXL-style UNet's `text_embeds`). The whole block (`<dream_start>`, queries, `<dream_end>`) goes
+        through the language model in one pass.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -440,18 +513,13 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             cache (`Cache`, *optional*):
                 A key/value cache holding the context so far. It is extended in place by `input_ids` and the whole
                 dream block, so a document can go on from there without recomputing its prefix.
-            project (`bool`, *optional*, defaults to `True`):
-                `False` returns the final-norm hidden states at the query slots, before the condition projector.
-            return_pooled (`bool`, *optional*, defaults to `False`):
-                `True` returns a pair: that tensor and the block's pooled conditioning, `(batch_size,
-                pooled_projection_dim)` (an SDXL-style decoder's `text_embeds`), or `None` when the config has no
-                pooled projector.
             **kwargs:
                 Passed to the language model.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, num_dream_queries, cross_attention_dim)` (`hidden_size` with
-            `project=False`); with `return_pooled=True`, a pair of it and the pooled conditioning (or `None`).
+            [`DreamEmbeddingsOutput`]: `dream_embeddings` (the UNet's `encoder_hidden_states`),
+            `dream_pooled_embeddings` (`None` without a pooled projector) and `dream_hidden_states` (before the
+            projectors), one row per row of `input_ids`.
         """
         cached = int(cache.get_seq_length()) if cache is not None else 0
         _check_token_ids(input_ids, attention_mask, self.config.text_config.vocab_size, cached)
@@ -480,11 +548,11 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
             **kwargs,
         )
         query_hidden = outputs.last_hidden_state[:, -block.shape[1] + 1 : -1]
-        conditioning = self._project_condition(query_hidden) if project else query_hidden
-        if not return_pooled:
-            return conditioning
-        pooled = self.pooled_projector(query_hidden) if self.pooled_projector is not None else None
-        return conditioning, pooled
+        return DreamEmbeddingsOutput(
+            dream_embeddings=self._project_condition(query_hidden),
+            dream_pooled_embeddings=self.pooled_projector(query_hidden) if self.pooled_projector is not None else None,
+            dream_hidden_states=query_hidden,
+        )
 
 
 @auto_docstring(
@@ -506,15 +574,16 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    @auto_docstring
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
         r"""
-        See [`DreamLLMModel.get_image_features`].
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+            Pictures as the processor prepares them.
 
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
-                Pictures as the processor prepares them.
+        Returns:
+            See [`DreamLLMModel.get_image_features`].
         """
-        return self.model.get_image_features(pixel_values)
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The LM head, with the final logit soft-capping of LLMs that have one (Gemma 2: tanh(x / 30) * 30)."""
@@ -524,9 +593,29 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _language_model_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
+        """`self.loss_function` (transformers' causal-LM loss), averaged over the targets that are not ignored and
+        0 when there are none: the stock mean would be NaN there, where the original (and its golden losses) gives 0
+        for a batch that learns no text (a text-to-image pair)."""
+        if num_items_in_batch is None:
+            targets = labels[..., 1:] if shift_labels is None else shift_labels
+            num_items_in_batch = (targets != kwargs.get("ignore_index", -100)).sum()
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)
+        return self.loss_function(
+            logits=logits,
+            labels=labels,
+            vocab_size=self.config.text_config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=shift_labels,
+            **kwargs,
+        )
+
     def get_dream_embeddings(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> torch.FloatTensor:
+    ) -> DreamEmbeddingsOutput:
         r"""
         See [`DreamLLMModel.get_dream_embeddings`].
 
@@ -536,7 +625,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for tokens, 0 for padding.
             **kwargs:
-                `pixel_values`, `cache`, `project`, `return_pooled` and what goes to the language model.
+                `pixel_values`, `cache` and what goes to the language model.
         """
         return self.model.get_dream_embeddings(input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -563,11 +652,13 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
             One image per `<im_start>` in `input_ids`, in reading order over the whole batch.
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            Embeddings to feed the language model as they are: no block is filled (there are no ids to find the blocks
-            by), so `pixel_values` cannot be given with them.
+            The input embeddings instead of `input_ids`, e.g. `get_input_embeddings()(input_ids)`; the blocks are
+            found by the embeddings of their tokens and filled as for `input_ids` (see [`DreamLLMModel.forward`]).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets, not shifted; -100 is ignored. The `loss` is the mean over the others, and 0 (not NaN)
-            when every label is -100, as in the original.
+            Next-token targets, not shifted; -100 is ignored. The `loss` is `self.loss_function`'s (the causal-LM
+            loss: `shift_labels`, already aligned with the logits, replace the shifted `labels`; `num_items_in_batch`
+            divides the summed loss), and without `num_items_in_batch` the mean over the targets that are not -100:
+            0, not NaN, when every one is -100, as in the original.
 
         Returns:
             [`DreamLLMCausalLMOutputWithPast`] or `tuple`: the output, or its `to_tuple()` when `return_dict=False`.
@@ -584,6 +675,7 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         >>> answer = model.generate(**inputs, max_new_tokens=32)
         ```
         """
+        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -596,8 +688,8 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         )
         logits = self._logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
-        if labels is not None:
-            loss = next_token_loss(logits, labels)
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
+            loss = self._language_model_loss(logits, labels, **loss_kwargs)
         return DreamLLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -611,12 +703,4 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
         )
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Shifted cross-entropy averaged over labels != -100; 0 when there are none (the stock loss would be NaN)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total / (shift_labels != -100).sum().clamp(min=1)
-
-
-__all__ = ["DreamLLMModel", "DreamLLMForConditionalGeneration", "DreamLLMPreTrainedModel", "next_token_loss"]
+__all__ = ["DreamEmbeddingsOutput", "DreamLLMModel", "DreamLLMForConditionalGeneration", "DreamLLMPreTrainedModel"]

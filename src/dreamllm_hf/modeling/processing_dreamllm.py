@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 from transformers.image_utils import load_image
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.utils import PaddingStrategy
 
 from .. import constants as C
 from ..checks import InputTypeError
@@ -21,6 +22,21 @@ _SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor, str)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _FLOAT_MODES = ("F",)
 _CHANNELS = (1, 3, 4)
+# The tokenizer's per-token outputs the processor expands with the ids (each block token repeats the value of the
+# placeholder it replaces) and the value a padding position gets.
+_PER_TOKEN_PADDING = {"token_type_ids": 0, "special_tokens_mask": 1, "offset_mapping": (0, 0)}
+
+
+class DreamLLMProcessorKwargs(ProcessingKwargs, total=False):
+    r"""
+    The keyword arguments of [`DreamLLMProcessor.__call__`], typed and merged as transformers' processors merge theirs
+    (`ProcessorMixin._merge_kwargs`): the tokenizer's (`text_kwargs`: `padding`, `padding_side`, `max_length`,
+    `pad_to_multiple_of`, `add_special_tokens`, `return_offsets_mapping`, ...), the image processor's
+    (`images_kwargs`: `do_rescale`, `do_resize`, `size`, ...), `return_tensors` for both, and
+    `return_mm_token_type_ids` (1 at the image slots, the positions that receive a picture's features). They may be
+    given flat or per modality (`text_kwargs={...}`). Where none is given, the tokenizer's saved settings apply, then
+    the processor's defaults (`DreamLLMProcessor.text_kwargs`: pad to the longest row, on the left).
+    """
 
 
 class DreamLLMProcessor(ProcessorMixin):
@@ -48,6 +64,15 @@ class DreamLLMProcessor(ProcessorMixin):
             LLM keeps that LLM's template).
     """
 
+    valid_processor_kwargs = DreamLLMProcessorKwargs
+    # A batch is padded to its longest row, on the left (where generation continues), unless the tokenizer's saved
+    # settings or the call say otherwise.
+    text_kwargs = {"padding": True, "padding_side": "left"}
+    # The text placeholder of a picture that is read; `<dream>` (`dream_token`) is a picture that was drawn. Both take
+    # one picture of `images`. Fixed by the DreamLLM format, so not a constructor argument.
+    image_token = C.IMAGE_PLACEHOLDER
+    dream_token = C.DREAM_PLACEHOLDER
+
     def __init__(
         self,
         image_processor=None,
@@ -62,6 +87,8 @@ class DreamLLMProcessor(ProcessorMixin):
             chat_template = C.VICUNA_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.special_token_ids = self._lookup_special_token_ids(tokenizer)
+        self.image_token_id = self.special_token_ids[self.image_token]
+        self.dream_token_id = self.special_token_ids[self.dream_token]
 
     @staticmethod
     def _lookup_special_token_ids(tokenizer) -> dict[str, int]:
@@ -117,104 +144,187 @@ class DreamLLMProcessor(ProcessorMixin):
                 "use the processor saved with this model."
             )
 
-    def __call__(
-        self,
-        text: str | list[str] | None = None,
-        images=None,
-        return_tensors: str | None = None,
-        padding: bool | str = True,
-        padding_side: str = "left",
-        pad_to_multiple_of: int | None = None,
-        max_length: int | None = None,
-        **kwargs,
-    ) -> BatchFeature:
-        """
+    def __call__(self, images=None, text: str | list[str] | None = None, **kwargs: Unpack[DreamLLMProcessorKwargs]):
+        r"""
         Args:
-            text (`str` or `list[str]`, *optional*):
-                One prompt or a batch of prompts; `<image>` and `<dream>` mark the pictures.
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those, *optional*):
                 PIL images, numpy arrays or tensors (HWC or CHW), or paths/URLs: one, a flat list in reading order over
                 the batch, or one list per prompt. One picture per `<image>` and per `<dream>`.
-            return_tensors (`str`, *optional*):
-                `"pt"`, `"np"` or `None` (lists).
-            padding (`bool` or `str`, *optional*, defaults to `True`):
-                Pad the expanded ids to the longest row (`True` or `"longest"`) or to `max_length` (`"max_length"`).
-            padding_side (`str`, *optional*, defaults to `"left"`):
-                `"left"` (for generation) or `"right"`.
-            pad_to_multiple_of (`int`, *optional*):
-                Pad each row's length up to a multiple of this.
-            max_length (`int`, *optional*):
-                The length `padding="max_length"` pads to. It only pads: nothing is truncated, since a cut would split
-                an image block.
-            **kwargs:
-                Passed to the tokenizer (for example `add_special_tokens=False`).
+            text (`str` or `list[str]`, *optional*):
+                One prompt or a batch of prompts; `<image>` and `<dream>` mark the pictures.
+            **kwargs ([`DreamLLMProcessorKwargs`]):
+                The tokenizer's and the image processor's options, and `return_tensors` (`"pt"`, `"np"` or `None`
+                for lists). Padding (`padding`, `padding_side`, `max_length`, `pad_to_multiple_of`) applies to the
+                expanded ids; nothing is truncated, since a cut would split an image block.
 
         Returns:
-            `BatchFeature` with `input_ids` and `attention_mask` (when there is text) and `pixel_values` (when there
-            are images).
+            [`BatchFeature`]: `input_ids` and `attention_mask` (when there is text; also the tokenizer's
+            `offset_mapping`, `token_type_ids` and `special_tokens_mask` when asked, each block token with the value of
+            its placeholder, and `mm_token_type_ids` with `return_mm_token_type_ids=True`) and `pixel_values` (when
+            there are images).
         """
         for unsupported in ("videos", "audio"):  # apply_chat_template passes them as None
             if kwargs.pop(unsupported, None) is not None:
                 raise ValueError(f"DreamLLM takes no {unsupported}.")
-        if kwargs.get("truncation"):
-            raise ValueError("Truncation is not supported: it could cut an image or dream block in half.")
-        kwargs.pop("truncation", None)
         if text is None and images is None:
             raise ValueError("Pass `text`, `images` or both.")
+        output_kwargs = self._merge_kwargs(
+            DreamLLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.setdefault("return_tensors", return_tensors)
 
         data = {}
         images_per_prompt = None
         if text is not None:
             prompts = self._as_prompt_list(text)
-            token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False, **kwargs)["input_ids"]
-            token_ids = [self._single_bos(prompt, ids) for prompt, ids in zip(prompts, token_ids)]
-            placeholder_ids = (
-                self.special_token_ids[C.IMAGE_PLACEHOLDER],
-                self.special_token_ids[C.DREAM_PLACEHOLDER],
+            data, images_per_prompt = self._encode_text(
+                prompts, text_kwargs, output_kwargs.get("return_mm_token_type_ids"), return_tensors
             )
-            images_per_prompt = [sum(ids.count(p) for p in placeholder_ids) for ids in token_ids]
-            expanded = [self.expand_placeholders(ids) for ids in token_ids]
-            padded = self.tokenizer.pad(
-                {"input_ids": expanded, "attention_mask": [[1] * len(ids) for ids in expanded]},
-                padding=padding,
-                max_length=max_length,
-                pad_to_multiple_of=pad_to_multiple_of,
-                padding_side=padding_side,
-            )
-            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
-            # Explicit dtypes: a batch of empty prompts (an LLM without BOS, e.g. Qwen, on "") would become float.
-            if return_tensors == "pt":
-                input_ids, attention_mask = (torch.tensor(v, dtype=torch.long) for v in (input_ids, attention_mask))
-            elif return_tensors == "np":
-                input_ids, attention_mask = (np.array(v, dtype=np.int64) for v in (input_ids, attention_mask))
-            data.update(input_ids=input_ids, attention_mask=attention_mask)
+            if output_kwargs.get("return_text_replacement_offsets"):
+                # The placeholders are expanded at the id level: the text is not rewritten, and `offset_mapping`
+                # points into it as written.
+                data["text_replacement_offsets"] = [[] for _ in prompts]
 
-        flat_images = self._flatten_images(images, images_per_prompt)
+        # The 8-bit conversion makes the image processor's rescale right; a caller who turns the rescale off gives
+        # pixels at the scale the tower reads, and they go as they are.
+        rescales = images_kwargs.get("do_rescale", getattr(self.image_processor, "do_rescale", True))
+        flat_images = self._flatten_images(images, images_per_prompt, to_eight_bit=rescales is not False)
         if flat_images:
-            data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors)["pixel_values"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+            data["pixel_values"] = self.image_processor(flat_images, **images_kwargs)["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    def _single_bos(self, prompt: str, ids: list[int]) -> list[int]:
-        """One BOS where the tokenizer adds one and the text (a chat template that writes `{{ bos_token }}`, as Llama 3's
-        and Gemma's do) already begins with it: what `apply_chat_template(tokenize=True)` gives."""
+    def _encode_text(self, prompts: list[str], text_kwargs: dict, return_mm_token_type_ids, return_tensors):
+        """The prompts' ids with every placeholder expanded, and the tokenizer's other per-token outputs expanded with
+        them, padded as `text_kwargs` ask; and the number of pictures each prompt takes."""
+        truncation = text_kwargs.pop("truncation", None)
+        if truncation not in (None, False, "do_not_truncate") or text_kwargs.get("return_overflowing_tokens"):
+            raise ValueError("Truncation is not supported: it could cut an image or dream block in half.")
+        for key in ("return_mm_token_type_ids", "return_text_replacement_offsets", "return_overflowing_tokens"):
+            text_kwargs.pop(key, None)  # the processor's own options (transformers mirrors them into text_kwargs)
+        padding = text_kwargs.pop("padding", False)
+        padding_side = text_kwargs.pop("padding_side", None) or self.tokenizer.padding_side
+        max_length = text_kwargs.pop("max_length", None)
+        pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
+        return_attention_mask = text_kwargs.pop("return_attention_mask", None)
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.tokenizer.model_input_names
+        return_length = text_kwargs.pop("return_length", False)
+
+        encoded = self.tokenizer(prompts, padding=False, return_attention_mask=False, **text_kwargs)
+        per_token = [key for key in _PER_TOKEN_PADDING if key in encoded]
+        rows = []
+        for prompt, *values in zip(prompts, encoded["input_ids"], *(encoded[key] for key in per_token)):
+            start = self._duplicate_bos(prompt, values[0])
+            rows.append(dict(zip(["input_ids", *per_token], (list(v)[start:] for v in values))))
+        images_per_prompt = [
+            sum(token_id in (self.image_token_id, self.dream_token_id) for token_id in row["input_ids"])
+            for row in rows
+        ]
+
+        expanded = []
+        for row in rows:
+            counts = [len(self._block_of(token_id)) for token_id in row["input_ids"]]
+            out = {key: [v for v, n in zip(row[key], counts) for _ in range(n)] for key in per_token}
+            out["input_ids"] = self.expand_placeholders(row["input_ids"])
+            out["attention_mask"] = [1] * len(out["input_ids"])
+            if return_mm_token_type_ids:
+                out["mm_token_type_ids"] = self._image_slot_mask(row["input_ids"])
+            expanded.append(out)
+        lengths = [len(out["input_ids"]) for out in expanded]
+        width = self._padded_width(lengths, padding, max_length, pad_to_multiple_of)
+        if width is not None:
+            pad_values = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+            pad_values.update({key: _PER_TOKEN_PADDING[key] for key in per_token})
+            if pad_values["input_ids"] is None and any(length < width for length in lengths):
+                raise ValueError(
+                    "The tokenizer has no pad token to pad the batch with; set `tokenizer.pad_token`, or pass "
+                    "`padding=False` (one prompt, or prompts of one length)."
+                )
+            for out in expanded:
+                for key, values in out.items():
+                    fill = [pad_values[key]] * (width - len(values))
+                    out[key] = fill + values if padding_side == "left" else values + fill
+
+        data = {key: [out[key] for out in expanded] for key in expanded[0]} if expanded else {"input_ids": []}
+        if not return_attention_mask:
+            data.pop("attention_mask", None)
+        if return_length:
+            data["length"] = lengths
+        # Explicit dtypes: a batch of empty prompts (an LLM without BOS, e.g. Qwen, on "") would become float.
+        for key in set(data) - {"offset_mapping", "length"}:
+            if return_tensors == "pt":
+                data[key] = torch.tensor(data[key], dtype=torch.long)
+            elif return_tensors == "np":
+                data[key] = np.array(data[key], dtype=np.int64)
+        return data, images_per_prompt
+
+    @staticmethod
+    def _padded_width(lengths: list[int], padding, max_length: int | None, pad_to_multiple_of: int | None):
+        """The length every row is padded to (`None`: no padding), as the tokenizer's `pad` reads `padding`."""
+        strategy = PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding or "do_not_pad")
+        if strategy == PaddingStrategy.DO_NOT_PAD or not lengths:
+            return None
+        width = max(lengths)
+        if strategy == PaddingStrategy.MAX_LENGTH:
+            if max_length is None:
+                raise ValueError("`padding='max_length'` needs a `max_length`.")
+            if width > max_length:
+                raise ValueError(
+                    f"A prompt takes {width} tokens with its pictures' blocks, more than `max_length` {max_length}; "
+                    "nothing is truncated (a cut would split a block): raise `max_length` or shorten the prompt."
+                )
+            width = max_length
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        return width
+
+    def _duplicate_bos(self, prompt: str, ids: list[int]) -> int:
+        """1 where the tokenizer adds a BOS and the text (a chat template that writes `{{ bos_token }}`, as Llama 3's
+        and Gemma's do) already begins with one: dropping it gives what `apply_chat_template(tokenize=True)` gives."""
         bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
-        if bos and prompt.startswith(bos) and ids[:2] == [bos_id, bos_id]:
-            return ids[1:]
-        return ids
+        return int(bool(bos) and prompt.startswith(bos) and list(ids[:2]) == [bos_id, bos_id])
+
+    def _block_of(self, token_id: int) -> list[int]:
+        """What `token_id` stands for in the model's input: a placeholder's block, any other token itself."""
+        if token_id == self.image_token_id:
+            return self.image_block_ids
+        if token_id == self.dream_token_id:
+            return self.drawn_picture_ids
+        return [token_id]
 
     def expand_placeholders(self, ids: list[int]) -> list[int]:
         """Replaces every `<image>` id by an image block and every `<dream>` id by a dream block + an image block."""
-        image_id, dream_id = self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER]
-        image_block, drawn_picture = self.image_block_ids, self.drawn_picture_ids
-        expanded = []
+        return [expanded for token_id in ids for expanded in self._block_of(token_id)]
+
+    def _image_slot_mask(self, ids: list[int]) -> list[int]:
+        """1 at the slots of the image blocks `ids` expand into (where a picture's features are written), 0 elsewhere
+        (the dream queries' slots included): `mm_token_type_ids`."""
+        image_slots = [0, *[1] * self.num_image_tokens, 0]
+        mask = []
         for token_id in ids:
-            if token_id == image_id:
-                expanded.extend(image_block)
-            elif token_id == dream_id:
-                expanded.extend(drawn_picture)
+            if token_id == self.image_token_id:
+                mask.extend(image_slots)
+            elif token_id == self.dream_token_id:
+                mask.extend([0] * len(self.dream_block_ids) + image_slots)
             else:
-                expanded.append(token_id)
-        return expanded
+                mask.append(0)
+        return mask
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """
+        The tokens each picture takes in the model's input, whatever its size (every picture is resized to the tower's
+        input size): `num_image_tokens` image slots (what `mm_token_type_ids` marks), in one patch.
+
+        Args:
+            image_sizes (`list[list[int]]`, *optional*):
+                The (height, width) of each picture.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        count = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * count, num_image_patches=[1] * count)
 
     @staticmethod
     def _as_prompt_list(text) -> list[str]:
@@ -232,11 +342,12 @@ class DreamLLMProcessor(ProcessorMixin):
         """
         prompts = self._as_prompt_list(text)
         token_ids = self.tokenizer(prompts, padding=False, return_attention_mask=False)["input_ids"]
-        placeholder_ids = (self.special_token_ids[C.IMAGE_PLACEHOLDER], self.special_token_ids[C.DREAM_PLACEHOLDER])
+        placeholder_ids = (self.image_token_id, self.dream_token_id)
         self._flatten_images(images, [sum(ids.count(p) for p in placeholder_ids) for ids in token_ids])
 
-    def _flatten_images(self, images, images_per_prompt: list[int] | None) -> list:
-        """The pictures as one flat list in reading order, checked against the placeholders of each prompt."""
+    def _flatten_images(self, images, images_per_prompt: list[int] | None, to_eight_bit: bool = True) -> list:
+        """The pictures as one flat list in reading order, checked against the placeholders of each prompt (and made
+        8-bit unless `to_eight_bit=False`: see `_readable_picture`)."""
         if images is None:
             images = []
         if isinstance(images, _SINGLE_IMAGE_TYPES):
@@ -266,7 +377,7 @@ class DreamLLMProcessor(ProcessorMixin):
         flat = []
         for image in images:
             flat.extend(_split_image_batch(image))
-        flat = [_readable_picture(image, number) for number, image in enumerate(flat)]
+        flat = [_readable_picture(image, number, to_eight_bit) for number, image in enumerate(flat)]
         if images_per_prompt is not None and len(flat) != sum(images_per_prompt):
             raise ValueError(
                 f"The prompts have {sum(images_per_prompt)} `<image>`/`<dream>` placeholders but {len(flat)} pictures "
@@ -297,18 +408,20 @@ def _split_image_batch(image) -> list:
     )
 
 
-def _readable_picture(image, number: int):
+def _readable_picture(image, number: int, to_eight_bit: bool = True):
     """
     Picture `number` as the CLIP image processor reads it right. 8-bit pictures (PIL in any 8-bit mode: RGB, RGBA,
     L, P, ...; uint8 arrays) pass as they are. The others become 8-bit arrays: 16-bit (uint16 arrays, PIL `I;16`/`I`)
     scaled by 1/257, floats in [0, 1] scaled by 255 (the image processor would take them for [0, 255] and read a
     black picture), floats in [0, 255] rounded, booleans as black and white. Empty pictures, non-finite values and
-    values outside those ranges are refused, as are arrays that are not HW, HWC or CHW with 1, 3 or 4 channels.
+    values outside those ranges are refused, as are arrays that are not HW, HWC or CHW with 1, 3 or 4 channels. With
+    `to_eight_bit=False` (the image processor does not rescale) the pixels keep their values: only the shape and
+    emptiness are checked.
     """
     if isinstance(image, Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"Picture {number} is empty ({image.width}x{image.height} pixels).")
-        if image.mode in _SIXTEEN_BIT_MODES + _FLOAT_MODES:
+        if to_eight_bit and image.mode in _SIXTEEN_BIT_MODES + _FLOAT_MODES:
             return _eight_bit(np.asarray(image)[..., None], number, sixteen_bit=image.mode in _SIXTEEN_BIT_MODES)
         return image
     if not _is_array(image):  # a path or URL, loaded by `_split_image_batch`
@@ -320,7 +433,7 @@ def _readable_picture(image, number: int):
         raise ValueError(
             f"Picture {number} has shape {shape}: expected HW, HWC or CHW with 1, 3 or 4 channels (gray, RGB, RGBA)."
         )
-    if image.dtype in (np.uint8, torch.uint8) and image.ndim == 3:
+    if not to_eight_bit or (image.dtype in (np.uint8, torch.uint8) and image.ndim == 3):
         return image
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
@@ -363,4 +476,4 @@ def _eight_bit(array: np.ndarray, number: int, sixteen_bit: bool = False) -> np.
     return np.round(array).astype(np.uint8)
 
 
-__all__ = ["DreamLLMProcessor", "rgb_picture"]
+__all__ = ["DreamLLMProcessor", "DreamLLMProcessorKwargs", "rgb_picture"]

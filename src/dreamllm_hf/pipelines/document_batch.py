@@ -272,7 +272,7 @@ class DocumentBatch:
         onload(self.mllm)
         device = self.mask.device
         pixel_values = self.processor.image_processor(pictures, return_tensors="pt")["pixel_values"].to(device)
-        features = self.mllm.get_image_features(pixel_values)
+        features = self.mllm.get_image_features(pixel_values).pooler_output
         start = self.mllm.get_input_embeddings()(torch.full((count, 1), self.image_start, device=device))
         inputs_embeds = torch.cat([start, features.to(start.dtype)], dim=1)
         mask = torch.cat([mask, mask.new_ones(count, inputs_embeds.shape[1])], dim=1)
@@ -648,10 +648,12 @@ class DocumentBatch:
         mask = self.mask[row_index, : self.end]
         onload(self.mllm)
         empty = self.ids.new_zeros(len(rows), 0)
-        embeds, pooled = self.mllm.get_dream_embeddings(
-            empty, attention_mask=mask, cache=self._picture_cache, return_pooled=True
+        dream = self.mllm.get_dream_embeddings(empty, attention_mask=mask, cache=self._picture_cache)
+        return PicturesNeeded(
+            documents=[d.id for d in waiting],
+            prompt_embeds=dream.dream_embeddings,
+            pooled_prompt_embeds=dream.dream_pooled_embeddings,
         )
-        return PicturesNeeded(documents=[d.id for d in waiting], prompt_embeds=embeds, pooled_prompt_embeds=pooled)
 
     def _write_rows(self, rows: list[int], documents: list[_Document], cache: DynamicCache, added: int) -> None:
         """Writes the extended rows back, right-aligned, growing the cache on the left if a row has no room."""

@@ -370,9 +370,7 @@ class DocumentWriter:
     def _unconditional_embeddings(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unconditional of a picture: `text` (`""`: `<s>` alone) through the same path, computed once."""
         if text not in self._unconditional:
-            embeds, _, pooled, _ = self.text2image.encode_prompt(
-                text, self.pipe._execution_device, 1, False, return_pooled=True
-            )
+            embeds, _, pooled, _ = self.text2image.encode_prompt(text, self.pipe._execution_device, 1, False)
             self._unconditional[text] = (embeds, pooled)
         return self._unconditional[text]
 

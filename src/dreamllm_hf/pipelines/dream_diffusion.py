@@ -21,7 +21,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import checks
 from ..checks import InputTypeError
-from ..decoder_conditioning import added_cond_kwargs, check_decoder, takes_pooled, vae_scale_factor
+from ..decoder_conditioning import (
+    added_cond_kwargs,
+    check_decoder,
+    conditioning_width,
+    pooled_width,
+    takes_pooled,
+    vae_scale_factor,
+)
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -159,8 +166,34 @@ class DreamLLMDiffusionMixin:
 
     @property
     def _takes_pooled(self) -> bool:
-        """Whether the pictures' conditioning has a pooled part (an SDXL-style decoder's `text_embeds`)."""
-        return getattr(self.mllm.config, "pooled_projection_dim", None) is not None
+        """Whether the pictures' conditioning has a pooled part (an SDXL-style decoder's `text_embeds`): the UNet says
+        so (the mllm's pooled projector matches it, checked at construction); without a UNet, the mllm."""
+        return self._pooled_width is not None
+
+    @property
+    def _condition_width(self) -> tuple[int | None, str]:
+        """The width of the UNet's `encoder_hidden_states` and the config field that says so (without a UNet, the
+        mllm's `cross_attention_dim`, which `check_decoder` matched to it); `None` when neither is loaded."""
+        unet, mllm = getattr(self, "unet", None), getattr(self, "mllm", None)
+        if unet is not None:
+            width, source = conditioning_width(unet.config)
+            return width, f"the UNet's {source}"
+        return (mllm.config.cross_attention_dim if mllm is not None else None), "the mllm's cross_attention_dim"
+
+    @property
+    def _num_dream_queries(self) -> int | None:
+        """The rows of a conditioning the mllm makes (`None` without an mllm: embeddings made elsewhere)."""
+        mllm = getattr(self, "mllm", None)
+        return mllm.config.num_dream_queries if mllm is not None else None
+
+    @property
+    def _pooled_width(self) -> int | None:
+        """The size of the pooled `text_embeds` the UNet reads (without a UNet, the mllm's `pooled_projection_dim`);
+        `None` for decoders that read none."""
+        unet, mllm = getattr(self, "unet", None), getattr(self, "mllm", None)
+        if unet is not None:
+            return pooled_width(unet.config)
+        return getattr(mllm.config, "pooled_projection_dim", None) if mllm is not None else None
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
         if getattr(self, "unet", None) is None:
@@ -224,9 +257,8 @@ class DreamLLMDiffusionMixin:
         input_ids, attention_mask, pixel_values = self._tokenize(texts, images, device)
         self._check_prompt_length(attention_mask, len(self.processor.dream_block_ids), "the dream block")
         onload(self.mllm)
-        return self.mllm.get_dream_embeddings(
-            input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_pooled=True
-        )
+        dream = self.mllm.get_dream_embeddings(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        return dream.dream_embeddings, dream.dream_pooled_embeddings
 
     def _check_negative_prompt(self, negative_prompt, count: int) -> None:
         if negative_prompt is None:
@@ -371,18 +403,26 @@ class DreamLLMDiffusionMixin:
                 f"unet.config.in_channels, height / {self.vae_scale_factor}, width / {self.vae_scale_factor})."
             )
 
-    def _check_condition(self, name: str, embeds, batch_sizes: tuple[int, ...] | None = None) -> None:
-        """`prompt_embeds` / `negative_prompt_embeds`: `[batch, num_dream_queries, cross_attention_dim]`, `batch` one
-        of `batch_sizes` (None: any but 0)."""
-        # The model's width, which `check_decoder` matched to what the UNet reads (`encoder_hid_dim` with `text_proj`).
-        queries, width = self.mllm.config.num_dream_queries, self.mllm.config.cross_attention_dim
-        self._check_tensor(name, embeds, 3, f"[batch, {queries}, {width}]")
+    def _check_condition(
+        self, name: str, embeds, batch_sizes: tuple[int, ...] | None = None, queries: int | None = None
+    ) -> None:
+        """`prompt_embeds` / `negative_prompt_embeds`: `[batch, queries, width]`, `batch` one of `batch_sizes` (None:
+        any but 0), `queries` the rows it goes with have (the mllm's dream queries, or those of `prompt_embeds`;
+        None: any but 0) and `width` what the UNet reads. A pipeline without an mllm draws from embeddings made
+        elsewhere: nothing here needs one."""
+        width, source = self._condition_width
+        expected = f"[batch, {queries or 'num_dream_queries'}, {width or 'cross_attention_dim'}]"
+        self._check_tensor(name, embeds, 3, expected)
         batch, length, channels = embeds.shape
-        if length != queries or channels != width:
+        if width is not None and channels != width:
             raise ValueError(
-                f"`{name}` has shape {tuple(embeds.shape)}, expected [batch, {queries}, {width}]: one row per "
-                f"prompt of the mllm's {queries} dream queries through its condition projector, its "
-                f"cross_attention_dim {width} wide."
+                f"`{name}` has shape {tuple(embeds.shape)}, expected {expected}: the dream queries' states through the "
+                f"condition projector (as `encode_prompt` gives them), as wide as {source} {width}."
+            )
+        if length == 0 or (queries is not None and length != queries):
+            raise ValueError(
+                f"`{name}` has shape {tuple(embeds.shape)}, expected {expected}: one state for each of the "
+                f"{queries or 'dream'} dream queries, as the rows it goes with."
             )
         if batch == 0:
             raise ValueError(f"`{name}` has no rows (shape {tuple(embeds.shape)}); give one per prompt.")
@@ -404,8 +444,7 @@ class DreamLLMDiffusionMixin:
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        return_pooled: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         r"""
         The UNet conditioning of the prompts, as the original's text-to-image path: BOS + caption (no chat template),
         then the dream block; the normed hidden states at the query slots through the condition projector.
@@ -418,22 +457,22 @@ class DreamLLMDiffusionMixin:
         `pooled_prompt_embeds` (`negative_pooled_prompt_embeds`).
 
         Returns:
-            `(prompt_embeds, negative_prompt_embeds)`, each `[batch * num_images_per_prompt, Q, cross_attention_dim]`;
-            `negative_prompt_embeds` is `None` without guidance. With `return_pooled=True`, as SDXL's `encode_prompt`:
-            `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`, the pooled
-            ones `[batch * num_images_per_prompt, pooled_projection_dim]` (`None` without a pooled projector).
+            As SDXL's `encode_prompt`: `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds)`, the first two `[batch * num_images_per_prompt, Q, cross_attention_dim]`,
+            the pooled ones `[batch * num_images_per_prompt, pooled_projection_dim]` (`None` for a decoder that reads
+            no pooled conditioning); the negative ones are `None` without guidance.
         """
         pooled = self._takes_pooled
         if pooled and prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError(
                 "With `prompt_embeds`, pass `pooled_prompt_embeds` too: this model's decoder reads a pooled "
-                "conditioning (`pooled_projection_dim`); `encode_prompt(..., return_pooled=True)` gives both."
+                "conditioning (`pooled_projection_dim`); `encode_prompt` gives both."
             )
         if pooled and do_classifier_free_guidance and negative_prompt_embeds is not None:
             if negative_pooled_prompt_embeds is None:
                 raise ValueError(
                     "With `negative_prompt_embeds`, pass `negative_pooled_prompt_embeds` too: this model's decoder "
-                    "reads a pooled conditioning; `encode_prompt(..., return_pooled=True)` gives both."
+                    "reads a pooled conditioning; `encode_prompt` gives both."
                 )
         cond_texts = self._as_prompt_list(prompt) if prompt_embeds is None else []
         batch_size = len(cond_texts) if prompt_embeds is None else prompt_embeds.shape[0]
@@ -448,6 +487,14 @@ class DreamLLMDiffusionMixin:
             else:
                 uncond_texts = list(negative_prompt)
 
+        if (cond_texts or uncond_texts) and (
+            getattr(self, "mllm", None) is None or getattr(self, "processor", None) is None
+        ):
+            needed = "`prompt_embeds`" + (" and `negative_prompt_embeds`" if uncond_texts else "")
+            raise ValueError(
+                f"This pipeline has no mllm and processor to encode prompts with: pass {needed} (from `encode_prompt` "
+                "of a pipeline that has them), or load the pipeline with its mllm and processor."
+            )
         if cond_texts or uncond_texts:
             per_row_images = None if cond_images is None else [[] for _ in uncond_texts] + cond_images
             embeds, pooled_embeds = self._dream_embeddings(uncond_texts + cond_texts, per_row_images, device)
@@ -479,9 +526,7 @@ class DreamLLMDiffusionMixin:
             negative_pooled_prompt_embeds = per_picture(negative_pooled_prompt_embeds, True)
         else:
             negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        if return_pooled:
-            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-        return prompt_embeds, negative_prompt_embeds
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------------------------
     # Diffusion

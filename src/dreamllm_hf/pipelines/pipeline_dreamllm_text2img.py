@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 
@@ -29,7 +30,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
+class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""
     Text-to-image with DreamLLM, as the original's `stable_diffusion_pipeline`: BOS + caption (no chat template), then
     the dream block; the query states through the condition projector are the UNet's `encoder_hidden_states`.
@@ -39,7 +40,11 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
 
     The decoder may be any Stable Diffusion UNet the model can condition (checked at construction): SD 1.x/2.x with the
     model's `cross_attention_dim`, `addition_embed_type="text"`, or SDXL-style (`"text_time"`: the model's pooled
-    projector gives `text_embeds`, the picture size the `time_ids`).
+    projector gives `text_embeds`, the picture size the `time_ids`). Being a Stable Diffusion UNet, it takes what
+    `StableDiffusionMixin` offers (`enable_freeu`, `fuse_qkv_projections`, `enable_vae_slicing`, ...).
+
+    As diffusers' pipelines do without their text encoders, this one draws from precomputed `prompt_embeds` with `mllm`
+    and `processor` set to `None`: their width is checked against the UNet's, their queries against each other.
 
     Args:
         mllm ([`DreamLLMForConditionalGeneration`]): the language model with its vision tower and dream queries.
@@ -91,7 +96,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         callback_on_step_end=None,
     ):
         """Refuses every bad argument of `__call__` before any model work, with an error that names it, says what was
-        given and what is expected; tensors are checked against the UNet and the mllm they will meet (`None` for
+        given and what is expected; tensors are checked against the UNet they will meet (`None` for
         the trailing arguments: not checked)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
@@ -107,6 +112,11 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             )
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None and (getattr(self, "mllm", None) is None or getattr(self, "processor", None) is None):
+            raise ValueError(
+                "This pipeline has no mllm and processor to encode a `prompt` with: pass `prompt_embeds` (from "
+                "`encode_prompt` of a pipeline that has them), or load the pipeline with its mllm and processor."
+            )
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if prompt is not None and not (
@@ -129,12 +139,16 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             eta=eta,
             callback_on_step_end=callback_on_step_end,
         )
+        queries = self._num_dream_queries  # the rows an unconditional prompt gets, if the mllm encodes one
         if prompt_embeds is not None:
-            self._check_condition("prompt_embeds", prompt_embeds)
+            self._check_condition("prompt_embeds", prompt_embeds, queries=queries)
+            queries = prompt_embeds.shape[1]
         count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
         if negative_prompt_embeds is not None:
             # One row per prompt, or one row shared by all (`encode_prompt` expands it).
-            self._check_condition("negative_prompt_embeds", negative_prompt_embeds, tuple(sorted({count, 1})))
+            self._check_condition(
+                "negative_prompt_embeds", negative_prompt_embeds, tuple(sorted({count, 1})), queries=queries
+            )
         self._check_pooled_embeds(
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
         )
@@ -164,9 +178,9 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             if pooled_embeds is None:
                 raise ValueError(
                     f"With `{name}`, pass `{pooled_name}` too: this model's decoder reads a pooled conditioning "
-                    "(SDXL's `text_embeds`); `encode_prompt(..., return_pooled=True)` gives both."
+                    "(SDXL's `text_embeds`); `encode_prompt` gives both."
                 )
-            expected = (embeds.shape[0], self.mllm.config.pooled_projection_dim)
+            expected = (embeds.shape[0], self._pooled_width)
             if tuple(pooled_embeds.shape) != expected:
                 raise ValueError(
                     f"`{pooled_name}` has shape {tuple(pooled_embeds.shape)}; expected {expected} (one row per row of "
@@ -315,7 +329,6 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 negative_prompt_embeds,
                 pooled_prompt_embeds,
                 negative_pooled_prompt_embeds,
-                return_pooled=True,
             )
         )
 

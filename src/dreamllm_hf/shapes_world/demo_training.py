@@ -447,7 +447,9 @@ def dream_drawing_accuracy(
     mllm.eval()
     captions = DEMO_WORLDS[world].check_captions(NUM_CHECK_CAPTIONS) * per_caption
     inputs = processor(text=["", *captions], return_tensors="pt")
-    embeddings = mllm.get_dream_embeddings(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    embeddings = mllm.get_dream_embeddings(
+        inputs["input_ids"], attention_mask=inputs["attention_mask"]
+    ).dream_embeddings
     accuracy = conditioned_drawing_accuracy(
         unet,
         vae,
