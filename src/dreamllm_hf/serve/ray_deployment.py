@@ -1,0 +1,259 @@
+"""The OpenAI-compatible API as a Ray Serve deployment: replicas on the GPUs of one machine or of a Ray cluster.
+
+Each replica is a Ray actor that loads the pipeline from a model folder and serves the same FastAPI app as
+`dreamllm-hf serve --api` ([`build_api_app`]) with its own scheduler, so documents that reach one replica are batched
+together there. Ray's HTTP proxy routes the requests among the replicas, and the Serve controller starts a new replica
+when one dies. Three ways in:
+
+- `dreamllm-hf serve --api --ray --replicas N --gpus-per-replica G` ([`serve_on_ray`]);
+- `serve run serve_config.yaml` / `serve deploy serve_config.yaml`, or `serve run
+  dreamllm_hf.serve.ray_deployment:build_application replicas=2` ([`build_application`], Ray's application builder);
+- from Python: `serve.run(bind_deployment(model_dir, replicas=2))`.
+
+Ray Serve is an optional extra (`pip install 'dreamllm-hf[serve]'`); only this module imports it.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from .. import checks
+
+
+# Every answer says which replica wrote it: Ray's id for the replica (unique within the deployment) and the process id
+# of its actor. A client, a load test or an operator can then tell the replicas apart behind the one address.
+REPLICA_ID_HEADER = "x-dreamllm-replica"
+REPLICA_PID_HEADER = "x-dreamllm-replica-pid"
+
+DEPLOYMENT_NAME = "DreamLLM"
+APPLICATION_NAME = "dreamllm"
+
+# What `--cpus-per-replica` reserves when not told: a replica's work is on its GPU (or, on a CPU, in torch's threads,
+# which Ray sets to this many); one CPU keeps replicas from being refused a node for want of CPUs.
+DEFAULT_CPUS_PER_REPLICA = 1.0
+
+# The options of `build_api_app` a deployment passes through; the app's own signature holds their defaults.
+API_OPTIONS = ("api_key", "max_queue", "max_request_mb", "model_name")
+
+
+class ReplicaHeadersMiddleware:
+    """Adds the replica's headers to every HTTP answer. Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, so
+    that a streamed answer goes out chunk by chunk and a client's disconnect still reaches the app."""
+
+    def __init__(self, app, replica_id: str, pid: int):
+        self.app = app
+        self.headers = [
+            (REPLICA_ID_HEADER.encode(), replica_id.encode("latin-1")),
+            (REPLICA_PID_HEADER.encode(), str(pid).encode()),
+        ]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class DreamLLMDeployment:
+    """
+    One replica: the pipeline of `model_dir` on `device` behind its own `build_api_app`.
+
+    The app is built in the replica (Ray's late-bound ingress, `__serve_build_asgi_app__`), not pickled by the driver:
+    it holds the replica's pipeline and scheduler, which exist only after `__init__` has loaded the model there.
+
+    Args:
+        model_dir (`str`): a pipeline folder (`model_index.json`), at the same path on every node that runs a replica.
+        device (`str`, *optional*): `cuda`, `cpu`, ... (default: `cuda` where Ray gave the replica a GPU, else `cpu`).
+        api_options (`dict`, *optional*): keyword arguments of `build_api_app` (`api_key`, `max_queue`, ...).
+    """
+
+    def __init__(self, model_dir: str, device: str | None = None, api_options: dict | None = None):
+        from .cli import load_pipeline
+
+        if device is None:
+            # A replica without a GPU of its own may still see the node's GPUs (Ray leaves CUDA_VISIBLE_DEVICES alone
+            # for it): ask Ray what it was given rather than torch what exists.
+            import ray
+
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.pipe = load_pipeline(model_dir, device)
+        self.api_options = dict(api_options or {})
+
+    def __serve_build_asgi_app__(self):
+        from .openai_api import build_api_app
+
+        app = build_api_app(self.pipe, **self.api_options)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        app.add_middleware(ReplicaHeadersMiddleware, replica_id=replica_id, pid=os.getpid())
+        return app
+
+
+def bind_deployment(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    replicas: int = 1,
+    gpus_per_replica: float | None = None,
+    cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
+    device: str | None = None,
+    **api_options,
+) -> serve.Application:
+    """
+    The deployment, its replicas and resources set, bound to a model folder: what `serve.run` takes.
+
+    Args:
+        model_dir (`str` or `os.PathLike`, *optional*): a pipeline folder (default: the shipped demo model).
+        replicas (`int`, defaults to 1): how many replicas Ray keeps running (each loads the whole pipeline).
+        gpus_per_replica (`float`, *optional*): GPUs Ray reserves for each replica, in [0, 1] (0.5: two replicas share
+            a GPU; 0: the replica runs on the CPU). Default: 1 where the Ray cluster (or, before `ray.init`, this
+            machine) has a GPU, else 0.
+        cpus_per_replica (`float`, defaults to 1): CPUs Ray reserves for each replica (on a CPU, torch's threads).
+        device (`str`, *optional*): the replicas' torch device (default: `cuda` with a GPU, else `cpu`).
+        **api_options: `build_api_app`'s options (`api_key`, `max_queue`, `max_request_mb`, `model_name`).
+    """
+    unknown = sorted(set(api_options) - set(API_OPTIONS))
+    if unknown:
+        raise TypeError(f"bind_deployment() got unknown options {unknown}; the API's options are {list(API_OPTIONS)}.")
+    checks.POSITIVE_INT.check("replicas", replicas)
+    checks.GPUS_PER_REPLICA.check("gpus_per_replica", gpus_per_replica, optional=True)
+    checks.POSITIVE_NUMBER.check("cpus_per_replica", cpus_per_replica)
+    model_dir = _checked_model_dir(model_dir)
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if _gpus_available() else 0.0
+    if gpus_per_replica == 0 and device is None:
+        device = "cpu"
+    options = {name: value for name, value in api_options.items() if value is not None}
+    # Ray lets a replica hold only `max_ongoing_requests` requests (5 by default) and queues the rest in front of it.
+    # The scheduler batches every document it holds, so let it hold as many as its own queue admits.
+    max_ongoing = options.get("max_queue", _api_default("max_queue"))
+    deployment = DreamLLMDeployment.options(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        max_ongoing_requests=max_ongoing,
+    )
+    return deployment.bind(str(model_dir), device, options)
+
+
+def build_application(args: dict[str, Any]) -> serve.Application:
+    """
+    Ray Serve's application builder: `serve run dreamllm_hf.serve.ray_deployment:build_application replicas=2`, or
+    the `import_path` of a Serve config file (`serve_config.yaml`), whose `args` it receives.
+
+    `args` holds `bind_deployment`'s arguments under the same names (`model` for the folder); values may be strings
+    (as `serve run key=value` passes them) or numbers (as YAML does).
+    """
+    known = ("model", "replicas", "gpus_per_replica", "cpus_per_replica", "device", *API_OPTIONS)
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ValueError(f"unknown application arguments {unknown}; the arguments are {list(known)}.")
+    numbers = {
+        "replicas": checks.POSITIVE_INT,
+        "gpus_per_replica": checks.GPUS_PER_REPLICA,
+        "cpus_per_replica": checks.POSITIVE_NUMBER,
+        "max_queue": checks.POSITIVE_INT,
+        "max_request_mb": checks.POSITIVE_NUMBER,
+    }
+    values = {}
+    for name, value in args.items():
+        if name in numbers and isinstance(value, str):
+            try:
+                value = numbers[name].parse(value)
+            except Exception as error:  # argparse's message, which says what is expected
+                raise ValueError(f"application argument `{name}` {error}") from None
+        values[name] = value
+    return bind_deployment(values.pop("model", None), **values)
+
+
+def serve_on_ray(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    gpus_per_replica: float | None = None,
+    blocking: bool = True,
+    **options,
+):
+    """
+    `dreamllm-hf serve --api --ray`: joins the Ray cluster at `RAY_ADDRESS` (or the one `ray start` began on this
+    machine; else starts a local Ray), runs the deployment on `host:port` and, with `blocking=True`, serves until
+    interrupted, then removes it. `options` are `bind_deployment`'s. With `blocking=False` it returns the ingress
+    `DeploymentHandle` and leaves Ray running (stop it with `serve.shutdown()` and `ray.shutdown()`).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray starts: no usage reports
+    model_dir = _checked_model_dir(model_dir)  # before Ray starts, which takes a while
+    if not ray.is_initialized():
+        ray.init()
+    application = bind_deployment(model_dir, replicas=replicas, gpus_per_replica=gpus_per_replica, **options)
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(application, name=APPLICATION_NAME, route_prefix="/")
+    if not blocking:
+        return handle
+    print(f"DreamLLM on Ray Serve: http://{host}:{port}/v1 ({replicas} replica{'s' * (replicas != 1)})", flush=True)
+    try:
+        _wait_for_interrupt()
+    finally:
+        serve.delete(APPLICATION_NAME)
+    return handle
+
+
+def _checked_model_dir(model_dir: str | os.PathLike | None) -> Path:
+    from ..shapes_world.demo_model_path import DEMO_MODEL_PATH
+
+    model_dir = Path(model_dir or DEMO_MODEL_PATH).resolve()
+    if not (model_dir / "model_index.json").is_file():
+        raise ValueError(
+            f"{model_dir} has no model_index.json; give a folder written by `dreamllm-hf convert`, "
+            "`dreamllm-hf train-demo` or `DreamLLMPipeline.save_pretrained` (at the same path on every node)."
+        )
+    return model_dir
+
+
+def _wait_for_interrupt():
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _gpus_available() -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _api_default(name: str):
+    import inspect
+
+    from .openai_api import build_api_app
+
+    return inspect.signature(build_api_app).parameters[name].default
+
+
+__all__ = [
+    "REPLICA_ID_HEADER",
+    "REPLICA_PID_HEADER",
+    "DreamLLMDeployment",
+    "ReplicaHeadersMiddleware",
+    "bind_deployment",
+    "build_application",
+    "serve_on_ray",
+]
