@@ -234,15 +234,16 @@ def test_interleaved_text_image_text_without_recomputing(pipe):
     assert out.images[0] == [document[1]] and out.text == [f"{document[0]}\n{document[2]}"]
     assert unet_batches == [2, 2]  # [uncond, cond] for each step of the one picture
 
-    # Fed positions: the `<s>` unconditional (1 + Q + 2), then the stream once: prompt, 5, 7, the dream block,
-    # `<im_start>` + N features, `<im_end>`, 9, 11 (the final `</s>` is sampled, never fed).
+    # Fed positions: the stream once: prompt, 5, 7, the dream block, `<im_start>` + N features, `<im_end>`, 9, 11
+    # (the final `</s>` is sampled, never fed); and once, when the first picture is drawn, the `<s>` unconditional
+    # (1 + Q + 2).
     stream_len = prompt_len + 2 + (q + 2) + (n + 2) + 2
     assert counter.positions == (1 + q + 2) + stream_len
-    assert counter.calls[0] == (1, 1 + q + 2)  # the unconditional
-    assert counter.calls[1] == (1, prompt_len)  # the prompt, once
-    assert counter.calls[4] == (1, q + 2)  # dream block, appended to the cache
+    assert counter.calls[0] == (1, prompt_len)  # the prompt, once
+    assert counter.calls[3] == (1, q + 2)  # dream block, appended to the cache
+    assert counter.calls[4] == (1, 1 + q + 2)  # the unconditional
     assert counter.calls[5] == (1, 1 + n)  # the picture read back
-    assert all(length == 1 for _, length in counter.calls[6:])
+    assert all(length == 1 for _, length in counter.calls[1:3] + counter.calls[6:])
 
 
 def test_interleaved_reads_prompt_pictures_once_and_each_drawn_picture_once(pipe):
@@ -365,19 +366,17 @@ def test_small_pictures_are_shown_scaled_up_crisply(size, shown):
         (dict(prompt="Hi <image>", images=[42], allow_images=False), "Unsupported image type"),
         (dict(prompt="a bird", height=15), "divisible by the VAE factor 2"),
         (dict(prompt="a bird", num_inference_steps=0), "positive integer"),
-        (dict(prompt="a bird", generation_mode="video"), "Unknown generation_mode 'video'"),
         (dict(prompt="a bird", output_type="latent"), "decoded to be read back"),
         (dict(prompt="a bird", output_type="jpeg"), "Unknown output_type"),
         (dict(prompt="a bird", allow_images=False, max_new_tokens=0), "max_new_tokens"),
         (dict(prompt="a bird", max_images=-1), "max_images"),
-        (dict(prompt="a bird", latents=torch.zeros(1, 4, 8, 8)), "DreamLLMText2ImagePipeline"),
-        (dict(prompt="a bird", prompt_embeds=torch.zeros(1, 4, 16)), "DreamLLMText2ImagePipeline"),
         (dict(prompt=["a", "b"], negative_prompt=["x"]), "one per prompt"),
         (dict(prompt="a", negative_prompt="<image>"), "takes no pictures"),
         (dict(prompt="a bird", callback_on_step_end_tensor_inputs=["noise"]), "noise"),
         (dict(prompt="a bird", generation_kwargs={"max_new_tokens": 3}), "may not set"),
         (dict(prompt="a bird", generation_kwargs={"num_beams": 2}), "num_beams"),
         (dict(prompt="a bird", generation_kwargs={"no_such_option": 2}), "no_such_option"),
+        (dict(prompt="a bird", generation_kwargs={"min_new_tokens": 2}), "count positions"),
         (dict(prompt="a bird", cache_implementation="paged"), "cache_implementation"),
         (dict(prompt=42, allow_images=False), "`prompt` must be"),
         (dict(prompt=None), "Pass a `prompt`"),

@@ -2,8 +2,6 @@
 StableDiffusionPipeline; the golden parity is in test_pipeline_parity.py, the checks every pipeline is held to
 (save/load, dict vs tuple, batching, num_images_per_prompt, callbacks, offload, from_pipe) in test_contracts.py."""
 
-import warnings
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -11,7 +9,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, ImagePipelineOutput
 from test_pipeline import FAST, CountTokens, load_pipeline, picture, seeded
 
-from dreamllm_hf.pipelines import DreamLLMPipelineOutput, DreamLLMText2ImagePipeline, StopReason
+from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
 
 
 @pytest.fixture
@@ -84,24 +82,6 @@ def test_prompt_with_a_picture_conditions_the_drawing(shared_t2i):
         **FAST,
     ).images
     assert with_picture.shape == plain.shape and not torch.allclose(with_picture, plain)
-
-
-def test_deprecated_generation_mode_warns_and_gives_the_same_results(converted_tiny):
-    pipe = load_pipeline(converted_tiny)
-    t2i = DreamLLMText2ImagePipeline.from_pipe(pipe)
-    with pytest.warns(FutureWarning, match="DreamLLMText2ImagePipeline"):
-        old = pipe("a red bird", generation_mode="image", generator=seeded(), output_type="np", **FAST)
-    assert isinstance(old, DreamLLMPipelineOutput) and old.text is None and old.stop_reasons == [StopReason.IMAGE]
-    np.testing.assert_array_equal(old.images, t2i("a red bird", generator=seeded(), output_type="np", **FAST).images)
-    with pytest.warns(FutureWarning, match="allow_images=False"):
-        old_text = pipe("Hello", generation_mode="text", max_new_tokens=4)
-    assert old_text.text == pipe("Hello", allow_images=False, max_new_tokens=4).text
-    with pytest.warns(FutureWarning, match="leave it out|pipe\\(prompt\\)"):
-        old_document = pipe("Hello", generation_mode="interleaved", max_new_tokens=4, **FAST)
-    assert old_document.text == pipe("Hello", max_new_tokens=4, **FAST).text
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        pipe("Hello", max_new_tokens=2, **FAST)  # the new API does not warn
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,6 @@ draw it; the picture is read back through CLIP into the same key/value cache, an
 answer is a document in which pictures are disabled. Text-to-image is [`DreamLLMText2ImagePipeline`].
 """
 
-import inspect
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +15,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import LogitsProcessorList
 
 from .. import checks
 from .. import constants as C
@@ -25,12 +22,12 @@ from ..checks import InputTypeError
 from ..modeling.conversation import render_conversation
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
-from .document_engine import CACHE_IMPLEMENTATIONS, DocumentEngine, DocumentRequest, EngineSettings
-from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin, is_conversation
-from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
+from .document_batch import CACHE_IMPLEMENTATIONS
+from .document_writer import DocumentRequest, DocumentWriter
+from .dream_diffusion import OUTPUT_TYPES, DreamLLMDiffusionMixin, is_conversation
+from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput
 
 
-GENERATION_MODES = ("interleaved", "text", "image")
 # The text-sampling arguments of `__call__` and what each may be (None: the model's `generation_config`).
 SAMPLING_RANGES = {
     "temperature": checks.TEMPERATURE,
@@ -39,23 +36,6 @@ SAMPLING_RANGES = {
     "repetition_penalty": checks.REPETITION_PENALTY,
 }
 DOCUMENT_OUTPUT_TYPES = tuple(t for t in OUTPUT_TYPES if t != "latent")
-# Set by the pipeline itself, or meaningless for documents (one sequence each, no beams, stops by the format).
-_RESERVED_GENERATE_KWARGS = {
-    "eos_token_id",
-    "max_new_tokens",
-    "max_length",
-    "streamer",
-    "cache",
-    "past_key_values",
-    "num_return_sequences",
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "stopping_criteria",
-    "prefix_allowed_tokens_fn",
-    "assistant_model",
-    "generation_config",
-}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -247,53 +227,6 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             self._check_guidance(guidance_scale, guidance_rescale, eta)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Text generation settings
-
-    def _generation_setup(self, allow_images: bool, sampling: dict, generation_kwargs: dict | None):
-        """The `GenerationConfig` (the model's, updated by the given options) and the user's logits processors."""
-        config = self.mllm.config
-        kwargs = dict(generation_kwargs or {})
-        reserved = sorted(set(kwargs) & _RESERVED_GENERATE_KWARGS)
-        if reserved:
-            raise ValueError(
-                f"`generation_kwargs` may not set {reserved}: the pipeline sets them (use the "
-                "`max_new_tokens`, `num_images_per_prompt` and `streamer` arguments)."
-            )
-        logits_processor = kwargs.pop("logits_processor", None)
-        kwargs.update({k: v for k, v in sampling.items() if v is not None})
-        # Block tokens are never training targets (only `<dream_start>` is, and only where pictures are drawn); a
-        # sampled one would break the token-stream format, so they are suppressed.
-        never = [
-            config.image_start_token_id,
-            config.image_patch_token_id,
-            config.image_end_token_id,
-            config.dream_end_token_id,
-            config.image_token_id,
-            config.dream_token_id,
-            config.pad_token_id,
-        ]
-        if not allow_images:
-            never.append(config.dream_start_token_id)
-        kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + never))
-        kwargs.setdefault("pad_token_id", config.pad_token_id)
-        generation_config, unused = self.mllm._prepare_generation_config(None, **kwargs)
-        unused = sorted(set(unused) - {"output_attentions", "output_hidden_states"})
-        if unused:
-            raise ValueError(
-                f"`generation_kwargs` has {unused}, which are not `GenerationConfig` options; see "
-                "`transformers.GenerationConfig` for what can be set."
-            )
-        if (generation_config.num_beams or 1) > 1:
-            raise ValueError(
-                "Documents sample one sequence each; `num_beams` > 1 is not supported (the cache would not follow "
-                "the chosen beam). Use `num_images_per_prompt` for several documents per prompt."
-            )
-        self.mllm._prepare_special_tokens(generation_config, True, device=self._execution_device)
-        if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
-            logits_processor = LogitsProcessorList(logits_processor)
-        return generation_config, logits_processor
-
-    # ----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -328,11 +261,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        generation_mode: str | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> DreamLLMPipelineOutput | tuple:
+        stream: bool = False,
+    ) -> DreamLLMPipelineOutput | tuple | Iterator[DocumentEvent]:
         r"""
         Writes documents: text, and a picture wherever the model emits `<dream_start>`.
 
@@ -411,125 +341,25 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 The tensors put in `callback_kwargs`, from `self._callback_tensor_inputs` (`latents`,
                 `prompt_embeds`, `negative_prompt_embeds`).
-            generation_mode (`str`, *optional*):
-                Deprecated. `"image"`: use [`DreamLLMText2ImagePipeline`]; `"text"`: use `allow_images=False`;
-                `"interleaved"`: leave it out.
-            latents (`torch.Tensor`, *optional*):
-                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
-            prompt_embeds (`torch.Tensor`, *optional*):
-                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
-            negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Deprecated, with `generation_mode="image"` only: see [`DreamLLMText2ImagePipeline`].
+            stream (`bool`, *optional*, defaults to `False`):
+                Return an iterator of [`DocumentEvent`]s as the documents are written instead of the output (what
+                `stream()` does); the arguments are checked when the call is made, the models run as it is iterated.
 
         Examples:
 
         Returns:
-            [`DreamLLMPipelineOutput`] or `tuple` `(images, text, documents, stop_reasons)`.
+            [`DreamLLMPipelineOutput`] or `tuple` `(images, text, documents, stop_reasons)`; with `stream=True`, an
+            iterator of [`DocumentEvent`]s.
         """
-        arguments = {name: value for name, value in locals().items() if name != "self"}
-        if generation_mode == "image":
-            output = self._deprecated_text_to_image(arguments)
-            return output if return_dict else output.to_tuple()
-        output = None
-        for event in self._events(arguments):
-            if event.type == "end":
-                output = event.output
-        if not return_dict:
-            return output.to_tuple()
-        return output
-
-    def stream(self, *args, **kwargs) -> Iterator[DocumentEvent]:
-        r"""
-        Writes the documents as `__call__` does (same arguments), yielding [`DocumentEvent`]s as they are written:
-        `"text"` (`.text`), `"picture_start"`, `"picture"` (`.image`, `.index`), `"document_end"` (`.stop_reason`)
-        and finally `"end"` (`.output`: what `__call__` returns). Every event but `"end"` carries `.document`.
-
-        ```py
-        >>> for event in pipe.stream("Tell me a story.", max_images=2):
-        ...     if event.type == "text":
-        ...         print(event.text, end="", flush=True)
-        ...     elif event.type == "picture":
-        ...         event.image.save(f"picture_{event.index}.png")
-        ```
-        """
-        bound = inspect.signature(DreamLLMPipeline.__call__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
-        if arguments["generation_mode"] == "image":
-            raise ValueError("`stream` writes documents; for text-to-image use `DreamLLMText2ImagePipeline`.")
-        yield from self._events(arguments)
-
-    def _deprecated_text_to_image(self, arguments: dict) -> DreamLLMPipelineOutput:
-        """`generation_mode="image"` of earlier releases: [`DreamLLMText2ImagePipeline`] in the old output."""
-        self._warn_generation_mode("image")
-        from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
-
-        missing = [name for name in ("unet", "vae", "scheduler") if getattr(self, name, None) is None]
-        if missing:
-            raise ValueError(
-                f"generation_mode='image' draws pictures, but this pipeline has no {', '.join(missing)}; load them."
-            )
-        text2image = DreamLLMText2ImagePipeline.from_pipe(self)
-        names = set(inspect.signature(DreamLLMText2ImagePipeline.__call__).parameters) - {"self", "return_dict"}
-        # Arguments added to text-to-image since (e.g. the pooled embeddings) keep their defaults.
-        images = text2image(**{name: arguments[name] for name in names if name in arguments}).images
-        self._num_timesteps = text2image.num_timesteps
-        documents = [[images[i]] for i in range(len(images))]
-        return DreamLLMPipelineOutput(
-            images=images, text=None, documents=documents, stop_reasons=[StopReason.IMAGE] * len(documents)
-        )
-
-    @staticmethod
-    def _warn_generation_mode(generation_mode: str) -> None:
-        if generation_mode not in GENERATION_MODES:
-            raise ValueError(
-                f"Unknown generation_mode {generation_mode!r}; choose one of {', '.join(map(repr, GENERATION_MODES))} "
-                "(deprecated: leave it out for documents, `allow_images=False` for text, "
-                "`DreamLLMText2ImagePipeline` for pictures)."
-            )
-        replacement = {
-            "image": "`DreamLLMText2ImagePipeline.from_pipe(pipe)(prompt, ...)` (it returns `.images` as Stable "
-            "Diffusion does)",
-            "text": "`pipe(prompt, allow_images=False)`",
-            "interleaved": "`pipe(prompt)` (documents are what DreamLLMPipeline writes)",
-        }[generation_mode]
-        warnings.warn(
-            f"`generation_mode={generation_mode!r}` is deprecated and will be removed in the next release; use "
-            f"{replacement}.",
-            FutureWarning,
-            stacklevel=4,
-        )
-
-    @torch.no_grad()
-    def _events(self, arguments: dict) -> Iterator[DocumentEvent]:
-        """The documents of one call, as events: `arguments` are `__call__`'s, by name."""
-        a = dict(arguments)
-        if a["generation_mode"] is not None:
-            self._warn_generation_mode(a["generation_mode"])
-            if a["generation_mode"] == "text":
-                a["allow_images"] = False
-        for name in ("latents", "prompt_embeds", "negative_prompt_embeds"):
-            if a[name] is not None:
-                raise ValueError(
-                    f"`{name}` is for text-to-image (`DreamLLMText2ImagePipeline`); a document computes the "
-                    "conditioning of its pictures as it is written."
-                )
-        prompt, images, generator = a["prompt"], a["images"], a["generator"]
-        height, width, negative_prompt = a["height"], a["width"], a["negative_prompt"]
-        num_images_per_prompt, allow_images, max_images = (
-            a["num_images_per_prompt"],
-            a["allow_images"],
-            a["max_images"],
-        )
-        max_new_tokens, output_type, streamer = a["max_new_tokens"], a["output_type"], a["streamer"]
-        cache_implementation, generation_kwargs = a["cache_implementation"], a["generation_kwargs"]
-        num_inference_steps, timesteps, sigmas = a["num_inference_steps"], a["timesteps"], a["sigmas"]
-        callback_on_step_end = a["callback_on_step_end"]
-        callback_on_step_end_tensor_inputs = a["callback_on_step_end_tensor_inputs"]
-        sampling = {name: a[name] for name in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
-
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        sampling = dict(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+        )
 
         # 0. Default height and width to the UNet's
         height, width = self._default_size(height, width)
@@ -552,112 +382,103 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
             output_type,
             cache_implementation,
             callback_on_step_end_tensor_inputs,
-            guidance_scale=a["guidance_scale"],
-            guidance_rescale=a["guidance_rescale"],
-            eta=a["eta"],
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
             sampling=sampling,
             generation_kwargs=generation_kwargs,
             callback_on_step_end=callback_on_step_end,
         )
-        self._guidance_scale = a["guidance_scale"]
-        self._guidance_rescale = a["guidance_rescale"]
+        prompts = self._as_prompt_list(prompt)
+        if streamer is not None and len(prompts) * num_images_per_prompt > 1:
+            raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._interrupt = False
         self._num_timesteps = 0
 
-        # 2. Text settings and prompts
-        device = self._execution_device
-        generation_config, logits_processor = self._generation_setup(allow_images, sampling, generation_kwargs)
-        if cache_implementation is None:
-            cache_implementation = generation_config.cache_implementation
-            if cache_implementation not in CACHE_IMPLEMENTATIONS:
-                cache_implementation = None  # other transformers caches: the engine's default
-        prompts = self._as_prompt_list(prompt)
+        # 2. One request per document, each prompt rendered and tokenized once, one text sampling for the call
+        if cache_implementation is None and self.mllm.generation_config.cache_implementation in CACHE_IMPLEMENTATIONS:
+            cache_implementation = self.mllm.generation_config.cache_implementation
+        writer = DocumentWriter(self, cache_implementation=cache_implementation, streamer=streamer)
         per_prompt_images = self._per_prompt_images(images, len(prompts))
-        verbatim = not a["use_chat_template"]
-        texts = []
+        negatives = (
+            list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
+        )
+        requests = []
         for index, item in enumerate(prompts):
             given = per_prompt_images[index] if per_prompt_images is not None else None
-            if isinstance(item, str) and verbatim:
-                texts.append(item)
-                continue
-            text, pictures = self.chat_prompt_and_images(item, given)
-            texts.append(text)
-            if pictures:
-                per_prompt_images = per_prompt_images or [[] for _ in prompts]
-                per_prompt_images[index] = pictures
-        # The pictures and the prompts' lengths too are refused before the unconditional pass below.
-        if per_prompt_images is not None:
-            self.processor.check_images(texts, per_prompt_images)
-        token_ids = self.tokenizer(texts, return_attention_mask=False)["input_ids"]
-        longest = max(len(self.processor.expand_placeholders(ids)) for ids in token_ids)
-        self._check_prompt_length(longest, 1, "the answer")
-        per_document_generators = isinstance(generator, (list, tuple))
-        if streamer is not None and len(texts) * num_images_per_prompt > 1:
-            raise ValueError("A `streamer` follows one document; for several, use `stream()` and its events.")
-
-        # 3. The unconditional of the pictures, once for the whole call (one pass for every negative prompt)
-        draws = allow_images and max_images != 0
-        negatives = negative_pooled = [None] * len(texts)
-        if draws and self.do_classifier_free_guidance:
-            if negative_prompt is None:
-                rows = [""]  # `<s>` alone, shared by every document
-            else:
-                rows = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            embeds, pooled = self._dream_embeddings(rows, None, device)
-            row_of = [0] * len(texts) if len(rows) == 1 else list(range(len(texts)))
-            negatives = [embeds[r : r + 1].to(self.unet.dtype) for r in row_of]
-            if pooled is not None:
-                negative_pooled = [pooled[r : r + 1].to(self.unet.dtype) for r in row_of]
-
-        # 4. One request per document; the engine writes them together
-        requests = []
-        for index, text in enumerate(texts):
             for copy in range(num_images_per_prompt):
                 number = index * num_images_per_prompt + copy
-                requests.append(
-                    DocumentRequest(
-                        text=text,
-                        images=per_prompt_images[index] if per_prompt_images is not None else None,
-                        generator=generator[number] if per_document_generators else generator,
-                        negative_prompt_embeds=negatives[index],
-                        negative_pooled_prompt_embeds=negative_pooled[index],
-                    )
+                request = DocumentRequest(
+                    prompt=item,
+                    images=given,
+                    use_chat_template=use_chat_template,
+                    max_new_tokens=max_new_tokens,
+                    max_images=max_images,
+                    allow_images=allow_images,
+                    generation_kwargs=generation_kwargs,
+                    generator=generator[number] if isinstance(generator, (list, tuple)) else generator,
+                    negative_prompt=negatives[index],
+                    num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale,
+                    eta=eta,
+                    height=height,
+                    width=width,
+                    output_type=output_type,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    **sampling,
                 )
-        diffusion = None
-        if allow_images:
-            diffusion = DiffusionSettings(
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                timesteps=timesteps,
-                sigmas=sigmas,
-                eta=a["eta"],
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            )
-        settings = EngineSettings(
-            max_new_tokens=max_new_tokens,
-            max_images=max_images,
-            allow_images=allow_images,
-            output_type=output_type,
-            diffusion=diffusion,
-            cache_implementation=cache_implementation,
-            per_document_generators=per_document_generators,
-        )
-        engine = DocumentEngine(
-            self,
-            requests,
-            settings,
-            generation_config,
-            logits_processor,
-            shared_generator=None if per_document_generators else generator,
-            streamer=streamer,
-        )
+                requests.append((index, request))
+        encoded = [
+            writer.encode(item, images, use_chat_template)
+            for item, images in zip(prompts, per_prompt_images or [None] * len(prompts))
+        ]
+        text_sampling = writer.text_sampling(requests[0][1])
+        for index, request in requests:
+            writer.submit(request, check=False, encoded=encoded[index], sampling=text_sampling)
+
+        # 3. Write them together (the writer draws each step's pictures in one UNet batch per drawing settings)
+        events = self._written(writer)
+        if stream:
+            return events
+        output = None
+        for event in events:
+            if event.type == "end":
+                output = event.output
+        if not return_dict:
+            return output.to_tuple()
+        return output
+
+    @torch.no_grad()
+    def _written(self, writer: DocumentWriter) -> Iterator[DocumentEvent]:
         try:
-            yield from engine.run()
+            yield from writer.events()
         finally:
+            if writer._text2image is not None:
+                self._num_timesteps = writer.text2image.num_timesteps
             # Offload all models (also when a stream is closed before its end)
             self.maybe_free_model_hooks()
+
+    def stream(self, *args, **kwargs) -> Iterator[DocumentEvent]:
+        r"""
+        Writes the documents as `__call__` does (same arguments), yielding [`DocumentEvent`]s as they are written:
+        `"text"` (`.text`), `"picture_start"`, `"picture"` (`.image`, `.index`), `"document_end"` (`.stop_reason`,
+        `.usage`) and finally `"end"` (`.output`: what `__call__` returns). Every event but `"end"` carries `.document`.
+
+        ```py
+        >>> for event in pipe.stream("Tell me a story.", max_images=2):
+        ...     if event.type == "text":
+        ...         print(event.text, end="", flush=True)
+        ...     elif event.type == "picture":
+        ...         event.image.save(f"picture_{event.index}.png")
+        ```
+        """
+        return self(*args, **kwargs, stream=True)
 
 
 __all__ = ["DreamLLMPipeline"]

@@ -21,7 +21,8 @@ class StopReason:
     MAX_NEW_TOKENS = "max_new_tokens"  # the text-token budget was spent
     MAX_IMAGES = "max_images"  # the model asked for one picture more than `max_images`
     CONTEXT_LIMIT = "context_limit"  # the next token or picture would not fit in `max_position_embeddings`
-    IMAGE = "image"  # "image" mode: the picture was drawn
+    CANCELLED = "cancelled"  # the document was cancelled while it was written (`DocumentWriter.cancel`)
+    IMAGE = "image"  # a picture drawn by text-to-image, shown as a document (the web page, `generate --mode image`)
 
 
 def _png_bytes(image: PIL.Image.Image) -> bytes:
@@ -67,6 +68,8 @@ class DocumentEvent:
         stop_reason (`str`, *optional*): `"document_end"`: why the document ended (a [`StopReason`] value).
         output ([`DreamLLMPipelineOutput`], *optional*): `"end"`: what `__call__` returns; `"document_end"`: the
             finished document alone (as document 0).
+        usage (`dict`, *optional*): `"document_end"`: `{"prompt_tokens", "completion_tokens", "pictures"}`: the
+            prompt's positions (picture blocks included), the tokens sampled and the pictures drawn.
     """
 
     type: str
@@ -76,6 +79,7 @@ class DocumentEvent:
     index: int | None = None
     stop_reason: str | None = None
     output: "DreamLLMPipelineOutput | None" = None
+    usage: dict | None = None
 
 
 @dataclass
@@ -85,10 +89,9 @@ class DreamLLMPipelineOutput(BaseOutput):
 
     Args:
         images: one list per document holding its images in order (PIL, `[H, W, 3]` arrays or `[3, H, W]` tensors,
-            after `output_type`); empty for a text answer. (Deprecated `generation_mode="image"`: what
-            `StableDiffusionPipeline` returns; use [`DreamLLMText2ImagePipeline`] instead.)
-        text (`list[str]`, *optional*): per document, its text segments joined by newlines (the images left out).
-            `None` for the deprecated `generation_mode="image"`.
+            after `output_type`); empty for a text answer.
+        text (`list[str]`, *optional*): per document, its text segments joined by newlines (the images left out);
+            `None` for pictures drawn by text-to-image and shown as documents.
         documents (`list[list[str | image]]`): per document, its segments in reading order: `str` for text, anything
             else is an image of the `output_type` format. Empty text segments are left out.
         stop_reasons (`list[str]`): per document, why it ended; one of the [`StopReason`] values.

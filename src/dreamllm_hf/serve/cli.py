@@ -1,27 +1,65 @@
-"""`dreamllm-hf serve`: the web page on the shipped demo model or any DreamLLM pipeline folder."""
+"""`dreamllm-hf serve`: the web page on the shipped demo model or any DreamLLM pipeline folder; with `--api`, the
+OpenAI-compatible HTTP API instead."""
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .. import checks
+from .engine import DEFAULT_MAX_QUEUE
+from .openai_api.settings import API_KEY_ENV, DEFAULT_MAX_REQUEST_MB, DEFAULT_PORT
+
+
+PAGE_PORT = 7860
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
-        help="A web page (Gradio) where DreamLLM writes and draws documents in a conversation, live.",
-        description="Starts a Gradio app on a DreamLLM pipeline folder (default: the shipped demo model). Needs the "
-        "`demo` extra: pip install 'dreamllm-hf[demo]'.",
+        help="A web page (Gradio) where DreamLLM writes and draws documents in a conversation, live; or (--api) an "
+        "OpenAI-compatible HTTP API.",
+        description="Starts a Gradio app on a DreamLLM pipeline folder (default: the shipped demo model; needs the "
+        "`demo` extra: pip install 'dreamllm-hf[demo]'). With --api, an OpenAI-compatible API instead "
+        "(POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models, GET /health; needs the `serve` "
+        "extra: pip install 'dreamllm-hf[serve]'). See docs/api.md.",
     )
     parser.add_argument("--model", default=None, help="A pipeline folder (default: the shipped demo model).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
-    parser.add_argument("--port", type=checks.PORT.parse, default=7860, help="Port to listen on.")
+    parser.add_argument(
+        "--port",
+        type=checks.PORT.parse,
+        default=None,
+        help=f"Port to listen on (default: {PAGE_PORT}, with --api {DEFAULT_PORT}).",
+    )
     parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link.")
     parser.add_argument(
         "--device", default=None, help="cuda, cpu, ... (default: cuda when available, in float16; else cpu, float32)"
     )
-    parser.set_defaults(func=run_serve)
+    api = parser.add_argument_group("the OpenAI-compatible API (--api)")
+    api.add_argument("--api", action="store_true", help="Serve the OpenAI-compatible HTTP API instead of the page.")
+    api.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        metavar="KEY",
+        help=f"Clients must send `Authorization: Bearer KEY` (default: ${API_KEY_ENV}; none: no key needed). "
+        "The variable keeps the key out of the process list.",
+    )
+    api.add_argument(
+        "--max-queue",
+        type=checks.POSITIVE_INT.parse,
+        default=DEFAULT_MAX_QUEUE,
+        metavar="N",
+        help="The most documents waiting or being written at once; past it requests get 429 (default: %(default)s).",
+    )
+    api.add_argument(
+        "--max-request-mb",
+        type=checks.POSITIVE_NUMBER.parse,
+        default=DEFAULT_MAX_REQUEST_MB,
+        metavar="M",
+        help="The largest request body in MiB, pictures included; past it requests get 413 (default: %(default)s).",
+    )
+    parser.set_defaults(func=run_serve, parser=parser)
     return parser
 
 
@@ -45,7 +83,7 @@ def load_pipeline(model_dir: str | os.PathLike, device: str | None = None):
 def serve(
     model_dir: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
-    port: int = 7860,
+    port: int = PAGE_PORT,
     share: bool = False,
     device: str | None = None,
     block: bool = True,
@@ -79,8 +117,54 @@ def serve(
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    serve(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
+    if args.api:
+        return run_api(args)
+    if args.api_key is not None and os.environ.get(API_KEY_ENV) != args.api_key:
+        checks.usage_error(args, "--api-key is an option of the API; add --api (the web page has no key).")
+    serve(args.model, host=args.host, port=args.port or PAGE_PORT, share=args.share, device=args.device)
     return 0
 
 
-__all__ = ["add_serve_parser", "load_pipeline", "run_serve", "serve"]
+def build_api(args: argparse.Namespace):
+    """The API app of `serve --api` (its model loaded), from the parsed options."""
+    try:
+        from .openai_api import build_api_app
+        from .openai_api.protocol import GenerationDefaults
+    except ImportError as error:
+        raise SystemExit(f"error: the API needs FastAPI: pip install 'dreamllm-hf[serve]' ({error})") from error
+    from ..shapes_world.demo_model_path import DEMO_MODEL_PATH
+
+    model_dir = Path(args.model or DEMO_MODEL_PATH)
+    is_demo = model_dir.resolve() == DEMO_MODEL_PATH.resolve()
+    pipe = load_pipeline(model_dir, args.device)
+    defaults = GenerationDefaults.for_demo_model() if is_demo else GenerationDefaults()
+    return build_api_app(
+        pipe,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        max_request_mb=args.max_request_mb,
+        model_name="dreamllm-demo" if is_demo else model_dir.name,
+        defaults=defaults,
+    )
+
+
+def run_api(args: argparse.Namespace) -> int:
+    """`serve --api`: the API under uvicorn on one process. (A `--ray` mode that deploys the same app as Ray Serve
+    replicas branches off here.)"""
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise SystemExit("error: the API needs uvicorn: pip install 'dreamllm-hf[serve]'") from error
+    if args.share:
+        checks.usage_error(args, "--share is an option of the web page, not of --api.")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(
+            f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the model.",
+            file=sys.stderr,
+        )
+    app = build_api(args)
+    uvicorn.run(app, host=args.host, port=args.port or DEFAULT_PORT, log_level="info")
+    return 0
+
+
+__all__ = ["add_serve_parser", "build_api", "load_pipeline", "run_api", "run_serve", "serve"]

@@ -11,7 +11,7 @@ import torch
 from test_pipeline import FAST, CollectStreamer, load_pipeline, picture, seeded
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dreamllm_hf.pipelines import DocumentEvent, DreamLLMPipeline, StopReason
+from dreamllm_hf.pipelines import DocumentEvent, DocumentRequest, DocumentWriter, DreamLLMPipeline, StopReason
 
 
 EOS, DREAM_END, DREAM_START = 2, 1002, 1003
@@ -289,7 +289,7 @@ def test_a_stream_closed_early_leaves_the_pipeline_usable(pipe, scripts):
 
 
 def test_prompts_of_very_different_lengths_are_read_in_groups_and_still_equal_each_alone(pipe, scripts):
-    from dreamllm_hf.pipelines.document_engine import _prefill_groups
+    from dreamllm_hf.pipelines.document_batch import _prefill_groups
 
     assert _prefill_groups([40, 38, 39]) == [[0, 1, 2]]  # little padding: one forward
     assert _prefill_groups([10, 100, 12, 95]) == [[1, 3], [0, 2]]  # each group in batch order
@@ -314,3 +314,125 @@ def test_prompts_of_very_different_lengths_are_read_in_groups_and_still_equal_ea
     for index, prompt in enumerate(prompts):
         single = pipe(prompt, images=images[index] or None, generator=[seeded(50 + index)], **kwargs)
         assert_same_document(batch, index, single)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Continuous batching: documents join a running batch and leave it
+
+
+def request(prompt, images, seed, **kwargs) -> DocumentRequest:
+    return DocumentRequest(prompt=prompt, images=images or None, generator=seeded(seed), **kwargs)
+
+
+def written(writer, submitted: dict[int, int], after: dict[int, list]) -> dict:
+    """Steps `writer` to the end; before step `k` it submits the requests `after[k]`. Returns {index: output} and
+    the live documents seen at each step."""
+    outputs, live, step = {}, [], 0
+    while writer.has_work or after:
+        for index, item in after.pop(step, []):
+            submitted[writer.submit(item)] = index
+        for event in writer.step():
+            if event.type == "document_end":
+                outputs[submitted[event.document]] = event.output
+        live.append(list(writer.batch.live_documents))
+        step += 1
+    return outputs, live
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_document_admitted_mid_flight_equals_it_written_alone(pipe, scripts, sampled):
+    plans, free = scripts
+    if sampled:
+        options = dict(
+            do_sample=True,
+            max_images=2,
+            generation_kwargs={"logits_processor": LogitsProcessorList([SmallVocabulary(free)])},
+        )
+    else:
+        options = dict(generation_kwargs=scripted(plans))
+    kwargs = dict(max_new_tokens=10, output_type="np", **options, **FAST)
+    writer = DocumentWriter(pipe)
+    # Documents 0 and 2 start the batch; 1 joins at step 2 (document 0 draws then), 3 at step 4.
+    after = {
+        0: [(0, request(PROMPTS[0], IMAGES[0], 20, **kwargs)), (2, request(PROMPTS[2], IMAGES[2], 22, **kwargs))],
+        2: [(1, request(PROMPTS[1], IMAGES[1], 21, **kwargs))],
+        4: [(3, request(PROMPTS[3], IMAGES[3], 23, **kwargs))],
+    }
+    outputs, live = written(writer, {}, after)
+    assert len(outputs) == 4 and not writer.has_work
+    assert len(live[2]) == 3 and {0, 1} <= set(live[2])  # admitted beside documents being written
+    if not sampled:
+        assert [len(outputs[i].images[0]) for i in range(4)] == [1, 2, 0, 0]
+    for index, prompt in enumerate(PROMPTS):
+        alone = pipe(prompt, images=IMAGES[index] or None, generator=[seeded(20 + index)], **kwargs)
+        assert_same_document(outputs[index], 0, alone)
+    assert writer.batch.cache_rows == 0  # every document left and freed its rows
+
+
+def test_documents_that_arrive_while_pictures_are_drawn_join_at_the_next_step(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
+    arrivals = []
+
+    def arrive(documents, step, total):  # another thread's submit, while the UNet draws
+        if not arrivals:
+            arrivals.append(writer.submit(request(PROMPTS[2], IMAGES[2], 2, **kwargs)))
+
+    writer = DocumentWriter(pipe, on_denoising_step=arrive)
+    first = writer.submit(request(PROMPTS[0], IMAGES[0], 0, **kwargs))
+    steps = []
+    while writer.has_work:
+        steps.append(writer.step())
+    drew = next(i for i, events in enumerate(steps) if any(e.type == "picture" for e in events))
+    joined = next(i for i, events in enumerate(steps) if any(e.document == arrivals[0] for e in events))
+    assert joined == drew + 1
+    ends = {e.document: e.output for events in steps for e in events if e.type == "document_end"}
+    for document, index, seed in ((first, 0, 0), (arrivals[0], 2, 2)):
+        alone = pipe(PROMPTS[index], images=IMAGES[index] or None, generator=[seeded(seed)], **kwargs)
+        assert_same_document(ends[document], 0, alone)
+
+
+def test_a_cancelled_document_leaves_and_frees_its_rows_and_the_others_go_on(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
+    writer = DocumentWriter(pipe)
+    ids = [writer.submit(request(PROMPTS[i], IMAGES[i], i, **kwargs)) for i in (0, 2, 1)]
+    queued = writer.submit(request(PROMPTS[3], IMAGES[3], 3, **kwargs))
+    writer.cancel(queued)  # cancelled before it is read: it never takes a row
+    events = writer.step()
+    assert [(e.document, e.stop_reason) for e in events if e.type == "document_end"] == [(queued, "cancelled")]
+    assert writer.batch.cache_rows == 3
+    writer.cancel(ids[1])
+    events = writer.step()
+    end = next(e for e in events if e.type == "document_end")
+    assert end.document == ids[1] and end.stop_reason == StopReason.CANCELLED
+    prompt_length = len(pipe.processor(text=pipe.format_chat_prompt(PROMPTS[2]))["input_ids"][0])
+    assert end.usage == {"prompt_tokens": prompt_length, "completion_tokens": 1, "pictures": 0}
+    assert writer.batch.cache_rows == 2 and ids[1] not in writer.batch.live_documents
+    outputs = {}
+    while writer.has_work:
+        for event in writer.step():
+            if event.type == "document_end":
+                outputs[event.document] = event.output
+    for document, index in ((ids[0], 0), (ids[2], 1)):
+        alone = pipe(PROMPTS[index], images=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
+        assert_same_document(outputs[document], 0, alone)
+
+
+def test_a_static_batch_starts_the_documents_added_while_it_runs_once_it_is_empty(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
+    writer = DocumentWriter(pipe, cache_implementation="static")
+    first = writer.submit(request(PROMPTS[2], IMAGES[2], 2, **kwargs))
+    writer.step()
+    later = writer.submit(request(PROMPTS[0], IMAGES[0], 0, **kwargs))
+    seen = []
+    outputs = {}
+    while writer.has_work:
+        for event in writer.step():
+            if event.type == "document_end":
+                outputs[event.document] = event.output
+        seen.append(list(writer.batch.live_documents))
+    assert all(not ({first, later} <= set(live)) for live in seen)  # never in the fixed-shape batch together
+    alone = pipe(PROMPTS[0], generator=[seeded(0)], cache_implementation="static", **kwargs)
+    assert_same_document(outputs[later], 0, alone)
