@@ -1,7 +1,8 @@
 """The API on Ray Serve (`dreamllm_hf.serve.ray_deployment`): two CPU replicas of the shipped demo model behind one
-HTTP address, deployed from `examples/serve/serve_config.yaml`'s application builder and driven by the official
-`openai` client. Both replicas answer; a replica killed with SIGKILL while documents stream fails only its own
-requests, Ray brings it back and the deployment keeps answering. One local Ray for the module (about a minute)."""
+HTTP address, deployed as `dreamllm-hf serve --api --ray` deploys them and driven by the official `openai` client.
+Both replicas answer; a replica killed with SIGKILL while documents stream fails only its own requests, Ray brings it
+back and the deployment keeps answering. One local Ray for the module (about a minute); `serve_config.yaml`'s builder
+and the command's options are checked without it."""
 
 import importlib
 import logging
@@ -11,6 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -22,7 +24,14 @@ openai = pytest.importorskip("openai")
 
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from dreamllm_hf.serve.ray_deployment import REPLICA_ID_HEADER, REPLICA_PID_HEADER  # noqa: E402
+from dreamllm_hf.cli import build_parser  # noqa: E402
+from dreamllm_hf.serve import cli as serve_cli  # noqa: E402
+from dreamllm_hf.serve.ray_deployment import (  # noqa: E402
+    REPLICA_ID_HEADER,
+    REPLICA_PID_HEADER,
+    DreamLLMDeployment,
+    serve_on_ray,
+)
 from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH  # noqa: E402
 
 
@@ -66,14 +75,13 @@ def base_url():
     # address="local": a Ray of our own, never a cluster that something else on the machine started.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        application = build_from_config(model=str(DEMO_MODEL_PATH), replicas=2, gpus_per_replica=0)
-        # `serve.run` waits for the replicas without a deadline (a replica that cannot start is retried): wait for it
-        # in a thread, so that a stuck deployment fails the module instead of hanging it.
+        # What `dreamllm-hf serve --api --ray --replicas 2 --gpus-per-replica 0` runs, on the Ray started above.
+        # It waits for the replicas without a deadline (a replica that cannot start is retried): wait for it in a
+        # thread, so that a stuck deployment fails the module instead of hanging it.
         failure = []
+        deploy = dict(host="127.0.0.1", port=port, replicas=2, gpus_per_replica=0, blocking=False)
         deploying = threading.Thread(
-            target=lambda: _record_failure(failure, serve.run, application, name="dreamllm", route_prefix="/"),
-            daemon=True,
+            target=lambda: _record_failure(failure, serve_on_ray, DEMO_MODEL_PATH, **deploy), daemon=True
         )
         deploying.start()
         deploying.join(DEPLOY_TIMEOUT_S)
@@ -195,6 +203,36 @@ def test_shipped_config_builds_the_deployment():
         build_from_config(replica=2)
     with pytest.raises(ValueError, match="has no model_index.json"):
         build_from_config(model=str(SERVE_CONFIG.parent))
+
+
+def test_serve_ray_options(monkeypatch):
+    """`serve --api --ray`'s options reach the deployment; they are refused without `--ray` (or `--api`) and out of
+    range, with argparse's one-line error."""
+    args = build_parser().parse_args(["serve", "--api", "--ray", "--replicas", "3", "--gpus-per-replica", "0.5"])
+    deployed = {}
+    monkeypatch.setattr(
+        "dreamllm_hf.serve.ray_deployment.serve_on_ray", lambda model, **options: deployed.update(options)
+    )
+    assert serve_cli.run_serve(args) == 0
+    assert (deployed["replicas"], deployed["gpus_per_replica"], deployed["port"]) == (3, 0.5, 8000)
+    assert deployed["max_queue"] == args.max_queue and deployed["host"] == "127.0.0.1"
+    for argv in (["--api", "--replicas", "2"], ["--ray"], ["--api", "--ray", "--gpus-per-replica", "2"]):
+        with pytest.raises(SystemExit) as raised:
+            serve_cli.run_serve(build_parser().parse_args(["serve", *argv]))
+        assert raised.value.code == 2, argv
+
+
+def test_a_replica_whose_model_thread_stopped_fails_its_health_check():
+    """Ray replaces a replica whose `check_health` raises: one whose process lives on but whose model thread
+    stopped."""
+
+    check_health = DreamLLMDeployment.func_or_class.check_health  # the method of the class Ray runs, without Ray
+    engine = SimpleNamespace(is_running=True)
+    replica = SimpleNamespace(_app=SimpleNamespace(state=SimpleNamespace(engine=engine)))
+    check_health(replica)
+    engine.is_running = False
+    with pytest.raises(RuntimeError, match="model thread has stopped"):
+        check_health(replica)
 
 
 def test_two_replicas_answer_the_same_requests_alike(client, model):

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API as a Ray Serve deployment: replicas on the GPUs of one machine or of a Ray cluster.
 
 Each replica is a Ray actor that loads the pipeline from a model folder and serves the same FastAPI app as
-`dreamllm-hf serve --api` ([`build_api_app`]) with its own scheduler, so documents that reach one replica are batched
-together there. Ray's HTTP proxy routes the requests among the replicas, and the Serve controller starts a new replica
+`dreamllm-hf serve --api` on that folder ([`build_api_app`], with the same defaults and model name) with its own
+scheduler, so documents that reach one replica are batched together there. Ray's HTTP proxy routes the requests among the replicas, and the Serve controller starts a new replica
 when one dies. Three ways in:
 
 - `dreamllm-hf serve --api --ray --replicas N --gpus-per-replica G` ([`serve_on_ray`]);
@@ -13,6 +13,7 @@ when one dies. Three ways in:
 Ray Serve is an optional extra (`pip install 'dreamllm-hf[serve]'`); only this module imports it.
 """
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from .. import checks
+from .engine import DEFAULT_MAX_QUEUE
 
 
 # Every answer says which replica wrote it: Ray's id for the replica (unique within the deployment) and the process id
@@ -34,8 +36,8 @@ APPLICATION_NAME = "dreamllm"
 # which Ray sets to this many); one CPU keeps replicas from being refused a node for want of CPUs.
 DEFAULT_CPUS_PER_REPLICA = 1.0
 
-# The options of `build_api_app` a deployment passes through; the app's own signature holds their defaults.
-API_OPTIONS = ("api_key", "max_queue", "max_request_mb", "model_name")
+# The options of `dreamllm-hf serve --api` a deployment passes to its replicas (their defaults are the command's).
+API_OPTIONS = ("api_key", "max_queue", "max_request_mb")
 
 
 class ReplicaHeadersMiddleware:
@@ -66,36 +68,55 @@ class ReplicaHeadersMiddleware:
 @serve.ingress()
 class DreamLLMDeployment:
     """
-    One replica: the pipeline of `model_dir` on `device` behind its own `build_api_app`.
+    One replica: the API of `dreamllm-hf serve --api --model MODEL_DIR`, its pipeline on `device`.
 
     The app is built in the replica (Ray's late-bound ingress, `__serve_build_asgi_app__`), not pickled by the driver:
-    it holds the replica's pipeline and scheduler, which exist only after `__init__` has loaded the model there.
+    it holds the replica's pipeline and scheduler, which exist only once the replica has loaded the model.
 
     Args:
         model_dir (`str`): a pipeline folder (`model_index.json`), at the same path on every node that runs a replica.
         device (`str`, *optional*): `cuda`, `cpu`, ... (default: `cuda` where Ray gave the replica a GPU, else `cpu`).
-        api_options (`dict`, *optional*): keyword arguments of `build_api_app` (`api_key`, `max_queue`, ...).
+        api_options (`dict`, *optional*): `serve --api`'s `api_key`, `max_queue`, `max_request_mb` (default: the
+            command's defaults; the key, as for the command, from `$DREAMLLM_API_KEY` in the replica's environment).
     """
 
     def __init__(self, model_dir: str, device: str | None = None, api_options: dict | None = None):
-        from .cli import load_pipeline
-
         if device is None:
             # A replica without a GPU of its own may still see the node's GPUs (Ray leaves CUDA_VISIBLE_DEVICES alone
             # for it): ask Ray what it was given rather than torch what exists.
             import ray
 
             device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.pipe = load_pipeline(model_dir, device)
-        self.api_options = dict(api_options or {})
+        self._arguments = _serve_api_arguments(model_dir, device, api_options or {})
+        self._app = None
 
     def __serve_build_asgi_app__(self):
-        from .openai_api import build_api_app
+        from .cli import build_api
 
-        app = build_api_app(self.pipe, **self.api_options)
+        self._app = build_api(self._arguments)  # loads the pipeline
         replica_id = serve.get_replica_context().replica_id.unique_id
-        app.add_middleware(ReplicaHeadersMiddleware, replica_id=replica_id, pid=os.getpid())
-        return app
+        self._app.add_middleware(ReplicaHeadersMiddleware, replica_id=replica_id, pid=os.getpid())
+        return self._app
+
+    def check_health(self):
+        """Ray calls this every `health_check_period_s` (10 s) and replaces the replica when it raises. A live process
+        is not enough: its model thread may have stopped (a CUDA error, say) while the app answers only 503s."""
+        engine = getattr(self._app.state, "engine", None) if self._app is not None else None
+        if engine is not None and not engine.is_running:
+            raise RuntimeError("the replica's model thread has stopped; Ray replaces the replica")
+
+
+def _serve_api_arguments(model_dir: str, device: str, api_options: dict) -> argparse.Namespace:
+    """`dreamllm-hf serve --api`'s options for a replica, read by the command's own parser: the replica then serves
+    what the command serves on the same folder, every option it is not given at the command's default."""
+    from .cli import add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="dreamllm-hf")
+    add_serve_parser(parser.add_subparsers())
+    argv = ["serve", "--api", "--model", str(model_dir), "--device", device]
+    for name, value in api_options.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
 
 
 def bind_deployment(
@@ -118,7 +139,8 @@ def bind_deployment(
             machine) has a GPU, else 0.
         cpus_per_replica (`float`, defaults to 1): CPUs Ray reserves for each replica (on a CPU, torch's threads).
         device (`str`, *optional*): the replicas' torch device (default: `cuda` with a GPU, else `cpu`).
-        **api_options: `build_api_app`'s options (`api_key`, `max_queue`, `max_request_mb`, `model_name`).
+        **api_options: `serve --api`'s options (`api_key`, `max_queue`, `max_request_mb`); `None` or left out: the
+            command's default.
     """
     unknown = sorted(set(api_options) - set(API_OPTIONS))
     if unknown:
@@ -134,7 +156,7 @@ def bind_deployment(
     options = {name: value for name, value in api_options.items() if value is not None}
     # Ray lets a replica hold only `max_ongoing_requests` requests (5 by default) and queues the rest in front of it.
     # The scheduler batches every document it holds, so let it hold as many as its own queue admits.
-    max_ongoing = options.get("max_queue", _api_default("max_queue"))
+    max_ongoing = options.get("max_queue", DEFAULT_MAX_QUEUE)
     deployment = DreamLLMDeployment.options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
@@ -238,14 +260,6 @@ def _gpus_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _api_default(name: str):
-    import inspect
-
-    from .openai_api import build_api_app
-
-    return inspect.signature(build_api_app).parameters[name].default
 
 
 __all__ = [
