@@ -436,3 +436,25 @@ def test_a_static_batch_starts_the_documents_added_while_it_runs_once_it_is_empt
     assert all(not ({first, later} <= set(live)) for live in seen)  # never in the fixed-shape batch together
     alone = pipe(PROMPTS[0], generator=[seeded(0)], cache_implementation="static", **kwargs)
     assert_same_document(outputs[later], 0, alone)
+
+
+def test_a_picture_whose_documents_were_all_cancelled_stops_drawing_and_is_not_shown(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np")
+    steps = []
+
+    def cancel_at_first_step(documents, step, total):
+        steps.append(step)
+        writer.cancel(documents[0])
+
+    writer = DocumentWriter(pipe, on_denoising_step=cancel_at_first_step)
+    document = writer.submit(request(PROMPTS[0], IMAGES[0], 0, num_inference_steps=6, **kwargs))
+    events = []
+    while writer.has_work:
+        events.extend(writer.step())
+    assert steps == [1]  # the other five denoising steps were skipped
+    assert [e.type for e in events].count("picture") == 0
+    end = events[-1]
+    assert end.type == "document_end" and end.document == document and end.stop_reason == StopReason.CANCELLED
+    assert all(isinstance(segment, str) for segment in end.output.documents[0])
+    assert writer.batch.cache_rows == 0

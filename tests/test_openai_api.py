@@ -4,6 +4,7 @@ official `openai` client (and raw HTTP where the client cannot say it), and the 
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import random
@@ -538,6 +539,31 @@ def test_the_server_keeps_serving_after_bad_requests(client, server):
     assert answer.choices[0].message.content and server.engine.load == 0
 
 
+def test_unsupported_fields_at_their_off_value_are_accepted(client):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=STORY, seed=3, max_tokens=8, presence_penalty=0.0, frequency_penalty=0, logprobs=False
+    )
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.chat.completions.create(model=MODEL, messages=STORY, presence_penalty=0.5)
+
+
+def test_a_model_failure_is_a_500_and_the_next_request_is_served(client, server, monkeypatch):
+    failed = server.engine.writer
+
+    def broken_step():
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(failed, "step", broken_step)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model=MODEL, messages=STORY, seed=3, max_tokens=8)
+    assert raised.value.code == "model_error" and "out of memory, say" in raised.value.message
+    assert raised.value.body["type"] == "server_error"
+    assert server.engine.writer is not failed  # a fresh writer took over
+    answer = client.chat.completions.create(model=MODEL, messages=STORY, seed=3, max_tokens=8)
+    assert answer.choices[0].message.content and server.engine.load == 0
+
+
 def test_the_bad_parameter_is_named_in_param(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model=MODEL, messages=_with_picture("https://example.com/x.png"))
@@ -603,6 +629,31 @@ def test_the_engine_refuses_past_max_queue_and_after_close(demo_pipe):
         engine.close()
     with pytest.raises(EngineClosed):
         engine.submit(DocumentRequest("Hi."))
+
+
+def test_a_stream_may_carry_the_denoising_steps_of_its_pictures(demo_pipe):
+    request = DocumentRequest(
+        "Tell me a story.",
+        generator=seeded_generator(DEMO_SEED),
+        do_sample=True,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+    )
+    with ServingEngine(demo_pipe) as engine:
+        events = list(engine.submit(request, denoising_progress=True))
+        plain = list(engine.submit(dataclasses.replace(request, generator=seeded_generator(DEMO_SEED))))
+    kinds = [event.type for event in events]
+    pictures = kinds.count("picture")
+    assert pictures >= 1 and kinds.count("denoising_step") == pictures * STEPS
+    # Live, as the UNet runs: each picture's steps 1..STEPS come between the picture before it and itself.
+    steps = []
+    for event in events:
+        if event.type == "denoising_step":
+            steps.append((event.step, event.total))
+        elif event.type == "picture":
+            assert steps == [(step, STEPS) for step in range(1, STEPS + 1)]
+            steps = []
+    assert [e.type for e in plain] == [kind for kind in kinds if kind != "denoising_step"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -202,6 +202,11 @@ class DocumentBatch:
         with self._lock:
             self._cancelled.add(document)
 
+    def all_cancelled(self, documents: list[int]) -> bool:
+        """Whether every one of `documents` was cancelled since the last step."""
+        with self._lock:
+            return all(d in self._cancelled for d in documents)
+
     @property
     def has_work(self) -> bool:
         with self._lock:
@@ -274,8 +279,14 @@ class DocumentBatch:
         self.mllm(inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
         added = self.dream_block_length + inputs_embeds.shape[1]
         self._write_rows(rows, waiting, cache, added)
+        with self._lock:  # a document cancelled while its picture was drawn ends without it
+            cancelled = {d.id for d in waiting} & self._cancelled
+            self._cancelled -= cancelled
         events = []
         for i, document in enumerate(waiting):
+            if document.id in cancelled:
+                self._finish(document, StopReason.CANCELLED)
+                continue
             document.segments.append(shown[i])
             document.pictures += 1
             document.length += added

@@ -377,13 +377,16 @@ class DocumentWriter:
         return self._unconditional[text]
 
     def _callback(self, request: DocumentRequest, documents: list[int]):
+        """The request's own callback, the writer's progress report, and a stop: pictures whose documents were all
+        cancelled while they are drawn skip their remaining denoising steps (they are dropped unread)."""
         given, report = request.callback_on_step_end, self.on_denoising_step
-        if report is None:
-            return given
 
         def callback(pipeline, step, timestep, callback_kwargs):
             outputs = given(pipeline, step, timestep, callback_kwargs) if given is not None else {}
-            report(documents, step + 1, pipeline.num_timesteps)
+            if report is not None:
+                report(documents, step + 1, pipeline.num_timesteps)
+            if self.batch.all_cancelled(documents):
+                pipeline._interrupt = True  # diffusers' way to leave the denoising loop
             return outputs
 
         return callback

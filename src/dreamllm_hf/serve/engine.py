@@ -38,7 +38,8 @@ class EngineClosed(RuntimeError):
 @dataclass
 class DenoisingStep:
     """A step of the picture a document is drawing (only in streams submitted with `denoising_progress=True`):
-    `step` of `total` UNet steps are done."""
+    `step` of `total` UNet steps are done. Sent live, while the UNet runs, so it comes before the events of the writer
+    step that draws the picture (that picture's `"picture_start"` included) and after those of the step before."""
 
     document: int
     step: int
@@ -149,7 +150,8 @@ class ServingEngine:
             `run_in_model_thread`).
         max_queue (`int`, defaults to 64): the most documents and model jobs waiting or being written at once; past it
             `submit` and `run_in_model_thread` raise [`QueueFull`].
-        writer (`DocumentWriter`, *optional*): the writer to drive (default: a new one on `pipe`).
+
+    Its `writer` is the [`DocumentWriter`] it drives (a fresh one replaces it when a step fails).
 
     ```py
     >>> engine = ServingEngine(pipe)
@@ -160,7 +162,7 @@ class ServingEngine:
     ```
     """
 
-    def __init__(self, pipe, max_queue: int = DEFAULT_MAX_QUEUE, writer: DocumentWriter | None = None):
+    def __init__(self, pipe, max_queue: int = DEFAULT_MAX_QUEUE):
         self.pipe = pipe
         self.max_queue = checks.POSITIVE_INT.check("max_queue", max_queue)
         self._lock = threading.Condition()
@@ -169,7 +171,7 @@ class ServingEngine:
         self._jobs: collections.deque = collections.deque()  # (function, future) for `run_in_model_thread`
         self._running_jobs = 0
         self._closed = False
-        self.writer = writer if writer is not None else self._new_writer()
+        self.writer = self._new_writer()
         self._thread = threading.Thread(target=self._run, name="dreamllm-model", daemon=True)
         self._thread.start()
 
@@ -187,10 +189,6 @@ class ServingEngine:
     def is_running(self) -> bool:
         """Whether the model thread is alive and taking work."""
         return self._thread.is_alive() and not self._closed
-
-    def check(self, request: DocumentRequest) -> None:
-        """The writer's check of `request` (a `ValueError` naming the bad argument), without submitting it."""
-        self.writer.check(request)
 
     def submit(self, request: DocumentRequest, denoising_progress: bool = False) -> DocumentStream:
         """Queues one document (checked first: a `ValueError` names a bad argument); its stream delivers its events.
@@ -299,8 +297,7 @@ class ServingEngine:
         except Exception as error:
             # The writer's state is unknown after a failed step: its documents get the error, a fresh writer serves on.
             logger.exception("A writer step failed; the documents being written end with its error.")
-            self._fail_all(error)
-            self.writer = self._new_writer()
+            self._fail_all(error, new_writer=True)
             return
         with self._lock:
             for event in events:
@@ -319,10 +316,14 @@ class ServingEngine:
                 if document in self._progress and document in self._streams:
                     self._streams[document]._put(DenoisingStep(document, step, total))
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, new_writer: bool = False) -> None:
+        """Ends every document with `error` (and, with `new_writer`, swaps in a fresh writer in the same breath, so
+        that no request is submitted to the old one after its documents were failed)."""
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
             self._progress.clear()
+            if new_writer:
+                self.writer = self._new_writer()
         for stream in streams:
             stream._put(error)
 

@@ -172,7 +172,7 @@ def parse_request(data: Any, model: type[BaseModel]) -> BaseModel:
     unsupported = _UNSUPPORTED_CHAT_FIELDS if model is ChatCompletionRequest else _UNSUPPORTED_IMAGE_FIELDS
     for name in list(data):
         if name in unsupported:
-            if not any(data[name] == off and type(data[name]) is type(off) for off in unsupported[name]):
+            if not _is_off(data[name], unsupported[name]):
                 raise APIError(
                     400,
                     f"`{name}` is not supported by this server (DreamLLM); leave it out.",
@@ -186,6 +186,11 @@ def parse_request(data: Any, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error, model) from None
+
+
+def _is_off(value, offs: tuple) -> bool:
+    """Whether `value` is one of the values that turn a field off (`0.0` is `0`, but `False` is not `0`)."""
+    return any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in offs)
 
 
 def validation_error(error: ValidationError, model: type[BaseModel]) -> APIError:
