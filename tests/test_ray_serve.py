@@ -29,7 +29,6 @@ from dreamllm_hf.serve import cli as serve_cli  # noqa: E402
 from dreamllm_hf.serve.ray_deployment import (  # noqa: E402
     REPLICA_ID_HEADER,
     REPLICA_PID_HEADER,
-    CoalescedStreamMiddleware,
     DreamLLMDeployment,
     serve_on_ray,
 )
@@ -234,52 +233,6 @@ def test_a_replica_whose_model_thread_stopped_fails_its_health_check():
     engine.is_running = False
     with pytest.raises(RuntimeError, match="model thread has stopped"):
         check_health(replica)
-
-
-def stream_through(interval_s: float, pieces: list[tuple[float, bytes]]) -> tuple[list, list]:
-    """What `CoalescedStreamMiddleware` sends for an app that sends `pieces` ((pause before it, body), the last one
-    ending the answer): the app's pieces and the middleware's, each as (seconds since the start, body)."""
-    import asyncio
-
-    async def run():
-        loop, produced, sent = asyncio.get_running_loop(), [], []
-        start = loop.time()
-
-        async def app(scope, receive, send):
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            for index, (pause, body) in enumerate(pieces):
-                await asyncio.sleep(pause)
-                produced.append((loop.time() - start, body))
-                await send({"type": "http.response.body", "body": body, "more_body": index < len(pieces) - 1})
-
-        async def send(message):
-            if message["type"] == "http.response.body":
-                sent.append((loop.time() - start, message["body"], message.get("more_body", False)))
-
-        await CoalescedStreamMiddleware(app, interval_s)({"type": "http"}, None, send)
-        return produced, sent
-
-    produced, sent = asyncio.run(run())
-    assert [more for _, _, more in sent] == [True] * (len(sent) - 1) + [False]  # one end, last
-    return produced, [(at, body) for at, body, _ in sent]
-
-
-def test_a_streamed_answer_goes_out_in_fewer_pieces_and_unchanged():
-    """Pieces that come fast are sent together, the first one and one after a pause at once; the bytes are the same,
-    in order. With an interval of 0 every piece goes out as it comes."""
-    pieces = [(0.0, b"first ")] + [(0.002, b"%d " % i) for i in range(20)] + [(0.3, b"after a pause ")]
-    pieces += [(0.002, b"%d " % i) for i in range(20, 30)] + [(0.0, b"end")]
-
-    produced, sent = stream_through(0.05, pieces)
-    assert b"".join(body for _, body in sent) == b"".join(body for _, body in pieces)
-    assert len(sent) < len(pieces) / 3, sent
-    for body in (b"first ", b"after a pause "):  # sent as soon as the app sent it, not held for the interval
-        produced_at = next(at for at, piece in produced if piece == body)
-        sent_at = next(at for at, piece in sent if piece.startswith(body))
-        assert sent_at - produced_at < 0.01, (body, produced_at, sent_at)
-
-    produced, sent = stream_through(0, pieces)
-    assert [body for _, body in sent] == [body for _, body in pieces]
 
 
 def test_two_replicas_answer_the_same_requests_alike(client, model):

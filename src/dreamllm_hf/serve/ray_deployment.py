@@ -2,8 +2,8 @@
 
 Each replica is a Ray actor that loads the pipeline from a model folder and serves the same FastAPI app as
 `dreamllm-hf serve --api` on that folder ([`build_api_app`], with the same defaults and model name) with its own
-scheduler, so documents that reach one replica are batched together there. Ray's HTTP proxy routes the requests among the replicas, and the Serve controller starts a new replica
-when one dies. Three ways in:
+scheduler, so documents that reach one replica are batched together there. Ray's HTTP proxy routes the requests among
+the replicas, and the Serve controller starts a new replica when one dies. Three ways in:
 
 - `dreamllm-hf serve --api --ray --replicas N --gpus-per-replica G` ([`serve_on_ray`]);
 - `serve run serve_config.yaml` / `serve deploy serve_config.yaml`, or `serve run
@@ -14,8 +14,6 @@ Ray Serve is an optional extra (`pip install 'dreamllm-hf[serve]'`); only this m
 """
 
 import argparse
-import asyncio
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,16 +32,21 @@ REPLICA_PID_HEADER = "x-dreamllm-replica-pid"
 DEPLOYMENT_NAME = "DreamLLM"
 APPLICATION_NAME = "dreamllm"
 
-# What `--cpus-per-replica` reserves when not told: a replica's work is on its GPU (or, on a CPU, in torch's threads,
-# which Ray sets to this many); one CPU keeps replicas from being refused a node for want of CPUs.
+# The CPUs a replica reserves when not told: its work is on its GPU, or, on a CPU, in torch's threads (Ray sets as many
+# as the replica's CPUs); one CPU keeps a replica from being refused a node for want of CPUs.
 DEFAULT_CPUS_PER_REPLICA = 1.0
-
-# How often a replica sends a streamed answer's pieces at most (`CoalescedStreamMiddleware`): 50 tokens a second of
-# one document, far below what a reader notices, and it halves the pieces when the demo model streams at c. 100 a second.
-DEFAULT_STREAM_INTERVAL_S = 0.02
 
 # The options of `dreamllm-hf serve --api` a deployment passes to its replicas (their defaults are the command's).
 API_OPTIONS = ("api_key", "max_queue", "max_request_mb")
+
+# The numbers a deployment takes, each with its range (`max_queue` and `max_request_mb` as the command line reads them).
+NUMBER_ARGUMENTS = {
+    "replicas": checks.POSITIVE_INT,
+    "gpus_per_replica": checks.GPUS_PER_REPLICA,
+    "cpus_per_replica": checks.POSITIVE_NUMBER,
+    "max_queue": checks.POSITIVE_INT,
+    "max_request_mb": checks.POSITIVE_NUMBER,
+}
 
 
 class ReplicaHeadersMiddleware:
@@ -70,64 +73,6 @@ class ReplicaHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-class CoalescedStreamMiddleware:
-    """
-    Sends a streamed answer in fewer, larger pieces: the pieces the app sends within `interval_s` of the last one
-    that went out are held, then sent together. The first piece, and one after a pause (a picture being drawn), go
-    out at once, so the time to the first token does not change; the last one takes whatever is held with it.
-
-    Why: in a replica, every piece of a body crosses to Ray's HTTP proxy on its own (a remote call, serialization, a
-    write to the client): milliseconds of CPU each, as much as a token of the demo model costs to sample. Server-sent
-    events arrive unchanged, only some of them in the same network packet.
-    """
-
-    def __init__(self, app, interval_s: float):
-        self.app = app
-        self.interval_s = interval_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.interval_s <= 0:
-            await self.app(scope, receive, send)
-            return
-        loop = asyncio.get_running_loop()
-        held: list[bytes] = []
-        state = {"sent_at": -math.inf, "timer": None}
-        lock = asyncio.Lock()  # one send at a time, in order: the app's, or the timer's
-
-        async def send_held():
-            if held:
-                body = b"".join(held)
-                held.clear()
-                state["sent_at"] = loop.time()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-        async def send_held_later(delay: float):
-            await asyncio.sleep(delay)
-            async with lock:
-                await send_held()
-
-        async def coalescing_send(message):
-            async with lock:
-                if message["type"] == "http.response.body" and message.get("more_body", False):
-                    held.append(message.get("body", b""))
-                    wait = state["sent_at"] + self.interval_s - loop.time()
-                    if wait <= 0:
-                        await send_held()
-                    elif state["timer"] is None or state["timer"].done():
-                        state["timer"] = asyncio.create_task(send_held_later(wait))
-                    return
-                if message["type"] == "http.response.body":  # the last piece carries what is held
-                    message = {**message, "body": b"".join(held) + message.get("body", b"")}
-                    held.clear()
-                await send(message)
-
-        try:
-            await self.app(scope, receive, coalescing_send)
-        finally:
-            if state["timer"] is not None:
-                state["timer"].cancel()
-
-
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class DreamLLMDeployment:
@@ -142,17 +87,9 @@ class DreamLLMDeployment:
         device (`str`, *optional*): `cuda`, `cpu`, ... (default: `cuda` where Ray gave the replica a GPU, else `cpu`).
         api_options (`dict`, *optional*): `serve --api`'s `api_key`, `max_queue`, `max_request_mb` (default: the
             command's defaults; the key, as for the command, from `$DREAMLLM_API_KEY` in the replica's environment).
-        stream_interval_s (`float`, defaults to 0.02): a streamed answer's pieces are sent at most this often
-            ([`CoalescedStreamMiddleware`]; 0: each as the app sends it).
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        device: str | None = None,
-        api_options: dict | None = None,
-        stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
-    ):
+    def __init__(self, model_dir: str, device: str | None = None, api_options: dict | None = None):
         if device is None:
             # A replica without a GPU of its own may still see the node's GPUs (Ray leaves CUDA_VISIBLE_DEVICES alone
             # for it): ask Ray what it was given rather than torch what exists.
@@ -160,7 +97,6 @@ class DreamLLMDeployment:
 
             device = "cuda" if ray.get_gpu_ids() else "cpu"
         self._arguments = _serve_api_arguments(model_dir, device, api_options or {})
-        self._stream_interval_s = stream_interval_s
         self._app = None
 
     def __serve_build_asgi_app__(self):
@@ -169,7 +105,6 @@ class DreamLLMDeployment:
         self._app = build_api(self._arguments)  # loads the pipeline
         replica_id = serve.get_replica_context().replica_id.unique_id
         self._app.add_middleware(ReplicaHeadersMiddleware, replica_id=replica_id, pid=os.getpid())
-        self._app.add_middleware(CoalescedStreamMiddleware, interval_s=self._stream_interval_s)
         return self._app
 
     def check_health(self):
@@ -200,7 +135,6 @@ def bind_deployment(
     gpus_per_replica: float | None = None,
     cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
     device: str | None = None,
-    stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
     **api_options,
 ) -> serve.Application:
     """
@@ -214,18 +148,16 @@ def bind_deployment(
             machine) has a GPU, else 0.
         cpus_per_replica (`float`, defaults to 1): CPUs Ray reserves for each replica (on a CPU, torch's threads).
         device (`str`, *optional*): the replicas' torch device (default: `cuda` with a GPU, else `cpu`).
-        stream_interval_s (`float`, defaults to 0.02): how often a replica sends a streamed answer's pieces at most
-            (0: each as it comes).
         **api_options: `serve --api`'s options (`api_key`, `max_queue`, `max_request_mb`); `None` or left out: the
             command's default.
     """
     unknown = sorted(set(api_options) - set(API_OPTIONS))
     if unknown:
         raise TypeError(f"bind_deployment() got unknown options {unknown}; the API's options are {list(API_OPTIONS)}.")
-    checks.POSITIVE_INT.check("replicas", replicas)
-    checks.GPUS_PER_REPLICA.check("gpus_per_replica", gpus_per_replica, optional=True)
-    checks.POSITIVE_NUMBER.check("cpus_per_replica", cpus_per_replica)
-    checks.NON_NEGATIVE_NUMBER.check("stream_interval_s", stream_interval_s)
+    given = dict(api_options, replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica)
+    for name, value in given.items():
+        if name in NUMBER_ARGUMENTS:
+            NUMBER_ARGUMENTS[name].check(name, value, optional=name not in ("replicas", "cpus_per_replica"))
     model_dir = _checked_model_dir(model_dir)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if _gpus_available() else 0.0
@@ -240,7 +172,7 @@ def bind_deployment(
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         max_ongoing_requests=max_ongoing,
     )
-    return deployment.bind(str(model_dir), device, options, stream_interval_s)
+    return deployment.bind(str(model_dir), device, options)
 
 
 def build_application(args: dict[str, Any]) -> serve.Application:
@@ -251,24 +183,16 @@ def build_application(args: dict[str, Any]) -> serve.Application:
     `args` holds `bind_deployment`'s arguments under the same names (`model` for the folder); values may be strings
     (as `serve run key=value` passes them) or numbers (as YAML does).
     """
-    known = ("model", "replicas", "gpus_per_replica", "cpus_per_replica", "device", "stream_interval_s", *API_OPTIONS)
+    known = ("model", "replicas", "gpus_per_replica", "cpus_per_replica", "device", *API_OPTIONS)
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise ValueError(f"unknown application arguments {unknown}; the arguments are {list(known)}.")
-    numbers = {
-        "replicas": checks.POSITIVE_INT,
-        "gpus_per_replica": checks.GPUS_PER_REPLICA,
-        "cpus_per_replica": checks.POSITIVE_NUMBER,
-        "stream_interval_s": checks.NON_NEGATIVE_NUMBER,
-        "max_queue": checks.POSITIVE_INT,
-        "max_request_mb": checks.POSITIVE_NUMBER,
-    }
     values = {}
     for name, value in args.items():
-        if name in numbers and isinstance(value, str):
+        if name in NUMBER_ARGUMENTS and isinstance(value, str):
             try:
-                value = numbers[name].parse(value)
-            except Exception as error:  # argparse's message, which says what is expected
+                value = NUMBER_ARGUMENTS[name].parse(value)
+            except argparse.ArgumentTypeError as error:  # "must be a positive integer, got '0'"
                 raise ValueError(f"application argument `{name}` {error}") from None
         values[name] = value
     return bind_deployment(values.pop("model", None), **values)
