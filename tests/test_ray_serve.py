@@ -15,13 +15,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 
 ray = pytest.importorskip("ray", reason="Ray Serve is the `serve` extra: pip install 'dreamllm-hf[serve]'")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
+import yaml  # noqa: E402 (a dependency of Ray)
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from dreamllm_hf.cli import build_parser  # noqa: E402
@@ -68,8 +68,10 @@ def free_port() -> int:
 def base_url():
     """Two CPU replicas behind http://127.0.0.1:PORT/v1 on a local Ray of 2 CPUs; Serve and Ray shut down after the
     module, also when a test or the deployment fails."""
-    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # read when Ray starts; its processes inherit it
+    # Read when Ray starts, and inherited by its processes: no usage reports, and no API key from the environment
+    # (the replicas would read it as `serve --api` does).
+    saved = {name: os.environ.pop(name, None) for name in ("RAY_USAGE_STATS_ENABLED", "DREAMLLM_API_KEY")}
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = free_port()
     # address="local": a Ray of our own, never a cluster that something else on the machine started.
@@ -93,10 +95,10 @@ def base_url():
             serve.shutdown()
         finally:
             ray.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-            else:
-                os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+            for name, value in saved.items():
+                os.environ.pop(name, None)
+                if value is not None:
+                    os.environ[name] = value
 
 
 def _record_failure(failure: list, function, *args, **kwargs):
@@ -128,22 +130,18 @@ def ask(client, model: str, seed: int, max_tokens: int = 16):
 
 
 def ask_until_both_answer(client, model: str, seeds, tries: int = 30) -> dict:
-    """{pid: (replica id, completion)} of the replicas that answered the same requests (`seeds`, sent together), tried until two
-    replicas have answered."""
+    """{pid: (replica id, completion)} of the replicas that answered the same requests (`seeds`, sent together),
+    sent again until two replicas have answered. Every request must be answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
     answers = {}
-    for _ in range(tries):
-        results, threads = (
-            [],
-            [threading.Thread(target=lambda s=s: results.append(ask(client, model, s))) for s in seeds],
-        )
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(REQUEST_TIMEOUT_S + 5)
-        assert not any(thread.is_alive() for thread in threads), "a request hung past its timeout"
-        answers.update(results)
-        if len(answers) >= 2:
-            return answers
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        for _ in range(tries):
+            futures = [pool.submit(ask, client, model, seed) for seed in seeds]
+            # Each request has the client's timeout, so this returns or raises; `result` re-raises a request's error.
+            answers.update(future.result(timeout=REQUEST_TIMEOUT_S + 5) for future in futures)
+            if len(answers) >= 2:
+                return answers
     raise AssertionError(f"{tries} rounds of {len(seeds)} requests were all answered by one replica: {set(answers)}")
 
 
