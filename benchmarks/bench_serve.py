@@ -30,7 +30,12 @@ machine they move by 10-20 % between runs.
 
 `--base-url` points the clients at a server that is already running (a Ray Serve deployment, say) instead of starting
 one; the direct runs still load the model here (`--model`), so that the ratios compare the two (`--no-direct` skips
-them). That is the hook for a `--ray` mode: start the deployment, pass its address. The last line is one JSON object.
+them). The last line is one JSON object.
+
+`--ray` also deploys the API as one Ray Serve replica (`dreamllm-hf serve --api --ray --replicas 1`, on a local Ray
+started here) and sends the same rounds to it, in turn with the plain server: `ray_vs_server_cN` is its time over the
+server's at N concurrent clients (goal <= 1.10), what Ray's HTTP proxy and its hop to the replica cost;
+`same_text_ray` checks the documents are the server's.
 """
 
 import argparse
@@ -125,6 +130,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_ray_replica(model: str | None, max_queue: int, threads: int) -> str:
+    """One Ray Serve replica of the API (`serve --api --ray --replicas 1`) on a local Ray of 2 CPUs started here;
+    returns its base URL once it answers. Stop it with `stop_ray()`."""
+    import logging
+
+    import ray
+
+    from dreamllm_hf.serve.ray_deployment import serve_on_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the replica's torch threads, as the plain server's
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve_on_ray(model, port=port, replicas=1, api_key=API_KEY, max_queue=max_queue, blocking=False)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def start_server(model: str | None, max_queue: int, threads: int) -> tuple[str, subprocess.Popen]:
@@ -326,6 +358,9 @@ def main() -> None:
         "allowed as long): how far the batching goes where no picture is drawn.",
     )
     parser.add_argument(
+        "--ray", action="store_true", help="Also time one Ray Serve replica of the API against the plain server."
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -339,18 +374,22 @@ def main() -> None:
     if args.no_pictures:
         requests = [dataclasses.replace(r, pictures=False, max_tokens=96) for r in requests]
     settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "max_images": 4}
-    process = None
+    process, ray_url = None, None
     if args.base_url is None:
         base_url, process = start_server(args.model, max_queue=64, threads=args.threads)
     else:
         base_url = args.base_url
     try:
+        if args.ray:
+            ray_url = start_ray_replica(args.model, max_queue=64, threads=args.threads)
         model = args.served_model or openai.OpenAI(base_url=base_url, api_key=API_KEY).models.list().data[0].id
         pipe = None
         if not args.no_direct:
             pipe = DreamLLMPipeline.from_pretrained(args.model or DEMO_MODEL_PATH, dtype=torch.float32)
             pipe.set_progress_bar_config(disable=True)
         run_server_round(base_url, model, requests[:2], 2, settings)  # warm-up: first calls, caches
+        if ray_url is not None:
+            run_server_round(ray_url, model, requests[:2], 2, settings)
         if pipe is not None:
             run_direct_round(pipe, requests[:2], settings)
 
@@ -363,6 +402,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for concurrency in args.concurrency:
                 keep(f"server_c{concurrency}", run_server_round(base_url, model, requests, concurrency, settings))
+                if ray_url is not None:
+                    keep(f"ray_c{concurrency}", run_server_round(ray_url, model, requests, concurrency, settings))
                 if pipe is not None and concurrency == 1:
                     keep("direct", run_direct_round(pipe, requests, settings))
                 if pipe is not None and concurrency == max(args.concurrency):
@@ -371,6 +412,8 @@ def main() -> None:
         if process is not None:
             process.terminate()
             process.wait(60)
+        if ray_url is not None:
+            stop_ray()
 
     report = {name: summary(round_) for name, round_ in best.items()}
     print(
@@ -394,6 +437,17 @@ def main() -> None:
         ratios["server_vs_direct_batched"] = best[f"server_c{high}"].wall_s / best["direct_batched"].wall_s
         same = [a.texts == b.texts for a, b in zip(best[f"server_c{high}"].results, best["direct_batched"].results)]
         ratios["same_text_batched"] = all(same)
+    if ray_url is not None:
+        for concurrency in args.concurrency:
+            ratios[f"ray_vs_server_c{concurrency}"] = (
+                best[f"ray_c{concurrency}"].wall_s / best[f"server_c{concurrency}"].wall_s
+            )
+        same = [
+            a.texts == b.texts
+            for c in args.concurrency
+            for a, b in zip(best[f"ray_c{c}"].results, best[f"server_c{c}"].results)
+        ]
+        ratios["same_text_ray"] = all(same)
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
     print(json.dumps({"settings": settings, "runs": report, **ratios}))

@@ -16,6 +16,9 @@ lengths are known:
   `do_sample=True` with one generator per document) in one call against one call each: documents/s ratio. The same
   again without the pictures (`documents_text_ratio`). Same text per document asserted; pictures compared.
 
+`fp16-serve` runs the same 8 documents through the serving engine of `dreamllm-hf serve --api` (continuous batching):
+8 concurrent clients against one client at a time, documents/s ratio (`run_serving`).
+
 The last line is one JSON object.
 
     python benchmarks/gpu_check.py                              # on a CUDA GPU, 7B shapes, every variant
@@ -24,6 +27,7 @@ The last line is one JSON object.
 
 Goals (issue 5): fp16 decode >= 70% of the roofline; 4-bit mllm <= 4.5 GB and whole-pipeline peak <= 8 GB. Documents:
 one document's decode >= 70% of the roofline; 8 documents in one call >= 6x the documents/s of one call each.
+Serving (issue 23): 8 concurrent clients >= 6x the documents/s of one client at a time.
 """
 
 import argparse
@@ -375,6 +379,85 @@ def run_documents(checkpoint, config, tokenizer, device, args, bandwidth):
     return row  # the pipeline goes with this frame (main collects)
 
 
+def run_serving(checkpoint, config, tokenizer, device, args, bandwidth):
+    """`fp16-serve`: the serving engine (what `dreamllm-hf serve --api` runs on) with 8 clients at once against one
+    client at a time: the 8 documents of `fp16-documents` (forced tokens, 4 drawing a picture), each a request of its
+    own with its own generator, submitted from 8 threads as concurrent requests reach the server. The engine's
+    continuous batching writes them together; one at a time, each waits for the previous one. HTTP and JSON are
+    left out here (`bench_serve.py` measures their cost on the CPU): this is what the GPU gains."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dreamllm_hf.pipelines import DocumentRequest
+    from dreamllm_hf.serve.engine import ServingEngine
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    mllm, mllm_bytes, before = load_mllm(checkpoint, device, {"dtype": dtype})
+    unet, vae, scheduler = diffusion_components(args.tiny, dtype, device)
+    pipe = DreamLLMPipeline(
+        mllm=mllm, processor=processor_for(config, tokenizer), unet=unet, vae=vae, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    eos, dream_start = config.eos_token_id, config.dream_start_token_id
+    scripts = batched_scripts(args.doc_segment, dream_start=dream_start, eos=eos)
+    processors = scripted(
+        {p: chat_ids(pipe, p)[0] for p in PROMPTS}, dict(zip(PROMPTS, scripts)), dream_start=dream_start
+    )
+    piece = pipe.tokenizer.decode([TEXT_TOKEN])
+
+    def request(index):
+        return DocumentRequest(
+            PROMPTS[index],
+            do_sample=True,
+            max_new_tokens=max(len(s) for s in scripts),
+            max_images=1,
+            num_inference_steps=args.doc_steps,
+            guidance_scale=7.5,
+            output_type="np",
+            generation_kwargs={"logits_processor": processors},
+            generator=torch.Generator(device.type).manual_seed(index),
+        )
+
+    def client(index):
+        start = time.perf_counter()
+        end = next(e for e in engine.submit(request(index)) if e.type == "document_end")
+        script = scripts[index]
+        assert end.stop_reason == "eos" and len(end.output.images[0]) == script.count(dream_start), index
+        assert end.output.text[0].replace("\n", "") == piece * script.count(TEXT_TOKEN), index
+        return time.perf_counter() - start
+
+    count = len(PROMPTS)
+
+    def one_at_a_time():
+        return [client(i) for i in range(count)]
+
+    def concurrent():
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(client, range(count)))
+
+    with ServingEngine(pipe, max_queue=count) as engine:
+        one_at_a_time(), concurrent()  # warm-up
+        alone_s, alone_latency = min(
+            (timed(device, one_at_a_time) for _ in range(args.doc_repeats)), key=lambda r: r[0]
+        )
+        together_s, together_latency = min(
+            (timed(device, concurrent) for _ in range(args.doc_repeats)), key=lambda r: r[0]
+        )
+    row = {
+        "mllm_gb": mllm_bytes / 1e9,
+        "serve_one_at_a_time_s": alone_s,
+        "serve_concurrent_s": together_s,
+        "serve_ratio": alone_s / together_s,
+        "serve_latency_p50_concurrent_s": sorted(together_latency)[count // 2],
+        "serve_latency_max_concurrent_s": max(together_latency),
+        "serve_pictures": sum(s.count(dream_start) for s in scripts),
+        "serve_tokens": sum(len(s) for s in scripts),
+        "documents_count": count,
+    }
+    if device.type == "cuda":
+        row["pipeline_peak_gb"] = (torch.cuda.max_memory_allocated() - before) / 1e9
+    return row
+
+
 def _null_nans(results: dict) -> dict:
     return {name: {k: (None if v != v else v) for k, v in row.items()} for name, row in results.items()}
 
@@ -382,7 +465,7 @@ def _null_nans(results: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes on the CPU (checks the script).")
-    parser.add_argument("--variants", default="fp16,int8,nf4,fp16-static,fp16-documents")
+    parser.add_argument("--variants", default="fp16,int8,nf4,fp16-static,fp16-documents,fp16-serve")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument(
@@ -422,8 +505,9 @@ def main():
             torch.cuda.empty_cache()
         results = {}
         for name in args.variants.split(","):
-            if name == "fp16-documents":
-                results[name] = run_documents(checkpoint, config, tokenizer, device, args, bandwidth)
+            if name in ("fp16-documents", "fp16-serve"):
+                run = run_documents if name == "fp16-documents" else run_serving
+                results[name] = run(checkpoint, config, tokenizer, device, args, bandwidth)
                 gc.collect()
             else:
                 results[name] = run_variant(name, checkpoint, config, tokenizer, device, args, bandwidth)
@@ -437,6 +521,13 @@ def main():
     )
     print(f"{'variant':12} {'mllm GB':>8} {'peak GB':>8} {'tok/s':>8} {'roofline':>9} {'frac':>6} {'image s':>8}")
     for name, row in results.items():
+        if "serve_ratio" in row:
+            print(
+                f"{name:12} {row['documents_count']} concurrent clients ({row['serve_tokens']} tokens, "
+                f"{row['serve_pictures']} pictures): {row['serve_concurrent_s']:.2f} s; one at a time "
+                f"{row['serve_one_at_a_time_s']:.2f} s: {row['serve_ratio']:.2f}x documents/s (goal >= 6)"
+            )
+            continue
         print(
             f"{name:12} {row['mllm_gb']:8.2f} {row['pipeline_peak_gb']:8.2f} {row['decode_tokens_per_s']:8.1f} "
             f"{row['roofline_tokens_per_s']:9.1f} {row['roofline_fraction']:6.2f} {row['image_seconds']:8.2f}"

@@ -458,3 +458,20 @@ def test_a_picture_whose_documents_were_all_cancelled_stops_drawing_and_is_not_s
     assert end.type == "document_end" and end.document == document and end.stop_reason == StopReason.CANCELLED
     assert all(isinstance(segment, str) for segment in end.output.documents[0])
     assert writer.batch.cache_rows == 0
+
+
+def test_a_stream_gives_a_steps_text_and_picture_start_before_the_picture_is_drawn(pipe, scripts):
+    plans, _ = scripts
+    unet_calls = []
+    hook = pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    try:
+        seen = [
+            (event.type, len(unet_calls))
+            for event in pipe.stream("Tell a story", generation_kwargs=scripted(plans), generator=seeded(), **FAST)
+        ]
+    finally:
+        hook.remove()
+    started = next(calls for kind, calls in seen if kind == "picture_start")
+    drawn = next(calls for kind, calls in seen if kind == "picture")
+    assert started == 0 and drawn == FAST["num_inference_steps"]
+    assert all(calls == 0 for kind, calls in seen[: seen.index(("picture_start", 0))] if kind == "text")

@@ -327,15 +327,15 @@ def test_models_and_health(client, http, server):
 
 def test_a_client_that_leaves_mid_stream_cancels_its_document_and_others_go_on(server, http, client, monkeypatch):
     writer = server.engine.writer
-    recorded, original_step = [], writer.step
+    recorded, original_step = [], writer.step_parts
 
     def slow_step():  # a few ms a step, so that the long document is surely still being written when its client goes
-        events = original_step()
-        recorded.extend(events)
+        for events in original_step():
+            recorded.extend(events)
+            yield events
         time.sleep(0.005)
-        return events
 
-    monkeypatch.setattr(writer, "step", slow_step)
+    monkeypatch.setattr(writer, "step_parts", slow_step)
     other = {}
 
     def other_request():
@@ -556,8 +556,9 @@ def test_a_model_failure_is_a_500_and_the_next_request_is_served(client, server,
 
     def broken_step():
         raise RuntimeError("out of memory, say")
+        yield  # a generator, as `step_parts` is
 
-    monkeypatch.setattr(failed, "step", broken_step)
+    monkeypatch.setattr(failed, "step_parts", broken_step)
     with pytest.raises(openai.InternalServerError) as raised:
         client.chat.completions.create(model=MODEL, messages=STORY, seed=3, max_tokens=8)
     assert raised.value.code == "model_error" and "out of memory, say" in raised.value.message

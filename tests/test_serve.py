@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,6 +70,14 @@ def _decoded_pictures(page_html: str) -> list[PIL.Image.Image]:
         PIL.Image.open(io.BytesIO(base64.b64decode(data)))
         for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page_html)
     ]
+
+
+def _wait_until_idle(engine, timeout=60.0):
+    """Until the engine has nothing queued or being written (a cancelled document leaves at its next step)."""
+    deadline = time.monotonic() + timeout
+    while engine.load or engine.writer.has_work:
+        assert time.monotonic() < deadline, "the engine did not become idle"
+        time.sleep(0.05)
 
 
 def _same_picture(a, b) -> bool:
@@ -175,21 +184,22 @@ def test_a_second_turn_reads_the_whole_conversation_with_the_attached_picture(pa
     ]
     uploaded = _shape_picture(tmp_path / "red_circle.png")
     asked = []
-    stream = demo_pipe.stream
+    submit = page.engine.submit
 
-    def recording_stream(conversation, **kwargs):
-        asked.append((conversation, kwargs))
-        return stream(conversation, **kwargs)
+    def recording_submit(request, **kwargs):
+        asked.append(request)
+        return submit(request, **kwargs)
 
-    monkeypatch.setattr(demo_pipe, "stream", recording_stream)
+    monkeypatch.setattr(page.engine, "submit", recording_submit)
     updates = _run(page, "What is in the picture?", str(tmp_path / "red_circle.png"), "Answer only", earlier)
 
-    ((conversation, kwargs),) = asked
+    (request,) = asked
+    conversation = request.prompt
     assert conversation[:2] == earlier and len(conversation) == 3
     picture_part, text_part = conversation[2]["content"]
     assert picture_part["type"] == "image" and _same_picture(picture_part["image"], uploaded)
     assert text_part == {"type": "text", "text": "What is in the picture?"}
-    assert kwargs["allow_images"] is False and kwargs["do_sample"] is True and kwargs["num_inference_steps"] == STEPS
+    assert request.allow_images is False and request.do_sample is True and request.num_inference_steps == STEPS
     final = updates[-1][CONVERSATION]
     assert final[:3] == conversation and final[3]["role"] == "assistant"
     assert final[3]["content"] and all(isinstance(segment, str) for segment in final[3]["content"])
@@ -231,6 +241,7 @@ def test_stop_ends_the_turn_within_a_denoising_step_and_the_next_turn_runs_in_fu
     assert "dreamllm-placeholder" not in updates[-1][DOCUMENT]
 
     # The interrupt does not leak into the next turn: it draws its whole picture.
+    _wait_until_idle(page.engine)
     unet_calls.clear()
     hook = demo_pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
     try:
@@ -245,7 +256,9 @@ def test_the_blocks_queue_generations_and_the_serve_command_line(page):
     blocks = page.build()
     handlers = {fn.name: fn for fn in blocks.fns.values()}
     assert blocks.analytics_enabled is False
-    assert blocks._queue.default_concurrency_limit == 1 and handlers["generate"].concurrency_limit == "default"
+    # Generations are not queued one after the other: the engine writes them together, up to its queue's size.
+    assert blocks._queue.default_concurrency_limit == page.engine.max_queue
+    assert handlers["generate"].concurrency_limit == "default"
     assert handlers["stop"].concurrency_limit is None  # not queued behind the generation it stops
     assert {event for target, event in handlers["generate"].targets} == {"click", "submit"}
     document, _, conversation, download = page.clear(SimpleNamespace(session_hash="c"))
@@ -362,3 +375,41 @@ def test_the_page_in_chromium(server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "story.png").stat().st_size > 10_000 and (tmp_path / "conversation.png").stat().st_size > 10_000
+
+
+def test_two_pages_at_once_are_written_together(tmp_path, monkeypatch):
+    from playwright.sync_api import expect, sync_playwright
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = serve(port=port, block=False)
+    writer, together = app.dreamllm_engine.writer, []
+    step = writer.step_parts
+
+    def counting_step():  # how many documents the running batch holds after each step
+        yield from step()
+        together.append(len(writer.batch.live_documents))
+
+    monkeypatch.setattr(writer, "step_parts", counting_step)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            try:
+                pages = [browser.new_context().new_page() for _ in range(2)]  # two people, two sessions
+                for page in pages:
+                    page.goto(f"http://127.0.0.1:{port}/")
+                    page.get_by_label("Prompt").fill("Tell me a story.")
+                for page in pages:
+                    page.get_by_role("button", name="Generate").click()
+                for page in pages:
+                    expect(page.get_by_label("Status")).to_have_text("Done.", timeout=120_000)
+                    story = page.get_by_role("log", name="Document").locator(".dreamllm-turn.assistant").last
+                    assert WORLD_WORDS.search(story.inner_text()), story.inner_text()
+            finally:
+                browser.close()
+    finally:
+        app.close()
+        app.dreamllm_engine.close()
+    assert max(together) == 2  # both pages' documents were in the batch at once, not one after the other

@@ -128,11 +128,14 @@ MAX_IMAGES = NON_NEGATIVE_INT
 NUM_IMAGES_PER_PROMPT = POSITIVE_INT
 PICTURE_SIDE = POSITIVE_INT  # height, width; the multiple they must be is checked against the VAE and UNet
 BATCH_SIZE = POSITIVE_INT
+# A Ray Serve replica runs the pipeline on one device: up to a whole GPU, or a share of one (0.5: two replicas a GPU).
+GPUS_PER_REPLICA = NumberRange(integer=False, minimum=0, maximum=1)
 
 
 __all__ = [
     "BATCH_SIZE",
     "ETA",
+    "GPUS_PER_REPLICA",
     "GUIDANCE_RESCALE",
     "GUIDANCE_SCALE",
     "InputTypeError",

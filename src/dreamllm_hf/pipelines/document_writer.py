@@ -296,12 +296,19 @@ class DocumentWriter:
 
     def step(self) -> list[DocumentEvent]:
         """One step of every document: admits the queued ones, samples a token each, draws the pictures asked for."""
+        return [event for part in self.step_parts() for event in part]
+
+    def step_parts(self) -> Iterator[list[DocumentEvent]]:
+        """`step()` in the order things happen: first the step's text and `"picture_start"` events, then (after the
+        pictures are drawn) the `"picture"` events and the ends, so that a reader sees the text before the drawing."""
         result = self.batch.step()
-        events = list(result.events)
+        yield self._done(result.events)
         if result.pictures is not None:
             needed = result.pictures
             pictures, shown = self._draw(needed.documents, needed.prompt_embeds, needed.pooled_prompt_embeds)
-            events.extend(self.batch.read_pictures(needed.documents, pictures, shown))
+            yield self._done(self.batch.read_pictures(needed.documents, pictures, shown))
+
+    def _done(self, events: list[DocumentEvent]) -> list[DocumentEvent]:
         for event in events:
             if event.type == "document_end":
                 self._outputs[event.document] = event.output
@@ -312,7 +319,8 @@ class DocumentWriter:
     def events(self) -> Iterator[DocumentEvent]:
         """Steps until every submitted document is written, then a last `"end"` event with all of them in order."""
         while self.has_work:
-            yield from self.step()
+            for part in self.step_parts():
+                yield from part
         outputs = [self._outputs.pop(d) for d in sorted(self._outputs)]
         yield DocumentEvent(
             type="end",

@@ -19,6 +19,7 @@ import PIL.Image
 from ..modeling.processing_dreamllm import rgb_picture
 from ..pipelines import DreamLLMPipelineOutput, DreamLLMText2ImagePipeline
 from ..pipelines.pipeline_output import StopReason
+from .engine import ServingEngine
 from .render import DOCUMENT_CSS, conversation_html, status_html, turn_html
 from .writer import MODES, STOPPED, TurnSettings, write_turn
 
@@ -131,11 +132,20 @@ def _progress_message(live) -> str:
 class DreamLLMPage:
     """
     The page's logic on one pipeline: `generate` (a Gradio generator handler), `stop`, `clear`, and `build()`, the
-    `gr.Blocks`. Requests queue (one generation at a time on the model); bad input gets a message in the page.
+    `gr.Blocks`. The turns of everyone using the page are documents of one [`ServingEngine`]'s running batch, written
+    together; bad input gets a message in the page.
     """
 
-    def __init__(self, pipe, defaults: PageDefaults | None = None, title: str = "DreamLLM", description: str = ""):
+    def __init__(
+        self,
+        pipe,
+        defaults: PageDefaults | None = None,
+        title: str = "DreamLLM",
+        description: str = "",
+        engine: ServingEngine | None = None,
+    ):
         self.pipe = pipe
+        self.engine = engine if engine is not None else ServingEngine(pipe)
         self.text2image = DreamLLMText2ImagePipeline.from_pipe(pipe)  # shares the components
         self.defaults = defaults or PageDefaults()
         self.title = title
@@ -189,7 +199,7 @@ class DreamLLMPage:
             gr.skip(),
         )
         try:
-            for live in write_turn(self.pipe, self.text2image, asked, settings, stop):
+            for live in write_turn(self.engine, self.text2image, asked, settings, stop):
                 live_html = turn_html("assistant", live.segments, live.drawing)
                 yield (
                     conversation_html(asked, live_html),
@@ -258,7 +268,8 @@ class DreamLLMPage:
         return conversation_html([]), status_html(""), [], gr.update(value=None, interactive=False)
 
     def build(self):
-        """The `gr.Blocks` of the page, queued so that one generation runs on the model at a time."""
+        """The `gr.Blocks` of the page. Generations run at once (the engine writes them together, up to its
+        `max_queue`); stopping and starting anew are not queued behind them."""
         d = self.defaults
         with gr.Blocks(title=self.title, analytics_enabled=False) as blocks:
             gr.Markdown(f"# {self.title}\n{self.description}")
@@ -322,12 +333,16 @@ class DreamLLMPage:
                 show_progress="hidden",
                 api_name="new_conversation",
             )
-        return blocks.queue(default_concurrency_limit=1)
+        return blocks.queue(default_concurrency_limit=self.engine.max_queue)
 
 
 def build_app(pipe, defaults: PageDefaults | None = None, title: str = "DreamLLM", description: str = ""):
-    """The page on `pipe` as a queued `gr.Blocks` (call `.launch()`)."""
-    return DreamLLMPage(pipe, defaults, title=title, description=description).build()
+    """The page on `pipe` as a queued `gr.Blocks` (call `.launch()`); its `dreamllm_engine` is the [`ServingEngine`]
+    that writes everyone's turns together."""
+    page = DreamLLMPage(pipe, defaults, title=title, description=description)
+    blocks = page.build()
+    blocks.dreamllm_engine = page.engine
+    return blocks
 
 
 __all__ = ["DreamLLMPage", "InputError", "PageDefaults", "build_app", "read_picture", "read_settings", "user_turn"]

@@ -68,6 +68,28 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         metavar="M",
         help="The largest request body in MiB, pictures included; past it requests get 413 (default: %(default)s).",
     )
+    ray = parser.add_argument_group("Ray Serve (--api --ray): replicas on the GPUs of one machine or a Ray cluster")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="Deploy the API as Ray Serve replicas, each with the whole pipeline and its own scheduler, behind one "
+        "address (a local Ray, or the cluster at $RAY_ADDRESS). See docs/ray_serve.md.",
+    )
+    ray.add_argument(
+        "--replicas",
+        type=checks.POSITIVE_INT.parse,
+        default=None,
+        metavar="N",
+        help="Replicas Ray keeps (default: 1).",
+    )
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=checks.GPUS_PER_REPLICA.parse,
+        default=None,
+        metavar="G",
+        help="GPUs Ray reserves for each replica: 1, 0.5 (two replicas share a GPU), 0 (on the CPU) (default: 1 where "
+        "the Ray cluster has GPUs, else 0).",
+    )
     parser.set_defaults(func=run_serve, parser=parser, port_given=False)
     return parser
 
@@ -126,6 +148,10 @@ def serve(
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if not args.ray and (args.replicas is not None or args.gpus_per_replica is not None):
+        checks.usage_error(args, "--replicas and --gpus-per-replica are options of --ray; add --api --ray.")
+    if args.ray and not args.api:
+        checks.usage_error(args, "--ray deploys the API; add --api (the web page runs on one process).")
     if args.api:
         return run_api(args)
     if args.api_key is not None and os.environ.get(API_KEY_ENV) != args.api_key:
@@ -171,9 +197,34 @@ def run_api(args: argparse.Namespace) -> int:
             f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the model.",
             file=sys.stderr,
         )
+    if args.ray:
+        return run_api_on_ray(args)
     app = build_api(args)
     uvicorn.run(app, host=args.host, port=args.port if args.port_given else DEFAULT_PORT, log_level="info")
     return 0
 
 
-__all__ = ["add_serve_parser", "build_api", "load_pipeline", "run_api", "run_serve", "serve"]
+def run_api_on_ray(args: argparse.Namespace) -> int:
+    """`serve --api --ray`: the same API as Ray Serve replicas (`serve.ray_deployment`), until interrupted."""
+    try:
+        from .ray_deployment import serve_on_ray
+    except ImportError as error:
+        raise SystemExit(f"error: --ray needs Ray Serve: pip install 'dreamllm-hf[serve]' ({error})") from error
+    try:
+        serve_on_ray(
+            args.model,
+            host=args.host,
+            port=args.port if args.port_given else DEFAULT_PORT,
+            replicas=args.replicas or 1,
+            gpus_per_replica=args.gpus_per_replica,
+            device=args.device,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_request_mb=args.max_request_mb,
+        )
+    except ValueError as error:  # a model folder that is none, found before Ray starts
+        checks.usage_error(args, str(error))
+    return 0
+
+
+__all__ = ["add_serve_parser", "build_api", "load_pipeline", "run_api", "run_api_on_ray", "run_serve", "serve"]

@@ -326,12 +326,14 @@ class ServingEngine:
 
     def _step(self) -> None:
         try:
-            events = self.writer.step()
+            for events in self.writer.step_parts():  # the step's text goes out before its pictures are drawn
+                self._dispatch(events)
         except Exception as error:
             # The writer's state is unknown after a failed step: its documents get the error, a fresh writer serves on.
             logger.exception("A writer step failed; the documents being written end with its error.")
             self._fail_all(error, new_writer=True)
-            return
+
+    def _dispatch(self, events: list) -> None:
         waiters = []
         with self._lock:
             for event in events:

@@ -1,8 +1,11 @@
-"""One turn of the conversation, written in a worker thread so that the page can show it as it grows.
+"""One turn of the conversation, written by the serving engine while the page shows it as it grows.
 
-`DreamLLMPipeline.stream` yields between engine steps, not while a picture is denoised; the worker also reports each
-denoising step (through `callback_on_step_end`), which is how the page shows "drawing picture k: step i of n". A stop
-request interrupts the denoising loop at its next step (diffusers' `_interrupt`) and ends the stream at its next event.
+The turn is one document of the engine's running batch ([`ServingEngine`]): turns of several people are written
+together, each joining the batch at the next step. A reader thread moves the document's events (and the denoising
+steps of its pictures, which is how the page shows "drawing picture k: step i of n") to the page's generator. A stop
+cancels the document: the page's turn ends at once, keeping what was finished (not a half-drawn picture), and the
+document leaves the batch at its next step (a picture it alone was drawing stops at the next denoising step).
+"Picture only" draws with text-to-image on the engine's model thread, and a stop interrupts its denoising loop.
 """
 
 import queue
@@ -13,7 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..pipelines.pipeline_output import StopReason
+from ..pipelines.document_writer import DocumentRequest
+from ..pipelines.pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
+from .engine import DenoisingStep
 
 
 MODES = ("Document", "Answer only", "Picture only")
@@ -58,18 +63,11 @@ class LiveTurn:
         return [s for s in self.segments if not (isinstance(s, str) and not s.strip())]
 
 
-@dataclass
-class _Step:
-    index: int
-    step: int
-    total: int
-
-
 _DONE = object()
 
 
 def write_turn(
-    pipe,
+    engine,
     text2image,
     conversation: list[dict],
     settings: TurnSettings,
@@ -77,69 +75,34 @@ def write_turn(
     min_interval: float = 0.1,
 ) -> Iterator[LiveTurn]:
     """
-    Writes the assistant's answer to `conversation` (which ends with the user's turn), yielding the growing
-    [`LiveTurn`] (the same object, updated) at most every `min_interval` seconds and whenever a picture starts or
-    arrives. "Picture only" draws the last user turn's text with `text2image`. When `stop` is set, the turn ends at
-    the next denoising step or event with `stop_reason` `STOPPED`, keeping what was finished (not a half-drawn
-    picture). The pipeline's errors are raised here. Returns only when the worker is done with the model.
+    Writes the assistant's answer to `conversation` (which ends with the user's turn) on `engine` (a
+    [`ServingEngine`]), yielding the growing [`LiveTurn`] (the same object, updated) at most every `min_interval`
+    seconds and whenever a picture starts or arrives. "Picture only" draws the last user turn's text with `text2image`
+    on the engine's model thread. When `stop` is set, the turn ends at the next event or denoising step with
+    `stop_reason` `STOPPED`, keeping what was finished. The model's errors are raised here.
     """
     events: queue.Queue = queue.Queue()
-    drawing = {"index": 0}
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    if settings.mode == "Picture only":
+        cancel = _draw_picture(engine, text2image, conversation, settings, generator, stop, events)
+    else:
+        request = DocumentRequest(
+            prompt=conversation,
+            max_images=settings.max_images,
+            allow_images=settings.mode == "Document",
+            do_sample=True,
+            max_new_tokens=settings.max_new_tokens,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+        )
+        stream = engine.submit(request, denoising_progress=True)
+        cancel = stream.cancel
+        threading.Thread(target=_read, args=(stream, events), name="dreamllm-turn", daemon=True).start()
 
-    def on_step_end(pipeline, step, timestep, callback_kwargs):
-        events.put(_Step(drawing["index"], step + 1, pipeline.num_timesteps))
-        if stop.is_set():
-            pipeline._interrupt = True  # the denoising loop skips its remaining steps
-        return callback_kwargs
-
-    def work():
-        try:
-            generator = torch.Generator("cpu").manual_seed(settings.seed)
-            sampling = dict(
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generator,
-                callback_on_step_end=on_step_end,
-            )
-            if settings.mode == "Picture only":
-                events.put(("picture_start", 0))
-                caption = _last_user_text(conversation)
-                events.put(("picture", text2image(caption, **sampling).images[0]))
-                events.put(("end", (StopReason.IMAGE, None)))
-                return
-            stream = pipe.stream(
-                conversation,
-                max_images=settings.max_images,
-                allow_images=settings.mode == "Document",
-                do_sample=True,
-                max_new_tokens=settings.max_new_tokens,
-                **sampling,
-            )
-            try:
-                for event in stream:
-                    if event.type == "text":
-                        events.put(("text", event.text))
-                    elif event.type == "picture_start":
-                        drawing["index"] = event.index
-                        events.put(("picture_start", event.index))
-                    elif event.type == "picture":
-                        events.put(("picture", event.image))
-                    elif event.type == "document_end":
-                        events.put(("end", (event.stop_reason, event.output.documents[0])))
-                    if stop.is_set():
-                        break
-            finally:
-                stream.close()
-        except Exception as error:  # handed to the page's thread, which reports it
-            events.put(error)
-        finally:
-            events.put(_DONE)
-
-    worker = threading.Thread(target=work, name="dreamllm-turn", daemon=True)
-    worker.start()
-    live, last_yield, changed = LiveTurn(), 0.0, False
+    live, last_yield, changed, drawing = LiveTurn(), 0.0, False, 0
     try:
-        while True:
+        while not stop.is_set():
             try:
                 item = events.get(timeout=min_interval)
             except queue.Empty:
@@ -148,36 +111,84 @@ def write_turn(
                 break
             if isinstance(item, Exception):
                 raise item
-            if stop.is_set():
-                live.drawing = None  # what follows a stop request is not shown
-                live.stop_reason = live.stop_reason or STOPPED
-                continue
             urgent = False
-            if isinstance(item, _Step):
-                live.drawing = (item.index, item.step, item.total)
-            elif isinstance(item, tuple):
-                kind, value = item
-                if kind == "text":
-                    live.add_text(value)
-                elif kind == "picture_start":
-                    live.drawing, urgent = (value, 0, settings.num_inference_steps), True
-                elif kind == "picture":
-                    live.segments.append(value)
+            if isinstance(item, DenoisingStep):
+                live.drawing = (drawing, item.step, item.total)
+            elif isinstance(item, DocumentEvent):
+                if item.type == "text":
+                    live.add_text(item.text)
+                elif item.type == "picture_start":
+                    drawing = item.index
+                    live.drawing, urgent = (item.index, 0, settings.num_inference_steps), True
+                elif item.type == "picture":
+                    live.segments.append(item.image)
                     live.drawing, urgent = None, True
-                elif kind == "end":
-                    live.stop_reason, live.final = value
+                elif item.type == "document_end":
+                    live.stop_reason, live.final = item.stop_reason, item.output.documents[0]
             changed = changed or item is not None
             if changed and (urgent or time.monotonic() - last_yield >= min_interval):
                 yield live
                 last_yield, changed = time.monotonic(), False
         if stop.is_set():
-            live.drawing = None
+            live.drawing = None  # what follows a stop request is not shown
             live.stop_reason = live.stop_reason or STOPPED
         yield live
     finally:
-        # Also when the page goes away mid-turn: the next turn must not share the model with this one.
+        # Also when the page goes away mid-turn: the document leaves the batch instead of being written for nobody.
         stop.set()
-        worker.join()
+        cancel()
+
+
+def _read(stream, events: queue.Queue) -> None:
+    """The document's events, from its stream to the page's queue."""
+    try:
+        for event in stream:
+            events.put(event)
+    except Exception as error:  # handed to the page's thread, which reports it
+        events.put(error)
+    finally:
+        events.put(_DONE)
+
+
+def _draw_picture(engine, text2image, conversation, settings, generator, stop, events: queue.Queue):
+    """ "Picture only": text-to-image of the last user turn on the engine's model thread; returns how to cancel it."""
+    caption = _last_user_text(conversation)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        events.put(DenoisingStep(0, step + 1, pipeline.num_timesteps))
+        if stop.is_set():
+            pipeline._interrupt = True  # the denoising loop skips its remaining steps
+        return callback_kwargs
+
+    def draw():
+        return text2image(
+            caption,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            callback_on_step_end=on_step_end,
+        ).images[0]
+
+    def finished(future):
+        if future.cancelled():
+            events.put(_DONE)
+            return
+        error = future.exception()
+        if error is not None:
+            events.put(error)
+        else:
+            picture = future.result()
+            events.put(DocumentEvent(type="picture", document=0, image=picture, index=0))
+            output = DreamLLMPipelineOutput(
+                images=[[picture]], text=None, documents=[[picture]], stop_reasons=[StopReason.IMAGE]
+            )
+            events.put(DocumentEvent(type="document_end", document=0, stop_reason=StopReason.IMAGE, output=output))
+        events.put(_DONE)
+
+    events.put(DocumentEvent(type="picture_start", document=0, index=0))
+    future = engine.run_in_model_thread(draw)
+    future.add_done_callback(finished)
+    return future.cancel
 
 
 def _last_user_text(conversation: list[dict]) -> str:
