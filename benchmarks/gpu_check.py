@@ -284,8 +284,8 @@ def timed(device, fn):
     return time.perf_counter() - start, result
 
 
-def run_documents(checkpoint, config, tokenizer, device, args, bandwidth):
-    """`fp16-documents`: `DreamLLMPipeline` documents with `cache_implementation="static"` (see the module doc)."""
+def document_pipeline(checkpoint, config, tokenizer, device, args):
+    """The fp16 pipeline of the documents' variants (fp32 on the CPU): it, the mllm's bytes, the memory before it."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     mllm, mllm_bytes, before = load_mllm(checkpoint, device, {"dtype": dtype})
     unet, vae, scheduler = diffusion_components(args.tiny, dtype, device)
@@ -293,6 +293,13 @@ def run_documents(checkpoint, config, tokenizer, device, args, bandwidth):
         mllm=mllm, processor=processor_for(config, tokenizer), unet=unet, vae=vae, scheduler=scheduler
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe, mllm_bytes, before
+
+
+def run_documents(checkpoint, config, tokenizer, device, args, bandwidth):
+    """`fp16-documents`: `DreamLLMPipeline` documents with `cache_implementation="static"` (see the module doc)."""
+    pipe, mllm_bytes, before = document_pipeline(checkpoint, config, tokenizer, device, args)
+    mllm, unet = pipe.mllm, pipe.unet
     size = unet.config.sample_size * pipe.vae_scale_factor
     eos, dream_start = config.eos_token_id, config.dream_start_token_id
     piece = pipe.tokenizer.decode([TEXT_TOKEN])
@@ -390,13 +397,7 @@ def run_serving(checkpoint, config, tokenizer, device, args, bandwidth):
     from dreamllm_hf.pipelines import DocumentRequest
     from dreamllm_hf.serve.engine import ServingEngine
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    mllm, mllm_bytes, before = load_mllm(checkpoint, device, {"dtype": dtype})
-    unet, vae, scheduler = diffusion_components(args.tiny, dtype, device)
-    pipe = DreamLLMPipeline(
-        mllm=mllm, processor=processor_for(config, tokenizer), unet=unet, vae=vae, scheduler=scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe, mllm_bytes, before = document_pipeline(checkpoint, config, tokenizer, device, args)
     eos, dream_start = config.eos_token_id, config.dream_start_token_id
     scripts = batched_scripts(args.doc_segment, dream_start=dream_start, eos=eos)
     processors = scripted(
