@@ -18,6 +18,7 @@ ALLOWED = {
     "checks": set(),
     "dtypes": set(),
     "decoder_conditioning": set(),
+    "import_notices": set(),  # filters two import-time notices; the package's `__init__` uses it
     "modeling": BASE,
     "model_card": BASE | {"modeling"},
     "building": BASE | {"modeling", "model_card"},
@@ -29,8 +30,11 @@ ALLOWED = {
     "serve": BASE | {"modeling", "pipelines", "shapes_world"},
     "testing_utils": BASE | {"modeling", "pipelines", "conversion", "shapes_world"},
 }
-# The command line (`dreamllm_hf.cli`, each area's `cli` module, `demo`) and the package's `__init__` sit on top.
+# The command line (`dreamllm_hf.cli`, each area's `cli` module, `demo`) and the package's `__init__` sit on top, and so
+# do the entry points other tools start: Ray Serve's `serve run dreamllm_hf.serve.ray_deployment:build_application`
+# parses the options as `serve --api` does.
 TOP = {"cli", "demo", "__init__"}
+ENTRY_POINTS = {"dreamllm_hf.serve.ray_deployment"}
 
 
 def module_name(path: Path) -> str:
@@ -64,7 +68,7 @@ def area(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 1:
         return "__init__"
-    if parts[-1] == "cli":
+    if parts[-1] == "cli" or name in ENTRY_POINTS:
         return "cli"
     return parts[1]
 

@@ -271,16 +271,21 @@ class DocumentWriter:
         request.height, request.width = self._size(request)
         with self._lock:
             document = next(self._ids)
-            self._requests[document] = request
-        self.batch.add(
-            document,
-            input_ids,
-            sampling,
-            pixel_values=pixel_values,
-            generator=request.generator,
-            max_new_tokens=request.max_new_tokens,
-            max_images=request.max_images if request.allow_images else 0,
-        )
+            self._requests[document] = request  # before it can join the batch (and draw) on the model thread
+        try:
+            self.batch.add(
+                document,
+                input_ids,
+                sampling,
+                pixel_values=pixel_values,
+                generator=request.generator,
+                max_new_tokens=request.max_new_tokens,
+                max_images=request.max_images if request.allow_images else 0,
+            )
+        except BaseException:
+            with self._lock:
+                del self._requests[document]
+            raise
         return document
 
     def cancel(self, document: int) -> None:
