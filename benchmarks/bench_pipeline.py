@@ -2,17 +2,16 @@
 
     python benchmarks/bench_pipeline.py [--hidden 1024 --layers 12 --intermediate 2816] [--steps 10] [--repeats 3]
 
-Five ratios (each timing is the best of `--repeats` runs, the compared runs taking turns so that other load on the
-machine hits both sides):
+Five ratios, each comparing two runs of the same work (each timing is the best of `--repeats` runs):
 
 * `decode_ratio`: tokens/s of `DreamLLMForConditionalGeneration.generate` / tokens/s of a stock `LlamaForCausalLM`
   with the same weights (goal >= 0.98);
 * `image_ratio`: `DreamLLMText2ImagePipeline` time on given embeddings / a bare diffusers loop (UNet + CFG + DDPM +
   VAE decode + postprocess) on the same embeddings (goal <= 1.02);
 * `interleaved_ratio`: an interleaved document with 3 pictures / the sum of its parts, each timed alone on the same
-  growing cache (per text segment a bare decode loop making the very forward call the pipeline's document engine makes
-  per step, the unconditional, and per picture its dream block, the bare diffusion loop and the CLIP read-back): what
-  the pipeline's own orchestration costs (goal <= 1.10);
+  growing cache (per text segment a bare greedy loop of cached forward calls through the model's public API, the
+  unconditional, and per picture its dream block, the bare diffusion loop and the CLIP read-back): what the pipeline's
+  own orchestration costs (goal <= 1.10);
 * `naive_ratio`: the same document / a naive loop that re-runs the whole prefix (and CLIP on every earlier picture)
   after each picture, with `generate` per text segment (below 1 means the cached loop is faster);
 * `batched_documents_ratio`: documents/s of 8 documents written in ONE pipeline call / the same 8 documents written one
@@ -27,13 +26,32 @@ machine hits both sides):
   the share of pictures: with 12-token segments (pictures about half of the batched time) it is about 1.7-1.8.
 
 Every document's tokens are forced (`RowScripts`), so every variant writes the same text and pictures. The tokenizer
-is the test fixture's (special ids 1000..1007); the vocabulary is 32008 as in the release.
-The last line of the output is one JSON object with the five ratios and the timings they come from.
+is the test fixture's (special ids 1000..1007); the vocabulary is 32008 as in the release. The pipeline is driven
+through its public API only (`pipe(...)`, `pipe.stream`).
+
+How it times, so that a ratio does not depend on what ran before it or beside it:
+
+* each of the four parts (decode, text-to-image, the interleaved document, the batched documents) runs in a fresh
+  Python process of its own (this script with `--part NAME`, which prints that part's JSON), on the same seeded
+  components; inside it, both runs are warmed up once, then take turns (A B A B ...), so that a change of load hits
+  both;
+* those processes run torch's OpenMP threads with `OMP_WAIT_POLICY=PASSIVE` (unless the variable is set): by
+  default they spin between operations, and where other processes share the cores, every operation then waits for a
+  thread that the scheduler has taken off its core. A 64-token decode on 2 threads took anything from 1.2 s to 39 s
+  from one round to the next that way, so the best of 3 rounds was a draw of the other processes' load, not a
+  property of either side; with passive threads the rounds stay within 1.6-2.7 s under the same load. Set
+  `OMP_WAIT_POLICY=ACTIVE` to time spinning threads on cores of your own.
+
+The last line of the output is one JSON object with the five ratios, the timings they come from and the load average
+(1 minute) when each part started and ended.
 """
 
 import argparse
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -281,13 +299,12 @@ def document_script(args):
 
 def chat_ids(pipe, prompt: str) -> torch.Tensor:
     """The ids the pipeline feeds for `prompt` (chat template, BOS): `[1, length]`."""
-    ids, _, _ = pipe._tokenize([pipe.format_chat_prompt(prompt)], None, torch.device("cpu"))
-    return ids
+    return pipe.processor(text=[pipe.format_chat_prompt(prompt)], return_tensors="pt")["input_ids"]
 
 
 def engine_step(mllm, ids, cache, feed: int):
-    """The forward the pipeline's document engine makes: the last `feed` tokens of `ids` into `cache`, with its
-    attention mask over cache + new tokens, explicit positions and `logits_to_keep=1`. Returns next-token logits."""
+    """One cached decode forward, as a document engine makes it: the last `feed` tokens of `ids` into `cache`, with
+    its attention mask over cache + new tokens, explicit positions and `logits_to_keep=1`. Returns next-token logits."""
     length = ids.shape[1]
     out = mllm(
         input_ids=ids[:, length - feed :],
@@ -301,7 +318,7 @@ def engine_step(mllm, ids, cache, feed: int):
 
 
 def bare_decode(mllm, ids, cache, processors, feed: int):
-    """Greedy decode on `cache` with the engine's per-step forward and nothing else: feeds the last `feed` tokens of
+    """Greedy decode on `cache` with `engine_step` and nothing else: feeds the last `feed` tokens of
     `ids`, then one token per step until `</s>` or `<dream_start>`. Returns `ids` with the sampled text tokens (not the
     stop token, which is never fed) and the stop token."""
     logits = engine_step(mllm, ids, cache, feed)
@@ -350,8 +367,8 @@ def bench_interleaved(pipe, args):
 
     def parts() -> dict:
         """The same document from its parts, each timed alone: per text segment a bare decode loop on the shared
-        cache (the engine's per-step forward, `processors`, argmax), the unconditional, and per picture its dream
-        block, the bare diffusion loop and the CLIP read-back."""
+        cache (`engine_step`, `processors`, argmax), the unconditional, and per picture its dream block, the bare
+        diffusion loop and the CLIP read-back."""
         spent = Parts()
 
         @contextlib.contextmanager
@@ -531,6 +548,46 @@ def bench_batched(pipe, args):
     }
 
 
+PARTS = ("decode", "image", "interleaved", "batched")
+
+
+def run_part(name: str, args) -> dict:
+    """One part in this process: the pipeline built (the factory is seeded: the same weights in every process), then
+    the part's compared runs, each warmed up once and then timed in turns."""
+    pipe = build(args)
+    bench = {"decode": bench_decode, "image": bench_image, "interleaved": bench_interleaved, "batched": bench_batched}
+    result = bench[name](pipe, args)
+    language_model, vision_tower = pipe.mllm.model.language_model, pipe.mllm.model.vision_tower
+    result["params_m"] = {
+        "mllm": count(pipe.mllm) / 1e6,
+        "llm": count(language_model) / 1e6,
+        "clip": count(vision_tower) / 1e6,
+        "unet": count(pipe.unet) / 1e6,
+        "vae": count(pipe.vae) / 1e6,
+    }
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def run_parts_apart(argv: list[str]) -> dict:
+    """Every part in a fresh Python process of its own (this script with `--part NAME` and the same options), one
+    after the other, with passive OpenMP threads unless `OMP_WAIT_POLICY` is set (see the module docstring): no
+    part's timings depend on what an earlier part left behind in the process."""
+    results = {}
+    start = time.perf_counter()
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    for name in PARTS:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--part", name]
+        load_before = os.getloadavg()[0]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # its stderr passes through
+        if done.returncode != 0:
+            raise SystemExit(f"The {name} part failed with exit status {done.returncode} (its error is above).")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name]["load_1min"] = [load_before, os.getloadavg()[0]]
+        print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -553,29 +610,35 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what the timings measure")
+    parser.add_argument(
+        "--part",
+        choices=PARTS,
+        default=None,
+        help="run only this part, in this process, and print its JSON (what the full run does in a fresh process per "
+        "part)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     global clock_now
     clock_now = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.part is not None:
+        print(json.dumps(run_part(args.part, args)))
+        return
 
     start = time.perf_counter()
-    pipe = build(args)
-    sizes = {name: count(getattr(pipe, name)) / 1e6 for name in ("mllm", "unet", "vae")}
+    parts = run_parts_apart(sys.argv[1:])
+    sizes, threads = parts["decode"]["params_m"], parts["decode"]["threads"]
+    for part in parts.values():  # the same in every part's process
+        del part["params_m"], part["threads"]
+    decode, image, interleaved, batched = (parts[name] for name in PARTS)
     print(
-        f"parameters (M): mllm {sizes['mllm']:.0f} (LLM {count(pipe.mllm.model.language_model) / 1e6:.0f}, "
-        f"CLIP {count(pipe.mllm.model.vision_tower) / 1e6:.0f}), unet {sizes['unet']:.0f}, vae {sizes['vae']:.0f}; "
-        f"threads {torch.get_num_threads()}; clock {args.clock}",
-        flush=True,
+        f"parameters (M): mllm {sizes['mllm']:.0f} (LLM {sizes['llm']:.0f}, CLIP {sizes['clip']:.0f}), unet "
+        f"{sizes['unet']:.0f}, vae {sizes['vae']:.0f}; threads {threads} "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}); clock {args.clock}; each part in a fresh "
+        "process; load average (1 min) at its start and end: "
+        + ", ".join(f"{name} {parts[name]['load_1min'][0]:.2f} -> {parts[name]['load_1min'][1]:.2f}" for name in PARTS)
     )
-
-    decode = bench_decode(pipe, args)
-    print(f"decode done ({time.perf_counter() - start:.0f} s)", flush=True)
-    image = bench_image(pipe, args)
-    print(f"text-to-image done ({time.perf_counter() - start:.0f} s)", flush=True)
-    interleaved = bench_interleaved(pipe, args)
-    print(f"interleaved document done ({time.perf_counter() - start:.0f} s)", flush=True)
-    batched = bench_batched(pipe, args)
     result = {
         "decode_ratio": decode["dreamllm_tok_s"] / decode["llama_tok_s"],
         "image_ratio": image["pipeline_s"] / image["bare_s"],
@@ -637,6 +700,7 @@ def main():
     )
     result.update(
         params_m=sizes,
+        threads=threads,
         decode=decode,
         image=image,
         interleaved={k: v for k, v in interleaved.items() if k != "parts"},
