@@ -139,6 +139,11 @@ class DocumentWriter:
             self._text2image = DreamLLMText2ImagePipeline.from_pipe(self.pipe)
         return self._text2image
 
+    @property
+    def num_timesteps(self) -> int:
+        """The denoising steps of the last batch of pictures drawn (0 before any)."""
+        return self._text2image.num_timesteps if self._text2image is not None else 0
+
     # ----------------------------------------------------------------------------------------------------------------
     # Requests
 

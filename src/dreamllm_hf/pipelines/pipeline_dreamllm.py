@@ -455,8 +455,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         try:
             yield from writer.events()
         finally:
-            if writer._text2image is not None:
-                self._num_timesteps = writer.text2image.num_timesteps
+            self._num_timesteps = writer.num_timesteps
             # Offload all models (also when a stream is closed before its end)
             self.maybe_free_model_hooks()
 
