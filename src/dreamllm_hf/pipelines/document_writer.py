@@ -44,6 +44,7 @@ RESERVED_GENERATE_KWARGS = {
 # a row are not its positions, so they cannot be applied per document.
 POSITIONAL_GENERATE_KWARGS = ("min_length", "min_new_tokens", "begin_suppress_tokens")
 SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+MAX_SHARED_SAMPLINGS = 64  # `TextSampling`s kept for reuse, the oldest dropped first
 
 
 @dataclass
@@ -203,6 +204,8 @@ class DocumentWriter:
                 return self._samplings[key]
         sampling = self._build_sampling(request.allow_images, request.sampling(), kwargs)
         if key is not None:
+            if len(self._samplings) >= MAX_SHARED_SAMPLINGS:  # a long-running server sees many settings
+                self._samplings.pop(next(iter(self._samplings)))
             self._samplings[key] = sampling
         return sampling
 
