@@ -85,6 +85,16 @@ class StepResult:
 
 
 @dataclass
+class _Parked:
+    """Documents that asked for a picture in the same step: a copy of their rows with the dream block appended (the
+    cache their picture is read into), and the rows' attention mask over it."""
+
+    documents: list
+    cache: DynamicCache
+    mask: torch.Tensor
+
+
+@dataclass
 class _Document:
     """A document being written (the batch's bookkeeping)."""
 
@@ -104,6 +114,8 @@ class _Document:
     text_tokens: list[int] = field(default_factory=list)  # the text segment being written
     emitted: str = ""
     stop_reason: str | None = None
+    waiting: bool = False  # for its picture: out of the steps until `read_pictures` gives it
+
 
     @property
     def prompt_length(self) -> int:
@@ -153,9 +165,8 @@ class DocumentBatch:
         self._cancelled: set[int] = set()
         self.rows: list[_Document] = []  # the documents in the cache, in row order
         self._waiting: list[_Document] = []  # asked for a picture in the current step
+        self._parked: dict[int, _Parked] = {}  # the documents waiting for their pictures, by id
         self._needs_decode = False
-        self._stepped: list[_Document] = []  # the documents sampled in the current step
-        self._picture_cache = None  # the waiting documents' rows, with their dream blocks
         self.cache = self.mask = self.ids = None
         self.end = 0
         self._step_call = mllm
@@ -229,75 +240,103 @@ class DocumentBatch:
     def step(self) -> StepResult:
         """Feeds the last sampled tokens, admits queued documents, samples one token per document.
 
-        Returns the step's events; when documents asked for pictures, also their conditioning, and then
-        `read_pictures` must be called before the next `step()`."""
-        if self._waiting:
-            raise RuntimeError("Give the pictures asked for in the last step to `read_pictures` before stepping on.")
+        Returns the step's events; when documents asked for pictures, also their conditioning. Those documents wait,
+        out of the steps, until `read_pictures` gives them their pictures (in this step or any later one)."""
         events = self._apply_cancellations()
         logits = {}
-        if self._needs_decode and any(d.stop_reason is None for d in self.rows):
+        if self._needs_decode and any(_writes(d) for d in self.rows):
             logits.update(zip([d.id for d in self.rows], self._decode_step()))
         self._needs_decode = False
         logits.update(self._admit())
-        live = [d for d in self.rows if d.stop_reason is None and d.id in logits]
+        live = [d for d in self.rows if _writes(d) and d.id in logits]
         if not live:
             return StepResult(events + self._end_step([]))
         tokens = self._sample(live, logits)
         for document, token in zip(live, tokens):
             events.extend(self._take_token(document, token))
+        pictures = None
         if self._waiting:
-            self._stepped = live
-            return StepResult(events, self._dream_embeddings(self._waiting))
-        return StepResult(events + self._end_step(live))
+            pictures = self._dream_embeddings(self._waiting)
+            self._waiting = []
+        return StepResult(events + self._end_step(live), pictures)
+
+    @property
+    def waiting_documents(self) -> list[int]:
+        """The documents waiting for their pictures (asked for in `PicturesNeeded`, not yet given to `read_pictures`)."""
+        return list(self._parked)
 
     @torch.no_grad()
     def read_pictures(self, documents: list[int], pictures: list, shown: list | None = None) -> list[DocumentEvent]:
-        """Reads the pictures drawn for `documents` (PIL pictures, in the order `PicturesNeeded` gave) through CLIP
-        into their rows; `shown` (default: the pictures) is what their documents hold. Returns the step's last events."""
-        waiting = self._waiting
-        if [d.id for d in waiting] != list(documents) or len(pictures) != len(waiting):
+        """Reads the pictures drawn for `documents` (waiting ones, in any order and any number; PIL pictures) through
+        CLIP into their rows; `shown` (default: the pictures) is what their documents hold. The documents go on at the
+        next step. Returns their `"picture"` events and the ends of those that end there."""
+        documents = list(documents)
+        unknown = [d for d in documents if d not in self._parked]
+        if unknown or len(pictures) != len(documents) or len(set(documents)) != len(documents):
             raise ValueError(
-                f"`read_pictures` takes the pictures of documents {[d.id for d in waiting]}, in that order; got "
-                f"{len(pictures)} for {list(documents)}."
+                f"`read_pictures` takes one picture for each of the documents waiting for one ({self.waiting_documents});"
+                f" got {len(pictures)} for {documents}" + (f" ({unknown} are not waiting)." if unknown else ".")
             )
         shown = pictures if shown is None else shown
-        rows = [self.rows.index(d) for d in waiting]
-        count = len(rows)
-        row_index = torch.tensor(rows, device=self.mask.device)
-        cache, self._picture_cache = self._picture_cache, None
-        mask = self.mask[row_index, : self.end]
-        # The rows' cache ends with the dream block (appended by `_dream_embeddings`); then `<im_start>` + CLIP
-        # features. `<im_end>` is the next pending token.
-        mask = torch.cat([mask, mask.new_ones(count, self.dream_block_length)], dim=1)
         onload(self.mllm)
         device = self.mask.device
         pixel_values = self.processor.image_processor(pictures, return_tensors="pt")["pixel_values"].to(device)
         features = self.mllm.get_image_features(pixel_values).pooler_output
+        with self._lock:  # a document cancelled while its picture was drawn ends without it
+            cancelled = set(documents) & self._cancelled
+            self._cancelled -= cancelled
+        events, read = [], []
+        for group in _groups([self._parked[d] for d in documents], lambda parked: parked):
+            parked = group[0]
+            chosen = [i for i, d in enumerate(documents) if self._parked[d] is parked]
+            waiting = [next(w for w in parked.documents if w.id == documents[i]) for i in chosen]
+            added = self._read_group(parked, waiting, features[chosen])
+            for i, document in zip(chosen, waiting):
+                del self._parked[document.id]
+                document.waiting = False
+                if document.id in cancelled:
+                    self._finish(document, StopReason.CANCELLED)
+                    read.append(document)
+                    continue
+                document.segments.append(shown[i])
+                document.pictures += 1
+                document.length += added
+                document.stream_length += added + 1
+                document.pending = self.image_end
+                events.append(
+                    DocumentEvent(type="picture", document=document.id, image=shown[i], index=document.pictures - 1)
+                )
+                self._check_budget(document)
+                read.append(document)
+        return events + self._end_step(read)
+
+    def _read_group(self, parked: _Parked, waiting: list[_Document], features: torch.Tensor) -> int:
+        """`<im_start>` + the pictures' CLIP features after the dream blocks of `waiting` (some documents of `parked`),
+        written back into their rows. Returns the positions each document gained (dream block and picture)."""
+        index = [parked.documents.index(d) for d in waiting]
+        cache, mask = parked.cache, parked.mask
+        if len(index) < len(parked.documents):  # some of the group's pictures are still being drawn
+            cache = _copy_rows(cache, index, cache.get_seq_length(), self.config)
+            mask = mask[torch.tensor(index, device=mask.device)]
+        count, device = len(waiting), mask.device
         start = self.mllm.get_input_embeddings()(torch.full((count, 1), self.image_start, device=device))
         inputs_embeds = torch.cat([start, features.to(start.dtype)], dim=1)
         mask = torch.cat([mask, mask.new_ones(count, inputs_embeds.shape[1])], dim=1)
         self.mllm(inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
         added = self.dream_block_length + inputs_embeds.shape[1]
-        self._write_rows(rows, waiting, cache, added)
-        with self._lock:  # a document cancelled while its picture was drawn ends without it
-            cancelled = {d.id for d in waiting} & self._cancelled
-            self._cancelled -= cancelled
-        events = []
-        for i, document in enumerate(waiting):
-            if document.id in cancelled:
-                self._finish(document, StopReason.CANCELLED)
-                continue
-            document.segments.append(shown[i])
-            document.pictures += 1
-            document.length += added
-            document.stream_length += added + 1
-            document.pending = self.image_end
-            events.append(
-                DocumentEvent(type="picture", document=document.id, image=shown[i], index=document.pictures - 1)
-            )
-            self._check_budget(document)
-        self._waiting = []
-        return events + self._end_step(self._stepped)
+        self._write_rows([self.rows.index(d) for d in waiting], waiting, cache, added)
+        return added
+
+    def _unpark(self, document: _Document) -> None:
+        """A waiting document that ended (cancelled): its picture will not be read."""
+        parked = self._parked.pop(document.id, None)
+        document.waiting = False
+        if parked is not None:
+            keep = [i for i, d in enumerate(parked.documents) if d is not document]
+            if keep and len(keep) < len(parked.documents):
+                parked.cache = _copy_rows(parked.cache, keep, parked.cache.get_seq_length(), self.config)
+                parked.mask = parked.mask[torch.tensor(keep, device=parked.mask.device)]
+                parked.documents = [parked.documents[i] for i in keep]
 
     def _end_step(self, stepped: list[_Document]) -> list[DocumentEvent]:
         """The end events of the documents that finished in this step; they leave a dynamic batch."""
@@ -316,6 +355,7 @@ class DocumentBatch:
         events = []
         for document in dropped + [d for d in self.rows if d.id in cancelled and d.stop_reason is None]:
             self._finish(document, StopReason.CANCELLED)
+            self._unpark(document)
             events.append(self._end_event(document))
         self._release_finished()
         return events
@@ -564,7 +604,7 @@ class DocumentBatch:
     def _decode_step(self) -> torch.Tensor:
         """Feeds every live document's pending token; returns the next-token logits `[rows, vocab]`."""
         # One host-to-device copy per step: the token, whether the row still writes, and the token's position.
-        rows = [(self.pad, 0, d.length) if d.stop_reason is not None else (d.pending, 1, d.length) for d in self.rows]
+        rows = [(d.pending, 1, d.length) if _writes(d) else (self.pad, 0, d.length) for d in self.rows]
         pending, live, positions = torch.tensor(rows, device=self.mask.device).unbind(-1)
         if self.static:
             self.mask[:, self.end] = live
@@ -583,7 +623,7 @@ class DocumentBatch:
         )
         self.end += 1
         for document in self.rows:
-            if document.stop_reason is None:
+            if _writes(document):
                 document.length += 1
         return output.logits[:, -1]
 
@@ -625,30 +665,23 @@ class DocumentBatch:
             self.ids = torch.cat([self.ids.new_full((len(self.rows), columns), self.pad), self.ids], dim=1)
         self.end += columns
 
-    def _rows_cache(self, rows: list[int]) -> DynamicCache:
-        """A copy of some rows of the cache (their columns up to `end`), as a cache of their own."""
-        cache = DynamicCache(config=self.config.text_config)
-        for layer, copy_layer in zip(self.cache.layers, cache.layers):
-            keys, values, first = _held_columns(layer, self.end)
-            select = torch.tensor(rows, device=keys.device)
-            keys, values = keys[select], values[select]
-            copy_layer.lazy_initialization(keys, values)
-            _hold_columns(copy_layer, keys, values, first, self.end)
-        return cache
-
     # ----------------------------------------------------------------------------------------------------------------
     # Pictures
 
     def _dream_embeddings(self, waiting: list[_Document]) -> PicturesNeeded:
         """The dream block after each waiting document's context, in a copy of its rows: its picture's conditioning.
-        The copy, holding the block, is kept for `read_pictures`."""
+        The copy, holding the block, is kept for `read_pictures`, and the documents wait (out of the steps)."""
         rows = [self.rows.index(d) for d in waiting]
         row_index = torch.tensor(rows, device=self.mask.device)
-        self._picture_cache = self._rows_cache(rows)
+        cache = _copy_rows(self.cache, rows, self.end, self.config)
         mask = self.mask[row_index, : self.end]
         onload(self.mllm)
         empty = self.ids.new_zeros(len(rows), 0)
-        dream = self.mllm.get_dream_embeddings(empty, attention_mask=mask, cache=self._picture_cache)
+        dream = self.mllm.get_dream_embeddings(empty, attention_mask=mask, cache=cache)
+        parked = _Parked(list(waiting), cache, torch.cat([mask, mask.new_ones(len(rows), self.dream_block_length)], 1))
+        for document in waiting:
+            document.waiting = True
+            self._parked[document.id] = parked
         return PicturesNeeded(
             documents=[d.id for d in waiting],
             prompt_embeds=dream.dream_embeddings,
@@ -680,6 +713,23 @@ class DocumentBatch:
             self.ids[row, : end - new_length] = self.pad
             self.mask[row, : end - new_length] = 0
             self.mask[row, end - new_length : end] = 1
+
+
+def _writes(document: _Document) -> bool:
+    """Whether the document takes part in the steps (it is being written and not waiting for a picture)."""
+    return document.stop_reason is None and not document.waiting
+
+
+def _copy_rows(source, rows: list[int], end: int, config) -> DynamicCache:
+    """A copy of some rows of a cache (their columns up to `end`), as a dynamic cache of their own."""
+    cache = DynamicCache(config=config.text_config)
+    for layer, copy_layer in zip(source.layers, cache.layers):
+        keys, values, first = _held_columns(layer, end)
+        select = torch.tensor(rows, device=keys.device)
+        keys, values = keys[select], values[select]
+        copy_layer.lazy_initialization(keys, values)
+        _hold_columns(copy_layer, keys, values, first, end)
+    return cache
 
 
 _SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)

@@ -2,9 +2,17 @@
 
 [`DocumentWriter`] is what `DreamLLMPipeline.__call__` and the server drive. Each request is rendered and tokenized
 once when it is submitted, joins the running batch at the next `step()`, and leaves it when it ends or is cancelled.
-When documents ask for pictures in a step, the writer draws them with [`DreamLLMText2ImagePipeline`] from their dream
-embeddings (one UNet batch per equal drawing settings), so a document's picture is exactly the text-to-image drawing
-from the same conditioning and generator, and gives them back to the batch to be read.
+How pictures are drawn is the writer's `denoising`:
+
+* `"together"` (what `DreamLLMPipeline.__call__` uses): the pictures asked for in a step are drawn at once by
+  [`DreamLLMText2ImagePipeline`] from their dream embeddings (one UNet batch per equal drawing settings), and the batch
+  goes on when they are read. A document's picture is exactly the text-to-image drawing from the same conditioning and
+  generator.
+* `"continuous"` (what the server uses): a picture joins a running [`PictureBatch`], and each `step()` runs one text
+  step of the documents that are not waiting for a picture and one denoising step of every picture being drawn (one
+  UNet call for all of them, each at its own timestep). A document waits, out of the text steps, until its picture is
+  drawn and read; the others write on meanwhile, and pictures asked for at different steps share the UNet's batches.
+  Each picture goes through the same operations as the text-to-image drawing, so it equals it within float rounding.
 """
 
 import copy
@@ -19,7 +27,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from transformers import LogitsProcessorList
 
-from .document_batch import DocumentBatch, TextSampling
+from .document_batch import DocumentBatch, PicturesNeeded, TextSampling
+from .picture_batch import PictureBatch, PictureRequest
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput
 
 
@@ -45,6 +54,7 @@ RESERVED_GENERATE_KWARGS = {
 POSITIONAL_GENERATE_KWARGS = ("min_length", "min_new_tokens", "begin_suppress_tokens")
 SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 MAX_SHARED_SAMPLINGS = 64  # `TextSampling`s kept for reuse, the oldest dropped first
+DENOISING_MODES = ("together", "continuous")
 
 
 @dataclass
@@ -115,14 +125,23 @@ class DocumentWriter:
         streamer (`BaseStreamer`, *optional*): follows the one document of the writer.
         on_denoising_step (`Callable`, *optional*): called as `on_denoising_step(documents, step, total)` after each
             denoising step of a batch of pictures (`documents`: their ids).
+        denoising (`str`, *optional*, defaults to `"together"`): how pictures are drawn, `"together"` or
+            `"continuous"` (see the module's documentation).
 
     `submit` and `cancel` may be called from any thread; `step` (which runs the models) from one thread at a time.
     """
 
-    def __init__(self, pipe, cache_implementation: str | None = None, streamer=None, on_denoising_step=None):
+    def __init__(
+        self, pipe, cache_implementation: str | None = None, streamer=None, on_denoising_step=None, denoising="together"
+    ):
+        if denoising not in DENOISING_MODES:
+            raise ValueError(f"Unknown denoising {denoising!r}; choose one of {DENOISING_MODES}.")
         self.pipe = pipe
         self.batch = DocumentBatch(pipe.mllm, pipe.processor, cache_implementation, streamer)
         self.on_denoising_step = on_denoising_step
+        self.denoising = denoising
+        self._pictures = PictureBatch(pipe) if denoising == "continuous" else None
+        self._num_timesteps = 0
         self._text2image = None
         self._requests: dict[int, DocumentRequest] = {}
         self._outputs: dict[int, DreamLLMPipelineOutput] = {}
@@ -142,7 +161,9 @@ class DocumentWriter:
 
     @property
     def num_timesteps(self) -> int:
-        """The denoising steps of the last batch of pictures drawn (0 before any)."""
+        """The denoising steps of the last picture drawn (0 before any)."""
+        if self._pictures is not None:
+            return self._num_timesteps
         return self._text2image.num_timesteps if self._text2image is not None else 0
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -150,6 +171,11 @@ class DocumentWriter:
 
     def check(self, request: DocumentRequest) -> None:
         """Refuses a bad request before any model work, with the pipeline's own messages (`ValueError`/`TypeError`)."""
+        if self._pictures is not None and request.callback_on_step_end is not None:
+            raise ValueError(
+                "`callback_on_step_end` needs pictures drawn by text-to-image calls: a writer with "
+                "denoising='continuous' denoises many documents' pictures in one loop. Use denoising='together'."
+            )
         height, width = self._size(request)
         self.pipe.check_inputs(
             request.prompt,
@@ -316,10 +342,16 @@ class DocumentWriter:
         pictures are drawn) the `"picture"` events and the ends, so that a reader sees the text before the drawing."""
         result = self.batch.step()
         yield self._done(result.events)
-        if result.pictures is not None:
+        if result.pictures is not None and self._pictures is None:
             needed = result.pictures
             pictures, shown = self._draw(needed.documents, needed.prompt_embeds, needed.pooled_prompt_embeds)
             yield self._done(self.batch.read_pictures(needed.documents, pictures, shown))
+        elif result.pictures is not None:
+            self._start_pictures(result.pictures)
+        if self._pictures is not None and len(self._pictures):
+            documents, pictures, shown = self._denoise_step()
+            if documents:
+                yield self._done(self.batch.read_pictures(documents, pictures, shown))
 
     def _done(self, events: list[DocumentEvent]) -> list[DocumentEvent]:
         for event in events:
@@ -387,6 +419,57 @@ class DocumentWriter:
                 pictures[i] = as_pil[row]
                 shown[i] = _as_output_type(drawn[row], as_pil[row], requests[i].output_type)
         return pictures, shown
+
+    def _start_pictures(self, needed: PicturesNeeded) -> None:
+        """Continuous denoising: the pictures asked for join the running picture batch (one per document)."""
+        pooled = needed.pooled_prompt_embeds
+        for row, document in enumerate(needed.documents):
+            request = self._requests[document]
+            negative = negative_pooled = None
+            if request.guidance_scale > 1:
+                negative, negative_pooled = self._unconditional_embeddings(request.negative_prompt or "")
+            self._pictures.add(
+                document,
+                PictureRequest(
+                    prompt_embeds=needed.prompt_embeds[row : row + 1],
+                    negative_prompt_embeds=negative,
+                    pooled_prompt_embeds=pooled[row : row + 1] if pooled is not None else None,
+                    negative_pooled_prompt_embeds=negative_pooled,
+                    height=request.height,
+                    width=request.width,
+                    num_inference_steps=request.num_inference_steps,
+                    timesteps=request.timesteps,
+                    sigmas=request.sigmas,
+                    guidance_scale=request.guidance_scale,
+                    guidance_rescale=request.guidance_rescale,
+                    eta=request.eta,
+                    generator=request.generator,
+                ),
+            )
+
+    def _denoise_step(self) -> tuple[list[int], list, list]:
+        """Continuous denoising: one step of every picture being drawn. Returns the documents whose pictures are done,
+        with the pictures (PIL, to be read back) and as their documents show them."""
+        waiting = set(self.batch.waiting_documents)
+        for document in self._pictures.keys:  # cancelled: its document no longer waits, or will not at the next step
+            if document not in waiting or self.batch.all_cancelled([document]):
+                self._pictures.drop(document)
+        if not len(self._pictures):
+            return [], [], []
+        finished = self._pictures.step()
+        if self.on_denoising_step is not None:
+            for document in self._pictures.keys:
+                self.on_denoising_step([document], *self._pictures.progress(document))
+            for document, _, total in finished:
+                self.on_denoising_step([document], total, total)
+        documents, pictures, shown = [], [], []
+        for document, array, total in finished:
+            picture = VaeImageProcessor.numpy_to_pil(array[None])[0]  # CLIP reads each picture as it is saved (8-bit)
+            documents.append(document)
+            pictures.append(picture)
+            shown.append(_as_output_type(array, picture, self._requests[document].output_type))
+            self._num_timesteps = total
+        return documents, pictures, shown
 
     def _unconditional_embeddings(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unconditional of a picture: `text` (`""`: `<s>` alone) through the same path, computed once."""

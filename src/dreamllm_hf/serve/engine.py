@@ -209,7 +209,9 @@ class ServingEngine:
         self._thread.start()
 
     def _new_writer(self) -> DocumentWriter:
-        return DocumentWriter(self.pipe, on_denoising_step=self._on_denoising_step)
+        # Continuous denoising: pictures that documents ask for at different steps share the UNet's batches, and the
+        # other documents write on while a picture is drawn.
+        return DocumentWriter(self.pipe, on_denoising_step=self._on_denoising_step, denoising="continuous")
 
     # Submitting ---------------------------------------------------------------------------------------------------
     @property
