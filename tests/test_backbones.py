@@ -154,7 +154,7 @@ def test_pipeline_text_picture_and_document(built, llm, vision, decoder):
     _, pipe = built(llm, vision, decoder)
     config = pipe.mllm.config
     # Text: the pipeline's answer is `generate` on the LLM's own chat template.
-    answer = pipe("<image>What is it?", images=picture(), allow_images=False, max_new_tokens=4)
+    answer = pipe("<image>What is it?", image=picture(), allow_images=False, max_new_tokens=4)
     chat = pipe.format_chat_prompt("<image>What is it?")
     inputs = pipe.processor(text=chat, images=[picture()], return_tensors="pt")
     never = [config.image_start_token_id, config.image_patch_token_id, config.image_end_token_id]
@@ -367,7 +367,7 @@ def test_chat_templates_are_the_llms_own_with_dreamllm_pictures(built):
     )
     assert len(pictures) == 2
     _, gemma = built("gemma3", "siglip")
-    text, _ = gemma.chat_prompt_and_images("Hi <image>", images=[picture()])
+    text, _ = gemma.chat_prompt_and_images("Hi <image>", image=[picture()])
     assert text.startswith("<bos><start_of_turn>user\nHi <image><end_of_turn>")
     ids = gemma.processor(text=text, images=[picture()])["input_ids"][0]
     assert ids[0] == gemma.tokenizer.bos_token_id != ids[1]  # the template's BOS, not a second one
@@ -430,7 +430,7 @@ def test_documents_past_the_sliding_window_are_what_one_forward_computes(built, 
     tokens, logits = CollectStreamer(), LogitsRecorder()
     out = pipe(
         "Tell <image> a story.",
-        images=[picture(3)],
+        image=[picture(3)],
         streamer=tokens,
         generation_kwargs={"logits_processor": LogitsProcessorList([logits, Script(script)])},
         generator=seeded(0),
@@ -478,10 +478,10 @@ def test_sliding_window_documents_in_a_batch_equal_each_alone(built, llm):
     )
     prompts = ["Hi", "Tell me a story about the quick brown fox and the lazy dog, please, with pictures", "A <image>"]
     images = [[], [], [picture(4)]]
-    batch = pipe(prompts, images=images, generator=[seeded(10 + i) for i in range(3)], **kwargs)
+    batch = pipe(prompts, image=images, generator=[seeded(10 + i) for i in range(3)], **kwargs)
     assert max(len(p) for p in batch.images) > 0 and len({len(t) for t in batch.text}) > 1
     for index, prompt in enumerate(prompts):
-        single = pipe(prompt, images=images[index] or None, generator=[seeded(10 + index)], **kwargs)
+        single = pipe(prompt, image=images[index] or None, generator=[seeded(10 + index)], **kwargs)
         assert single.text[0] == batch.text[index] and single.stop_reasons[0] == batch.stop_reasons[index]
         assert len(single.images[0]) == len(batch.images[index])
         for ours, alone in zip(batch.images[index], single.images[0]):

@@ -148,12 +148,12 @@ BAD_INPUTS = [
     ("documents", dict(generator="seed"), TypeError, r"`generator` must be a `torch.Generator` or a list of them, got str"),
     ("documents", dict(callback_on_step_end=42), TypeError, r"`callback_on_step_end` must be a callable .*, got int"),
     ("documents", dict(generation_kwargs=[("top_k", 3)]), TypeError, r"`generation_kwargs` must be a dict .*, got list"),
-    ("documents", dict(prompt="<image> hi", images=[np.zeros((0, 4, 3), np.uint8)]), ValueError, r"Picture 0 is empty: an array of shape \(0, 4, 3\)"),
-    ("documents", dict(prompt="<image> hi", images=[np.full((8, 8, 3), np.nan, np.float32)]), ValueError, r"Picture 0 holds NaN or infinite values"),
-    ("documents", dict(prompt="<image> hi", images=[np.zeros((8, 8, 5), np.uint8)]), ValueError, r"Picture 0 has shape \(8, 8, 5\): expected HW, HWC or CHW with 1, 3 or 4 channels"),
-    ("documents", dict(prompt="<image> hi", images=[np.full((8, 8, 3), -0.5, np.float32)]), ValueError, r"Picture 0 has values in \[-0.5, -0.5\]; give 8-bit values in \[0, 255\], floats in \[0, 1\]"),
-    ("documents", dict(prompt="<image> hi", images=[picture(), picture()]), ValueError, r"1 `<image>`/`<dream>` placeholders without a picture of their own .* but `images` has 2 pictures"),
-    ("documents", dict(prompt="<image> hi", images=[{"not": "a picture"}]), TypeError, r"Unsupported image type dict"),
+    ("documents", dict(prompt="<image> hi", image=[np.zeros((0, 4, 3), np.uint8)]), ValueError, r"Picture 0 is empty: an array of shape \(0, 4, 3\)"),
+    ("documents", dict(prompt="<image> hi", image=[np.full((8, 8, 3), np.nan, np.float32)]), ValueError, r"Picture 0 holds NaN or infinite values"),
+    ("documents", dict(prompt="<image> hi", image=[np.zeros((8, 8, 5), np.uint8)]), ValueError, r"Picture 0 has shape \(8, 8, 5\): expected HW, HWC or CHW with 1, 3 or 4 channels"),
+    ("documents", dict(prompt="<image> hi", image=[np.full((8, 8, 3), -0.5, np.float32)]), ValueError, r"Picture 0 has values in \[-0.5, -0.5\]; give 8-bit values in \[0, 255\], floats in \[0, 1\]"),
+    ("documents", dict(prompt="<image> hi", image=[picture(), picture()]), ValueError, r"1 `<image>`/`<dream>` placeholders without a picture of their own .* but `image` has 2 pictures"),
+    ("documents", dict(prompt="<image> hi", image=[{"not": "a picture"}]), TypeError, r"Unsupported image type dict"),
     # -- DreamLLMText2ImagePipeline -------------------------------------------------------------------------------------
     ("text2image", dict(prompt=42), TypeError, r"`prompt` must be a string or a list of strings .*got int"),
     ("text2image", dict(guidance_rescale=-0.1), ValueError, r"`guidance_rescale` must be a finite number in \[0, 1\], got -0.1"),
@@ -305,7 +305,7 @@ def test_a_16_bit_file_is_read_like_its_8_bit_copy(tmp_path):
 
 
 AWKWARD_CALLS = [
-    ("documents read an RGBA, a grayscale and a palette picture", "documents", dict(prompt="<image><image><image> What are these?", images=[row[1] for row in AWKWARD_PICTURES[:3]], allow_images=False)),
+    ("documents read an RGBA, a grayscale and a palette picture", "documents", dict(prompt="<image><image><image> What are these?", image=[row[1] for row in AWKWARD_PICTURES[:3]], allow_images=False)),
     ("a whitespace-only prompt is an empty user turn", "documents", dict(prompt="   ", allow_images=False)),
     ("an empty prompt without the template is <s> alone", "documents", dict(prompt="", use_chat_template=False, allow_images=False)),
     ("an empty caption is the unconditional", "text2image", dict(prompt="")),

@@ -43,14 +43,14 @@ def test_pictures_are_read_in_user_turns_and_drawn_in_assistant_turns():
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
         {"role": "assistant", "content": [{"type": "image"}]},
     ]
-    messages, pictures = render_conversation(conversation, images=[green, red])
+    messages, pictures = render_conversation(conversation, image=[green, red])
     assert [m["content"] for m in messages] == [
         "<image>What is in the picture?",
         "a red circle<dream>Then came more.",
         "<image>And this one?",
         "<dream>",
     ]
-    assert pictures == [red, blue, green, red]  # reading order; `images` fills the open placeholders in order
+    assert pictures == [red, blue, green, red]  # reading order; `image` fills the open placeholders in order
 
 
 def test_a_drawn_picture_given_as_an_array_is_read_as_its_8_bit_image():
@@ -137,7 +137,7 @@ def test_a_document_that_begins_with_a_picture_follows_the_colon_without_a_space
     assert tokens[at - 2 : at] == ["▁ASSISTANT", ":"]  # no stray "▁" piece that the model never wrote
 
 
-def test_inline_pictures_give_the_answer_of_the_images_argument(pipe):
+def test_inline_pictures_give_the_answer_of_the_image_argument(pipe):
     shown = [
         picture(colour, shape, seed) for seed, (colour, shape) in enumerate([("blue", "triangle"), ("red", "square")])
     ]
@@ -149,7 +149,7 @@ def test_inline_pictures_give_the_answer_of_the_images_argument(pipe):
         ],
         **greedy,
     )
-    separate = pipe(["<image>What is in the picture?"] * 2, images=[[image] for image in shown], **greedy)
+    separate = pipe(["<image>What is in the picture?"] * 2, image=[[image] for image in shown], **greedy)
     assert inline.text == separate.text
     # The model answers in a chat (stage III): right colours; shapes are its usual confusion (circle vs square).
     assert [named_colour_and_shape(text)[0] for text in inline.text] == ["blue", "red"]

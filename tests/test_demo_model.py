@@ -104,7 +104,7 @@ def test_captions_of_held_out_pictures(pipe):
     specs = [sample_spec(rng, colour=colour, shape=shape) for colour in COLOURS for shape in SHAPES]
     out = pipe(
         ["<image>"] * len(specs),
-        images=[[draw_shape(spec)] for spec in specs],
+        image=[[draw_shape(spec)] for spec in specs],
         allow_images=False,
         use_chat_template=False,
         do_sample=False,

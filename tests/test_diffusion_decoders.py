@@ -150,7 +150,7 @@ def test_a_document_draws_its_picture_with_the_decoder(pipelines, name):
     with UNetInputs(pipe.unet) as seen:
         out = pipe(
             "<image> Tell a story.",
-            images=[picture()],
+            image=[picture()],
             generation_kwargs=scripted([dream_start(pipe), 5, eos]),
             generator=seeded(),
             output_type="np",

@@ -109,15 +109,15 @@ def assert_same_document(batch, index, single):
 def test_batch_equals_single_greedy_with_mixed_documents(pipe, scripts):
     plans, _ = scripts
     kwargs = dict(generation_kwargs=scripted(plans), output_type="np", max_new_tokens=12, **FAST)
-    batch = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    batch = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     assert [len(images) for images in batch.images] == [1, 2, 0, 0]
     assert batch.stop_reasons == [StopReason.EOS] * 4
     assert batch.documents[3] == []
     for index, prompt in enumerate(PROMPTS):
-        single = pipe(prompt, images=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
+        single = pipe(prompt, image=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
         assert_same_document(batch, index, single)
     # The pictures follow their own generators: a different seed for one document changes only that document.
-    other = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in (0, 9, 2, 3)], **kwargs)
+    other = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in (0, 9, 2, 3)], **kwargs)
     np.testing.assert_array_equal(other.images[0][0], batch.images[0][0])
     assert not np.allclose(other.images[1][0], batch.images[1][0])
 
@@ -134,27 +134,27 @@ def test_batch_equals_single_sampled_with_one_generator_per_document(pipe, scrip
     )
     prompts = PROMPTS * 2
     generators = [seeded(100 + i) for i in range(8)]
-    batch = pipe(prompts, images=IMAGES * 2, generator=generators, **kwargs)
+    batch = pipe(prompts, image=IMAGES * 2, generator=generators, **kwargs)
     pictures = [len(images) for images in batch.images]
     assert max(pictures) > 0 and min(pictures) == 0  # a mix: the sampling decides, per document
     assert len({len(t) for t in batch.text}) > 1
     for index, prompt in enumerate(prompts):
-        single = pipe(prompt, images=(IMAGES * 2)[index] or None, generator=[seeded(100 + index)], **kwargs)
+        single = pipe(prompt, image=(IMAGES * 2)[index] or None, generator=[seeded(100 + index)], **kwargs)
         assert_same_document(batch, index, single)
     # Text sampling draws from the document's generator, not the global RNG.
     torch.manual_seed(12345)
-    again = pipe(prompts[:2], images=IMAGES[:2], generator=[seeded(100), seeded(101)], **kwargs)
+    again = pipe(prompts[:2], image=IMAGES[:2], generator=[seeded(100), seeded(101)], **kwargs)
     assert again.text == batch.text[:2]
 
 
 def test_stream_events_tell_the_output(pipe, scripts):
     plans, _ = scripts
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, **FAST)
-    events = list(pipe.stream(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs))
+    events = list(pipe.stream(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs))
     assert all(isinstance(e, DocumentEvent) for e in events)
     assert events[-1].type == "end" and [e.type for e in events].count("end") == 1
     output = events[-1].output
-    called = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    called = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     assert output.text == called.text and output.stop_reasons == called.stop_reasons
     for document in range(len(PROMPTS)):
         mine = [e for e in events if e.document == document]
@@ -192,9 +192,9 @@ def test_static_cache_gives_the_dynamic_cache_tokens(pipe, scripts, sampled):
     else:
         options = dict(generation_kwargs=scripted(plans))
     kwargs = dict(max_new_tokens=10, max_images=2, output_type="np", **options, **FAST)
-    dynamic = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    dynamic = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     static = pipe(
-        PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs
+        PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs
     )
     assert static.text == dynamic.text and static.stop_reasons == dynamic.stop_reasons
     for ours, theirs in zip(static.images, dynamic.images):
@@ -219,7 +219,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
     plans, _ = scripts
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, **FAST)
     widths = Widths(pipe.mllm)
-    out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    out = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     widths.handle.remove()
     batches = [rows for rows, _ in widths.steps]
     assert batches[0] == 3 and batches[-1] == 1 and batches == sorted(batches, reverse=True)  # "Hi" ends at once
@@ -234,7 +234,7 @@ def test_finished_documents_leave_the_dynamic_batch_and_stay_masked_in_the_stati
     del out
 
     widths = Widths(pipe.mllm)
-    pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs)
+    pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], cache_implementation="static", **kwargs)
     widths.handle.remove()
     assert set(widths.steps) == {widths.steps[0]} and widths.steps[0][0] == 4
 
@@ -261,7 +261,7 @@ def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(p
     try:
         out = pipe(
             PROMPTS,
-            images=IMAGES,
+            image=IMAGES,
             generator=[seeded(i) for i in range(4)],
             generation_kwargs=scripted(plans),
             max_new_tokens=12,
@@ -280,11 +280,11 @@ def test_pictures_waiting_at_one_step_are_drawn_decoded_and_read_back_together(p
 def test_a_stream_closed_early_leaves_the_pipeline_usable(pipe, scripts):
     plans, _ = scripts
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
-    stream = pipe.stream(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    stream = pipe.stream(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     first = next(event for event in stream if event.type == "picture")
     stream.close()  # a user pressing "stop"
     assert first.document == 1
-    out = pipe(PROMPTS, images=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
+    out = pipe(PROMPTS, image=IMAGES, generator=[seeded(i) for i in range(4)], **kwargs)
     np.testing.assert_allclose(out.images[1][0], first.image, atol=1e-5)
 
 
@@ -309,10 +309,10 @@ def test_prompts_of_very_different_lengths_are_read_in_groups_and_still_equal_ea
         output_type="np",
         **FAST,
     )
-    batch = pipe(prompts, images=images, generator=[seeded(50 + i) for i in range(3)], **kwargs)
+    batch = pipe(prompts, image=images, generator=[seeded(50 + i) for i in range(3)], **kwargs)
     assert sum(len(i) for i in batch.images) > 0
     for index, prompt in enumerate(prompts):
-        single = pipe(prompt, images=images[index] or None, generator=[seeded(50 + index)], **kwargs)
+        single = pipe(prompt, image=images[index] or None, generator=[seeded(50 + index)], **kwargs)
         assert_same_document(batch, index, single)
 
 
@@ -321,7 +321,7 @@ def test_prompts_of_very_different_lengths_are_read_in_groups_and_still_equal_ea
 
 
 def request(prompt, images, seed, **kwargs) -> DocumentRequest:
-    return DocumentRequest(prompt=prompt, images=images or None, generator=seeded(seed), **kwargs)
+    return DocumentRequest(prompt=prompt, image=images or None, generator=seeded(seed), **kwargs)
 
 
 def written(writer, submitted: dict[int, int], after: dict[int, list]) -> dict:
@@ -364,7 +364,7 @@ def test_a_document_admitted_mid_flight_equals_it_written_alone(pipe, scripts, s
     if not sampled:
         assert [len(outputs[i].images[0]) for i in range(4)] == [1, 2, 0, 0]
     for index, prompt in enumerate(PROMPTS):
-        alone = pipe(prompt, images=IMAGES[index] or None, generator=[seeded(20 + index)], **kwargs)
+        alone = pipe(prompt, image=IMAGES[index] or None, generator=[seeded(20 + index)], **kwargs)
         assert_same_document(outputs[index], 0, alone)
     assert writer.batch.cache_rows == 0  # every document left and freed its rows
 
@@ -388,7 +388,7 @@ def test_documents_that_arrive_while_pictures_are_drawn_join_at_the_next_step(pi
     assert joined == drew + 1
     ends = {e.document: e.output for events in steps for e in events if e.type == "document_end"}
     for document, index, seed in ((first, 0, 0), (arrivals[0], 2, 2)):
-        alone = pipe(PROMPTS[index], images=IMAGES[index] or None, generator=[seeded(seed)], **kwargs)
+        alone = pipe(PROMPTS[index], image=IMAGES[index] or None, generator=[seeded(seed)], **kwargs)
         assert_same_document(ends[document], 0, alone)
 
 
@@ -415,7 +415,7 @@ def test_a_cancelled_document_leaves_and_frees_its_rows_and_the_others_go_on(pip
             if event.type == "document_end":
                 outputs[event.document] = event.output
     for document, index in ((ids[0], 0), (ids[2], 1)):
-        alone = pipe(PROMPTS[index], images=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
+        alone = pipe(PROMPTS[index], image=IMAGES[index] or None, generator=[seeded(index)], **kwargs)
         assert_same_document(outputs[document], 0, alone)
 
 

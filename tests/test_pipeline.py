@@ -136,7 +136,7 @@ def test_text_only_pipeline_saves_and_loads_without_diffusion_parts(shared_pipe,
 def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
     mllm, processor = shared_pipe.mllm, shared_pipe.processor
     image = picture()
-    out = shared_pipe("<image>What is in the picture?", images=image, allow_images=False, max_new_tokens=6)
+    out = shared_pipe("<image>What is in the picture?", image=image, allow_images=False, max_new_tokens=6)
     chat = processor.apply_chat_template(
         [{"role": "user", "content": "<image>What is in the picture?"}], add_generation_prompt=True, tokenize=False
     )
@@ -147,10 +147,10 @@ def test_text_mode_is_generate_on_the_chat_prompt(shared_pipe):
     assert out.text == [expected] and out.documents == [[expected]] and out.images == [[]]
     assert out.stop_reasons == [StopReason.MAX_NEW_TOKENS]
     # A formatted prompt is used as it is; a conversation goes through the template.
-    verbatim = shared_pipe(chat, images=image, allow_images=False, max_new_tokens=6, use_chat_template=False)
+    verbatim = shared_pipe(chat, image=image, allow_images=False, max_new_tokens=6, use_chat_template=False)
     conversation = shared_pipe(
         [{"role": "user", "content": "<image>What is in the picture?"}],
-        images=image,
+        image=image,
         allow_images=False,
         max_new_tokens=6,
     )
@@ -253,7 +253,7 @@ def test_interleaved_reads_prompt_pictures_once_and_each_drawn_picture_once(pipe
     )
     out = pipe(
         "Continue from <image>",
-        images=picture(),
+        image=picture(),
         generation_kwargs=scripted([5, 1003, 7, 1003, 2]),
         generator=seeded(),
         **FAST,
@@ -360,10 +360,10 @@ def test_small_pictures_are_shown_scaled_up_crisply(size, shown):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="<image> and <image>", images=[picture()], allow_images=False), "2 `<image>`"),
-        (dict(prompt="Hi", images=[picture()], allow_images=False), "0 `<image>`"),
-        (dict(prompt="Hi <image>", images=[{"not": "an image"}], allow_images=False), "Unsupported image type"),
-        (dict(prompt="Hi <image>", images=[42], allow_images=False), "Unsupported image type"),
+        (dict(prompt="<image> and <image>", image=[picture()], allow_images=False), "2 `<image>`"),
+        (dict(prompt="Hi", image=[picture()], allow_images=False), "0 `<image>`"),
+        (dict(prompt="Hi <image>", image=[{"not": "an image"}], allow_images=False), "Unsupported image type"),
+        (dict(prompt="Hi <image>", image=[42], allow_images=False), "Unsupported image type"),
         (dict(prompt="a bird", height=15), "divisible by the VAE factor 2"),
         (dict(prompt="a bird", num_inference_steps=0), "positive integer"),
         (dict(prompt="a bird", output_type="latent"), "decoded to be read back"),
@@ -386,7 +386,7 @@ def test_small_pictures_are_shown_scaled_up_crisply(size, shown):
         (dict(prompt="a", generator=[0]), "list of them"),
         (dict(prompt="a", generator=7), "torch.Generator"),
         (dict(prompt=["a", "b"], streamer=object()), "A `streamer` follows one document"),
-        (dict(prompt=["a <image>", "b"], images=[picture()], allow_images=False), "give `images` as 2 lists"),
+        (dict(prompt=["a <image>", "b"], image=[picture()], allow_images=False), "give `image` as 2 lists"),
     ],
 )
 def test_bad_inputs_are_value_errors_that_say_what_to_change(shared_pipe, kwargs, message):

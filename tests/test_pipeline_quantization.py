@@ -35,7 +35,7 @@ def run_all_modes(pipe, goldens):
     image = draw(pipe)
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     picture = (goldens["raw_image_0"].numpy()).astype(np.uint8)
-    text = pipe("<image>\nWhat is it?", images=[picture], allow_images=False, max_new_tokens=4, do_sample=False)
+    text = pipe("<image>\nWhat is it?", image=[picture], allow_images=False, max_new_tokens=4, do_sample=False)
     assert isinstance(text.text[0], str)
     doc = pipe("Tell a story.", max_new_tokens=4, generator=seeded(), **FAST)
     assert doc.stop_reasons[0] in ("eos", "max_new_tokens", "max_images", "context_limit")

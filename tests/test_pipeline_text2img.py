@@ -76,7 +76,7 @@ def test_prompt_with_a_picture_conditions_the_drawing(shared_t2i):
     plain = shared_t2i("a bird", output_type="latent", generator=seeded(), **FAST).images
     with_picture = shared_t2i(
         "a bird like <image>",
-        images=[picture()],
+        image=[picture()],
         output_type="latent",
         generator=seeded(),
         **FAST,
@@ -97,7 +97,7 @@ def test_prompt_with_a_picture_conditions_the_drawing(shared_t2i):
         (dict(prompt="a bird", callback_on_step_end_tensor_inputs=["noise"]), "noise"),
         (dict(prompt=None), "Pass `prompt` or `prompt_embeds`"),
         (dict(prompt=[{"role": "user", "content": "a"}]), "no chat template"),
-        (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 16), images=[picture()]), "`images` go with"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 16), image=[picture()]), "`image` goes with"),
         (dict(prompt="a", latents=torch.zeros(1, 4, 4, 4)), "expected"),
     ],
 )

@@ -56,11 +56,11 @@ class StandIn:
     def set_progress_bar_config(self, **kwargs):
         self.progress_bar = kwargs
 
-    def __call__(self, prompt, images=None, allow_images=True, **kwargs):
+    def __call__(self, prompt, image=None, allow_images=True, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        self.calls.append(dict(prompts=prompts, images=images, allow_images=allow_images, **kwargs))
+        self.calls.append(dict(prompts=prompts, image=image, allow_images=allow_images, **kwargs))
         if not allow_images:
-            return SimpleNamespace(text=[self.answer(p, pictures[0]) for p, pictures in zip(prompts, images)])
+            return SimpleNamespace(text=[self.answer(p, pictures[0]) for p, pictures in zip(prompts, image)])
         if "max_images" in kwargs:
             documents = [self.documents[index % len(self.documents)] for index in range(len(prompts))]
             return SimpleNamespace(documents=documents, stop_reasons=["eos"] * len(prompts))
@@ -181,7 +181,7 @@ def test_question_accuracy_and_its_kinds():
     assert call["max_new_tokens"] == ANSWER_MAX_NEW_TOKENS and "use_chat_template" not in call
     # a user turn of the picture, then the question; the picture is the held-out scene's
     assert call["prompts"][0] == [{"role": "user", "content": [{"type": "image"}, asked[0][1]]}]
-    assert read_scene(call["images"][0][0]) == asked[0][0].scene.canonical()
+    assert read_scene(call["image"][0][0]) == asked[0][0].scene.canonical()
 
     # the right word said, but not first: the first word is the answer
     wrong = StandIn(

@@ -258,14 +258,14 @@ class _StubPipe:
         self.answer, self.draw, self.story = answer, draw, story
         self.calls = []
 
-    def __call__(self, prompt, images=None, allow_images=True, **kwargs):
+    def __call__(self, prompt, image=None, allow_images=True, **kwargs):
         from types import SimpleNamespace
 
         assert "generation_mode" not in kwargs
         prompts = [prompt] if isinstance(prompt, str) else prompt
         self.calls.append(dict(prompts=prompts, allow_images=allow_images, **kwargs))
         if not allow_images:
-            return SimpleNamespace(text=[self.answer(p, i) for p, i in zip(prompts, images)])
+            return SimpleNamespace(text=[self.answer(p, i) for p, i in zip(prompts, image)])
         if self.draw is not None:
             return SimpleNamespace(images=[self.draw(p) for p in prompts])
         return SimpleNamespace(documents=[self.story(p) for p in prompts], stop_reasons=["eos"] * len(prompts))

@@ -59,7 +59,7 @@ def run_demo(
 
     picture = draw_shape(sample_spec(random.Random(seed), colour="blue", shape="triangle"))
     caption = pipe(
-        "<image>", images=[picture], allow_images=False, use_chat_template=False, do_sample=False, max_new_tokens=8
+        "<image>", image=[picture], allow_images=False, use_chat_template=False, do_sample=False, max_new_tokens=8
     ).text[0]
     print(f"[comprehension] a blue triangle -> {caption.strip()!r}")
 

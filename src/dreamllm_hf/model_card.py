@@ -294,7 +294,7 @@ out.save_html("story.html")
 # Text (comprehension): a document without pictures; `<image>` marks where each picture goes.
 from PIL import Image
 image = Image.open("photo.jpg")
-answer = pipe("<image>What is in the picture?", images=[image], allow_images=False).text[0]
+answer = pipe("<image>What is in the picture?", image=[image], allow_images=False).text[0]
 
 # Image (text-to-image, as the original: the caption with no chat template), on the same components.
 text2image = DreamLLMText2ImagePipeline.from_pipe(pipe)
@@ -576,7 +576,7 @@ from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 pipe = DreamLLMPipeline.from_pretrained(DEMO_MODEL_PATH)  # offline, a few MB
 draw = DreamLLMText2ImagePipeline.from_pipe(pipe)  # text-to-image on the same components
 image = draw("{{ draw_example }}", num_inference_steps={{ steps }}, guidance_scale={{ guidance }}).images[0]
-caption = pipe("<image>", images=[image], allow_images=False, use_chat_template=False).text[0]
+caption = pipe("<image>", image=[image], allow_images=False, use_chat_template=False).text[0]
 answer = pipe([{"role": "user", "content": [image, "{{ ask_example }}"]}], allow_images=False).text[0]
 # The generator seeds the story's sampled text and its pictures (seed {{ demo_seed }}: the story of `dreamllm-hf demo`).
 story = pipe(

@@ -90,11 +90,9 @@ def caption_accuracy(pipe, settings: SceneEvaluationSettings, batch_size: int = 
     for start in range(0, len(layouts), batch_size):
         rows = layouts[start : start + batch_size]
         images = [[draw_scene(layout)] for layout in rows]
-        out = pipe(["<image>"] * len(images), images=images, use_chat_template=False, **greedy)
+        out = pipe(["<image>"] * len(images), image=images, use_chat_template=False, **greedy)
         questions = [CAPTION_QUESTIONS[(start + i) % len(CAPTION_QUESTIONS)] for i in range(len(images))]
-        chat = pipe(
-            [[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy
-        )
+        chat = pipe([[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], image=images, **greedy)
         for answer, chat_answer, layout in zip(out.text, chat.text, rows):
             ok = captions_agree(answer, layout.scene)
             right += ok
@@ -118,7 +116,7 @@ def question_accuracy(pipe, settings: SceneEvaluationSettings, batch_size: int =
         rows = asked[start : start + batch_size]
         out = pipe(
             [[{"role": "user", "content": [{"type": "image"}, question]}] for _, question, _ in rows],
-            images=[[draw_scene(layout)] for layout, _, _ in rows],
+            image=[[draw_scene(layout)] for layout, _, _ in rows],
             **greedy,
         )
         for text, (_, question, truth) in zip(out.text, rows):

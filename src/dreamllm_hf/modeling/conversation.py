@@ -26,13 +26,13 @@ _PICTURE_KEYS = ("image", "url", "path")
 
 
 def render_conversation(
-    conversation: list[dict], images: list | None = None, check_pictures: bool = True
+    conversation: list[dict], image: list | None = None, check_pictures: bool = True
 ) -> tuple[list[dict], list]:
     """
     The conversation with every message's content as one string (pictures as `<image>` / `<dream>`), and the pictures
     in reading order. A placeholder without a picture of its own (`{"type": "image"}`, or `<image>` / `<dream>` typed
-    in the text) takes the next picture of `images`. `check_pictures=False` only renders the text: the pictures
-    `images` lacks are left out instead of refused.
+    in the text) takes the next picture of `image`. `check_pictures=False` only renders the text: the pictures
+    `image` lacks are left out instead of refused.
     """
     rendered = []  # (role, [str | ("picture", picture or None)])
     open_slots = 0
@@ -59,11 +59,11 @@ def render_conversation(
             items.append(("picture", value))
         rendered.append((role, items))
 
-    given = list(images or [])
+    given = list(image or [])
     if check_pictures and open_slots != len(given):
         raise ValueError(
             f"The conversation has {open_slots} `<image>`/`<dream>` placeholders without a picture of their own "
-            f"(`<image>` in the text or `{{'type': 'image'}}` parts) but `images` has {len(given)} pictures; give one "
+            f"(`<image>` in the text or `{{'type': 'image'}}` parts) but `image` has {len(given)} pictures; give one "
             "picture per placeholder, or put the pictures in the messages as `{'type': 'image', 'image': picture}`."
         )
     supply = iter(given)

@@ -239,7 +239,7 @@ def run_generate(args: argparse.Namespace) -> int:
             text_to_image.set_progress_bar_config(desc="denoising", leave=False)
             picture = text_to_image(
                 prompt,
-                images=images or None,
+                image=images or None,
                 height=args.height,
                 width=args.width,
                 num_inference_steps=args.steps,
@@ -254,7 +254,7 @@ def run_generate(args: argparse.Namespace) -> int:
             progress = TokenProgressBar(args.max_new_tokens)
             output = pipe(
                 prompt,
-                images=images or None,
+                image=images or None,
                 allow_images=args.mode == "interleaved",
                 height=args.height,
                 width=args.width,

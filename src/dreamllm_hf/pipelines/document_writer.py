@@ -65,13 +65,13 @@ class DocumentRequest:
 
     Args:
         prompt (`str` or `list[dict]`): a user message or a conversation (assistant turns may hold drawn pictures).
-        images (`list`, *optional*): pictures for the placeholders without a picture of their own.
+        image (`list`, *optional*): pictures for the placeholders without a picture of their own.
         generator (`torch.Generator`, *optional*): seeds the document's text sampling and its pictures; a document
             with a generator of its own is the same whether written alone or with others.
     """
 
     prompt: str | list[dict]
-    images: list | None = None
+    image: list | None = None
     use_chat_template: bool = True
     max_new_tokens: int = 256
     max_images: int | None = None
@@ -179,7 +179,7 @@ class DocumentWriter:
         height, width = self._size(request)
         self.pipe.check_inputs(
             request.prompt,
-            request.images,
+            request.image,
             height,
             width,
             request.num_inference_steps,
@@ -210,12 +210,12 @@ class DocumentWriter:
         size = unet.config.sample_size * self.pipe.vae_scale_factor
         return (size if request.height is None else request.height), (size if request.width is None else request.width)
 
-    def encode(self, prompt, images=None, use_chat_template: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, prompt, image=None, use_chat_template: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prompt's ids `[length]` (BOS, chat template, placeholders expanded) and its pictures' CLIP pixel values."""
         if isinstance(prompt, str) and not use_chat_template:
-            text, pictures = prompt, list(images or [])
+            text, pictures = prompt, list(image or [])
         else:
-            text, pictures = self.pipe.chat_prompt_and_images(prompt, images)
+            text, pictures = self.pipe.chat_prompt_and_images(prompt, image)
         encoded = self.pipe.processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
         return encoded["input_ids"][0], encoded.get("pixel_values")
 
@@ -298,7 +298,7 @@ class DocumentWriter:
         if check:
             self.check(request)
         input_ids, pixel_values = (
-            encoded if encoded is not None else self.encode(request.prompt, request.images, request.use_chat_template)
+            encoded if encoded is not None else self.encode(request.prompt, request.image, request.use_chat_template)
         )
         sampling = sampling or self.text_sampling(request)
         request = copy.copy(request)

@@ -201,20 +201,20 @@ class DreamLLMDiffusionMixin:
             f"got {type(prompt).__name__}."
         )
 
-    def _per_prompt_images(self, images, batch_size: int) -> list[list] | None:
-        """`images` as one list per prompt: one prompt takes a picture or a flat list; a batch, one list per prompt."""
-        if images is None:
+    def _per_prompt_images(self, image, batch_size: int) -> list[list] | None:
+        """`image` as one list per prompt: one prompt takes a picture or a flat list; a batch, one list per prompt."""
+        if image is None:
             return None
         if batch_size == 1 and not (
-            isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], (list, tuple))
+            isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))
         ):
-            return [list(images) if isinstance(images, (list, tuple)) else [images]]
-        if not isinstance(images, (list, tuple)) or len(images) != batch_size:
+            return [list(image) if isinstance(image, (list, tuple)) else [image]]
+        if not isinstance(image, (list, tuple)) or len(image) != batch_size:
             raise ValueError(
-                f"With {batch_size} prompts, give `images` as {batch_size} lists (one per prompt, empty for a prompt "
+                f"With {batch_size} prompts, give `image` as {batch_size} lists (one per prompt, empty for a prompt "
                 "without `<image>`)."
             )
-        return [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        return [list(item) if isinstance(item, (list, tuple)) else [item] for item in image]
 
     def _tokenize(self, texts: list[str], images: list[list] | None, device: torch.device):
         """Left-padded ids (BOS + text, placeholders expanded), attention mask and CLIP pixel values (or None)."""
@@ -426,7 +426,7 @@ class DreamLLMDiffusionMixin:
         num_images_per_prompt: int,
         do_classifier_free_guidance: bool,
         negative_prompt: str | list[str] | None = None,
-        images: Any = None,
+        image: Any = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
@@ -463,7 +463,7 @@ class DreamLLMDiffusionMixin:
                 )
         cond_texts = self._as_prompt_list(prompt) if prompt_embeds is None else []
         batch_size = len(cond_texts) if prompt_embeds is None else prompt_embeds.shape[0]
-        cond_images = self._per_prompt_images(images, len(cond_texts)) if cond_texts else None
+        cond_images = self._per_prompt_images(image, len(cond_texts)) if cond_texts else None
 
         uncond_texts = []
         if do_classifier_free_guidance and negative_prompt_embeds is None:

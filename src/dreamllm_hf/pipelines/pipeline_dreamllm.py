@@ -54,7 +54,7 @@ EXAMPLE_DOC_STRING = """
         ...     if event.type == "text":
         ...         print(event.document, event.text)
         >>> # A text answer is a document without pictures:
-        >>> answer = pipe("<image>What is in the picture?", images=[out.images[0][0]], allow_images=False).text[0]
+        >>> answer = pipe("<image>What is in the picture?", image=[out.images[0][0]], allow_images=False).text[0]
         ```
 """
 
@@ -63,7 +63,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     r"""
     DreamLLM (arXiv 2309.11499): a multimodal LLM that reads and draws pictures, with a Stable Diffusion decoder.
 
-    `__call__` writes documents: the prompt (with `<image>` placeholders and `images`) goes through the Vicuna chat
+    `__call__` writes documents: the prompt (with `<image>` placeholders and `image`) goes through the Vicuna chat
     template; the model writes, and every `<dream_start>` it emits becomes a picture (`allow_images=False`: a text
     answer). All documents of a call are written together, one forward per decode step; `stream` hands out the events
     as they happen. For text-to-image use [`DreamLLMText2ImagePipeline`] (`DreamLLMText2ImagePipeline.from_pipe(pipe)`
@@ -125,25 +125,25 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         """Positions one drawn picture takes: its dream block (Q + 2) and its CLIP block (N + 2)."""
         return len(self.processor.drawn_picture_ids)
 
-    def format_chat_prompt(self, prompt: str | list[dict], images: list | None = None) -> str:
+    def format_chat_prompt(self, prompt: str | list[dict], image: list | None = None) -> str:
         """
         The chat-template prompt (Vicuna v1.1 for the release) of a user message (a string) or a conversation (a list
         of `{"role", "content"}` dicts, see `__call__`), ending in `"ASSISTANT:"` so that the model answers. Pictures
         are `<image>` (read) in user turns and `<dream>` (drawn) in assistant turns; `chat_prompt_and_images` also
         returns the pictures.
         """
-        return self.chat_prompt_and_images(prompt, images, check_pictures=images is not None)[0]
+        return self.chat_prompt_and_images(prompt, image, check_pictures=image is not None)[0]
 
     def chat_prompt_and_images(
-        self, prompt: str | list[dict], images: list | None = None, check_pictures: bool = True
+        self, prompt: str | list[dict], image: list | None = None, check_pictures: bool = True
     ) -> tuple[str, list]:
         """
         `format_chat_prompt(prompt)` and its pictures in reading order: those inside the messages, and those of
-        `images` for placeholders without a picture of their own (`<image>` in a string, `{"type": "image"}`), one
+        `image` for placeholders without a picture of their own (`<image>` in a string, `{"type": "image"}`), one
         per placeholder (`check_pictures=False`: the text only, missing pictures left out).
         """
         conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages, pictures = render_conversation(conversation, images, check_pictures=check_pictures)
+        messages, pictures = render_conversation(conversation, image, check_pictures=check_pictures)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, pictures
 
@@ -153,7 +153,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     def check_inputs(
         self,
         prompt,
-        images,
+        image,
         height,
         width,
         num_inference_steps,
@@ -229,7 +229,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | list[dict] | None = None,
-        images: Any = None,
+        image: Any = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -271,8 +271,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 read; pictures in assistant turns were drawn, and the turn is rebuilt into the token stream the model
                 wrote (dream block, the picture read back, `</s>`), so a conversation continued in a new call reads as
                 one long call. Pass `use_chat_template=False` to give an already formatted prompt string as it is.
-                `<image>` marks where a picture of `images` goes.
-            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a list of those, *optional*):
+                `<image>` marks where a picture of `image` goes.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a list of those, *optional*):
                 The pictures for the `<image>` placeholders and the `{"type": "image"}` parts without a picture: for
                 one prompt one picture or a list; for several prompts one list per prompt (empty for a prompt without
                 any).
@@ -363,7 +363,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         # 1. Check inputs
         self.check_inputs(
             prompt,
-            images,
+            image,
             height,
             width,
             num_inference_steps,
@@ -397,7 +397,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
         if cache_implementation is None and self.mllm.generation_config.cache_implementation in CACHE_IMPLEMENTATIONS:
             cache_implementation = self.mllm.generation_config.cache_implementation
         writer = DocumentWriter(self, cache_implementation=cache_implementation, streamer=streamer)
-        per_prompt_images = self._per_prompt_images(images, len(prompts))
+        per_prompt_images = self._per_prompt_images(image, len(prompts))
         negatives = (
             list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
         )
@@ -408,7 +408,7 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 number = index * num_images_per_prompt + copy
                 request = DocumentRequest(
                     prompt=item,
-                    images=given,
+                    image=given,
                     use_chat_template=use_chat_template,
                     max_new_tokens=max_new_tokens,
                     max_images=max_images,
@@ -431,8 +431,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
                 )
                 requests.append((index, request))
         encoded = [
-            writer.encode(item, images, use_chat_template)
-            for item, images in zip(prompts, per_prompt_images or [None] * len(prompts))
+            writer.encode(item, pictures, use_chat_template)
+            for item, pictures in zip(prompts, per_prompt_images or [None] * len(prompts))
         ]
         text_sampling = writer.text_sampling(requests[0][1])
         for index, request in requests:

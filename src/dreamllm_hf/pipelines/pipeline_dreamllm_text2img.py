@@ -74,7 +74,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
     def check_inputs(
         self,
         prompt,
-        images,
+        image,
         height,
         width,
         num_inference_steps,
@@ -105,9 +105,9 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
         checks.NUM_IMAGES_PER_PROMPT.check("num_images_per_prompt", num_images_per_prompt)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or `prompt_embeds`.")
-        if prompt is None and images is not None:
+        if prompt is None and image is not None:
             raise ValueError(
-                "`images` go with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
+                "`image` goes with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
                 "pictures are already in the conditioning."
             )
         if prompt is not None and prompt_embeds is not None:
@@ -192,7 +192,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        images=None,
+        image=None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -220,8 +220,8 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
         Args:
             prompt (`str` or `list[str]`, *optional*):
                 The caption(s), tokenized as BOS + caption with no chat template (as the original). `<image>` marks
-                where a picture of `images` goes. Give `prompt` or `prompt_embeds`.
-            images (`PIL.Image.Image`, `list` or `list[list]`, *optional*):
+                where a picture of `image` goes. Give `prompt` or `prompt_embeds`.
+            image (`PIL.Image.Image`, `list` or `list[list]`, *optional*):
                 Pictures for the `<image>` placeholders: for one prompt one picture or a list; for several prompts one
                 list per prompt.
             height (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
@@ -287,7 +287,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
         # 1. Check inputs
         self.check_inputs(
             prompt,
-            images,
+            image,
             height,
             width,
             num_inference_steps,
@@ -324,7 +324,7 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
                 num_images_per_prompt,
                 self.do_classifier_free_guidance,
                 negative_prompt,
-                images,
+                image,
                 prompt_embeds,
                 negative_prompt_embeds,
                 pooled_prompt_embeds,
@@ -355,15 +355,15 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
 
         # 7. Decode and postprocess
         if output_type == "latent":
-            image = latents
+            pictures = latents
         else:
-            image = self._postprocess(self._decode(latents, generator), output_type)
+            pictures = self._postprocess(self._decode(latents, generator), output_type)
 
         # Offload all models
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+            return (pictures,)
+        return ImagePipelineOutput(images=pictures)
 
 
 __all__ = ["DreamLLMText2ImagePipeline"]

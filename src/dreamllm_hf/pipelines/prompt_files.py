@@ -347,7 +347,7 @@ def generate_batch(
     images = [record.load_images() for record in batch]
     events = pipe.stream(
         prompt=[record.model_prompt for record in batch],
-        images=images if any(images) else None,
+        image=images if any(images) else None,
         # One generator per document, seeded by the document alone: its output does not depend on the batching.
         generator=[torch.Generator(device="cpu").manual_seed(record.seed) for record in batch],
         output_type="pil",

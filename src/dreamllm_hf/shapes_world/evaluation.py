@@ -84,11 +84,9 @@ def caption_accuracy(pipe, settings: DemoEvaluationSettings, batch_size: int = 3
     for start in range(0, len(pictures), batch_size):
         rows = pictures[start : start + batch_size]
         images = [[image] for image in rows["image"]]
-        out = pipe(["<image>"] * len(images), images=images, use_chat_template=False, **greedy)
+        out = pipe(["<image>"] * len(images), image=images, use_chat_template=False, **greedy)
         questions = [CAPTION_QUESTIONS[(start + i) % len(CAPTION_QUESTIONS)] for i in range(len(images))]
-        chat = pipe(
-            [[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], images=images, **greedy
-        )
+        chat = pipe([[{"role": "user", "content": [{"type": "image"}, q]}] for q in questions], image=images, **greedy)
         for answer, chat_answer, colour, shape in zip(out.text, chat.text, rows["colour"], rows["shape"]):
             ok = caption_is_right(answer, colour, shape)
             right += ok

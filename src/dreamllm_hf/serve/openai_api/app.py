@@ -29,7 +29,7 @@ DISCONNECT_POLL_S = 0.25
 _CHAT_NAMES = {
     "max_new_tokens": "max_tokens",
     "prompt": "messages",
-    "images": "messages",
+    "image": "messages",
     "allow_images": "modalities",
 }
 _IMAGE_NAMES = {"num_images_per_prompt": "n"}
