@@ -23,7 +23,7 @@ from dreamllm_hf.pipelines.picture_batch import PictureBatch, PictureRequest
 
 
 def alone(pipe, index, seed, **kwargs):
-    return pipe(PROMPTS[index], images=IMAGES[index] or None, generator=[seeded(seed)], **kwargs)
+    return pipe(PROMPTS[index], image=IMAGES[index] or None, generator=[seeded(seed)], **kwargs)
 
 
 def unet_batches(pipe):
