@@ -109,7 +109,9 @@ def test_the_others_write_on_while_a_picture_is_drawn_and_pictures_of_different_
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np")
     kwargs.update(num_inference_steps=steps, guidance_scale=3.5)
     writer = DocumentWriter(pipe, denoising="continuous")
-    ids = {writer.submit(request(PROMPTS[i], IMAGES[i], i, **kwargs)): i for i in (0, 1, 2)}
+    # Two documents that draw and three text-only ones: more write than wait, so the text goes on beside the pictures.
+    order = (0, 1, 2, 2, 2)
+    ids = {writer.submit(request(PROMPTS[i], IMAGES[i], seed, **kwargs)): (i, seed) for seed, i in enumerate(order)}
     sizes, hook = unet_batches(pipe)
     events = []
     try:
@@ -117,17 +119,38 @@ def test_the_others_write_on_while_a_picture_is_drawn_and_pictures_of_different_
             events.extend(writer.step())
     finally:
         hook.remove()
-    document = {i: d for d, i in ids.items()}
-    started = next(k for k, e in enumerate(events) if e.type == "picture_start" and e.document == document[0])
-    drawn = next(k for k, e in enumerate(events) if e.type == "picture" and e.document == document[0])
-    between = [e for e in events[started:drawn] if e.type == "text" and e.document == document[2]]
-    assert between, "the text-only document wrote nothing while document 0's picture was drawn"
+    first = next(d for d, (i, _) in ids.items() if i == 0)
+    texts = {d for d, (i, _) in ids.items() if i == 2}
+    started = next(k for k, e in enumerate(events) if e.type == "picture_start" and e.document == first)
+    drawn = next(k for k, e in enumerate(events) if e.type == "picture" and e.document == first)
+    between = [e for e in events[started:drawn] if e.type == "text" and e.document in texts]
+    assert between, "the text-only documents wrote nothing while document 0's picture was drawn"
     # Three pictures (document 0 asks at its 3rd step, document 1 at its 2nd and 3rd): drawn one after the other
     # they take 3 * steps UNet calls; sharing calls, fewer, some of them holding two pictures (4 rows).
     assert len(sizes) < 3 * steps and max(sizes) == 4
     outputs = {ids[e.document]: e.output for e in events if e.type == "document_end"}
-    for index in (0, 1, 2):
-        assert_same_document(outputs[index], 0, alone(pipe, index, index, **kwargs))
+    for (index, seed), output in outputs.items():
+        assert_same_document(output, 0, alone(pipe, index, seed, **kwargs))
+
+
+def test_while_pictures_are_drawn_text_waits_when_as_many_wait_as_write(pipe, scripts):
+    plans, _ = scripts
+    kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np", **FAST)
+    kwargs["num_inference_steps"] = 5
+    writer = DocumentWriter(pipe, denoising="continuous")
+    drawing = writer.submit(request(PROMPTS[0], IMAGES[0], 0, **kwargs))
+    text = writer.submit(request(PROMPTS[2], IMAGES[2], 2, **kwargs))
+    steps = []
+    while writer.has_work:
+        steps.append(writer.step())
+    started = next(k for k, events in enumerate(steps) if any(e.type == "picture_start" for e in events))
+    drawn = next(k for k, events in enumerate(steps) if any(e.type == "picture" for e in events))
+    assert drawn - started == 4  # the picture's other 4 denoising steps, one per writer step
+    # One writes and one waits: the text-only document keeps in step with the drawing one instead of writing alone.
+    assert not any(e.document == text for events in steps[started + 1 : drawn] for e in events)
+    ends = {e.document: e.output for events in steps for e in events if e.type == "document_end"}
+    assert_same_document(ends[drawing], 0, alone(pipe, 0, 0, **kwargs))
+    assert_same_document(ends[text], 0, alone(pipe, 2, 2, **kwargs))
 
 
 def test_a_document_cancelled_while_it_waits_drops_its_picture_and_frees_its_row(pipe, scripts):

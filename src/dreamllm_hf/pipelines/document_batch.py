@@ -224,6 +224,12 @@ class DocumentBatch:
             return bool(self._queued) or any(d.stop_reason is None for d in self.rows)
 
     @property
+    def has_arrivals(self) -> bool:
+        """Whether documents were added or cancelled since the last step (the next step admits or drops them)."""
+        with self._lock:
+            return bool(self._queued) or bool(self._cancelled)
+
+    @property
     def live_documents(self) -> list[int]:
         """The documents being written (in the cache, not finished), in row order."""
         return [d.id for d in self.rows if d.stop_reason is None]

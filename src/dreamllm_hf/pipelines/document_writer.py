@@ -8,11 +8,14 @@ How pictures are drawn is the writer's `denoising`:
   [`DreamLLMText2ImagePipeline`] from their dream embeddings (one UNet batch per equal drawing settings), and the batch
   goes on when they are read. A document's picture is exactly the text-to-image drawing from the same conditioning and
   generator.
-* `"continuous"` (what the server uses): a picture joins a running [`PictureBatch`], and each `step()` runs one text
-  step of the documents that are not waiting for a picture and one denoising step of every picture being drawn (one
-  UNet call for all of them, each at its own timestep). A document waits, out of the text steps, until its picture is
-  drawn and read; the others write on meanwhile, and pictures asked for at different steps share the UNet's batches.
-  Each picture goes through the same operations as the text-to-image drawing, so it equals it within float rounding.
+* `"continuous"` (what the server uses): a picture joins a running [`PictureBatch`], and each `step()` runs one
+  denoising step of every picture being drawn (one UNet call for all of them, each at its own timestep) and one text
+  step of the documents that are not waiting for a picture. A document waits, out of the text steps, until its picture
+  is drawn and read; pictures asked for at different steps share the UNet's batches. A text step costs about as much
+  for one document as for eight, so while pictures are drawn it is taken only when at least as many documents write
+  as wait (or documents were added or cancelled): fewer would write alone, out of step with the waiting ones, whose text would then
+  need steps of its own. Each picture goes through the same operations as the text-to-image drawing, so it equals it
+  within float rounding.
 """
 
 import copy
@@ -340,6 +343,10 @@ class DocumentWriter:
     def step_parts(self) -> Iterator[list[DocumentEvent]]:
         """`step()` in the order things happen: first the step's text and `"picture_start"` events, then (after the
         pictures are drawn) the `"picture"` events and the ends, so that a reader sees the text before the drawing."""
+        drawing = self._pictures is not None and len(self._pictures) > 0
+        if drawing and not self._text_step_due():
+            yield from self._denoise_and_read()
+            return
         result = self.batch.step()
         yield self._done(result.events)
         if result.pictures is not None and self._pictures is None:
@@ -349,9 +356,17 @@ class DocumentWriter:
         elif result.pictures is not None:
             self._start_pictures(result.pictures)
         if self._pictures is not None and len(self._pictures):
-            documents, pictures, shown = self._denoise_step()
-            if documents:
-                yield self._done(self.batch.read_pictures(documents, pictures, shown))
+            yield from self._denoise_and_read()
+
+    def _text_step_due(self) -> bool:
+        """Continuous denoising, pictures being drawn: whether this step also writes text (see the module's notes)."""
+        waiting = len(self.batch.waiting_documents)
+        return self.batch.has_arrivals or len(self.batch.live_documents) - waiting > waiting
+
+    def _denoise_and_read(self) -> Iterator[list[DocumentEvent]]:
+        documents, pictures, shown = self._denoise_step()
+        if documents:
+            yield self._done(self.batch.read_pictures(documents, pictures, shown))
 
     def _done(self, events: list[DocumentEvent]) -> list[DocumentEvent]:
         for event in events:
