@@ -38,8 +38,8 @@ class EngineClosed(RuntimeError):
 @dataclass
 class DenoisingStep:
     """A step of the picture a document is drawing (only in streams submitted with `denoising_progress=True`):
-    `step` of `total` UNet steps are done. Sent live, while the UNet runs, so it comes before the events of the writer
-    step that draws the picture (that picture's `"picture_start"` included) and after those of the step before."""
+    `step` of `total` UNet steps are done. Sent live, as each denoising step of the picture is done: after the
+    document's `"picture_start"` and before its `"picture"`."""
 
     document: int
     step: int
