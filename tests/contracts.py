@@ -219,6 +219,31 @@ class ModelContract:
         torch.testing.assert_close(picked.pooler_output, output.pooler_output)
         assert forward.hidden_states[1] is not None
 
+    def test_the_configs_output_hidden_states_reaches_the_vision_tower(self):
+        """`output_hidden_states=True` said by the DreamLLM config alone (as `from_pretrained(..., output_hidden_states=
+        True)` sets it) reaches the tower, whose own config says nothing: every hidden state comes back, the one the
+        projector reads among them (it was dropped, and the forward failed on it)."""
+        config = self.get_config()
+        config.output_hidden_states = True
+        model = tiny_model(config)
+        ids = torch.tensor([self.prompt(config, [5])])
+        with torch.no_grad():
+            tower = model(input_ids=ids, pixel_values=self.pixels(config, 1)).image_outputs
+        layers = config.vision_config.num_hidden_layers
+        assert len(tower.hidden_states) == layers + 1 and all(h is not None for h in tower.hidden_states)
+
+    def test_weights_missing_from_a_checkpoint_get_their_backbones_init(self, model):
+        """Weights a checkpoint lacks are initialized as their backbone initializes them: CLIP sets the spread of its
+        attention and MLP layers from the parent module, which was skipped (they kept a bare Linear's 0.02)."""
+        config = model.config
+        loaded = type(model).from_pretrained(None, config=config, state_dict={})
+        reference = AutoModel.from_config(config.vision_config)
+        expected = {name: p.std() for name, p in reference.named_parameters() if p.ndim >= 2}
+        spreads = {name: p.std() for name, p in loaded.model.vision_tower.named_parameters() if name in expected}
+        assert spreads.keys() == expected.keys()
+        off = {name: (float(spreads[name]), float(std)) for name, std in expected.items()}
+        assert all(0.7 < got / want < 1.4 for got, want in off.values()), off
+
     def test_get_dream_embeddings_returns_one_output(self, model):
         config = model.config
         with torch.no_grad():
@@ -276,6 +301,16 @@ class ModelContract:
             input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False, use_cache=False
         )
         assert torch.equal(cached, uncached)
+
+    def test_assisted_decoding_of_a_prompt_with_a_picture_matches_greedy(self, model):
+        """`generate` gives the pictures to its first forward only, never to an assistant model, whose own cache
+        starts empty all the same: the assistant's first forward must get them too (it was refused)."""
+        config = model.config
+        ids = torch.tensor([self.prompt(config, [5, 6])])
+        kwargs = dict(input_ids=ids, pixel_values=self.pixels(config, 1), max_new_tokens=6, do_sample=False)
+        greedy = model.generate(**kwargs)
+        assisted = model.generate(**kwargs, assistant_model=model)
+        assert torch.equal(assisted, greedy)
 
     def test_left_padded_batch_generates_as_each_row_alone(self, model):
         config = model.config
@@ -553,6 +588,12 @@ class ProcessorContract:
         parameters = inspect.signature(type(processor).__call__).parameters.values()
         explicit = [p for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
         assert [p.name for p in explicit] == ["images", "text"] and all(p.default is None for p in explicit)
+
+    def test_call_arguments_are_typed(self, processor):
+        """transformers' `ProcessorTesterMixin` finds a processor's inputs by their annotations: an untyped `images`
+        made it skip its test of a batch mixing prompts with and without pictures."""
+        parameters = inspect.signature(type(processor).__call__).parameters
+        assert all(parameters[name].annotation is not inspect.Parameter.empty for name in ("images", "text"))
 
     def test_image_processor_kwargs_reach_the_image_processor(self, processor):
         picture = random_picture()

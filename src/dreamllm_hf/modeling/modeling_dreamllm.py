@@ -141,6 +141,14 @@ class DreamLLMPreTrainedModel(PreTrainedModel):
     # A decode step (no image, no block scan) compiles as one graph; see `_has_cached_tokens`.
     _can_compile_fullgraph = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers takes any model defined outside it for code whose `_init_weights` may overwrite loaded weights,
+        # and then marks every module without parameters of its own as initialized unseen: the CLIP tower's attention
+        # and MLP layers, which CLIP initializes from the parent module, kept the generic init when missing from a
+        # checkpoint. Ours uses only the guarded `torch.nn.init` functions, as the library's models do.
+        return cls.is_remote_code()
+
     def _init_weights(self, module):
         if isinstance(module, DreamQueries):
             std = getattr(self.config.get_text_config(), "initializer_range", None) or 0.02
@@ -243,7 +251,10 @@ class DreamLLMModel(DreamLLMPreTrainedModel):
         asked = kwargs.get("output_hidden_states")
         if asked is None:
             asked = self.config.output_hidden_states or self.vision_tower.config.output_hidden_states
-        if asked is not True:
+        if asked is True:
+            # Said by the DreamLLM config only, it must still reach the tower, whose own config says nothing.
+            kwargs["output_hidden_states"] = True
+        else:
             # Only the hidden states asked for by index (transformers 5 selects them so) and the one that is read are
             # kept; the tower runs its own forward, so its layers, hooks and checkpointing are its own.
             selected = [] if asked is False or asked is None else [asked] if isinstance(asked, int) else list(asked)
@@ -628,6 +639,35 @@ class DreamLLMForConditionalGeneration(DreamLLMPreTrainedModel, GenerationMixin)
                 `pixel_values`, `cache` and what goes to the language model.
         """
         return self.model.get_dream_embeddings(input_ids, attention_mask=attention_mask, **kwargs)
+
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        pixel_values: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            pixel_values=pixel_values,
+            **kwargs,
+        )
+        # `generate` gives the pictures to its first forward only, and never to an assistant model (assisted
+        # decoding), though the assistant's cache starts empty too. Any forward that reads the image blocks from the
+        # start gets them: this model refuses an image block without its picture.
+        if pixel_values is not None and not _has_cached_tokens(cache):
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs
 
     @can_return_tuple
     @auto_docstring

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
-from transformers.image_utils import load_image
+from transformers.image_utils import ImageInput, load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import PaddingStrategy
 
@@ -144,7 +144,12 @@ class DreamLLMProcessor(ProcessorMixin):
                 "use the processor saved with this model."
             )
 
-    def __call__(self, images=None, text: str | list[str] | None = None, **kwargs: Unpack[DreamLLMProcessorKwargs]):
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: str | list[str] | None = None,
+        **kwargs: Unpack[DreamLLMProcessorKwargs],
+    ):
         r"""
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those, *optional*):
