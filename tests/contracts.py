@@ -478,6 +478,31 @@ class PipelineContract:
         assert_same_output(self.items(outputs[1]), self.items(outputs[0]))
         assert differs(self.items(pipe(**self.get_dummy_inputs(pipe, 0))), self.items(outputs[0]))
 
+    def test_callback_gets_the_called_pipeline_whose_guidance_and_interrupt_steer_the_loop(self, pipe):
+        seen = []
+
+        def raise_guidance(pipeline, step, timestep, callback_kwargs):
+            seen.append((pipeline, step, pipeline.guidance_scale))
+            pipeline._guidance_scale += 1.0
+            return {}
+
+        inputs = self.get_dummy_inputs(pipe)
+        start = inputs.get("guidance_scale", 7.5)
+        steered = pipe(**inputs, callback_on_step_end=raise_guidance)
+        assert seen and all(called is pipe for called, _, _ in seen)
+        assert [g for _, _, g in seen] == [start + step for _, step, _ in seen]  # each step saw the last one's change
+        assert differs(self.items(steered), self.items(pipe(**self.get_dummy_inputs(pipe))))
+
+        seen.clear()
+
+        def stop(pipeline, step, timestep, callback_kwargs):
+            seen.append((pipeline, step, None))
+            pipeline._interrupt = True
+            return {}
+
+        pipe(**self.get_dummy_inputs(pipe), callback_on_step_end=stop)
+        assert seen and all(step == 0 for _, step, _ in seen)  # every loop left after its first step
+
     def test_model_cpu_offload_runs_twice(self, fresh_pipe):
         pipe = fresh_pipe
         expected = pipe(**self.get_dummy_inputs(pipe))

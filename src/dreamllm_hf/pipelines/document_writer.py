@@ -499,7 +499,17 @@ class DocumentWriter:
         given, report = request.callback_on_step_end, self.on_denoising_step
 
         def callback(pipeline, step, timestep, callback_kwargs):
-            outputs = given(pipeline, step, timestep, callback_kwargs) if given is not None else {}
+            outputs = {}
+            if given is not None:
+                # As in diffusers, the callback gets the pipeline that was called, showing the drawing's state; what it
+                # sets there (`_guidance_scale`, `_interrupt`) steers the drawing.
+                called = self.pipe
+                called._num_timesteps = pipeline.num_timesteps
+                called._guidance_scale, called._guidance_rescale = pipeline.guidance_scale, pipeline.guidance_rescale
+                outputs = given(called, step, timestep, callback_kwargs)
+                pipeline._guidance_scale, pipeline._guidance_rescale = called.guidance_scale, called.guidance_rescale
+                if getattr(called, "_interrupt", False):
+                    pipeline._interrupt = True
             if report is not None:
                 report(documents, step + 1, pipeline.num_timesteps)
             if self.batch.all_cancelled(documents):
