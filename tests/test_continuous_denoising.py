@@ -194,3 +194,5 @@ def test_a_continuous_writer_refuses_a_step_callback_and_names_the_other_mode(pi
         writer.submit(bad)
     with pytest.raises(ValueError, match="Unknown denoising 'later'"):
         DocumentWriter(pipe, denoising="later")
+    with pytest.raises(ValueError, match="needs the dynamic cache"):
+        DocumentWriter(pipe, cache_implementation="static", denoising="continuous")

@@ -5,7 +5,8 @@ and join the batch at the next `step()`: their prompts are read (prefilled) and 
 key/value cache. Each `step()` samples one token per document and feeds it back. When documents emit `<dream_start>`
 in a step, `step()` hands back their dream embeddings (one language-model pass over their rows) as a
 [`PicturesNeeded`]; whoever drives the batch draws those pictures with the UNet and gives them back to
-`read_pictures()`, which reads them through CLIP into the same rows. Finished or cancelled documents leave the batch
+`read_pictures()`, which reads them through CLIP into the same rows. Until then those documents wait, out of the
+steps, while the others go on (at once, or many steps later: the driver decides). Finished or cancelled documents leave the batch
 and free their rows. The batch never calls a pipeline.
 
 The cache's rows are right-aligned: every document's tokens end at the same column, shorter documents being padded on
@@ -13,7 +14,8 @@ the left (masked, positions from the count of real tokens, as with left-padded p
 `Q + 2 + 1 + N` positions to each document that draws it; its row is rewritten `K` columns further left, into its own
 padding, and the cache grows on the left only when a row has no padding left. So the cache is never longer than the
 longest document, at the price of copying the drawing rows (and, when it grows, the whole cache) once per picture
-event. Documents that finish leave the batch with a dynamic cache (the cache is trimmed to the longest remaining one);
+event. (Documents that wait for pictures while others write take masked columns meanwhile; they are trimmed away
+when a document leaves.) Documents that finish leave the batch with a dynamic cache (the cache is trimmed to the longest remaining one);
 with a static cache they stay, masked, so that every decode step keeps the shapes the compiled step was built for, and
 documents added while a static batch runs wait until it is empty.
 
@@ -116,7 +118,6 @@ class _Document:
     stop_reason: str | None = None
     waiting: bool = False  # for its picture: out of the steps until `read_pictures` gives it
 
-
     @property
     def prompt_length(self) -> int:
         return int(self.input_ids.shape[0])
@@ -164,7 +165,7 @@ class DocumentBatch:
         self._queued: list[_Document] = []
         self._cancelled: set[int] = set()
         self.rows: list[_Document] = []  # the documents in the cache, in row order
-        self._waiting: list[_Document] = []  # asked for a picture in the current step
+        self._asking: list[_Document] = []  # asked for a picture in the current step
         self._parked: dict[int, _Parked] = {}  # the documents waiting for their pictures, by id
         self._needs_decode = False
         self.cache = self.mask = self.ids = None
@@ -235,6 +236,11 @@ class DocumentBatch:
         return [d.id for d in self.rows if d.stop_reason is None]
 
     @property
+    def waiting_documents(self) -> list[int]:
+        """The documents waiting for their pictures (asked for in `PicturesNeeded`, not yet given to `read_pictures`)."""
+        return list(self._parked)
+
+    @property
     def cache_rows(self) -> int:
         """Rows the cache holds (finished documents leave a dynamic cache; a static one keeps them, masked)."""
         return len(self.rows)
@@ -261,15 +267,10 @@ class DocumentBatch:
         for document, token in zip(live, tokens):
             events.extend(self._take_token(document, token))
         pictures = None
-        if self._waiting:
-            pictures = self._dream_embeddings(self._waiting)
-            self._waiting = []
+        if self._asking:
+            pictures = self._dream_embeddings(self._asking)
+            self._asking = []
         return StepResult(events + self._end_step(live), pictures)
-
-    @property
-    def waiting_documents(self) -> list[int]:
-        """The documents waiting for their pictures (asked for in `PicturesNeeded`, not yet given to `read_pictures`)."""
-        return list(self._parked)
 
     @torch.no_grad()
     def read_pictures(self, documents: list[int], pictures: list, shown: list | None = None) -> list[DocumentEvent]:
@@ -292,8 +293,7 @@ class DocumentBatch:
             cancelled = set(documents) & self._cancelled
             self._cancelled -= cancelled
         events, read = [], []
-        for group in _groups([self._parked[d] for d in documents], lambda parked: parked):
-            parked = group[0]
+        for parked, _ in _groups([self._parked[d] for d in documents], lambda parked: parked):
             chosen = [i for i, d in enumerate(documents) if self._parked[d] is parked]
             waiting = [next(w for w in parked.documents if w.id == documents[i]) for i in chosen]
             added = self._read_group(parked, waiting, features[chosen])
@@ -383,7 +383,7 @@ class DocumentBatch:
             elif document.stream_length + self.block_length > self.context:
                 self._finish(document, StopReason.CONTEXT_LIMIT)
             else:
-                self._waiting.append(document)
+                self._asking.append(document)
                 return [DocumentEvent(type="picture_start", document=document.id, index=document.pictures)]
         else:
             document.text_tokens.append(token)

@@ -139,6 +139,13 @@ class DocumentWriter:
     ):
         if denoising not in DENOISING_MODES:
             raise ValueError(f"Unknown denoising {denoising!r}; choose one of {DENOISING_MODES}.")
+        if denoising == "continuous" and cache_implementation == "static":
+            # Documents that wait for pictures while others write drift apart in the rows' columns; a fixed-width cache
+            # could not hold the drift.
+            raise ValueError(
+                "denoising='continuous' needs the dynamic cache (cache_implementation=None or 'dynamic'): documents "
+                "wait for their pictures while others write, and a static cache's fixed width cannot follow them."
+            )
         self.pipe = pipe
         self.batch = DocumentBatch(pipe.mllm, pipe.processor, cache_implementation, streamer)
         self.on_denoising_step = on_denoising_step
