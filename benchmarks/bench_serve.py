@@ -376,7 +376,11 @@ def main() -> None:
     requests = workload()
     if args.no_pictures:
         requests = [dataclasses.replace(r, pictures=False, max_tokens=96) for r in requests]
-    settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "max_images": args.max_images}
+    settings = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "max_images": args.max_images,
+    }
     process, ray_url = None, None
     if args.base_url is None:
         base_url, process = start_server(args.model, max_queue=64, threads=args.threads)

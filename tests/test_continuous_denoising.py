@@ -4,22 +4,31 @@ alone (the pipeline, whose pictures are text-to-image calls)."""
 
 import numpy as np
 import pytest
-from test_document_batch import (  # noqa: F401 (fixtures)
+from test_document_batch import (
     IMAGES,
     PROMPTS,
     SmallVocabulary,
     assert_same_document,
-    pipe,
     request,
+    script_plans,
     scripted,
-    scripts,
     written,
 )
-from test_pipeline import FAST, picture, seeded
+from test_pipeline import FAST, load_pipeline, picture, seeded
 from transformers import LogitsProcessorList
 
 from dreamllm_hf.pipelines import DocumentWriter, DreamLLMText2ImagePipeline, StopReason
 from dreamllm_hf.pipelines.picture_batch import PictureBatch, PictureRequest
+
+
+@pytest.fixture(scope="module")
+def pipe(converted_tiny):
+    return load_pipeline(converted_tiny)
+
+
+@pytest.fixture(scope="module")
+def scripts(pipe):
+    return script_plans(pipe)
 
 
 def alone(pipe, index, seed, **kwargs):
@@ -53,9 +62,7 @@ def test_a_picture_batch_draws_what_text_to_image_draws_alone_whatever_else_it_h
             **setting,
         )
         expected.append(drawn.images[0])
-        requests.append(
-            PictureRequest(embeds, negative, height=size, width=size, generator=seeded(seed), **setting)
-        )
+        requests.append(PictureRequest(embeds, negative, height=size, width=size, generator=seeded(seed), **setting))
     batch, finished = PictureBatch(pipe), {}
     sizes, hook = unet_batches(pipe)
     try:
@@ -101,9 +108,7 @@ def test_documents_admitted_mid_flight_equal_each_alone_with_continuous_denoisin
     assert writer.batch.cache_rows == 0 and len(writer._pictures) == 0
 
 
-def test_the_others_write_on_while_a_picture_is_drawn_and_pictures_of_different_steps_share_unet_calls(
-    pipe, scripts
-):
+def test_the_others_write_on_while_a_picture_is_drawn_and_pictures_of_different_steps_share_unet_calls(pipe, scripts):
     plans, _ = scripts
     steps = 4
     kwargs = dict(generation_kwargs=scripted(plans), max_new_tokens=12, output_type="np")

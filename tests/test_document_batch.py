@@ -67,6 +67,10 @@ class SmallVocabulary(LogitsProcessor):
 
 @pytest.fixture(scope="module")
 def scripts(pipe):
+    return script_plans(pipe)
+
+
+def script_plans(pipe):
     """Per prompt a tag (a token only its prompt holds) and a script: text and pictures in different places."""
     tokens = [prompt_tokens(pipe, p, i) for p, i in zip(PROMPTS, IMAGES)]
     every = set().union(*tokens)

@@ -135,7 +135,12 @@ class DocumentWriter:
     """
 
     def __init__(
-        self, pipe, cache_implementation: str | None = None, streamer=None, on_denoising_step=None, denoising="together"
+        self,
+        pipe,
+        cache_implementation: str | None = None,
+        streamer=None,
+        on_denoising_step=None,
+        denoising="together",
     ):
         if denoising not in DENOISING_MODES:
             raise ValueError(f"Unknown denoising {denoising!r}; choose one of {DENOISING_MODES}.")

@@ -129,7 +129,9 @@ class PictureBatch:
             t = picture.timesteps[picture.done]
             request = picture.request
             scaled = picture.scheduler.scale_model_input(picture.latents, t)
-            rows = [request.negative_prompt_embeds, request.prompt_embeds] if request.guided else [request.prompt_embeds]
+            rows = (
+                [request.negative_prompt_embeds, request.prompt_embeds] if request.guided else [request.prompt_embeds]
+            )
             pooled_rows = (
                 [request.negative_pooled_prompt_embeds, request.pooled_prompt_embeds]
                 if request.guided
