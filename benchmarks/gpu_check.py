@@ -16,6 +16,9 @@ lengths are known:
   `do_sample=True` with one generator per document) in one call against one call each: documents/s ratio. The same
   again without the pictures (`documents_text_ratio`). Same text per document asserted; pictures compared.
 
+`bf16-train-fsdp` (only when named) times one optimizer step of stage II on the 7B shapes in bf16 with FSDP2 over one
+GPU (`run_training_step`): tokens/s and the peak memory, against `training_memory.py`'s prediction.
+
 `fp16-serve` runs the same 8 documents through the serving engine of `dreamllm-hf serve --api` (continuous batching):
 8 concurrent clients against one client at a time, documents/s ratio (`run_serving`).
 
@@ -24,6 +27,7 @@ The last line is one JSON object.
     python benchmarks/gpu_check.py                              # on a CUDA GPU, 7B shapes, every variant
     python benchmarks/gpu_check.py --variants fp16-documents    # documents only
     python benchmarks/gpu_check.py --tiny                       # on the CPU, tiny shapes: checks the script itself
+    python benchmarks/gpu_check.py --variants bf16-train-fsdp --train-layers 16   # a training step on an 80 GB GPU
 
 Goals (issue 5): fp16 decode >= 70% of the roofline; 4-bit mllm <= 4.5 GB and whole-pipeline peak <= 8 GB. Documents:
 one document's decode >= 70% of the roofline; 8 documents in one call >= 6x the documents/s of one call each.
@@ -46,6 +50,7 @@ import dreamllm_hf  # noqa: F401
 from dreamllm_hf import DreamLLMConfig, DreamLLMForConditionalGeneration, DreamLLMProcessor
 from dreamllm_hf import constants as C
 from dreamllm_hf.conversion.original_layout import KNOWN_CLIP_IDS, KNOWN_DIFFUSION_IDS
+from dreamllm_hf.decoder_conditioning import vae_scale_factor
 from dreamllm_hf.modeling.configuration_dreamllm import CLIP_VIT_L_14_VISION_CONFIG, VICUNA_7B_TEXT_CONFIG
 from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
 from dreamllm_hf.testing_utils import (
@@ -71,6 +76,7 @@ from bench_pipeline import (  # noqa: E402
 
 
 SD_DIR = KNOWN_DIFFUSION_IDS["stabilityai/stable-diffusion-2-1-base"]
+TRAINING_VARIANT = "bf16-train-fsdp"
 
 
 def gpu_config(tiny: bool, tokenizer) -> DreamLLMConfig:
@@ -459,6 +465,126 @@ def run_serving(checkpoint, config, tokenizer, device, args, bandwidth):
     return row
 
 
+def training_batch(config, seq_len: int, batch: int, picture_size: int, device):
+    """`batch` samples of `seq_len` tokens, each with one dream block (its target picture random in [-1, 1])."""
+    dream = [config.dream_start_token_id, *[config.image_patch_token_id] * config.num_dream_queries]
+    dream.append(config.dream_end_token_id)
+    ids = torch.randint(3, 30000, (batch, seq_len), device=device)
+    ids[:, 0] = config.bos_token_id
+    if seq_len < len(dream) + 2:
+        raise SystemExit(f"--train-seq {seq_len} is shorter than a dream block ({len(dream)} tokens) and <s>.")
+    start = (seq_len - len(dream)) // 2
+    ids[:, start : start + len(dream)] = torch.tensor(dream, device=device)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "diffusion_pixel_values": torch.rand(batch, 3, picture_size, picture_size, device=device) * 2 - 1,
+    }
+
+
+def run_training_step(config, device, args):
+    """`bf16-train-fsdp`: stage II (the LLM, projectors and queries trained; UNet, VAE and CLIP frozen) in bf16 with
+    FSDP2 over one process, as accelerate sets it up (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)`,
+    fp32 master weights, each decoder layer a unit, the frozen tower outside), activation checkpointing on: a warm-up
+    step, then a timed optimizer step (`--train-batch` samples of `--train-seq` tokens, one picture drawn each):
+    tokens/s and the peak memory, against what `training_memory.py` predicts for the same shapes. The full 7B needs
+    ~106 GiB on one GPU (an H200); `--train-layers 16` fits an 80 GB GPU."""
+    import os
+    from argparse import Namespace
+
+    import torch.distributed as dist
+    import training_memory
+    from diffusers import DDPMScheduler
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from dreamllm_hf.training.losses import DreamLLMTrainingModel
+    from dreamllm_hf.training.stages import apply_trainable_parts, trainable_parts
+
+    if args.train_layers:
+        config = DreamLLMConfig(
+            **{
+                **config.to_dict(),
+                "text_config": {**config.text_config.to_dict(), "num_hidden_layers": args.train_layers},
+            }
+        )
+    started_group = not dist.is_initialized()
+    if started_group:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29541")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    before = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    torch.manual_seed(0)
+    with torch.device(device):
+        mllm = DreamLLMForConditionalGeneration(config).to(torch.bfloat16)
+    parts = trainable_parts("2")
+    apply_trainable_parts(mllm, parts)  # the trained parameters in fp32, as the trainer keeps them
+    mllm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    unet, vae, _ = diffusion_components(args.tiny, torch.bfloat16, device)
+    unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(SD_DIR / "scheduler"))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    for layer in mllm.model.language_model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(mllm, mp_policy=policy, ignored_params=set(mllm.model.vision_tower.parameters()))
+    model = DreamLLMTrainingModel(mllm, unet, vae, noise_scheduler).train()
+    optimizer = torch.optim.AdamW([p for p in mllm.parameters() if p.requires_grad], lr=1e-5)
+    size = unet.config.sample_size * vae_scale_factor(vae.config)
+    batch = training_batch(config, args.train_seq, args.train_batch, size, device)
+
+    def step(model=model, optimizer=optimizer):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach().float().item(), out.vm_loss.detach().float().item()
+
+    step()  # warm-up: the optimizer states are created here
+    seconds, (loss, vm_loss) = timed(device, step)
+    peak = (torch.cuda.max_memory_allocated() - before) if device.type == "cuda" else float("nan")
+
+    with tempfile.TemporaryDirectory() as folder:  # the prediction for these very shapes
+        folder = Path(folder)
+        config.save_pretrained(folder / "mllm")
+        unet.save_config(folder / "unet")
+        vae.save_config(folder / "vae")
+        del model, mllm, unet, vae, optimizer
+        gc.collect()
+        settings = Namespace(
+            config=str(folder / "mllm"),
+            unet_config=str(folder / "unet"),
+            vae_config=str(folder / "vae"),
+            settings=["2"],
+            sharding=["fsdp-full"],
+            gpus=[1],
+            micro_batch=[args.train_batch],
+            seq_len=args.train_seq,
+            pictures_per_sample=1,
+            lora_rank=training_memory._DEFAULT_ARGS.lora_rank,
+            gpu_gib=0.0,
+            reserve_gib=0.0,
+        )
+        predicted = training_memory.compute(settings)["rows"][0][f"total_b{args.train_batch}_ckpt"]
+    if started_group:
+        dist.destroy_process_group()
+    tokens = args.train_seq * args.train_batch
+    return {
+        "train_layers": config.text_config.num_hidden_layers,
+        "train_tokens": tokens,
+        "train_step_s": seconds,
+        "train_tokens_per_s": tokens / seconds,
+        "train_peak_gib": peak / training_memory.GIB,
+        "train_predicted_gib": predicted / training_memory.GIB,
+        "train_loss": loss,
+        "train_vm_loss": vm_loss,
+    }
+
+
 def _null_nans(results: dict) -> dict:
     return {name: {k: (None if v != v else v) for k, v in row.items()} for name, row in results.items()}
 
@@ -466,7 +592,22 @@ def _null_nans(results: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes on the CPU (checks the script).")
-    parser.add_argument("--variants", default="fp16,int8,nf4,fp16-static,fp16-documents,fp16-serve")
+    parser.add_argument(
+        "--variants",
+        default="fp16,int8,nf4,fp16-static,fp16-documents,fp16-serve",
+        help="Comma-separated, of fp16, int8, nf4, fp16-static, fp16-documents, fp16-serve (the default: all of "
+        "these) and bf16-train-fsdp (one step of stage II in bf16 with FSDP over one GPU; asked for by name).",
+    )
+    parser.add_argument(
+        "--train-seq", type=int, default=None, help="bf16-train-fsdp: tokens a sample (2048; 128 tiny)"
+    )
+    parser.add_argument("--train-batch", type=int, default=1, help="bf16-train-fsdp: samples in the micro-batch")
+    parser.add_argument(
+        "--train-layers",
+        type=int,
+        default=None,
+        help="bf16-train-fsdp: decoder layers (default all 32, ~106 GiB: an H200; 16 fits an 80 GB GPU)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument(
@@ -486,6 +627,8 @@ def main():
         args.doc_segment = 8 if args.tiny else 64
     if args.doc_steps is None:
         args.doc_steps = 5 if args.tiny else 50
+    if args.train_seq is None:
+        args.train_seq = 128 if args.tiny else 2048
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("No CUDA GPU here: run with --tiny to check the script on the CPU.")
@@ -493,20 +636,25 @@ def main():
     config = gpu_config(args.tiny, tokenizer)
     bandwidth = copy_bandwidth(device)
 
+    variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         checkpoint = Path(workdir) / "mllm"
-        torch.manual_seed(0)
-        build_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        with torch.device(device):
-            model = DreamLLMForConditionalGeneration(config).to(build_dtype)
-        model.save_pretrained(checkpoint)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if any(name != TRAINING_VARIANT for name in variants):  # the training step builds its own model
+            torch.manual_seed(0)
+            build_dtype = torch.float16 if device.type == "cuda" else torch.float32
+            with torch.device(device):
+                model = DreamLLMForConditionalGeneration(config).to(build_dtype)
+            model.save_pretrained(checkpoint)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results = {}
-        for name in args.variants.split(","):
-            if name in ("fp16-documents", "fp16-serve"):
+        for name in variants:
+            if name == TRAINING_VARIANT:
+                results[name] = run_training_step(config, device, args)
+                gc.collect()
+            elif name in ("fp16-documents", "fp16-serve"):
                 run = run_documents if name == "fp16-documents" else run_serving
                 results[name] = run(checkpoint, config, tokenizer, device, args, bandwidth)
                 gc.collect()
@@ -522,6 +670,13 @@ def main():
     )
     print(f"{'variant':12} {'mllm GB':>8} {'peak GB':>8} {'tok/s':>8} {'roofline':>9} {'frac':>6} {'image s':>8}")
     for name, row in results.items():
+        if "train_tokens_per_s" in row:
+            print(
+                f"{name:12} one stage II step, {row['train_layers']} layers, {row['train_tokens']} tokens: "
+                f"{row['train_step_s']:.2f} s, {row['train_tokens_per_s']:.0f} tokens/s; peak "
+                f"{row['train_peak_gib']:.1f} GiB (training_memory.py predicts {row['train_predicted_gib']:.1f} GiB)"
+            )
+            continue
         if "serve_ratio" in row:
             print(
                 f"{name:12} {row['documents_count']} concurrent clients ({row['serve_tokens']} tokens, "
