@@ -25,6 +25,7 @@ from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .document_batch import CACHE_IMPLEMENTATIONS
 from .document_writer import DocumentRequest, DocumentWriter
 from .dream_diffusion import OUTPUT_TYPES, DreamLLMDiffusionMixin, is_conversation
+from .lora_loading import DreamLLMLoraLoaderMixin
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput
 
 
@@ -59,7 +60,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
+class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline, DreamLLMLoraLoaderMixin):
     r"""
     DreamLLM (arXiv 2309.11499): a multimodal LLM that reads and draws pictures, with a Stable Diffusion decoder.
 
@@ -67,7 +68,8 @@ class DreamLLMPipeline(DreamLLMDiffusionMixin, DiffusionPipeline):
     template; the model writes, and every `<dream_start>` it emits becomes a picture (`allow_images=False`: a text
     answer). All documents of a call are written together, one forward per decode step; `stream` hands out the events
     as they happen. For text-to-image use [`DreamLLMText2ImagePipeline`] (`DreamLLMText2ImagePipeline.from_pipe(pipe)`
-    shares the components).
+    shares the components). A UNet LoRA in diffusers' format (`load_lora_weights`, [`DreamLLMLoraLoaderMixin`]) acts
+    on the documents' pictures.
 
     Args:
         mllm ([`DreamLLMForConditionalGeneration`]): the language model with its vision tower and dream queries.

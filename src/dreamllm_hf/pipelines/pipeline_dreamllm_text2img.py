@@ -15,6 +15,7 @@ from ..checks import InputTypeError
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin
+from .lora_loading import DreamLLMLoraLoaderMixin
 
 
 EXAMPLE_DOC_STRING = """
@@ -30,7 +31,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin):
+class DreamLLMText2ImagePipeline(
+    DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin, DreamLLMLoraLoaderMixin
+):
     r"""
     Text-to-image with DreamLLM, as the original's `stable_diffusion_pipeline`: BOS + caption (no chat template), then
     the dream block; the query states through the condition projector are the UNet's `encoder_hidden_states`.
@@ -41,7 +44,9 @@ class DreamLLMText2ImagePipeline(DreamLLMDiffusionMixin, DiffusionPipeline, Stab
     The decoder may be any Stable Diffusion UNet the model can condition (checked at construction): SD 1.x/2.x with the
     model's `cross_attention_dim`, `addition_embed_type="text"`, or SDXL-style (`"text_time"`: the model's pooled
     projector gives `text_embeds`, the picture size the `time_ids`). Being a Stable Diffusion UNet, it takes what
-    `StableDiffusionMixin` offers (`enable_freeu`, `fuse_qkv_projections`, `enable_vae_slicing`, ...).
+    `StableDiffusionMixin` offers (`enable_freeu`, `fuse_qkv_projections`, `enable_vae_slicing`, ...), and UNet LoRAs in
+    diffusers' format (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`; see
+    [`DreamLLMLoraLoaderMixin`]).
 
     As diffusers' pipelines do without their text encoders, this one draws from precomputed `prompt_embeds` with `mllm`
     and `processor` set to `None`: their width is checked against the UNet's, their queries against each other.
