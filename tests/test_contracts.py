@@ -1,11 +1,25 @@
-"""The contract checks of `contracts.py` (transformers' and diffusers' test mixins, our way) run against the model and
-the two pipelines and the processor, all built by `dreamllm_hf.testing_utils`."""
+"""The contract checks of `contracts.py` (transformers' and diffusers' test mixins, our way) run against the model,
+the pipelines and the processor, all built by `dreamllm_hf.testing_utils`."""
 
+import numpy as np
+import PIL.Image
 import torch
-from contracts import ModelContract, PipelineContract, ProcessorContract, Text2ImagePipelineContract, seeded
+from contracts import (
+    ModelContract,
+    PipelineContract,
+    ProcessorContract,
+    Text2ImagePipelineContract,
+    random_picture,
+    seeded,
+)
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.pipelines import (
+    DreamLLMImg2ImgPipeline,
+    DreamLLMInpaintPipeline,
+    DreamLLMPipeline,
+    DreamLLMText2ImagePipeline,
+)
 
 
 class TestDreamLLMForConditionalGeneration(ModelContract):
@@ -23,6 +37,56 @@ class TestDreamLLMText2ImagePipeline(Text2ImagePipelineContract):
     def get_dummy_inputs(self, pipe, seed=0):
         return dict(
             prompt="a red circle", generator=seeded(seed), num_inference_steps=2, guidance_scale=3.5, output_type="np"
+        )
+
+    def items(self, output):
+        return list(output.images)
+
+
+def start_picture(seed: int = 0):
+    """A picture of the tiny decoder's size (16 px) to start from."""
+    return random_picture(16, 16, seed)
+
+
+def left_half_mask():
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255  # white: redrawn
+    return PIL.Image.fromarray(mask)
+
+
+class TestDreamLLMImg2ImgPipeline(Text2ImagePipelineContract):
+    pipeline_class = DreamLLMImg2ImgPipeline
+    other_pipeline_class = DreamLLMText2ImagePipeline
+
+    def get_dummy_inputs(self, pipe, seed=0):
+        # Half of 4 steps: the 2 steps the contract counts, from the picture noised half way.
+        return dict(
+            prompt="a red circle",
+            image=start_picture(),
+            strength=0.5,
+            generator=seeded(seed),
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            output_type="np",
+        )
+
+    def items(self, output):
+        return list(output.images)
+
+
+class TestDreamLLMInpaintPipeline(Text2ImagePipelineContract):
+    pipeline_class = DreamLLMInpaintPipeline
+    other_pipeline_class = DreamLLMImg2ImgPipeline
+
+    def get_dummy_inputs(self, pipe, seed=0):
+        return dict(
+            prompt="a red circle",
+            image=start_picture(),
+            mask_image=left_half_mask(),
+            generator=seeded(seed),
+            num_inference_steps=2,
+            guidance_scale=3.5,
+            output_type="np",
         )
 
     def items(self, output):

@@ -41,10 +41,13 @@ with dropped_import_notices():  # what importing diffusers logs on every start, 
 
     from .pipelines import (
         DocumentEvent,
+        DreamLLMImg2ImgPipeline,
+        DreamLLMInpaintPipeline,
         DreamLLMPipeline,
         DreamLLMPipelineOutput,
         DreamLLMText2ImagePipeline,
     )
+    from .pipelines.auto_pipelines import register_auto_pipelines
 
 
 # `DiffusionPipeline.from_pretrained(DIR)` finds the class named by `model_index.json`'s `_class_name` as an attribute
@@ -53,5 +56,16 @@ with dropped_import_notices():  # what importing diffusers logs on every start, 
 # looks, as the Auto classes above are told about the model. This is why the pipelines are imported here, not lazily.
 diffusers.DreamLLMPipeline = DreamLLMPipeline
 diffusers.DreamLLMText2ImagePipeline = DreamLLMText2ImagePipeline
+diffusers.DreamLLMImg2ImgPipeline = DreamLLMImg2ImgPipeline
+diffusers.DreamLLMInpaintPipeline = DreamLLMInpaintPipeline
+# And the `AutoPipelineFor*` classes find them from a DreamLLM folder or pipeline (see the module).
+register_auto_pipelines()
 
-__all__ += ["DocumentEvent", "DreamLLMPipeline", "DreamLLMPipelineOutput", "DreamLLMText2ImagePipeline"]
+__all__ += [
+    "DocumentEvent",
+    "DreamLLMImg2ImgPipeline",
+    "DreamLLMInpaintPipeline",
+    "DreamLLMPipeline",
+    "DreamLLMPipelineOutput",
+    "DreamLLMText2ImagePipeline",
+]

@@ -119,6 +119,7 @@ STEPS = POSITIVE_INT  # num_inference_steps
 GUIDANCE_SCALE = NON_NEGATIVE_NUMBER  # <= 1 turns guidance off
 GUIDANCE_RESCALE = PROBABILITY  # the phi of "Common Diffusion Noise Schedules" (arXiv 2305.08891)
 ETA = PROBABILITY  # DDIM's eta: 0 deterministic, 1 DDPM-like
+STRENGTH = PROBABILITY  # img2img and inpainting: how far the picture is noised (1: from noise)
 TEMPERATURE = POSITIVE_NUMBER
 TOP_P = NumberRange(integer=False, minimum=0, maximum=1, exclusive_minimum=True)
 TOP_K = NON_NEGATIVE_INT  # 0: off, as transformers reads it
@@ -153,6 +154,7 @@ __all__ = [
     "REPETITION_PENALTY",
     "SEED",
     "STEPS",
+    "STRENGTH",
     "TEMPERATURE",
     "TOP_K",
     "TOP_P",

@@ -8,9 +8,9 @@ DreamLLM conditions a diffusers `UNet2DConditionModel` with the states of its dr
 * SDXL-style UNets (`addition_embed_type="text_time"`): a pooled `text_embeds` from the model's pooled projector and
   the `time_ids` of the picture size (original size, crop top-left (0, 0), target size), as SDXL samples by default.
 
-Anything else (class labels, image embeddings, guidance embeddings, extra input channels) is refused with an error
-that names what is missing. The pipelines and the training loss read the same functions, so a decoder is conditioned
-the same way when drawing and when learning. Configs are read as mappings or attributes; no diffusers import.
+Anything else (class labels, image embeddings, guidance embeddings, extra input channels: an inpainting UNet's only
+for the inpainting pipeline) is refused with an error that names what is missing. The pipelines and the training loss
+read the same functions, so a decoder is conditioned the same way when drawing and when learning. Configs are read as mappings or attributes; no diffusers import.
 """
 
 from typing import Any
@@ -69,8 +69,15 @@ def pooled_width(unet_config) -> int | None:
     return total - NUM_TIME_IDS * time_dim
 
 
-def decoder_problems(unet_config, mllm_config, vae_config=None) -> list[str]:
-    """Every reason why DreamLLM (`mllm_config`, a `DreamLLMConfig`) cannot condition this UNet; empty when it can."""
+def inpainting_channels(vae_config) -> int:
+    """The input channels of an inpainting UNet on this VAE's latents: the noisy latents, the mask and the masked
+    picture's latents (9 for Stable Diffusion)."""
+    return 2 * _get(vae_config, "latent_channels") + 1
+
+
+def decoder_problems(unet_config, mllm_config, vae_config=None, inpainting: bool = False) -> list[str]:
+    """Every reason why DreamLLM (`mllm_config`, a `DreamLLMConfig`) cannot condition this UNet; empty when it can.
+    `inpainting=True` (the inpainting pipeline) also accepts an inpainting UNet (`inpainting_channels` inputs)."""
     problems = []
     class_embed_type, num_class_embeds = _get(unet_config, "class_embed_type"), _get(unet_config, "num_class_embeds")
     if class_embed_type is not None or num_class_embeds is not None:
@@ -89,12 +96,14 @@ def decoder_problems(unet_config, mllm_config, vae_config=None) -> list[str]:
             f"time_cond_proj_dim={time_cond_proj_dim} needs a guidance embedding (`timestep_cond`, a guidance-distilled "
             "decoder such as LCM), while DreamLLM samples and trains with classifier-free guidance"
         )
-    if vae_config is not None and _get(unet_config, "in_channels") != _get(vae_config, "latent_channels"):
-        problems.append(
-            f"it takes {_get(unet_config, 'in_channels')} input channels but the VAE gives "
-            f"{_get(vae_config, 'latent_channels')}-channel latents (an inpainting or image-conditioned UNet needs "
-            "inputs DreamLLM does not give)"
-        )
+    in_channels = _get(unet_config, "in_channels")
+    if vae_config is not None and in_channels != _get(vae_config, "latent_channels"):
+        if not (inpainting and in_channels == inpainting_channels(vae_config)):
+            problems.append(
+                f"it takes {in_channels} input channels but the VAE gives {_get(vae_config, 'latent_channels')}-"
+                "channel latents (an image-conditioned UNet needs inputs DreamLLM does not give; an inpainting UNet, "
+                f"{inpainting_channels(vae_config)} channels, draws with `DreamLLMInpaintPipeline`)"
+            )
 
     width, source = conditioning_width(unet_config)
     given = mllm_config.cross_attention_dim
@@ -146,9 +155,9 @@ def decoder_problems(unet_config, mllm_config, vae_config=None) -> list[str]:
     return problems
 
 
-def check_decoder(unet_config, mllm_config, vae_config=None) -> None:
+def check_decoder(unet_config, mllm_config, vae_config=None, inpainting: bool = False) -> None:
     """Raises a `ValueError` listing every reason why DreamLLM cannot condition this UNet (see `decoder_problems`)."""
-    problems = decoder_problems(unet_config, mllm_config, vae_config)
+    problems = decoder_problems(unet_config, mllm_config, vae_config, inpainting=inpainting)
     if problems:
         raise ValueError(
             "This diffusion decoder cannot be conditioned by this DreamLLM model: "
@@ -192,6 +201,7 @@ __all__ = [
     "check_decoder",
     "conditioning_width",
     "decoder_problems",
+    "inpainting_channels",
     "pooled_width",
     "takes_pooled",
     "time_ids",

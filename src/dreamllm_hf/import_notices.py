@@ -6,8 +6,9 @@ those.
   its import tries to fetch an optional 4-bit matmul kernel from the Hub (`kernels-community`) and logs that it could
   not. Nothing here needs that kernel: bitsandbytes' own CPU code runs 4-bit layers without it.
 * transformers: `diffusers`' Stable Diffusion pipeline and IP-Adapter loader import `CLIPImageProcessor` and
-  `SiglipImageProcessor`; without torchvision, transformers gives them the PIL classes and says so. The processors
-  of this package run on PIL images either way.
+  `SiglipImageProcessor` (and its Auto pipelines, which this package registers with, `Siglip2ImageProcessor`);
+  without torchvision, transformers gives them the PIL classes and says so. The processors of this package run on PIL
+  images either way.
 
 Every other record of those loggers, and everything logged after the import, is left alone.
 """
@@ -22,6 +23,7 @@ IMPORT_NOTICES = {
     "transformers.utils.import_utils": (
         "`CLIPImageProcessor` requires torchvision (not installed)",
         "`SiglipImageProcessor` requires torchvision (not installed)",
+        "`Siglip2ImageProcessor` requires torchvision (not installed)",
     ),
 }
 

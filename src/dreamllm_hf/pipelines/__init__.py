@@ -1,8 +1,11 @@
-"""DreamLLM as diffusers pipelines: documents of text and pictures (many at once, streamed), and text-to-image."""
+"""DreamLLM as diffusers pipelines: documents of text and pictures (many at once, streamed), text-to-image, img2img
+and inpainting."""
 
 from .document_batch import DocumentBatch
 from .document_writer import DocumentRequest, DocumentWriter
 from .pipeline_dreamllm import DreamLLMPipeline
+from .pipeline_dreamllm_img2img import DreamLLMImg2ImgPipeline
+from .pipeline_dreamllm_inpaint import DreamLLMInpaintPipeline
 from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
@@ -12,6 +15,8 @@ __all__ = [
     "DocumentEvent",
     "DocumentRequest",
     "DocumentWriter",
+    "DreamLLMImg2ImgPipeline",
+    "DreamLLMInpaintPipeline",
     "DreamLLMPipeline",
     "DreamLLMPipelineOutput",
     "DreamLLMText2ImagePipeline",

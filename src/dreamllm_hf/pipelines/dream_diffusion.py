@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from accelerate.hooks import CpuOffload
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
@@ -145,11 +146,19 @@ class DreamLLMDiffusionMixin:
         vae = getattr(self, "vae", None)
         return vae_scale_factor(vae.config) if vae is not None else 8
 
+    # An inpainting UNet (masked-picture latents and the mask as extra inputs) is refused but by the inpainting pipeline.
+    _takes_inpainting_unet = False
+
     def _check_decoder(self) -> None:
         """At construction (and so at loading): a UNet the model cannot condition is refused, naming what it lacks."""
         unet, mllm, vae = (getattr(self, name, None) for name in ("unet", "mllm", "vae"))
         if unet is not None and mllm is not None:
-            check_decoder(unet.config, mllm.config, vae.config if vae is not None else None)
+            check_decoder(
+                unet.config,
+                mllm.config,
+                vae.config if vae is not None else None,
+                inpainting=self._takes_inpainting_unet,
+            )
 
     @property
     def _takes_pooled(self) -> bool:
@@ -201,6 +210,10 @@ class DreamLLMDiffusionMixin:
             f"got {type(prompt).__name__}."
         )
 
+    # The `__call__` argument of the pictures for the prompt's `<image>` placeholders (img2img and inpainting call
+    # theirs `prompt_image`: `image` is the picture they start from, as in diffusers).
+    _prompt_images_argument = "image"
+
     def _per_prompt_images(self, image, batch_size: int) -> list[list] | None:
         """`image` as one list per prompt: one prompt takes a picture or a flat list; a batch, one list per prompt."""
         if image is None:
@@ -211,8 +224,8 @@ class DreamLLMDiffusionMixin:
             return [list(image) if isinstance(image, (list, tuple)) else [image]]
         if not isinstance(image, (list, tuple)) or len(image) != batch_size:
             raise ValueError(
-                f"With {batch_size} prompts, give `image` as {batch_size} lists (one per prompt, empty for a prompt "
-                "without `<image>`)."
+                f"With {batch_size} prompts, give `{self._prompt_images_argument}` as {batch_size} lists (one per "
+                "prompt, empty for a prompt without `<image>`)."
             )
         return [list(item) if isinstance(item, (list, tuple)) else [item] for item in image]
 
@@ -418,6 +431,118 @@ class DreamLLMDiffusionMixin:
                 f"`{name}` has {batch} rows, expected {' or '.join(map(str, batch_sizes))} (one per prompt)."
             )
 
+    def _check_caption_inputs(
+        self,
+        prompt,
+        image,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        num_images_per_prompt,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        guidance_scale=None,
+        guidance_rescale=None,
+        eta=None,
+        generator=None,
+        callback_on_step_end=None,
+    ) -> None:
+        """The checks of a caption pipeline's `__call__` (text-to-image, img2img, inpainting): the prompt or its
+        embeddings, the pictures of its `<image>` placeholders, the drawing's numbers."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}."
+            )
+        checks.NUM_IMAGES_PER_PROMPT.check("num_images_per_prompt", num_images_per_prompt)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`.")
+        if prompt is None and image is not None:
+            raise ValueError(
+                f"`{self._prompt_images_argument}` goes with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
+                "pictures are already in the conditioning."
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None and (getattr(self, "mllm", None) is None or getattr(self, "processor", None) is None):
+            raise ValueError(
+                "This pipeline has no mllm and processor to encode a `prompt` with: pass `prompt_embeds` (from "
+                "`encode_prompt` of a pipeline that has them), or load the pipeline with its mllm and processor."
+            )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt is not None and not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise InputTypeError(
+                "`prompt` must be a string or a list of strings (a caption: the original's text-to-image path "
+                f"uses no chat template); got {type(prompt).__name__}."
+            )
+        self._check_diffusion_inputs(
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            callback_on_step_end_tensor_inputs,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            callback_on_step_end=callback_on_step_end,
+        )
+        queries = self._num_dream_queries  # the rows an unconditional prompt gets, if the mllm encodes one
+        if prompt_embeds is not None:
+            self._check_condition("prompt_embeds", prompt_embeds, queries=queries)
+            queries = prompt_embeds.shape[1]
+        count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        if negative_prompt_embeds is not None:
+            # One row per prompt, or one row shared by all (`encode_prompt` expands it).
+            self._check_condition(
+                "negative_prompt_embeds", negative_prompt_embeds, tuple(sorted({count, 1})), queries=queries
+            )
+        self._check_pooled_embeds(
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+        )
+        self._check_negative_prompt(negative_prompt, count)
+        self._check_generator(generator, count * num_images_per_prompt, "pictures")
+
+    def _check_pooled_embeds(self, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> None:
+        """The pooled conditioning goes with the sequence it was pooled from, and only to a decoder that reads it."""
+        pairs = (
+            ("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled),
+            ("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds", negative_pooled),
+        )
+        for name, embeds, pooled_name, pooled_embeds in pairs:
+            if not self._takes_pooled:
+                if pooled_embeds is not None:
+                    raise ValueError(
+                        f"`{pooled_name}` was given, but this model has no pooled conditioning (its config has no "
+                        "`pooled_projection_dim`; its decoder reads `encoder_hidden_states` only). Leave it out."
+                    )
+                continue
+            if pooled_embeds is not None and embeds is None:
+                raise ValueError(f"`{pooled_name}` goes with `{name}`; pass both, or neither.")
+            if embeds is None:
+                continue
+            if pooled_embeds is None:
+                raise ValueError(
+                    f"With `{name}`, pass `{pooled_name}` too: this model's decoder reads a pooled conditioning "
+                    "(SDXL's `text_embeds`); `encode_prompt` gives both."
+                )
+            expected = (embeds.shape[0], self._pooled_width)
+            if tuple(pooled_embeds.shape) != expected:
+                raise ValueError(
+                    f"`{pooled_name}` has shape {tuple(pooled_embeds.shape)}; expected {expected} (one row per row of "
+                    f"`{name}`, `pooled_projection_dim` wide)."
+                )
+
     @torch.no_grad()
     def encode_prompt(
         self,
@@ -556,12 +681,25 @@ class DreamLLMDiffusionMixin:
         extra_step_kwargs: dict,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        schedule: tuple[torch.Tensor, int] | None = None,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The Stable Diffusion denoising loop with `[uncond, cond]` guidance (uncond first, as the original); the
-        UNet also gets what its config asks for (`added_cond_kwargs`: SDXL's pooled `text_embeds` and `time_ids`)."""
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, diffusion.num_inference_steps, latents.device, diffusion.timesteps, diffusion.sigmas
-        )
+        UNet also gets what its config asks for (`added_cond_kwargs`: SDXL's pooled `text_embeds` and `time_ids`).
+
+        Starting from a picture: `schedule` is `(timesteps, num_inference_steps)` of `get_timesteps` (the default is
+        the whole schedule), `extra_channels` are put after the latents in every UNet input (an inpainting UNet's
+        mask and masked-picture latents, one row per picture), and `after_step(i, latents)` returns the latents the
+        loop goes on with after step `i` (before `callback_on_step_end`: the inpainting pipeline puts the kept
+        region back there)."""
+        if schedule is None:
+            schedule = retrieve_timesteps(
+                self.scheduler, diffusion.num_inference_steps, latents.device, diffusion.timesteps, diffusion.sigmas
+            )
+        timesteps, num_inference_steps = schedule
+        if extra_channels is not None and self.do_classifier_free_guidance:
+            extra_channels = torch.cat([extra_channels] * 2)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         if self.do_classifier_free_guidance:
@@ -575,6 +713,8 @@ class DreamLLMDiffusionMixin:
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                if extra_channels is not None:
+                    latent_model_input = torch.cat([latent_model_input, extra_channels], dim=1)
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
@@ -590,6 +730,8 @@ class DreamLLMDiffusionMixin:
                             noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
                         )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if after_step is not None:
+                    latents = after_step(i, latents)
 
                 if diffusion.callback_on_step_end is not None:
                     tensors = {
@@ -639,6 +781,121 @@ class DreamLLMDiffusionMixin:
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Starting from a picture (img2img and inpainting)
+
+    def get_timesteps(self, num_inference_steps: int, strength: float, device) -> tuple[torch.Tensor, int]:
+        """The end of the scheduler's timesteps (already set) that `strength` keeps, as diffusers' img2img: the last
+        `int(num_inference_steps * strength)` steps; and how many steps that is."""
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        start = max(num_inference_steps - kept, 0)
+        timesteps = self.scheduler.timesteps[start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):  # schedulers that index sigmas by step (Euler, ...)
+            self.scheduler.set_begin_index(start * self.scheduler.order)
+        return timesteps, num_inference_steps - start
+
+    def _picture_schedule(self, diffusion: DiffusionSettings, strength: float, device) -> tuple[torch.Tensor, int]:
+        _, num_inference_steps = retrieve_timesteps(
+            self.scheduler, diffusion.num_inference_steps, device, diffusion.timesteps, diffusion.sigmas
+        )
+        return self.get_timesteps(num_inference_steps, strength, device)
+
+    def _check_strength(self, strength, num_inference_steps, timesteps, sigmas) -> None:
+        """`strength` in [0, 1], and large enough to leave at least one denoising step of the schedule."""
+        checks.STRENGTH.check("strength", strength)
+        steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
+        if int(steps * strength) < 1:
+            raise ValueError(
+                f"`strength` {strength} leaves no denoising step of {steps} (int(steps x strength) = 0): nothing "
+                f"would be drawn. Pass a strength of at least {1 / steps:g}, or more `num_inference_steps`."
+            )
+
+    def _check_start_pictures(self, name: str, pictures, count: int | None, needed_for: str) -> list:
+        """`image` (or `mask_image`) as a list of pictures: one for every prompt, or one per prompt (of `count`;
+        `None`: not checked)."""
+        if pictures is None:
+            raise ValueError(f"Pass `{name}`: {needed_for}.")
+        if isinstance(pictures, torch.Tensor) and pictures.ndim == 4:
+            pictures = list(pictures)
+        elif isinstance(pictures, np.ndarray) and pictures.ndim == 4:
+            pictures = list(pictures)
+        elif not isinstance(pictures, (list, tuple)):
+            pictures = [pictures]
+        if not pictures:
+            raise ValueError(f"`{name}` is empty: {needed_for}.")
+        kinds = sorted(
+            {type(p).__name__ for p in pictures if not isinstance(p, (PIL.Image.Image, np.ndarray, torch.Tensor))}
+        )
+        if kinds:
+            raise InputTypeError(
+                f"`{name}` must be a PIL image, a numpy array or a torch tensor (or a list of them); got "
+                f"{', '.join(kinds)}."
+            )
+        if count is not None and len(pictures) not in (1, count):
+            raise ValueError(
+                f"`{name}` has {len(pictures)} pictures for {count} prompts; give one for all, or one per prompt."
+            )
+        return list(pictures)
+
+    def _picture_size(self, picture) -> tuple[int, int]:
+        """(height, width) of a PIL image, an array `[H, W(, C)]` or a tensor `[C, H, W]` / `[H, W]`."""
+        if isinstance(picture, PIL.Image.Image):
+            return picture.height, picture.width
+        if isinstance(picture, torch.Tensor):
+            return tuple(picture.shape[-2:])
+        return tuple(picture.shape[:2])
+
+    def _start_size(self, image, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        """`height` and `width`, by default the (first) picture's, rounded down to the VAE factor as diffusers'
+        `VaeImageProcessor` does (left as they are when there is no picture to read them from)."""
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        if isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim == 4:
+            first = first[0]
+        readable = isinstance(first, PIL.Image.Image) or (
+            isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim >= 2
+        )
+        if not readable:
+            return height, width
+        picture_height, picture_width = self._picture_size(first)
+        factor = self.vae_scale_factor
+        height = height if height is not None else max(factor, picture_height // factor * factor)
+        width = width if width is not None else max(factor, picture_width // factor * factor)
+        return height, width
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    @staticmethod
+    def _picture_rows(pictures: torch.Tensor, rows: int) -> torch.Tensor:
+        """Pictures (one for all prompts, or one per prompt) repeated to one row per picture drawn (prompts x
+        `num_images_per_prompt`, in the order of `encode_prompt`'s rows)."""
+        return pictures.repeat_interleave(rows // pictures.shape[0], dim=0)
+
+    def _encode_vae_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """Pictures in [-1, 1] `[B, 3, H, W]` -> scaled latents, a sample of the VAE's posterior drawn from
+        `generator` (a list: one per row, so that a picture's latents do not depend on its batch)."""
+        pixels = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
+
+        def encode(rows, rows_generator):
+            encoded = self.vae.encode(rows)
+            distribution = getattr(encoded, "latent_dist", None)
+            return distribution.sample(rows_generator) if distribution is not None else encoded.latents
+
+        if isinstance(generator, list):
+            latents = torch.cat([encode(pixels[i : i + 1], g) for i, g in enumerate(generator)])
+        else:
+            latents = encode(pixels, generator)
+        return latents * self.vae.config.scaling_factor
+
+    def _start_latents(self, noise: torch.Tensor, image_latents: torch.Tensor | None, timestep, strength: float):
+        """The first latents of the loop: the picture's latents noised to `timestep`; at strength 1 the noise alone
+        (as text-to-image, and as diffusers' inpainting pipelines: with a schedule that does not reach pure noise,
+        `add_noise` would keep some of the picture)."""
+        if strength == 1 or image_latents is None:
+            return noise * self.scheduler.init_noise_sigma
+        timestep = timestep.reshape(1).repeat(noise.shape[0])
+        return self.scheduler.add_noise(image_latents, noise, timestep)
 
     def _decode(self, latents: torch.Tensor, generator) -> torch.Tensor:
         """Latents -> pictures in [-1, 1] (before `VaeImageProcessor.postprocess`).

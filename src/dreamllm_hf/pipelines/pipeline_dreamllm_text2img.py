@@ -10,11 +10,9 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 
-from .. import checks
-from ..checks import InputTypeError
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
-from .dream_diffusion import OUTPUT_TYPES, DiffusionSettings, DreamLLMDiffusionMixin
+from .dream_diffusion import DiffusionSettings, DreamLLMDiffusionMixin
 from .lora_loading import DreamLLMLoraLoaderMixin
 
 
@@ -103,94 +101,31 @@ class DreamLLMText2ImagePipeline(
         """Refuses every bad argument of `__call__` before any model work, with an error that names it, says what was
         given and what is expected; tensors are checked against the UNet they will meet (`None` for
         the trailing arguments: not checked)."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"Unknown output_type {output_type!r}; choose one of {', '.join(map(repr, OUTPUT_TYPES))}."
-            )
-        checks.NUM_IMAGES_PER_PROMPT.check("num_images_per_prompt", num_images_per_prompt)
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Pass `prompt` or `prompt_embeds`.")
-        if prompt is None and image is not None:
-            raise ValueError(
-                "`image` goes with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
-                "pictures are already in the conditioning."
-            )
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is not None and (getattr(self, "mllm", None) is None or getattr(self, "processor", None) is None):
-            raise ValueError(
-                "This pipeline has no mllm and processor to encode a `prompt` with: pass `prompt_embeds` (from "
-                "`encode_prompt` of a pipeline that has them), or load the pipeline with its mllm and processor."
-            )
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if prompt is not None and not (
-            isinstance(prompt, str)
-            or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
-        ):
-            raise InputTypeError(
-                "`prompt` must be a string or a list of strings (a caption: the original's text-to-image path "
-                f"uses no chat template); got {type(prompt).__name__}."
-            )
-        self._check_diffusion_inputs(
+        self._check_caption_inputs(
+            prompt,
+            image,
             height,
             width,
             num_inference_steps,
             timesteps,
             sigmas,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            output_type,
             callback_on_step_end_tensor_inputs,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
             eta=eta,
+            generator=generator,
             callback_on_step_end=callback_on_step_end,
         )
-        queries = self._num_dream_queries  # the rows an unconditional prompt gets, if the mllm encodes one
-        if prompt_embeds is not None:
-            self._check_condition("prompt_embeds", prompt_embeds, queries=queries)
-            queries = prompt_embeds.shape[1]
-        count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
-        if negative_prompt_embeds is not None:
-            # One row per prompt, or one row shared by all (`encode_prompt` expands it).
-            self._check_condition(
-                "negative_prompt_embeds", negative_prompt_embeds, tuple(sorted({count, 1})), queries=queries
-            )
-        self._check_pooled_embeds(
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-        )
-        self._check_negative_prompt(negative_prompt, count)
-        self._check_generator(generator, count * num_images_per_prompt, "pictures")
         if latents is not None:
+            count = len(self._as_prompt_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
             self._check_latents(latents, count * num_images_per_prompt, height, width)
-
-    def _check_pooled_embeds(self, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> None:
-        """The pooled conditioning goes with the sequence it was pooled from, and only to a decoder that reads it."""
-        pairs = (
-            ("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled),
-            ("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds", negative_pooled),
-        )
-        for name, embeds, pooled_name, pooled_embeds in pairs:
-            if not self._takes_pooled:
-                if pooled_embeds is not None:
-                    raise ValueError(
-                        f"`{pooled_name}` was given, but this model has no pooled conditioning (its config has no "
-                        "`pooled_projection_dim`; its decoder reads `encoder_hidden_states` only). Leave it out."
-                    )
-                continue
-            if pooled_embeds is not None and embeds is None:
-                raise ValueError(f"`{pooled_name}` goes with `{name}`; pass both, or neither.")
-            if embeds is None:
-                continue
-            if pooled_embeds is None:
-                raise ValueError(
-                    f"With `{name}`, pass `{pooled_name}` too: this model's decoder reads a pooled conditioning "
-                    "(SDXL's `text_embeds`); `encode_prompt` gives both."
-                )
-            expected = (embeds.shape[0], self._pooled_width)
-            if tuple(pooled_embeds.shape) != expected:
-                raise ValueError(
-                    f"`{pooled_name}` has shape {tuple(pooled_embeds.shape)}; expected {expected} (one row per row of "
-                    f"`{name}`, `pooled_projection_dim` wide)."
-                )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
