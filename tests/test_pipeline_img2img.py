@@ -92,7 +92,10 @@ def test_small_strength_keeps_the_picture_and_strength_one_repaints_it(i2i):
     kept = i2i("a red circle", image=image, strength=0.1, generator=seeded(), **steps).images
     repainted = i2i("a red circle", image=image, strength=1.0, generator=seeded(), **steps).images
     half = i2i("a red circle", image=image, strength=0.5, generator=seeded(), **steps).images
-    off = {name: float((out - expected).abs().mean()) for name, out in (("kept", kept), ("half", half), ("new", repainted))}
+    off = {
+        name: float((out - expected).abs().mean())
+        for name, out in (("kept", kept), ("half", half), ("new", repainted))
+    }
     # The one step left moves the latents by sqrt(1 - alpha_bar) of the last timestep (0.04) times the noise the
     # random UNet gets wrong; the noise itself is of scale 1.
     assert off["kept"] < 0.05 and off["kept"] < off["half"] < off["new"] and off["new"] > 10 * off["kept"]

@@ -146,7 +146,7 @@ class DreamLLMDiffusionMixin:
         vae = getattr(self, "vae", None)
         return vae_scale_factor(vae.config) if vae is not None else 8
 
-    # An inpainting UNet (masked-picture latents and the mask as extra inputs) is refused but by the inpainting pipeline.
+    # An inpainting UNet (the mask and the masked picture's latents as extra inputs): only the inpainting pipeline's.
     _takes_inpainting_unet = False
 
     def _check_decoder(self) -> None:
@@ -465,8 +465,8 @@ class DreamLLMDiffusionMixin:
             raise ValueError("Pass `prompt` or `prompt_embeds`.")
         if prompt is None and image is not None:
             raise ValueError(
-                f"`{self._prompt_images_argument}` goes with the `<image>` placeholders of a `prompt`; with `prompt_embeds` the "
-                "pictures are already in the conditioning."
+                f"`{self._prompt_images_argument}` goes with the `<image>` placeholders of a `prompt`; with "
+                "`prompt_embeds` the pictures are already in the conditioning."
             )
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")

@@ -1,5 +1,5 @@
-"""DreamLLM inpainting, shaped like `StableDiffusionInpaintPipeline`: the masked region of a picture is redrawn under the
-caption's dream conditioning, the rest is kept."""
+"""DreamLLM inpainting, shaped like `StableDiffusionInpaintPipeline`: the masked region of a picture is redrawn under
+the caption's dream conditioning, the rest is kept."""
 
 from collections.abc import Callable
 
