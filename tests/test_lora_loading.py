@@ -11,7 +11,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from test_pipeline import FAST, load_pipeline, scripted, seeded
 
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.pipelines import (
+    DreamLLMImg2ImgPipeline,
+    DreamLLMInpaintPipeline,
+    DreamLLMPipeline,
+    DreamLLMText2ImagePipeline,
+)
 from dreamllm_hf.pipelines.lora_loading import DreamLLMLoraLoaderMixin
 
 
@@ -84,10 +89,10 @@ def unet_inputs(unet):
     return latents, torch.tensor([500]), torch.randn(1, 4, unet.config.cross_attention_dim, generator=g)
 
 
-def test_both_drawing_pipelines_take_diffusers_stable_diffusion_lora_loader():
+def test_every_drawing_pipeline_takes_diffusers_stable_diffusion_lora_loader():
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    for cls in (DreamLLMPipeline, DreamLLMText2ImagePipeline):
+    for cls in (DreamLLMPipeline, DreamLLMText2ImagePipeline, DreamLLMImg2ImgPipeline, DreamLLMInpaintPipeline):
         assert issubclass(cls, DreamLLMLoraLoaderMixin) and issubclass(cls, StableDiffusionLoraLoaderMixin)
         assert cls._lora_loadable_modules == ["unet"]  # never the mllm
 

@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import DiffusionSettings, DreamLLMDiffusionMixin
+from .lora_loading import DreamLLMLoraLoaderMixin
 
 
 EXAMPLE_DOC_STRING = """
@@ -32,7 +33,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DreamLLMImg2ImgPipeline(DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin):
+class DreamLLMImg2ImgPipeline(
+    DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin, DreamLLMLoraLoaderMixin
+):
     r"""
     Image-to-image with DreamLLM, as `StableDiffusionImg2ImgPipeline`: `image` is encoded by the VAE, noised to the
     timestep `strength` reaches into the schedule, and denoised under the dream conditioning of the caption (as

@@ -17,6 +17,7 @@ from ..decoder_conditioning import inpainting_channels
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import DiffusionSettings, DreamLLMDiffusionMixin
+from .lora_loading import DreamLLMLoraLoaderMixin
 
 
 EXAMPLE_DOC_STRING = """
@@ -34,7 +35,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DreamLLMInpaintPipeline(DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin):
+class DreamLLMInpaintPipeline(
+    DreamLLMDiffusionMixin, DiffusionPipeline, StableDiffusionMixin, DreamLLMLoraLoaderMixin
+):
     r"""
     Inpainting with DreamLLM, as `StableDiffusionInpaintPipeline`: where `mask_image` is white the picture is redrawn
     under the dream conditioning of the caption, where it is black the picture is kept.
