@@ -150,8 +150,8 @@ def test_stage1_row_mask_reaches_the_sharded_embeddings(converted_tiny, pairs, t
 
 
 def test_bad_fsdp_settings_are_refused_from_the_config_alone(converted_tiny, tmp_path):
-    """FSDP1, a layer class to wrap that the model does not have, or one inside a vision tower that trains, is refused
-    from `mllm/config.json` alone."""
+    """FSDP1, loading from rank 0 only, a layer class to wrap that the model does not have, or one inside a vision tower
+    that trains, is refused from `mllm/config.json` alone."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from dreamllm_hf.training import trainable_parts
@@ -170,6 +170,10 @@ def test_bad_fsdp_settings_are_refused_from_the_config_alone(converted_tiny, tmp
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap=layers)
         check_fsdp_settings(plugin, config_only, trainable_parts(2, vision_tower="full"))
     check_fsdp_settings(plugin, config_only, trainable_parts(2))  # a frozen tower's layers make empty units
+    rank0_loading = FullyShardedDataParallelPlugin(fsdp_version=2)
+    rank0_loading.cpu_ram_efficient_loading = True  # as the launcher's environment sets it (the argument wants a GPU)
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        check_fsdp_settings(rank0_loading, config_only)
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         check_fsdp_settings(FullyShardedDataParallelPlugin(fsdp_version=1), config_only)
     wrong = FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap="LlamaDecoderLayer,GPT2Block")

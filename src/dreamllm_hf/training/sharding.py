@@ -26,13 +26,21 @@ def fsdp_version(plugin) -> int:
 
 
 def check_fsdp_settings(plugin, model_dir: str | Path, parts=None) -> None:
-    """Refuses FSDP settings the trainer cannot run, before any weight loads: FSDP1, a class to wrap that the model
+    """Refuses FSDP settings the trainer cannot run, before any weight loads: FSDP1, loading from rank 0 only
+    (`cpu_ram_efficient_loading`), a class to wrap that the model
     (built from its config on the meta device) does not have, or one inside a vision tower that trains (`parts`, a
     `TrainableParts`)."""
     if fsdp_version(plugin) != 2:
         raise ValueError(
             f"FSDP version {fsdp_version(plugin)} is not supported: set `fsdp_version: 2` in the accelerate config "
             "(`fsdp_config`) to shard with FSDP2's `fully_shard` (see examples/accelerate/cpu_2proc_fsdp.yaml)."
+        )
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        # Measured: with it, accelerate re-distributes every weight from rank 0, the parts `train` leaves whole too.
+        raise ValueError(
+            "`fsdp_cpu_ram_efficient_loading: true` is not supported: `train` loads the model on every process, and "
+            "accelerate's loading from rank 0 would turn the frozen parts it leaves whole into distributed tensors. "
+            "Set it to false."
         )
     names = plugin.transformer_cls_names_to_wrap
     if isinstance(names, str):
