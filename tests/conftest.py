@@ -30,9 +30,9 @@ def one_thread():
 
 @pytest.fixture
 def accelerate_launch():
-    """`launch(port, *arguments, cwd=None)` runs `accelerate launch` with two CPU processes
-    (examples/accelerate/cpu_2proc.yaml), offline and on one thread each, and returns the finished process, its exit
-    status checked. Skips where the launcher is not installed next to this Python."""
+    """`launch(port, *arguments, cwd=None, config="cpu_2proc.yaml")` runs `accelerate launch` with two CPU processes
+    (examples/accelerate/cpu_2proc.yaml: DDP; cpu_2proc_fsdp.yaml: FSDP2), offline and on one thread each, and returns
+    the finished process, its exit status checked. Skips where the launcher is not installed next to this Python."""
     import subprocess
     import sys
 
@@ -40,9 +40,9 @@ def accelerate_launch():
     if not launcher.exists():
         pytest.skip("the accelerate launcher is not installed next to this Python")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    config = REPO / "examples" / "accelerate" / "cpu_2proc.yaml"
 
-    def launch(port: int, *arguments, cwd=None) -> "subprocess.CompletedProcess":
+    def launch(port: int, *arguments, cwd=None, config="cpu_2proc.yaml") -> "subprocess.CompletedProcess":
+        config = REPO / "examples" / "accelerate" / config
         command = [str(launcher), "launch", "--config_file", str(config), "--main_process_port", str(port)]
         command += [str(argument) for argument in arguments]
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)

@@ -42,6 +42,7 @@ from ..decoder_conditioning import vae_scale_factor
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..modeling.folder_layout import MLLM_FOLDER, save_processor_with_model
 from .data import IGNORE_INDEX
+from .lora import format_token_ids
 from .losses import DEFAULT_LOSS_WEIGHT_LM, DEFAULT_LOSS_WEIGHT_VM
 from .stages import LANGUAGE_MODEL_MODES, VISION_TOWER_MODES, TrainableParts, resolve_stage, trainable_parts
 
@@ -403,6 +404,15 @@ def _trim_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
+def _noise_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The generator of the diffusion noise of global micro-batch `batch_index` (on the CPU: the same numbers on any
+    device)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, batch_index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def _diffusion_resolution(unet, vae) -> int:
     return unet.config.sample_size * vae_scale_factor(vae.config)
 
@@ -511,6 +521,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     from .lora import apply_lora, load_adapter, load_mllm
     from .losses import DreamLLMTrainingModel
     from .sampling import SourceMixtureBatchSampler
+    from .sharding import RowMask, check_fsdp_settings, describe_shards, enable_fsdp_on_cpu, frozen_parts
     from .stages import apply_trainable_parts
 
     if not args.model:
@@ -531,6 +542,10 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    enable_fsdp_on_cpu(accelerator)
+    is_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if is_fsdp:  # before anything loads
+        check_fsdp_settings(accelerator.state.fsdp_plugin, args.model, parts)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
@@ -610,7 +625,18 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         num_warmup_steps=args.warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_steps * accelerator.num_processes,
     )
+    row_mask = None
+    if is_fsdp:
+        unsharded = frozen_parts(model)
+        accelerator.state.fsdp_plugin.ignored_modules = unsharded
+        # `fully_shard` replaces the parameters, and with them the row-mask hooks of `apply_trainable_parts`.
+        masked_names = [name for name, param in model.named_parameters() if id(param) in partial_ids]
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    if is_fsdp:
+        accelerator.print(describe_shards(model, unsharded))
+        if partially_trained:
+            rows = format_token_ids(accelerator.unwrap_model(model).mllm.config)
+            row_mask = RowMask(RowMask.find(model, masked_names), rows)
     engine_saves_model = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
@@ -661,7 +687,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
             if accelerator.is_main_process:
                 _trim_log(log_path, global_step)
     if not args.resume or global_step == 0:
-        set_seed(args.seed, device_specific=True)
+        set_seed(args.seed, device_specific=True)  # dropout; the diffusion noise has its own generators (below)
         if accelerator.is_main_process and log_path.exists():
             log_path.unlink()
     if args.report_to:
@@ -699,6 +725,8 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     counts = torch.zeros(3, device=accelerator.device)
     skipped = torch.zeros((), device=accelerator.device)  # pictures of documents that could not be opened
     last_record = None
+    num_processes, rank = accelerator.num_processes, accelerator.process_index
+    micro_step = 0  # micro-batches of the optimizer step under way
     started = time.perf_counter()
     while global_step < args.max_steps:
         dataset.set_epoch(epoch)
@@ -712,8 +740,14 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
             if skipped_here is not None:
                 skipped += skipped_here.to(skipped.device).float()
             with accelerator.accumulate(model):
-                out = model(**batch)
+                # The noise of a micro-batch depends on which batch of the global order it is, not on the process
+                # that draws it: 1 process accumulating N micro-batches draws what N processes draw in one.
+                batch_index = (global_step * args.gradient_accumulation_steps + micro_step) * num_processes + rank
+                out = model(**batch, generator=_noise_generator(args.seed, batch_index))
+                micro_step += 1
                 accelerator.backward(out.loss)
+                if row_mask is not None and accelerator.sync_gradients:
+                    row_mask.apply()
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -726,6 +760,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            micro_step = 0
             progress.update(1)
             if global_step % args.logging_steps == 0 or global_step == args.max_steps:
                 totals = accelerator.reduce(torch.cat([sums, counts, skipped[None]]), reduction="sum").tolist()

@@ -1,0 +1,173 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`) for the DreamLLM trainer.
+
+accelerate shards the model it prepares: every module of a class named in `fsdp_transformer_layer_cls_to_wrap` becomes
+its own unit (the LLM's decoder layers), and what is left over forms the root unit. `train` adds what accelerate cannot
+know:
+
+* the settings are checked against the model before anything loads (`check_fsdp_settings`: FSDP2 only, every class
+  to wrap must be one the model has, and none inside a vision tower that trains: a trained tower is sharded with the
+  root unit, which is gathered for the whole forward, also of a micro-batch without pictures);
+* parts with nothing to train are left out of the shards (`frozen_parts`, given to accelerate as `ignored_modules`):
+  the UNet, the VAE, a frozen vision tower, the decoder layers of a frozen LLM. Each process keeps its own full copy, as
+  without FSDP; they need no gradient and no optimizer state, so sharding them would only add all-gathers;
+* the format-token row mask of a frozen LLM (`stages.py`) is a gradient hook on the embedding and `lm_head` weights,
+  which `fully_shard` replaces by sharded parameters: `RowMask` re-finds them after sharding and masks their sharded
+  gradients instead (each process masks the rows of its own shard).
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def fsdp_version(plugin) -> int:
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def check_fsdp_settings(plugin, model_dir: str | Path, parts=None) -> None:
+    """Refuses FSDP settings the trainer cannot run, before any weight loads: FSDP1, loading from rank 0 only
+    (`cpu_ram_efficient_loading`), a class to wrap that the model
+    (built from its config on the meta device) does not have, or one inside a vision tower that trains (`parts`, a
+    `TrainableParts`)."""
+    if fsdp_version(plugin) != 2:
+        raise ValueError(
+            f"FSDP version {fsdp_version(plugin)} is not supported: set `fsdp_version: 2` in the accelerate config "
+            "(`fsdp_config`) to shard with FSDP2's `fully_shard` (see examples/accelerate/cpu_2proc_fsdp.yaml)."
+        )
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        # Measured: with it, accelerate re-distributes every weight from rank 0, the parts `train` leaves whole too.
+        raise ValueError(
+            "`fsdp_cpu_ram_efficient_loading: true` is not supported: `train` loads the model on every process, and "
+            "accelerate's loading from rank 0 would turn the frozen parts it leaves whole into distributed tensors. "
+            "Set it to false."
+        )
+    names = plugin.transformer_cls_names_to_wrap
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    if not names:
+        return
+    from ..modeling import DreamLLMConfig, DreamLLMForConditionalGeneration
+
+    path = Path(model_dir)
+    config = DreamLLMConfig.from_pretrained(path / "mllm" if (path / "mllm").is_dir() else path)
+    with torch.device("meta"):
+        skeleton = DreamLLMForConditionalGeneration(config)
+    present = {type(module).__name__ for module in skeleton.modules()}
+    missing = [name for name in names if name not in present]
+    if missing:
+        candidates = sorted(name for name in present if name.endswith("Layer"))
+        raise ValueError(
+            f"`fsdp_transformer_layer_cls_to_wrap` names {missing}, which this model does not have; its layer classes "
+            f"are {candidates}."
+        )
+    if parts is not None and parts.vision_tower == "full":
+        tower = {type(module).__name__ for module in skeleton.model.vision_tower.modules()}
+        inside = [name for name in names if name in tower]
+        if inside:
+            # A unit of its own only gathers its weights when it runs, and a micro-batch without pictures does not
+            # run the tower: the zero-weighted terms that keep it in the graph (`DreamLLMTrainingModel`) would meet
+            # sharded weights, and the processes would disagree on the collectives.
+            raise ValueError(
+                f"A trained vision tower cannot have FSDP units of its own ({inside} in "
+                "`fsdp_transformer_layer_cls_to_wrap`): leave its classes out, and it is sharded with the root unit."
+            )
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(param.requires_grad for param in module.parameters())
+
+
+def frozen_parts(training_model: nn.Module) -> list[nn.Module]:
+    """The parts of a `DreamLLMTrainingModel` with no trainable parameter, to keep out of the shards: the UNet, the
+    VAE, and each part of the DreamLLM (vision tower, projectors, queries, LLM) or LLM decoder layer that is frozen."""
+    from .losses import _base_mllm
+
+    inner = _base_mllm(training_model.mllm).model
+    parts = [training_model.unet, training_model.vae]
+    for module in inner.children():
+        if not _trains(module):
+            parts.append(module)
+        elif module is inner.language_model:
+            parts.extend(layer for layer in module.layers if not _trains(layer))
+    return [part for part in parts if any(True for _ in part.parameters())]
+
+
+class RowMask:
+    """Keeps only the gradient rows `rows` of each weight, also of a weight FSDP2 sharded by rows (`Shard(0)`): each
+    process masks the rows its shard holds. `apply` goes between backward and gradient clipping."""
+
+    def __init__(self, weights: list[nn.Parameter], rows: list[int]):
+        self.weights = weights
+        self.rows = torch.tensor(sorted(rows), dtype=torch.long)
+
+    @staticmethod
+    def find(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+        params = dict(model.named_parameters())
+        return [params[name] for name in names]
+
+    def _local_mask(self, param: nn.Parameter, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of `grad` this process holds, and the 0/1 column that keeps its rows of `rows`."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        start = 0
+        if isinstance(grad, DTensor):
+            (placement,) = grad.placements
+            if not isinstance(placement, Shard) or placement.dim != 0:
+                raise ValueError(f"A format-token row mask needs row sharding (Shard(0)), got {placement}.")
+            # `fully_shard` splits rows as `torch.chunk` does: equal chunks of ceil(rows / processes), the last shorter.
+            chunk = -(-param.shape[0] // grad.device_mesh.size())
+            start = chunk * grad.device_mesh.get_local_rank()
+        keep = torch.zeros(local.shape[0], 1, dtype=local.dtype, device=local.device)
+        inside = self.rows[(self.rows >= start) & (self.rows < start + local.shape[0])] - start
+        keep[inside.to(keep.device)] = 1
+        return local, keep
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for param in self.weights:
+            if param.grad is None:
+                continue
+            local, keep = self._local_mask(param, param.grad)
+            local.mul_(keep)
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """
+    Puts an FSDP launch on CPU processes (gloo) onto the FSDP path; returns whether it did. accelerate 1.15 only turns
+    a launch into FSDP for accelerator devices: on CPU processes it keeps MULTI_CPU (DDP) and drops the FSDP settings
+    without a word, although `fully_shard` trains on the CPU over gloo. The plugin is then built from the launcher's
+    settings as accelerate would have, and both of accelerate's shared states say FSDP (every `AcceleratorState()`
+    copies `PartialState`'s). Nothing changes where accelerate itself chose FSDP, or where FSDP was not asked for.
+    """
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def describe_shards(model: nn.Module, unsharded: list[nn.Module]) -> str:
+    """One line on how a prepared model is sharded: its FSDP units and the parts left whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {id(module): name for name, module in model.named_modules()}
+    units = [name or "(root)" for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+    sharded = sum(1 for param in model.parameters() if hasattr(param, "device_mesh"))
+    whole = [names.get(id(module), "?") for module in unsharded]
+    return f"FSDP2: {sharded} parameters sharded in {len(units)} units {units}; left whole: {whole}"
+
+
+__all__ = ["RowMask", "check_fsdp_settings", "describe_shards", "enable_fsdp_on_cpu", "frozen_parts", "fsdp_version"]

@@ -1,0 +1,181 @@
+"""`dreamllm-hf train` under `accelerate launch` with FSDP2 (`fully_shard`) on two CPU processes over gloo
+(examples/accelerate/cpu_2proc_fsdp.yaml), on the tiny converted fixture: the same model as one process, the stage I
+row mask on sharded weights, and settings refused before anything loads."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreamllm_hf.shapes_world.data import write_pairs_folder
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FSDP_CONFIG = "cpu_2proc_fsdp.yaml"
+LOSS_RTOL = 1e-5  # as tests/test_training.py
+WEIGHT_ATOL = 1e-4  # as tests/test_parity_model.py: fp32 reduction-order noise on these sizes is ~3e-6
+LEFT_WHOLE = ("'unet'", "'vae'", ".model.vision_tower'")  # the tower's name is under PEFT's in a LoRA run
+
+
+def _options(model, data, output, **overrides):
+    values = {
+        "model": model,
+        "data": data,
+        "output_dir": output,
+        "max_steps": 4,
+        "seed": 0,
+        "learning_rate": 1e-2,
+        "lr_scheduler": "constant",
+        "per_device_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "checkpointing_steps": 0,
+        "dtype": "float32",
+    }
+    values.update(overrides)
+    return values
+
+
+def _flags(options: dict) -> list:
+    flags = []
+    for key, value in options.items():
+        flags += [f"--{key.replace('_', '-')}", value]
+    return flags
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {key: value.float() for key, value in load_file(folder / "mllm" / "model.safetensors").items()}
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp-data")
+    return {"pairs": write_pairs_folder(root / "pairs", 8, seed=0), "cache": root / "hf-cache"}
+
+
+@pytest.mark.parametrize(
+    ("run", "port"),
+    [
+        pytest.param({"stage": 2}, 29571, id="stage2-full"),
+        pytest.param({"language_model": "lora", "lora_dropout": 0.0}, 29573, id="lora"),  # no dropout draws
+    ],
+)
+def test_fsdp_on_two_processes_trains_the_model_of_one_process(
+    run, port, converted_tiny, pairs, tmp_path, accelerate_launch
+):
+    """2 processes x 1 sample under FSDP2 against 1 process accumulating 2 micro-batches of 1, the same global batches
+    in the same order: the same losses at every step and the same weights at the end (the LLM in full, or its LoRA
+    adapter)."""
+    from dreamllm_hf.training import DreamLLMTrainingArguments, train
+
+    common = dict(run, cache_dir=str(pairs["cache"]))
+    sharded = tmp_path / "fsdp"
+    options = _options(converted_tiny, pairs["pairs"], sharded, checkpointing_steps=2, **common)
+    launched = accelerate_launch(port, "-m", "dreamllm_hf.cli", "train", *_flags(options), config=FSDP_CONFIG)
+    (shards,) = [line for line in launched.stdout.splitlines() if line.startswith("FSDP2:")]  # the main process's
+    units, whole = shards.split("left whole:")
+    assert units.count("language_model.layers.") == 2 and all(part[1:] in whole for part in LEFT_WHOLE), shards
+    assert (sharded / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # saved by FSDP's sharded state dict
+    assert json.loads((sharded / "trainer_state.json").read_text())["num_processes"] == 2
+
+    single = tmp_path / "single"
+    train(DreamLLMTrainingArguments(**_options(str(converted_tiny), [str(pairs["pairs"])], str(single), **common,
+                                               gradient_accumulation_steps=2)))  # fmt: skip
+
+    sharded_log, single_log = _log(sharded), _log(single)
+    assert [record["step"] for record in sharded_log] == [record["step"] for record in single_log] == [1, 2, 3, 4]
+    assert any(record["lm_loss"] is not None for record in single_log)  # both terms are compared
+    loss_diff = 0.0
+    for ours, theirs in zip(sharded_log, single_log):
+        for key in ("loss", "lm_loss", "vm_loss"):
+            if theirs[key] is None:
+                assert ours[key] is None, (ours, theirs)
+            else:
+                assert ours[key] == pytest.approx(theirs[key], rel=LOSS_RTOL), (key, ours, theirs)
+                loss_diff = max(loss_diff, abs(ours[key] - theirs[key]) / abs(theirs[key]))
+
+    if "lora" in run.values():
+        after_sharded, after_single = _adapter(sharded), _adapter(single)
+        before = {key: torch.zeros_like(value) for key, value in after_single.items() if "lora_B" in key}  # B starts 0
+    else:
+        before, after_sharded, after_single = _weights(converted_tiny), _weights(sharded), _weights(single)
+    assert after_sharded.keys() == after_single.keys() and before and before.keys() <= after_single.keys()
+    moved = max((after_single[key] - before[key]).abs().max().item() for key in before)
+    assert moved > 100 * WEIGHT_ATOL  # the comparison below is not between two untrained models
+    diffs = {key: (after_sharded[key] - after_single[key]).abs().max().item() for key in after_single}
+    print(
+        f"largest relative loss difference {loss_diff:.3g}, weight difference {max(diffs.values()):.3g}, move {moved:.3g}"
+    )
+    for key in after_single:
+        assert diffs[key] <= WEIGHT_ATOL, f"{key}: max abs diff {diffs[key]:.3g}"
+
+
+def test_stage1_row_mask_reaches_the_sharded_embeddings(converted_tiny, pairs, tmp_path, accelerate_launch):
+    """Stage I under FSDP2, in bf16 with activation checkpointing: `fully_shard` replaces the embedding and lm_head
+    weights (and the gradient hooks on them); still only the format-token rows move, every other row and every frozen
+    weight stays bit for bit."""
+    from dreamllm_hf.training import format_token_ids, load_mllm
+
+    output = tmp_path / "stage1"
+    options = _options(converted_tiny, pairs["pairs"], output, stage=1, max_steps=3, cache_dir=str(pairs["cache"]))
+    options.update(mixed_precision="bf16", dtype="auto", activation_checkpointing=True)  # frozen weights in bf16
+    run = accelerate_launch(29572, "-m", "dreamllm_hf.cli", "train", *_flags(options), config=FSDP_CONFIG)
+    (shards,) = [line for line in run.stdout.splitlines() if line.startswith("FSDP2:")]
+    assert "'mllm.model.language_model.layers.0'" in shards.split("left whole:")[1]  # a frozen layer is not sharded
+
+    before, after = _weights(converted_tiny), _weights(output)
+    embeddings = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+    for prefix in ("model.multi_modal_projector.", "model.condition_projector.", "model.dream_queries."):
+        assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith(prefix)), prefix
+    for key in before:
+        if key.startswith(("model.language_model.", "lm_head.", "model.vision_tower.")) and key not in embeddings:
+            assert torch.equal(before[key], after[key]), key
+    rows = format_token_ids(load_mllm(converted_tiny).config)
+    for key in embeddings:
+        others = torch.ones(before[key].shape[0], dtype=torch.bool)
+        others[rows] = False
+        assert torch.equal(before[key][others], after[key][others]), key
+        assert not torch.equal(before[key][rows], after[key][rows]), key
+
+
+def test_bad_fsdp_settings_are_refused_from_the_config_alone(converted_tiny, tmp_path):
+    """FSDP1, loading from rank 0 only, a layer class to wrap that the model does not have, or one inside a vision tower
+    that trains, is refused from `mllm/config.json` alone."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from dreamllm_hf.training import trainable_parts
+    from dreamllm_hf.training.sharding import check_fsdp_settings
+
+    config_only = tmp_path / "config-only"
+    (config_only / "mllm").mkdir(parents=True)
+    shutil.copy(converted_tiny / "mllm" / "config.json", config_only / "mllm" / "config.json")  # no weights
+
+    check_fsdp_settings(FullyShardedDataParallelPlugin(fsdp_version=2), config_only)
+    layers = "LlamaDecoderLayer,CLIPEncoderLayer"
+    check_fsdp_settings(
+        FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap=layers), config_only
+    )
+    with pytest.raises(ValueError, match="trained vision tower"):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap=layers)
+        check_fsdp_settings(plugin, config_only, trainable_parts(2, vision_tower="full"))
+    check_fsdp_settings(plugin, config_only, trainable_parts(2))  # a frozen tower's layers make empty units
+    rank0_loading = FullyShardedDataParallelPlugin(fsdp_version=2)
+    rank0_loading.cpu_ram_efficient_loading = True  # as the launcher's environment sets it (the argument wants a GPU)
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        check_fsdp_settings(rank0_loading, config_only)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_fsdp_settings(FullyShardedDataParallelPlugin(fsdp_version=1), config_only)
+    wrong = FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap="LlamaDecoderLayer,GPT2Block")
+    with pytest.raises(ValueError, match=r"\['GPT2Block'\].*LlamaDecoderLayer"):
+        check_fsdp_settings(wrong, config_only)
