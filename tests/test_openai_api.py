@@ -22,7 +22,7 @@ import torch
 import uvicorn
 
 from dreamllm_hf.cli import build_parser
-from dreamllm_hf.pipelines import DocumentRequest, DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.pipelines import DocumentRequest, DreamLLMPipeline, DreamLLMText2ImagePipeline, edit_prompt
 from dreamllm_hf.serve import cli as serve_cli
 from dreamllm_hf.serve import engine as engine_module
 from dreamllm_hf.serve.engine import DocumentStream, EngineClosed, QueueFull, ServingEngine, seeded_generator
@@ -316,6 +316,105 @@ def test_images_generate_draws_the_text_to_image_pipelines_pictures(client, serv
     assert_same_document(got, expected)
 
 
+EDIT = "Make it blue."
+EDIT_SETTINGS = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
+
+
+def png_bytes(picture: PIL.Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def b64_pictures(result) -> list:
+    pictures = [PIL.Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in result.data]
+    assert all(picture.format == "PNG" for picture in pictures)
+    return [picture.convert("RGB") for picture in pictures]
+
+
+def text_to_image(server, prompt, seeds, **kwargs):
+    """`DreamLLMText2ImagePipeline` called directly (on the model thread) with the server's settings."""
+    text2image = DreamLLMText2ImagePipeline.from_pipe(server.pipe)
+
+    def call():
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        return text2image(prompt, num_images_per_prompt=len(seeds), generator=generators, **EDIT_SETTINGS, **kwargs)
+
+    return server.engine.run_in_model_thread(call).result(timeout=300).images
+
+
+def blue_square() -> PIL.Image.Image:
+    return draw_shape(sample_spec(random.Random(2), colour="blue", shape="square"))
+
+
+def test_images_edit_draws_the_text_to_image_pipelines_edit_of_the_picture(client, server, tmp_path):
+    picture = red_circle()
+    result = client.images.edit(
+        model=MODEL,
+        image=("red.png", png_bytes(picture), "image/png"),
+        prompt=EDIT,
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 7, **EDIT_SETTINGS},
+    )
+    got = b64_pictures(result)
+    assert len(got) == 2 and result.created > 0 and all(p.size == (32, 32) for p in got)
+    # The pipeline's own call: the picture read at `<image>`, before the instruction (BOS + prompt, no chat template).
+    assert edit_prompt(EDIT) == "<image>Make it blue."
+    expected = text_to_image(server, "<image>Make it blue.", [7, 8], image=[picture])
+    assert_same_document(got, expected)
+
+    # The same seed again (the picture as an open file this time): the same pictures.
+    (tmp_path / "red.png").write_bytes(png_bytes(picture))
+    with open(tmp_path / "red.png", "rb") as handle:
+        again = client.images.edit(model=MODEL, image=handle, prompt=EDIT, extra_body={"seed": 7, **EDIT_SETTINGS})
+    (first,) = b64_pictures(again)
+    assert np.array_equal(np.asarray(first), np.asarray(got[0]))
+
+    # The picture is read: without it (the instruction alone, as a plain generation) the drawing differs.
+    plain = client.images.generate(
+        model=MODEL, prompt=EDIT, response_format="b64_json", extra_body={"seed": 7, **EDIT_SETTINGS}
+    )
+    (without,) = b64_pictures(plain)
+    difference = np.abs(np.asarray(without, dtype=np.int16) - np.asarray(got[0], dtype=np.int16))
+    assert difference.max() > 16, difference.max()
+
+
+def test_images_edit_reads_several_pictures_in_order_and_jpeg_and_webp(client, server):
+    red, blue = red_circle(), blue_square()
+    result = client.images.edit(
+        model=MODEL,
+        image=[png_bytes(red), ("blue.webp", png_bytes(blue, "WEBP"), "image/webp")],  # sent as `image[]`, twice
+        prompt=EDIT,
+        extra_body={"seed": 3, **EDIT_SETTINGS},
+    )
+    (got,) = b64_pictures(result)
+    webp = PIL.Image.open(io.BytesIO(png_bytes(blue, "WEBP"))).convert("RGB")  # lossy: as the server decodes it
+    (expected,) = text_to_image(server, "<image><image>Make it blue.", [3], image=[red, webp])
+    assert_same_document([got], [expected])
+    (swapped,) = text_to_image(server, "<image><image>Make it blue.", [3], image=[webp, red])
+    assert np.abs(np.asarray(swapped, dtype=np.int16) - np.asarray(got, dtype=np.int16)).max() > 16
+
+    jpeg = png_bytes(red, "JPEG")
+    (from_jpeg,) = b64_pictures(
+        client.images.edit(model=MODEL, image=("red.jpg", jpeg, "image/jpeg"), prompt=EDIT, extra_body={"seed": 3})
+    )
+    decoded = PIL.Image.open(io.BytesIO(jpeg)).convert("RGB")
+    assert_same_document([from_jpeg], text_to_image(server, edit_prompt(EDIT), [3], image=[decoded]))
+
+
+def test_images_edits_as_curl_sends_them(http, server):
+    """`curl -F image=@red.png -F prompt=... -F seed=5`: a multipart form of text fields and a file, as in the docs."""
+    picture = red_circle()
+    form = {"prompt": EDIT, "seed": "5", "num_inference_steps": str(STEPS), "guidance_scale": str(GUIDANCE)}
+    response = http.post("/v1/images/edits", data=form, files={"image": ("red.png", png_bytes(picture), "image/png")})
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["data"]
+    got = PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")
+    assert_same_document([got], text_to_image(server, edit_prompt(EDIT), [5], image=[picture]))
+
+
 def test_models_and_health(client, http, server):
     (listed,) = client.models.list().data
     assert listed.id == MODEL and listed.object == "model"
@@ -420,6 +519,31 @@ def images(**fields):
     return call
 
 
+def edits(**fields):
+    """A bad edit through the openai client (a red circle to edit unless `image` is given)."""
+
+    def call(env):
+        body = {"model": MODEL, "image": ("red.png", png_bytes(red_circle()), "image/png"), "prompt": EDIT, **fields}
+        extra = {name: body.pop(name) for name in list(body) if name in ("seed", "num_inference_steps", "stream")}
+        return env.client.images.edit(**body, extra_body=extra or None)
+
+    return call
+
+
+def raw_edit(files, key=API_KEY):
+    """A bad edit as a raw multipart form (`files` as httpx takes them; `(None, text)` is a text field)."""
+
+    def call(env):
+        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+        return httpx.post(f"{env.url}/v1/images/edits", files=files, headers=headers, timeout=120)
+
+    return call
+
+
+def _png(size=(8, 8), format="PNG") -> tuple:
+    return ("x." + format.lower(), png_bytes(PIL.Image.new("RGB", size, (200, 40, 40)), format), "image/png")
+
+
 def chunked_body(size: int):
     """A body sent in chunks, without `Content-Length`: the guard counts it as it arrives."""
 
@@ -505,6 +629,30 @@ BAD_REQUESTS = [
     ("images-size-unreadable", images(size="1024"), 400, "size"),
     ("images-size-zero", images(size="0x32"), 400, "size"),
     ("images-size-not-a-multiple", images(size="30x30"), 400, "size"),
+    ("edits-missing-image", raw_edit({"prompt": (None, EDIT)}), 400, "image"),
+    ("edits-image-as-text", raw_edit({"prompt": (None, EDIT), "image": (None, "red.png")}), 400, "image"),
+    ("edits-not-a-picture", edits(image=("red.png", b"hello", "image/png")), 400, "image"),
+    ("edits-gif", edits(image=_png(format="GIF")), 400, "image"),
+    ("edits-too-many-pictures", edits(image=[_png()] * 8), 400, "image"),  # the demo's context holds 7
+    ("edits-placeholders-and-pictures-disagree", edits(prompt="<image><image>" + EDIT), 400, "prompt"),
+    ("edits-mask", edits(mask=_png()), 400, "DreamLLMInpaintPipeline"),
+    ("edits-size-unreadable", edits(size="big"), 400, "size"),
+    ("edits-size-not-a-multiple", edits(size="30x30"), 400, "size"),
+    ("edits-n-too-large", edits(n=MAX_CHOICES + 1), 400, "n"),
+    ("edits-n-not-a-number", raw_edit({"prompt": (None, EDIT), "n": (None, "two"), "image": _png()}), 400, "n"),
+    ("edits-seed-twice", raw_edit([("image", _png()), ("seed", (None, "1")), ("seed", (None, "2"))]), 400, "seed"),
+    ("edits-url-format", edits(response_format="url"), 400, "response_format"),
+    ("edits-stream", edits(stream=True), 400, "stream"),
+    ("edits-unknown-model", edits(model="dall-e-2"), 404, "model"),
+    ("edits-json-body", raw(path="/v1/images/edits", body={"prompt": EDIT}), 400, "multipart/form-data"),
+    ("edits-oversize-body", edits(image=("big.png", b"x" * (MAX_REQUEST_MB * MEGABYTE), "image/png")), 413, "MiB"),
+    ("edits-missing-key", raw_edit({"prompt": (None, EDIT), "image": _png()}, key=None), 401, "API key"),
+    (
+        "edits-wrong-key",
+        lambda env: _client(env, "not-the-key").images.edit(image=_png(), prompt=EDIT),
+        401,
+        "API key",
+    ),
     ("unknown-route", raw(path="/v1/completions", body={"prompt": "x"}), 404, "/v1/chat/completions"),
     ("full-queue", with_full_queue, 429, "max_queue"),
 ]
@@ -694,7 +842,7 @@ def test_serve_api_options_and_the_seam_that_runs_uvicorn(monkeypatch):
     assert serve_cli.run_serve(defaults) == 0
     assert served["host"] == "127.0.0.1" and served["port"] == 8000
     routes = {route.path for route in served["app"].routes}
-    assert {"/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health"} <= routes
+    assert {"/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/models", "/health"} <= routes
 
 
 def test_the_page_refuses_the_apis_key(monkeypatch):

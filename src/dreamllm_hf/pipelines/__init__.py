@@ -6,7 +6,7 @@ from .document_writer import DocumentRequest, DocumentWriter
 from .pipeline_dreamllm import DreamLLMPipeline
 from .pipeline_dreamllm_img2img import DreamLLMImg2ImgPipeline
 from .pipeline_dreamllm_inpaint import DreamLLMInpaintPipeline
-from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
+from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline, edit_prompt
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 
 
@@ -21,4 +21,5 @@ __all__ = [
     "DreamLLMPipelineOutput",
     "DreamLLMText2ImagePipeline",
     "StopReason",
+    "edit_prompt",
 ]

@@ -1,7 +1,8 @@
 """
 `dreamllm-hf generate`: documents (text, a picture, or both) from prompts.
 
-* One prompt: `dreamllm-hf generate --model DIR "PROMPT" --out doc.html` writes one document as HTML or Markdown.
+* One prompt: `dreamllm-hf generate --model DIR "PROMPT" --out doc.html` writes one document as HTML or Markdown;
+  `--mode image --image red.png "Make it blue." --out blue.png` draws an edit of the picture (`edit_prompt`).
 * Many prompts: `dreamllm-hf generate --model DIR --prompts FILE --output-dir OUT` writes, for every prompt,
   `OUT/doc-00000.html` (pictures embedded), its pictures `OUT/doc-00000_image_<k>.png` and a record
   `OUT/records/doc-00000.json`, then gathers the records, in prompt order, into `OUT/documents.jsonl`. Data parallel:
@@ -25,7 +26,7 @@ from ..decoder_conditioning import vae_scale_factor
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..modeling.processing_dreamllm import rgb_picture
 from .pipeline_dreamllm import DreamLLMPipeline
-from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline
+from .pipeline_dreamllm_text2img import DreamLLMText2ImagePipeline, edit_prompt
 from .pipeline_output import DreamLLMPipelineOutput, StopReason
 from .prompt_files import (
     DOCUMENTS_FILE,
@@ -84,7 +85,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH",
-        help="a picture for the prompt, in order (repeatable); without `<image>` in the prompt, the pictures go first",
+        help="a picture for the prompt, in order (repeatable); without `<image>` in the prompt, the pictures go first; "
+        'with --mode image, the picture(s) to edit ("Make it blue.")',
     )
     parser.add_argument("--mode", choices=MODES, default="interleaved", help="what to generate")
     parser.add_argument(
@@ -129,7 +131,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="compute dtype (default: float16 on cuda, float32 on cpu)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="output file: .html, or .md (pictures beside it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output file: .html, or .md (pictures beside it); with --mode image also .png (the picture alone)",
+    )
     parser.add_argument(
         "--prompts",
         type=Path,
@@ -219,12 +226,19 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --output-dir goes with --prompts FILE; for one prompt use --out FILE.")
     if args.out is None:
         raise SystemExit("error: give --out FILE (.html or .md) for the document.")
-    if args.out.suffix.lower() not in (".html", ".htm", ".md"):
-        raise SystemExit(f"error: --out must end in .html or .md, got {args.out.name}")
+    suffixes = (".html", ".htm", ".md", ".png") if args.mode == "image" else (".html", ".htm", ".md")
+    if args.out.suffix.lower() not in suffixes:
+        raise SystemExit(f"error: --out must end in .html or .md (or .png with --mode image), got {args.out.name}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _default_dtype(args.dtype, device)
     images = [rgb_picture(PIL.Image.open(path)) for path in args.image]
-    prompt = with_placeholders(args.prompt, len(images))
+    if args.mode == "image":  # a picture drawn from pictures is an edit, read as text-to-image reads it
+        try:
+            prompt = edit_prompt(args.prompt, len(images))
+        except ValueError as error:
+            usage_error(args, str(error))
+    else:
+        prompt = with_placeholders(args.prompt, len(images))
     _check_model_folder(args.model)
     check_picture_size(args, args.model)
 
@@ -274,7 +288,9 @@ def run_generate(args: argparse.Namespace) -> int:
             progress.close()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix.lower() == ".md":
+    if args.out.suffix.lower() == ".png":
+        output.images[0][0].save(args.out)
+    elif args.out.suffix.lower() == ".md":
         output.save_markdown(args.out)
     else:
         output.save_html(args.out, title=args.prompt[:80])

@@ -10,6 +10,8 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 
+from ..checks import InputTypeError
+from ..constants import IMAGE_PLACEHOLDER
 from ..modeling.modeling_dreamllm import DreamLLMForConditionalGeneration
 from ..modeling.processing_dreamllm import DreamLLMProcessor
 from .dream_diffusion import DiffusionSettings, DreamLLMDiffusionMixin
@@ -19,14 +21,36 @@ from .lora_loading import DreamLLMLoraLoaderMixin
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import PIL.Image
         >>> import torch
-        >>> from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline
+        >>> from dreamllm_hf.pipelines import DreamLLMText2ImagePipeline, edit_prompt
 
         >>> pipe = DreamLLMText2ImagePipeline.from_pretrained("path/to/dreamllm-7b", dtype=torch.float16).to("cuda")
         >>> image = pipe("a photo of a red bird sitting on a tree branch", guidance_scale=3.5).images[0]
         >>> # or from a document pipeline, sharing its components: DreamLLMText2ImagePipeline.from_pipe(document_pipe)
+        >>> # an edit: the picture is read where `<image>` is (see `edit_prompt`), and the drawing comes after it
+        >>> edited = pipe(edit_prompt("Make it blue."), image=[PIL.Image.open("red_bird.png")]).images[0]
         ```
 """
+
+
+def edit_prompt(instruction: str, num_pictures: int = 1) -> str:
+    """The text-to-image prompt of an edit (`dreamllm-hf generate --mode image --image`, `POST /v1/images/edits`):
+    one `<image>` per picture, then the instruction with nothing between them, as the chat template joins a user
+    turn's pictures and text. The pipeline reads it as every caption, BOS + prompt without the chat template, so
+    `pipe(edit_prompt("Make it blue."), image=[picture])` reads `<s><image>Make it blue.` and draws after it. An
+    instruction that places its own `<image>`s is kept as it is, when it has one per picture."""
+    if not isinstance(instruction, str):
+        raise InputTypeError(f"`prompt` must be a string (the edit's instruction), got {type(instruction).__name__}.")
+    placed = instruction.count(IMAGE_PLACEHOLDER)
+    if placed == 0:
+        return IMAGE_PLACEHOLDER * num_pictures + instruction
+    if placed != num_pictures:
+        raise ValueError(
+            f"`prompt` has {placed} {IMAGE_PLACEHOLDER} for {num_pictures} picture(s); give one {IMAGE_PLACEHOLDER} "
+            "per picture, or none to put the pictures before the instruction."
+        )
+    return instruction
 
 
 class DreamLLMText2ImagePipeline(
@@ -306,4 +330,4 @@ class DreamLLMText2ImagePipeline(
         return ImagePipelineOutput(images=pictures)
 
 
-__all__ = ["DreamLLMText2ImagePipeline"]
+__all__ = ["DreamLLMText2ImagePipeline", "edit_prompt"]

@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import checks
-from ...pipelines import DreamLLMText2ImagePipeline
+from ...pipelines import DreamLLMText2ImagePipeline, edit_prompt
 from ..engine import DEFAULT_MAX_QUEUE, EngineClosed, QueueFull, ServingEngine, seeded_generator
 from . import protocol
 from .errors import APIError, RequestGuard, read_json
-from .pictures import png_base64
+from .pictures import EDIT_FORMATS, png_base64, read_picture
 from .settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_MODEL_NAME
 
 
@@ -49,7 +49,7 @@ def build_api_app(
 ) -> FastAPI:
     """
     The API on `pipe` (a [`DreamLLMPipeline`]): `POST /v1/chat/completions`, `POST /v1/images/generations`,
-    `GET /v1/models`, `GET /health`.
+    `POST /v1/images/edits`, `GET /v1/models`, `GET /health`.
 
     Args:
         pipe ([`DreamLLMPipeline`]): the model. The app starts a [`ServingEngine`] on it when it starts (uvicorn's
@@ -81,7 +81,8 @@ def build_api_app(
                 await run_in_threadpool(app.state.engine.close)
 
     app = FastAPI(title="DreamLLM", summary="An OpenAI-compatible API for DreamLLM documents", lifespan=lifespan)
-    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=int(max_request_mb * 2**20))
+    max_request_bytes = int(max_request_mb * 2**20)
+    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_request_bytes)
     app.add_exception_handler(APIError, lambda request, error: error.response())
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, lambda request, error: _api_error(error).response())
@@ -132,9 +133,8 @@ def build_api_app(
             )
         return await _complete_chat(request, streams, model_name)
 
-    @app.post("/v1/images/generations")
-    async def images_generations(request: Request):
-        body = protocol.parse_request(read_json(await request.body()), protocol.ImageGenerationRequest)
+    def check_drawing(body) -> None:
+        """What `/v1/images/generations` and `/v1/images/edits` refuse before any work."""
         protocol.check_model(body.model, model_name)
         if text2image is None:
             raise APIError(400, "This model has no picture decoder (no UNet): it writes text only.", param="model")
@@ -145,10 +145,15 @@ def build_api_app(
                 "pictures inline; ask for 'b64_json'.",
                 param="response_format",
             )
+
+    async def draw(request: Request, body, prompt: str, pictures: list | None = None):
+        """`body.n` pictures of `prompt` (reading `pictures` at its `<image>`s) by text-to-image on the model thread,
+        as OpenAI's images answer."""
         try:
             height, width = protocol.picture_size(body.size, None, None)
             seeds = protocol.document_seeds(body.seed, body.n)
             settings = dict(
+                image=pictures,
                 height=height,
                 width=width,
                 num_inference_steps=body.num_inference_steps or defaults.num_inference_steps,
@@ -158,20 +163,56 @@ def build_api_app(
                 output_type="pil",
             )
 
-            def draw():
+            def run():
                 generators = [seeded_generator(seed) for seed in seeds]
-                return text2image(body.prompt, generator=generators, **settings).images
+                return text2image(prompt, generator=generators, **settings).images
 
-            job = request.app.state.engine.run_in_model_thread(draw)
-            pictures = await _wait(request, asyncio.wrap_future(job), on_gone=job.cancel)
-            if pictures is None:
+            job = request.app.state.engine.run_in_model_thread(run)
+            drawn = await _wait(request, asyncio.wrap_future(job), on_gone=job.cancel)
+            if drawn is None:
                 return Response(status_code=499)  # the client left; nobody reads this
             data = await run_in_threadpool(
-                lambda: [{"b64_json": png_base64(p), "revised_prompt": None} for p in pictures]
+                lambda: [{"b64_json": png_base64(p), "revised_prompt": None} for p in drawn]
             )
         except Exception as error:
             raise _api_error(error, _IMAGE_NAMES, _IMAGE_FIELDS) from None
         return {"created": protocol.now(), "data": data}
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        body = protocol.parse_request(read_json(await request.body()), protocol.ImageGenerationRequest)
+        check_drawing(body)
+        return await draw(request, body, body.prompt)
+
+    # (without a decoder, `check_drawing` says so)
+    max_edit_pictures = (
+        protocol.edit_picture_limit(text2image) if text2image is not None else protocol.MAX_EDIT_PICTURES
+    )
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise APIError(
+                400,
+                "An edit is sent as multipart/form-data, the picture as a file (as the openai client's `images.edit` "
+                f"and `curl -F image=@red.png -F prompt=...` send it), got `Content-Type: {content_type}`.",
+                code="invalid_content_type",
+            )
+        # Parts as large as the body may be (the guard bounds the body); the pictures are read here, off the model.
+        async with request.form(max_part_size=max_request_bytes) as form:
+            body, files = protocol.edit_request(form.multi_items(), max_edit_pictures)
+            check_drawing(body)
+            pictures = []
+            for index, upload in enumerate(files):
+                param = "image" if len(files) == 1 else f"image[{index}]"
+                data = await upload.read()
+                pictures.append(await run_in_threadpool(read_picture, data, param, "", EDIT_FORMATS))
+        try:
+            prompt = edit_prompt(body.prompt, len(pictures))
+        except ValueError as error:
+            raise _api_error(error) from None
+        return await draw(request, body, prompt, pictures)
 
     return app
 
@@ -381,7 +422,8 @@ def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse
     message = f"{request.method} {request.url.path}: {error.detail}."
     if error.status_code == 404:
         message += (
-            " The routes are POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models, GET /health."
+            " The routes are POST /v1/chat/completions, POST /v1/images/generations, POST /v1/images/edits, "
+            "GET /v1/models, GET /health."
         )
     return APIError(error.status_code, message, code=None).response()
 

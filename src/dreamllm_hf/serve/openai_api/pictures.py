@@ -1,4 +1,5 @@
-"""Pictures in and out of the API: base64 data URLs read into PIL images, and PNGs written back the same way."""
+"""Pictures in and out of the API: base64 data URLs and uploaded files read into PIL images, and PNGs written back as
+base64."""
 
 import base64
 import binascii
@@ -54,6 +55,17 @@ def read_data_url(url, param: str) -> PIL.Image.Image:
         raise APIError(
             400, f"`{param}` does not hold valid base64 data ({error}).", param=param, code="invalid_image_url"
         ) from None
+    return read_picture(data, param, " in base64")
+
+
+# The files `POST /v1/images/edits` reads, as OpenAI's edits (PIL's names), and how the messages say them.
+EDIT_FORMATS = ("PNG", "JPEG", "WEBP")
+_FORMATS_SAID = "PNG, JPEG or WebP"
+
+
+def read_picture(data: bytes, param: str, how: str = "", formats: tuple[str, ...] | None = None) -> PIL.Image.Image:
+    """The RGB picture in the file `data`, or an [`APIError`] (400) naming `param`: not a picture, too large a one to
+    decode, or (with `formats`) a file of another kind."""
     try:
         with warnings.catch_warnings():
             # A picture of a huge number of pixels (a decompression bomb) is refused, not decoded.
@@ -65,10 +77,17 @@ def read_data_url(url, param: str) -> PIL.Image.Image:
     except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on data it cannot read
         raise APIError(
             400,
-            f"`{param}` is not a picture that can be read ({error}); give a PNG, JPEG or WebP file in base64.",
+            f"`{param}` is not a picture that can be read ({error}); give a {_FORMATS_SAID} file{how}.",
             param=param,
             code="invalid_image",
         ) from None
+    if formats is not None and picture.format not in formats:
+        raise APIError(
+            400,
+            f"`{param}` is a {picture.format} picture; this route reads {_FORMATS_SAID} files.",
+            param=param,
+            code="invalid_image_format",
+        )
     return picture.convert("RGB")
 
 
@@ -84,4 +103,4 @@ def png_data_url(picture: PIL.Image.Image) -> str:
     return "data:image/png;base64," + png_base64(picture)
 
 
-__all__ = ["png_base64", "png_data_url", "read_data_url"]
+__all__ = ["EDIT_FORMATS", "png_base64", "png_data_url", "read_data_url", "read_picture"]

@@ -11,9 +11,10 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
 from ... import checks
 from ...modeling.conversation import ROLES
@@ -60,6 +61,8 @@ _UNSUPPORTED_IMAGE_FIELDS = {
     "output_compression": (None, 100),
     "partial_images": (None, 0),
 }
+# `/v1/images/edits` also has OpenAI's edit options; a mask has a message of its own (`edit_request`).
+_UNSUPPORTED_EDIT_FIELDS = {**_UNSUPPORTED_IMAGE_FIELDS, "input_fidelity": (None,), "stream": (None, False)}
 # Accepted and not used: they change nothing in what is written.
 _IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
@@ -148,6 +151,11 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = None
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """`POST /v1/images/edits` but its pictures: the fields of `/v1/images/generations`, `prompt` being what to change
+    ("Make it blue.")."""
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """What a request that leaves a field out gets (the demo model's are `for_demo_model()`)."""
@@ -180,7 +188,7 @@ def parse_request(data: Any, model: type[BaseModel]) -> BaseModel:
                     400, f"`{name}` is given twice, with different values: in the body and in `extra_body`."
                 )
             data[name] = value
-    unsupported = _UNSUPPORTED_CHAT_FIELDS if model is ChatCompletionRequest else _UNSUPPORTED_IMAGE_FIELDS
+    unsupported = _UNSUPPORTED_FIELDS[model]
     for name in list(data):
         if name in unsupported:
             if not _is_off(data[name], unsupported[name]):
@@ -199,6 +207,97 @@ def parse_request(data: Any, model: type[BaseModel]) -> BaseModel:
         raise validation_error(error, model) from None
 
 
+_UNSUPPORTED_FIELDS = {
+    ChatCompletionRequest: _UNSUPPORTED_CHAT_FIELDS,
+    ImageGenerationRequest: _UNSUPPORTED_IMAGE_FIELDS,
+    ImageEditRequest: _UNSUPPORTED_EDIT_FIELDS,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edits: multipart/form-data, as the openai client's `images.edit` sends them
+
+MAX_EDIT_PICTURES = 16  # OpenAI's bound on the pictures of one edit
+# One picture is `image`; the openai client sends a list as `image[]`, one part each, in order.
+EDIT_PICTURE_FIELDS = ("image", "image[]")
+
+
+def _form_value(name: str, text: str, model: type[BaseModel]):
+    """A form field's text as the JSON value it stands for (form data is text: the openai client writes `n=2` as
+    "2"): a number for a numeric field of `model`, a number or a boolean for an unsupported one (compared with its
+    "off" values), else the text."""
+    annotation = model.model_fields[name].annotation if name in model.model_fields else None
+    numeric = {int, float} & {annotation, *get_args(annotation)}
+    if name in _UNSUPPORTED_EDIT_FIELDS and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    if numeric or name in _UNSUPPORTED_EDIT_FIELDS:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def edit_request(
+    items: list[tuple[str, Any]], max_pictures: int = MAX_EDIT_PICTURES
+) -> tuple[ImageEditRequest, list[UploadFile]]:
+    """The fields of an edit's form (`(name, text or file)` in the order sent) as an [`ImageEditRequest`], and its
+    picture files in order; an [`APIError`] (400) for a missing or textual `image`, a `mask`, more pictures than
+    `max_pictures` (`edit_picture_limit`), a field given twice, or a field as `parse_request` refuses it."""
+    pictures, fields = [], {}
+    for name, value in items:
+        if name == "mask":
+            raise APIError(
+                400,
+                "`mask` is not supported by this route: an edit here draws a new picture that reads yours (DreamLLM's "
+                "in-context edit), it does not repaint a region. To repaint under a mask, use "
+                "`DreamLLMInpaintPipeline` (`mask_image`); leave `mask` out to edit the whole picture.",
+                param="mask",
+                code="unsupported_parameter",
+            )
+        if name in EDIT_PICTURE_FIELDS:
+            if not isinstance(value, UploadFile):
+                raise APIError(
+                    400,
+                    "`image` must be a file part of the form (a PNG, JPEG or WebP file: `curl -F image=@red.png`, or "
+                    "`image=open(path, 'rb')` in the openai client), got text.",
+                    param="image",
+                    code="invalid_image",
+                )
+            pictures.append(value)
+            continue
+        if isinstance(value, UploadFile):
+            raise APIError(400, f"`{name}` must be text, got a file.", param=name)
+        if name in fields:
+            raise APIError(400, f"`{name}` is given twice; give it once.", param=name)
+        fields[name] = _form_value(name, value, ImageEditRequest)
+    if not pictures:
+        raise APIError(
+            400,
+            "`image` is required: send the picture to edit as a file part of the form (`curl -F image=@red.png`), "
+            "and `image[]` once per picture for several.",
+            param="image",
+        )
+    if len(pictures) > max_pictures:
+        raise APIError(
+            400,
+            f"`image`: {len(pictures)} pictures were sent, but an edit on this server reads at most {max_pictures} "
+            f"(OpenAI's {MAX_EDIT_PICTURES}, or fewer when the model's context holds fewer); send fewer pictures.",
+            param="image",
+        )
+    return parse_request(fields, ImageEditRequest), pictures
+
+
+def edit_picture_limit(text2image) -> int:
+    """The most pictures an edit may send to `text2image`: `MAX_EDIT_PICTURES`, or fewer when the model's context
+    cannot hold more of them before BOS and the dream block (the instruction's own tokens are checked by the
+    pipeline)."""
+    processor = text2image.processor
+    room = text2image.max_context_length - 1 - len(processor.dream_block_ids)
+    return max(0, min(MAX_EDIT_PICTURES, room // len(processor.image_block_ids)))
+
+
 def _is_off(value, offs: tuple) -> bool:
     """Whether `value` is one of the values that turn a field off (`0.0` is `0`, but `False` is not `0`)."""
     return any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in offs)
@@ -215,7 +314,8 @@ def validation_error(error: ValidationError, model: type[BaseModel]) -> APIError
     elif problem["type"] == "missing":
         message = f"`{param}` is required."
     elif problem["type"] == "extra_forbidden":
-        known = ", ".join(f"`{name}`" for name in model.model_fields)
+        files = EDIT_PICTURE_FIELDS[:1] if model is ImageEditRequest else ()  # its pictures, read beside the model
+        known = ", ".join(f"`{name}`" for name in (*files, *model.model_fields))
         message = f"Unknown field `{param}`. The fields this server reads are {known}."
         return APIError(400, message, param=param, code="unknown_parameter")
     else:
@@ -433,13 +533,16 @@ __all__ = [
     "API_STEPS",
     "API_TEMPERATURE",
     "CHOICES",
+    "EDIT_PICTURE_FIELDS",
     "FINISH_REASONS",
     "MAX_CHOICES",
+    "MAX_EDIT_PICTURES",
     "MAX_INFERENCE_STEPS",
     "MODALITIES",
     "ChatCompletionRequest",
     "ChatMessage",
     "GenerationDefaults",
+    "ImageEditRequest",
     "ImageGenerationRequest",
     "chat_documents",
     "check_model",
@@ -447,6 +550,8 @@ __all__ = [
     "completion_id",
     "conversation",
     "document_seeds",
+    "edit_picture_limit",
+    "edit_request",
     "finish_reason",
     "image_part",
     "message_content",
