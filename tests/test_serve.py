@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dreamllm_hf.cli import build_parser
-from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline
+from dreamllm_hf.pipelines import DreamLLMPipeline, DreamLLMText2ImagePipeline, edit_prompt
 from dreamllm_hf.serve.app import DreamLLMPage, PageDefaults
 from dreamllm_hf.serve.cli import serve
 from dreamllm_hf.serve.render import conversation_html, placeholder_html, status_html, turn_html
@@ -125,8 +125,8 @@ def test_bad_input_gets_a_message_and_changes_nothing(page, tmp_path):
     cases = [
         (dict(message="  "), "The message is empty"),
         (dict(message="What is it?", attachment=str(broken)), "broken.png could not be read as a picture"),
-        (dict(message="a red circle", attachment=str(red_circle), mode="Picture only"), "Picture only draws"),
         (dict(message="", mode="Picture only"), "Type what to draw"),
+        (dict(message=" ", attachment=str(red_circle), mode="Picture only"), "the change, e.g. Make it blue."),
         (dict(message="Hi", seed=1.5), "Seed must be a whole number"),
         (dict(message="Hi", seed=-1), "Seed must be between"),
         (dict(message="Hi", mode="Poem"), "Unknown mode 'Poem'"),
@@ -216,6 +216,23 @@ def test_picture_only_draws_the_message(page, demo_pipe):
     (picture,) = answer["content"]
     assert picture.size == (32, 32) and _same_picture(picture, expected)
     assert any("Drawing picture 1: step" in u[STATUS] for u in updates)
+    assert "Done." in updates[-1][STATUS]
+
+
+def test_picture_only_with_an_attached_picture_draws_its_edit(page, demo_pipe, tmp_path):
+    red_circle = tmp_path / "red_circle.png"
+    attached = _shape_picture(red_circle)
+    updates = _run(page, "Make it blue.", attachment=str(red_circle), mode="Picture only", seed=3)
+    text2image = DreamLLMText2ImagePipeline.from_pipe(demo_pipe)
+    seeded = dict(num_inference_steps=STEPS, guidance_scale=2.0)
+    expected = text2image(
+        edit_prompt("Make it blue."), image=[attached], generator=torch.Generator("cpu").manual_seed(3), **seeded
+    ).images[0]
+    without = text2image("Make it blue.", generator=torch.Generator("cpu").manual_seed(3), **seeded).images[0]
+    user, answer = updates[-1][CONVERSATION]
+    assert user["content"][1] == {"type": "text", "text": "Make it blue."}
+    (picture,) = answer["content"]
+    assert _same_picture(picture, expected) and not _same_picture(picture, without)  # the picture was read
     assert "Done." in updates[-1][STATUS]
 
 

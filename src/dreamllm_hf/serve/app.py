@@ -104,14 +104,17 @@ def user_turn(message: str | None, attachment: str | None, mode: str) -> dict:
     """The user's turn: the message, or `[picture, text]` with an attached picture."""
     text = (message or "").strip()
     if mode == "Picture only":
-        if attachment:
-            raise InputError(
-                "Picture only draws from the message alone: remove the attached picture, or choose "
-                "Document or Answer only to ask about it."
-            )
         if not text:
-            raise InputError("Type what to draw in the Prompt box first.")
-        return {"role": "user", "content": text}
+            raise InputError(
+                "Type what to draw in the Prompt box first (with an attached picture: the change, e.g. Make it blue.)."
+            )
+        if not attachment:
+            return {"role": "user", "content": text}
+        # An attached picture is edited: drawn from the picture read before the message (`edit_prompt`).
+        return {
+            "role": "user",
+            "content": [{"type": "image", "image": read_picture(attachment)}, {"type": "text", "text": text}],
+        }
     if not text and not attachment:
         raise InputError("The message is empty: type something in the Prompt box (or attach a picture) first.")
     if not attachment:
@@ -306,7 +309,7 @@ class DreamLLMPage:
                         value=MODES[0],
                         label="Mode",
                         info="Document: text and pictures. Answer only: text. Picture only: one picture "
-                        "of the message.",
+                        "of the message (with an attached picture: its edit).",
                     )
                     seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0)
                     guidance = gr.Slider(0.0, MAX_GUIDANCE, value=d.guidance_scale, step=0.5, label="Guidance")

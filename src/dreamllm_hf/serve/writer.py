@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pipelines.document_writer import DocumentRequest
+from ..pipelines.pipeline_dreamllm_text2img import edit_prompt
 from ..pipelines.pipeline_output import DocumentEvent, DreamLLMPipelineOutput, StopReason
 from .engine import DenoisingStep
 
@@ -151,8 +152,11 @@ def _read(stream, events: queue.Queue) -> None:
 
 
 def _draw_picture(engine, text2image, conversation, settings, generator, stop, events: queue.Queue):
-    """ "Picture only": text-to-image of the last user turn on the engine's model thread; returns how to cancel it."""
-    caption = _last_user_text(conversation)
+    """ "Picture only": text-to-image of the last user turn on the engine's model thread (with its picture, the edit
+    of that picture: `edit_prompt`); returns how to cancel it."""
+    caption, pictures = _last_user_text(conversation), _last_user_pictures(conversation)
+    if pictures:
+        caption = edit_prompt(caption, len(pictures))
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
         events.put(DenoisingStep(0, step + 1, pipeline.num_timesteps))
@@ -163,6 +167,7 @@ def _draw_picture(engine, text2image, conversation, settings, generator, stop, e
     def draw():
         return text2image(
             caption,
+            image=pictures or None,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             generator=generator,
@@ -189,6 +194,13 @@ def _draw_picture(engine, text2image, conversation, settings, generator, stop, e
     future = engine.run_in_model_thread(draw)
     future.add_done_callback(finished)
     return future.cancel
+
+
+def _last_user_pictures(conversation: list[dict]) -> list:
+    content = conversation[-1]["content"]
+    if isinstance(content, str):
+        return []
+    return [item["image"] for item in content if isinstance(item, dict) and item.get("type") == "image"]
 
 
 def _last_user_text(conversation: list[dict]) -> str:
