@@ -9,4 +9,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${EXTRAS:-test,train,quant,demo,eval,serve}]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${EXTRAS:-test,train,deepspeed,quant,demo,eval,serve}]"

@@ -159,6 +159,40 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     return True
 
 
+def deepspeed_on_cpu_kwargs() -> dict:
+    """
+    `Accelerator` arguments that keep a DeepSpeed launch on CPU processes on the DeepSpeed path. accelerate 1.15 drops
+    DeepSpeed with `cpu=True` (the launch becomes DDP over gloo without a word) and, with `cpu=False` and no
+    accelerator, counts one process; with `cpu=False` and gloo named as the backend it lets DeepSpeed join a gloo
+    group on its CPU accelerator (`DS_ACCELERATOR=cpu`, found by itself without a GPU) on the CPU device. Empty where
+    there is an accelerator or no DeepSpeed launch.
+    """
+    import os
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.accelerator.is_available():
+        return {}
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def check_deepspeed_settings(plugin) -> None:
+    """Refuses ZeRO stages 2 and 3 before anything loads: both assume every process runs the same modules in the same
+    order, and DreamLLM's batches do not (a text-to-image pair runs the UNet, an image-to-text pair the vision
+    projector). Measured here on 2 CPU processes with deepspeed 0.19.8: ZeRO-2 lays out its gradient buckets in the
+    order gradients become ready on each process and reduces mismatched buckets, so the second step's gradients
+    already differ from one process's, with no error (deepspeedai/DeepSpeed#2343); ZeRO-3 gathers each module's
+    weights with a collective when the module runs, and the processes hang at the first step whose batches differ.
+    ZeRO-1 reduces the gradients after backward in parameter order and gives the model of one process."""
+    if plugin.zero_stage in (2, 3):
+        raise ValueError(
+            f"DeepSpeed ZeRO stage {plugin.zero_stage} needs every process to run the same modules in the same order, "
+            "and DreamLLM's mixed batches (text-to-image and image-to-text samples) do not: stage 2 gives wrong "
+            "gradients without an error, stage 3 hangs. Use `zero_stage: 1` "
+            "(examples/accelerate/8gpu_deepspeed_zero1.yaml) or FSDP (examples/accelerate/8gpu_fsdp.yaml)."
+        )
+
+
 def describe_shards(model: nn.Module, unsharded: list[nn.Module]) -> str:
     """One line on how a prepared model is sharded: its FSDP units and the parts left whole."""
     from torch.distributed.fsdp import FSDPModule
@@ -170,4 +204,13 @@ def describe_shards(model: nn.Module, unsharded: list[nn.Module]) -> str:
     return f"FSDP2: {sharded} parameters sharded in {len(units)} units {units}; left whole: {whole}"
 
 
-__all__ = ["RowMask", "check_fsdp_settings", "describe_shards", "enable_fsdp_on_cpu", "frozen_parts", "fsdp_version"]
+__all__ = [
+    "RowMask",
+    "check_deepspeed_settings",
+    "check_fsdp_settings",
+    "deepspeed_on_cpu_kwargs",
+    "describe_shards",
+    "enable_fsdp_on_cpu",
+    "frozen_parts",
+    "fsdp_version",
+]

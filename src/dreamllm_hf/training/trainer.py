@@ -521,7 +521,15 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     from .lora import apply_lora, load_adapter, load_mllm
     from .losses import DreamLLMTrainingModel
     from .sampling import SourceMixtureBatchSampler
-    from .sharding import RowMask, check_fsdp_settings, describe_shards, enable_fsdp_on_cpu, frozen_parts
+    from .sharding import (
+        RowMask,
+        check_deepspeed_settings,
+        check_fsdp_settings,
+        deepspeed_on_cpu_kwargs,
+        describe_shards,
+        enable_fsdp_on_cpu,
+        frozen_parts,
+    )
     from .stages import apply_trainable_parts
 
     if not args.model:
@@ -535,7 +543,7 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     is_lora = parts.language_model == "lora"
     accelerator = Accelerator(
         # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
-        cpu=not torch.accelerator.is_available(),
+        **{"cpu": not torch.accelerator.is_available(), **deepspeed_on_cpu_kwargs()},
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to or None,
@@ -546,6 +554,9 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP
     if is_fsdp:  # before anything loads
         check_fsdp_settings(accelerator.state.fsdp_plugin, args.model, parts)
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        check_deepspeed_settings(accelerator.state.deepspeed_plugin)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
@@ -638,7 +649,6 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
             rows = format_token_ids(accelerator.unwrap_model(model).mllm.config)
             row_mask = RowMask(RowMask.find(model, masked_names), rows)
     engine_saves_model = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def save_trained_hook(models, weights, checkpoint_dir):
         # Checkpoints hold what trains (the adapter, or the trained parameters), not the frozen multi-GB rest (FSDP
