@@ -20,8 +20,10 @@ Output folder:
   `null` when none had it (no language-model targets, or no picture to draw); `skipped_pictures` counts the pictures
   of documents left out since the last line because they could not be opened (see `data.py`);
 * `checkpoint-STEP/`: every `checkpointing_steps` steps, the trained weights (the adapter, or the trained parameters
-  of the model) plus the optimizer, scheduler, data-sampler and RNG states (`--resume` continues from the latest one,
-  bit for bit on the same setup);
+  of the model; under FSDP the sharded state dict, one file per process) plus the optimizer, scheduler, data-sampler
+  and RNG states (`--resume` continues from the latest complete one, bit for bit on the same setup). A checkpoint is
+  written as `checkpoint-STEP.partial/` and renamed once every process's files and then its `trainer_state.json` (the
+  completion marker) are in, so a run killed while writing one leaves nothing `--resume` would take;
 * `training_args.json`, `trainer_state.json`.
 """
 
@@ -55,6 +57,7 @@ TRAINING_ARGS_NAME = "training_args.json"
 TRAINED_WEIGHTS_NAME = "trained_parameters.safetensors"  # a checkpoint's trained parameters (runs without LoRA)
 PIPELINE_PARTS = ("processor", "unet", "vae", "scheduler")  # copied as they are into a run's pipeline folder
 CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_CHECKPOINT_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-STEP when complete
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BELOW_ONE = checks.NumberRange(integer=False, minimum=0, maximum=1, exclusive_maximum=True)
 # What every number of `DreamLLMTrainingArguments` may be (a config file's values meet no argparse `type=`), and
@@ -270,8 +273,8 @@ class DreamLLMTrainingArguments:
     resume: str | None = field(
         default=None,
         metadata={
-            "help": "Resume from the latest checkpoint-* in `output_dir` (`latest`, or the flag alone), or from the "
-            "checkpoint folder CHECKPOINT.",
+            "help": "Resume from the latest complete checkpoint-* in `output_dir` (`latest`, or the flag alone), or "
+            "from the checkpoint folder CHECKPOINT.",
             "nargs": "?",
             "const": "latest",
             "metavar": "CHECKPOINT",
@@ -376,17 +379,37 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The `checkpoint-STEP` folder with the largest STEP in `output_dir` (None when there is none)."""
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint folder whose writing finished (its `trainer_state.json`, written last, is there)."""
+    return (Path(path) / TRAINER_STATE_NAME).is_file()
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete `checkpoint-STEP` folders of `output_dir`, oldest step first (a folder without its completion
+    marker, as a deletion cut short leaves, is not one)."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None
+        return []
     steps = [
         (int(path.name[len(CHECKPOINT_PREFIX) :]), path)
         for path in folder.iterdir()
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        if path.name.startswith(CHECKPOINT_PREFIX)
+        and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and is_complete_checkpoint(path)
     ]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete `checkpoint-STEP` folder with the largest STEP in `output_dir` (None when there is none)."""
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Deletes a checkpoint folder, its completion marker first: cut short, it is left incomplete, never taken."""
+    (path / TRAINER_STATE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(path)
 
 
 def _has_lm_targets(batch: dict) -> bool:
@@ -541,6 +564,14 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         raise ValueError(f"`output_dir` ({output_dir}) is the `model` folder; write the run to another folder.")
     parts = args.trainable_parts()
     is_lora = parts.language_model == "lora"
+    checkpoint = None
+    if args.resume:
+        checkpoint = find_latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
+        if checkpoint is not None and not is_complete_checkpoint(checkpoint):
+            raise ValueError(
+                f"{checkpoint} is not a complete checkpoint (no {TRAINER_STATE_NAME}: its writing was cut short); "
+                "resume from a complete one, or with `--resume` alone for the latest complete one."
+            )
     accelerator = Accelerator(
         # Without a GPU, processes started by `accelerate launch`/torchrun join a gloo group on the CPU.
         **{"cpu": not torch.accelerator.is_available(), **deepspeed_on_cpu_kwargs()},
@@ -685,7 +716,6 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
 
     global_step = 0
     if args.resume:
-        checkpoint = find_latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
         if checkpoint is None:
             logger.warning("No checkpoint in %s to resume from; starting from scratch.", output_dir)
         else:
@@ -709,19 +739,22 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
 
     def save_checkpoint(step: int) -> None:
         checkpoint_dir = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        partial_dir = checkpoint_dir.with_name(checkpoint_dir.name + PARTIAL_CHECKPOINT_SUFFIX)
+        if accelerator.is_main_process and partial_dir.exists():  # left by a run killed while writing it
+            shutil.rmtree(partial_dir)
+        accelerator.wait_for_everyone()
         save_kwargs = {"exclude_frozen_parameters": True} if is_deepspeed else {}
-        accelerator.save_state(str(checkpoint_dir), **save_kwargs)
+        accelerator.save_state(str(partial_dir), **save_kwargs)
+        accelerator.wait_for_everyone()  # every process's shards and RNG states are written
         if accelerator.is_main_process:
             state = {"global_step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
-            (checkpoint_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+            (partial_dir / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+            if checkpoint_dir.exists():  # from an earlier run (resumed from an older step) or left incomplete
+                _remove_checkpoint(checkpoint_dir)
+            partial_dir.rename(checkpoint_dir)  # atomic: the checkpoint appears complete or not at all
             if args.checkpoints_total_limit:
-                checkpoints = sorted(
-                    (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
-                    for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                    if p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-                )
-                for _, old in checkpoints[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for old in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                    _remove_checkpoint(old)
         accelerator.wait_for_everyone()
 
     model.train()
