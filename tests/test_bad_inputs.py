@@ -197,6 +197,7 @@ BAD_INPUTS = [
     ("cli", dict(argv="train --config CONFIG", config="i2t_probability: 2\n"), ValueError, r"`i2t_probability` must be a finite number in \[0, 1\], got 2"),
     ("cli", dict(argv="train --lora-dropout 1.0"), ValueError, r"`lora_dropout` must be a finite number in \[0, 1\), got 1.0"),
     ("cli", dict(argv="train --batch-size 0"), ValueError, r"`per_device_batch_size` must be a positive integer, got 0"),
+    ("cli", dict(argv="train --global-batch-size 3 --batch-size 2"), ValueError, r"`global_batch_size` 3 is not a multiple of 1 process\(es\) x `per_device_batch_size` 2 = 2: no process count splits it"),
     ("cli", dict(argv="evaluate fid --reference x --steps 0"), ValueError, r"argument --steps: must be a positive integer, got '0'"),
     ("cli", dict(argv="evaluate captions --data x --batch-size 0"), ValueError, r"argument --batch-size: must be a positive integer, got '0'"),
     ("cli", dict(argv="evaluate-demo --num-inference-steps -2"), ValueError, r"argument --num-inference-steps: must be a positive integer, got '-2'"),

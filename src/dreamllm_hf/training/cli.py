@@ -92,10 +92,12 @@ def training_arguments_from_namespace(namespace: argparse.Namespace):
 
 def run_train(namespace: argparse.Namespace) -> int:
     from ..checks import usage_error
+    from .sharding import check_launch_settings
     from .trainer import train
 
     try:
         args = training_arguments_from_namespace(namespace)
+        check_launch_settings(args)  # the options against the processes and the device
     except ValueError as error:  # a value out of range, from a flag or the --config file: nothing has started
         usage_error(namespace, str(error))
     missing = [name for name in ("model", "data", "output_dir") if not getattr(args, name)]

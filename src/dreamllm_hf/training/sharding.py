@@ -15,6 +15,7 @@ know:
   gradients instead (each process masks the rows of its own shard).
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -193,6 +194,73 @@ def check_deepspeed_settings(plugin) -> None:
         )
 
 
+def launched_processes() -> int:
+    """The process count of the run, before its Accelerator exists: as accelerate reads it from a torchrun-style launch
+    (`accelerate launch`, torchrun), 1 for a plain `python`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch_settings(args) -> int:
+    """The checks of `DreamLLMTrainingArguments` against the launch (process count, device), before the Accelerator
+    (which they decide) and anything else: `check_global_batch` (whose accumulation it returns) and
+    `check_mixed_precision` (of `mixed_precision`, or else `accelerate launch`'s)."""
+    accumulation = check_global_batch(
+        args.global_batch_size, args.per_device_batch_size, args.gradient_accumulation_steps, launched_processes()
+    )
+    device_type = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
+    check_mixed_precision(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), device_type)
+    return accumulation
+
+
+def check_global_batch(
+    global_batch_size: int | None, per_device_batch_size: int, gradient_accumulation_steps: int, num_processes: int
+) -> int:
+    """The gradient accumulation that makes `global_batch_size` samples an optimizer step on `num_processes` processes
+    of `per_device_batch_size` each; `gradient_accumulation_steps` when no global batch is set. Refuses, before
+    anything loads, a global batch those processes cannot split into whole micro-batches, or an accumulation other
+    than 1 (the default) that disagrees with it."""
+    if global_batch_size is None:
+        return gradient_accumulation_steps
+    per_micro_step = num_processes * per_device_batch_size
+    if global_batch_size % per_micro_step:
+        fitting = [n for n in range(1, global_batch_size + 1) if global_batch_size % (n * per_device_batch_size) == 0]
+        fix = (
+            f"launch a process count that splits it at this batch size ({fitting}: `accelerate launch "
+            "--num_processes N`), or change `per_device_batch_size` or `global_batch_size`."
+            if fitting
+            else f"no process count splits it into micro-batches of {per_device_batch_size}: change "
+            "`per_device_batch_size` or `global_batch_size`."
+        )
+        raise ValueError(
+            f"`global_batch_size` {global_batch_size} is not a multiple of {num_processes} process(es) x "
+            f"`per_device_batch_size` {per_device_batch_size} = {per_micro_step}: {fix}"
+        )
+    accumulation = global_batch_size // per_micro_step
+    if gradient_accumulation_steps not in (1, accumulation):
+        raise ValueError(
+            f"`global_batch_size` {global_batch_size} on {num_processes} process(es) x `per_device_batch_size` "
+            f"{per_device_batch_size} means {accumulation} accumulation step(s), not the "
+            f"`gradient_accumulation_steps` {gradient_accumulation_steps} given: leave one of the two unset."
+        )
+    return accumulation
+
+
+def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
+    """Refuses, before anything loads, a mixed precision the device cannot run: fp16 on the CPU (accelerate then does
+    not autocast at all, and the frozen weights would be fp16 next to fp32 trained ones), bf16 on a CUDA GPU without
+    bf16 (before Ampere)."""
+    if mixed_precision == "fp16" and device_type == "cpu":
+        raise ValueError(
+            "`mixed_precision` fp16 needs a GPU: on the CPU accelerate does not autocast in fp16. Use bf16 (which the "
+            "CPU autocasts) or no."
+        )
+    if mixed_precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"`mixed_precision` bf16 needs a GPU with bf16, and {torch.cuda.get_device_name()} has none: use fp16, or "
+            "no."
+        )
+
+
 def describe_shards(model: nn.Module, unsharded: list[nn.Module]) -> str:
     """One line on how a prepared model is sharded: its FSDP units and the parts left whole."""
     from torch.distributed.fsdp import FSDPModule
@@ -208,9 +276,13 @@ __all__ = [
     "RowMask",
     "check_deepspeed_settings",
     "check_fsdp_settings",
+    "check_global_batch",
+    "check_launch_settings",
+    "check_mixed_precision",
     "deepspeed_on_cpu_kwargs",
     "describe_shards",
     "enable_fsdp_on_cpu",
     "frozen_parts",
     "fsdp_version",
+    "launched_processes",
 ]

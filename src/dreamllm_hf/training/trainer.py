@@ -79,6 +79,7 @@ ARGUMENT_RANGES = {
     "max_grad_norm": (checks.NON_NEGATIVE_NUMBER, False),
     "per_device_batch_size": (checks.BATCH_SIZE, False),
     "gradient_accumulation_steps": (checks.POSITIVE_INT, False),
+    "global_batch_size": (checks.POSITIVE_INT, True),
     "max_length": (checks.POSITIVE_INT, True),
     "i2t_probability": (checks.PROBABILITY, False),
     "caption_dropout": (checks.PROBABILITY, False),
@@ -219,6 +220,15 @@ class DreamLLMTrainingArguments:
         default=1, metadata={"help": "Samples per process per micro-batch.", "aliases": ["--batch-size"]}
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per optimizer step over all processes: sets `gradient_accumulation_steps` to it / "
+            "(processes x `per_device_batch_size`), which must be whole; the same recipe then runs on any process "
+            "count that divides it.",
+            "metavar": "N",
+        },
+    )
     mixed_precision: str | None = field(
         default=None,
         metadata={
@@ -548,10 +558,12 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         RowMask,
         check_deepspeed_settings,
         check_fsdp_settings,
+        check_launch_settings,
         deepspeed_on_cpu_kwargs,
         describe_shards,
         enable_fsdp_on_cpu,
         frozen_parts,
+        launched_processes,
     )
     from .stages import apply_trainable_parts
 
@@ -564,6 +576,9 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         raise ValueError(f"`output_dir` ({output_dir}) is the `model` folder; write the run to another folder.")
     parts = args.trainable_parts()
     is_lora = parts.language_model == "lora"
+    accumulation = check_launch_settings(args)  # before the Accelerator, which they decide, and anything else
+    if accumulation != args.gradient_accumulation_steps:
+        args = dataclasses.replace(args, gradient_accumulation_steps=accumulation)
     checkpoint = None
     if args.resume:
         checkpoint = find_latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
@@ -581,6 +596,11 @@ def train(args: DreamLLMTrainingArguments) -> TrainOutput:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if args.global_batch_size is not None and accelerator.num_processes != launched_processes():
+        raise RuntimeError(
+            f"`global_batch_size` was split for {launched_processes()} process(es) (WORLD_SIZE), but the run has "
+            f"{accelerator.num_processes}: launch with `accelerate launch` or torchrun."
+        )
     enable_fsdp_on_cpu(accelerator)
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP
     if is_fsdp:  # before anything loads
