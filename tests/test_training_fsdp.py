@@ -1,6 +1,6 @@
 """`dreamllm-hf train` under `accelerate launch` with FSDP2 (`fully_shard`) on two CPU processes over gloo
-(examples/accelerate/cpu_2proc_fsdp.yaml), on the tiny converted fixture: the same model as one process, the stage I
-row mask on sharded weights, and settings refused before anything loads."""
+(examples/accelerate/cpu_2proc_fsdp.yaml), on the tiny converted fixture and the shipped demo model: the same model as
+one process, the stage I row mask on sharded weights, and settings refused before anything loads."""
 
 import json
 import shutil
@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreamllm_hf.shapes_world.data import write_pairs_folder
+from dreamllm_hf.shapes_world.demo_model_path import DEMO_MODEL_PATH
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,6 +127,23 @@ def test_fsdp_on_two_processes_trains_the_model_of_one_process(
 
     assert [record["step"] for record in _log(single)] == [1, 2, 3, 4]
     _assert_same_run(sharded, single, converted_tiny, lora="lora" in run.values())
+
+
+def test_fsdp_trains_the_shipped_demo_model_in_stage3_as_one_process(pairs, tmp_path, accelerate_launch):
+    """The same check on the shipped demo model (its four decoder layers), in stage III."""
+    from dreamllm_hf.training import DreamLLMTrainingArguments, train
+
+    demo = Path(DEMO_MODEL_PATH)
+    common = dict(stage=3, max_steps=3, cache_dir=str(pairs["cache"]))
+    sharded, single = tmp_path / "fsdp", tmp_path / "single"
+    options = _options(str(demo), pairs["pairs"], sharded, **common)
+    launched = accelerate_launch(29579, "-m", "dreamllm_hf.cli", "train", *_flags(options), config=FSDP_CONFIG)
+    (shards,) = [line for line in launched.stdout.splitlines() if line.startswith("FSDP2:")]
+    layers = json.loads((demo / "mllm" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert shards.split("left whole:")[0].count("language_model.layers.") == layers
+    train(DreamLLMTrainingArguments(**_options(str(demo), [str(pairs["pairs"])], str(single), **common,
+                                               gradient_accumulation_steps=2)))  # fmt: skip
+    _assert_same_run(sharded, single, demo)
 
 
 def test_stage1_row_mask_reaches_the_sharded_embeddings(converted_tiny, pairs, tmp_path, accelerate_launch):
