@@ -101,6 +101,7 @@ def _assert_same_run(sharded: Path, single: Path, before: Path, lora: bool = Fal
     [
         pytest.param({"stage": 2}, 29571, id="stage2-full"),
         pytest.param({"language_model": "lora", "lora_dropout": 0.0}, 29573, id="lora"),  # no dropout draws
+        pytest.param({"stage": 2, "vision_tower": "full"}, 29575, id="stage2-tower"),  # the tower in the root unit
     ],
 )
 def test_fsdp_on_two_processes_trains_the_model_of_one_process(
@@ -117,7 +118,10 @@ def test_fsdp_on_two_processes_trains_the_model_of_one_process(
     launched = accelerate_launch(port, "-m", "dreamllm_hf.cli", "train", *_flags(options), config=FSDP_CONFIG)
     (shards,) = [line for line in launched.stdout.splitlines() if line.startswith("FSDP2:")]  # the main process's
     units, whole = shards.split("left whole:")
-    assert units.count("language_model.layers.") == 2 and all(part[1:] in whole for part in LEFT_WHOLE), shards
+    trained_tower = run.get("vision_tower") == "full"
+    kept = [part for part in LEFT_WHOLE if not (trained_tower and "vision_tower" in part)]
+    assert units.count("language_model.layers.") == 2 and all(part[1:] in whole for part in kept), shards
+    assert ("vision_tower" in whole) != trained_tower, shards  # a trained tower is sharded (with the root unit)
     assert (sharded / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # saved by FSDP's sharded state dict
     assert json.loads((sharded / "trainer_state.json").read_text())["num_processes"] == 2
 
