@@ -73,6 +73,9 @@ def test_a_picture_batch_draws_what_text_to_image_draws_alone_whatever_else_it_h
     finally:
         hook.remove()
     assert len(batch) == 0 and sorted(finished) == [0, 1, 2]
+    unguided = requests[0]
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):  # guided, but no unconditional rows
+        batch.add("bad", PictureRequest(unguided.prompt_embeds, None, height=size, width=size, guidance_scale=3.5))
     assert [finished[i][1] for i in range(3)] == [5, 3, 4]
     assert sizes[:3] == [2, 4, 5]  # the pictures shared UNet calls, each at its own timestep
     for key, picture_expected in enumerate(expected):

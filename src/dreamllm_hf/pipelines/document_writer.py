@@ -31,6 +31,7 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import LogitsProcessorList
 
 from .document_batch import DocumentBatch, PicturesNeeded, TextSampling
+from .dream_diffusion import takes_guidance
 from .picture_batch import PictureBatch, PictureRequest
 from .pipeline_output import DocumentEvent, DreamLLMPipelineOutput
 
@@ -416,7 +417,7 @@ class DocumentWriter:
             first = requests[members[0]]
             select = torch.tensor(members, device=prompt_embeds.device)
             negative = negative_pooled = None
-            if first.guidance_scale > 1:
+            if takes_guidance(self.pipe.unet.config, first.guidance_scale):
                 unconditional = [self._unconditional_embeddings(requests[i].negative_prompt or "") for i in members]
                 negative = torch.cat([u[0] for u in unconditional])
                 if pooled_prompt_embeds is not None:
@@ -453,7 +454,7 @@ class DocumentWriter:
         for row, document in enumerate(needed.documents):
             request = self._requests[document]
             negative = negative_pooled = None
-            if request.guidance_scale > 1:
+            if takes_guidance(self.pipe.unet.config, request.guidance_scale):
                 negative, negative_pooled = self._unconditional_embeddings(request.negative_prompt or "")
             self._pictures.add(
                 document,

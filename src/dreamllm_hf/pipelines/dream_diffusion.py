@@ -60,6 +60,21 @@ def onload(module: torch.nn.Module) -> None:
         hook.pre_forward(module)
 
 
+def takes_guidance(unet_config, guidance_scale: float) -> bool:
+    """Whether a picture is drawn with classifier-free guidance: a scale above 1, and a UNet that does not embed the
+    guidance itself (LCM-style `time_cond_proj_dim`), as `StableDiffusionPipeline` decides."""
+    return guidance_scale > 1 and unet_config.time_cond_proj_dim is None
+
+
+def guided_noise(noise_pred_uncond, noise_pred_text, guidance_scale: float, guidance_rescale: float) -> torch.Tensor:
+    """The guided noise prediction (uncond + scale x (cond - uncond), as the original), rescaled as
+    `StableDiffusionPipeline` does when `guidance_rescale` > 0."""
+    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+    if guidance_rescale > 0.0:
+        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
+    return noise_pred
+
+
 def is_conversation(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) > 0 and all(isinstance(m, dict) for m in item)
 
@@ -123,7 +138,7 @@ class DreamLLMDiffusionMixin:
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        return takes_guidance(self.unet.config, self._guidance_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -723,12 +738,7 @@ class DreamLLMDiffusionMixin:
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                    if self.guidance_rescale > 0.0:
-                        noise_pred = rescale_noise_cfg(
-                            noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
-                        )
+                    noise_pred = guided_noise(*noise_pred.chunk(2), self.guidance_scale, self.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if after_step is not None:
                     latents = after_step(i, latents)

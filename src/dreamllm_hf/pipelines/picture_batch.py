@@ -14,14 +14,14 @@ first, as the original), `rescale_noise_cfg`, `scheduler.step` with its `eta` an
 rows of the UNet batch differ, which changes a picture within float rounding.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from ..decoder_conditioning import added_cond_kwargs
-from .dream_diffusion import onload
+from .dream_diffusion import guided_noise, onload, takes_guidance
 
 
 @dataclass
@@ -43,10 +43,6 @@ class PictureRequest:
     eta: float = 0.0
     generator: torch.Generator | None = None
 
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1
-
 
 @dataclass
 class _Picture:
@@ -56,8 +52,8 @@ class _Picture:
     timesteps: torch.Tensor
     latents: torch.Tensor
     step_kwargs: dict
+    guided: bool  # with classifier-free guidance: two UNet rows, `[uncond, cond]`
     done: int = 0  # denoising steps taken
-    rows: dict = field(default_factory=dict)  # the conditioning rows of its UNet inputs, built once
 
     @property
     def finished(self) -> bool:
@@ -93,6 +89,9 @@ class PictureBatch:
     def add(self, key, request: PictureRequest) -> None:
         """Starts drawing a picture (its initial noise drawn now, from its generator); it joins the next `step()`."""
         pipe, embeds = self.pipe, request.prompt_embeds
+        guided = takes_guidance(pipe.unet.config, request.guidance_scale)
+        if guided and request.negative_prompt_embeds is None:  # before the generator is drawn from
+            raise ValueError("A guided picture needs `negative_prompt_embeds` (the unconditional rows).")
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         timesteps, _ = retrieve_timesteps(
             scheduler, request.num_inference_steps, embeds.device, request.timesteps, request.sigmas
@@ -102,7 +101,7 @@ class PictureBatch:
             1, channels, request.height, request.width, embeds.dtype, embeds.device, request.generator
         )
         step_kwargs = pipe.prepare_extra_step_kwargs(request.generator, request.eta)  # same scheduler class
-        self._pictures.append(_Picture(key, request, scheduler, timesteps, latents, step_kwargs))
+        self._pictures.append(_Picture(key, request, scheduler, timesteps, latents, step_kwargs, guided))
 
     def drop(self, key) -> None:
         """Stops drawing the picture `key` (its document no longer wants it)."""
@@ -130,11 +129,11 @@ class PictureBatch:
             request = picture.request
             scaled = picture.scheduler.scale_model_input(picture.latents, t)
             rows = (
-                [request.negative_prompt_embeds, request.prompt_embeds] if request.guided else [request.prompt_embeds]
+                [request.negative_prompt_embeds, request.prompt_embeds] if picture.guided else [request.prompt_embeds]
             )
             pooled_rows = (
                 [request.negative_pooled_prompt_embeds, request.pooled_prompt_embeds]
-                if request.guided
+                if picture.guided
                 else [request.pooled_prompt_embeds]
             )
             inputs.extend([scaled] * len(rows))
@@ -153,12 +152,10 @@ class PictureBatch:
         row = 0
         for picture in pictures:
             request, t = picture.request, picture.timesteps[picture.done]
-            if request.guided:
+            if picture.guided:
                 uncond, text = noise_pred[row : row + 1], noise_pred[row + 1 : row + 2]
                 row += 2
-                prediction = uncond + request.guidance_scale * (text - uncond)
-                if request.guidance_rescale > 0.0:
-                    prediction = rescale_noise_cfg(prediction, text, guidance_rescale=request.guidance_rescale)
+                prediction = guided_noise(uncond, text, request.guidance_scale, request.guidance_rescale)
             else:
                 prediction = noise_pred[row : row + 1]
                 row += 1
